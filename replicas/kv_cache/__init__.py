@@ -1,0 +1,1 @@
+"""replicas/kv_cache package."""
