@@ -1,0 +1,303 @@
+"""The physical block pool: allocation, the prefix-cache map, LRU eviction, events.
+
+Invariants:
+- Block 0 is the null block: it pads skipped positions (outside a sliding
+  window, between Mamba checkpoints), is never cached and never freed.
+- A block with `ref_cnt == 0` is in the free queue; if it still has a hash it
+  is also in the cache map and can be revived by a hit until it is evicted.
+- Eviction happens lazily, when a free block is handed out again; that is the
+  moment a `BlockRemoved` is emitted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from events.kv_events import (
+    MEDIUM_GPU,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    ExternalBlockHash,
+    KVCacheEvent,
+)
+from replicas.kv_cache.utils import (
+    BlockHash,
+    BlockHashListWithBlockSize,
+    BlockHashWithGroupId,
+    FreeKVCacheBlockQueue,
+    KVCacheBlock,
+    get_block_hash,
+    get_group_id,
+    make_block_hash_with_group_id,
+)
+
+if TYPE_CHECKING:
+    from replicas.request import Request
+
+logger = logging.getLogger(__name__)
+
+
+class BlockHashToBlockMap:
+    """Cached blocks by `(hash, group)`.
+
+    Most keys map to one block, stored bare to save a dict per entry; when two
+    requests computed the same block before either was cached, the key maps to
+    a `{block_id: block}` dict instead. Lookups return any one of them.
+    """
+
+    __slots__ = ("_cache",)
+
+    def __init__(self) -> None:
+        self._cache: dict[BlockHashWithGroupId, KVCacheBlock | dict[int, KVCacheBlock]] = {}
+
+    def get_one_block(self, key: BlockHashWithGroupId) -> KVCacheBlock | None:
+        blocks = self._cache.get(key)
+        if blocks is None or isinstance(blocks, KVCacheBlock):
+            return blocks
+        return next(iter(blocks.values()))
+
+    def insert(self, key: BlockHashWithGroupId, block: KVCacheBlock) -> None:
+        blocks = self._cache.get(key)
+        if blocks is None:
+            self._cache[key] = block
+        elif isinstance(blocks, KVCacheBlock):
+            self._cache[key] = {blocks.block_id: blocks, block.block_id: block}
+        else:
+            blocks[block.block_id] = block
+
+    def pop(self, key: BlockHashWithGroupId, block_id: int) -> KVCacheBlock | None:
+        """Remove the block with `block_id` under `key`; None if it is not there."""
+        blocks = self._cache.get(key)
+        if blocks is None:
+            return None
+        if isinstance(blocks, KVCacheBlock):
+            if blocks.block_id != block_id:
+                return None
+            del self._cache[key]
+            return blocks
+        block = blocks.pop(block_id, None)
+        if not blocks:
+            del self._cache[key]
+        return block
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def __bool__(self) -> bool:
+        return bool(self._cache)
+
+    def keys(self) -> Iterable[BlockHashWithGroupId]:
+        return self._cache.keys()
+
+
+class BlockPool:
+    """All physical blocks of one engine, shared by every KV cache group."""
+
+    def __init__(
+        self,
+        num_gpu_blocks: int,
+        enable_caching: bool,
+        hash_block_size: int,
+        enable_kv_cache_events: bool = False,
+        use_int_event_hashes: bool = True,
+    ) -> None:
+        if num_gpu_blocks < 1:
+            raise ValueError(
+                f"num_gpu_blocks must be at least 1 (the null block), got {num_gpu_blocks}"
+            )
+        self.num_gpu_blocks = num_gpu_blocks
+        self.enable_caching = enable_caching
+        self.hash_block_size = hash_block_size
+        self.enable_kv_cache_events = enable_kv_cache_events
+        self.use_int_event_hashes = use_int_event_hashes
+        self.blocks: list[KVCacheBlock] = [KVCacheBlock(i) for i in range(num_gpu_blocks)]
+        self.free_block_queue = FreeKVCacheBlockQueue(self.blocks)
+        self.cached_block_hash_to_block = BlockHashToBlockMap()
+        self.null_block = self.free_block_queue.popleft()
+        self.null_block.is_null = True
+        self.kv_event_queue: list[KVCacheEvent] = []
+        self._group_suffix: dict[int, bytes] = {}
+
+    def _key(self, block_hash: BlockHash, group_id: int) -> BlockHashWithGroupId:
+        suffix = self._group_suffix.get(group_id)
+        if suffix is None:
+            suffix = make_block_hash_with_group_id(BlockHash(b""), group_id)
+            self._group_suffix[group_id] = suffix
+        return BlockHashWithGroupId(block_hash + suffix)
+
+    def _event_hash(self, block_hash: BlockHash) -> ExternalBlockHash:
+        if self.use_int_event_hashes:
+            return int.from_bytes(block_hash[-8:], "big")
+        return block_hash
+
+    def get_cached_block(
+        self, block_hash: BlockHash, kv_cache_group_ids: Sequence[int]
+    ) -> list[KVCacheBlock] | None:
+        """One cached block per group for `block_hash`, or None if any group misses."""
+        found: list[KVCacheBlock] = []
+        lookup = self.cached_block_hash_to_block.get_one_block
+        for group_id in kv_cache_group_ids:
+            block = lookup(self._key(block_hash, group_id))
+            if block is None:
+                return None
+            found.append(block)
+        return found
+
+    def cache_full_blocks(
+        self,
+        request: Request,
+        blocks: Sequence[KVCacheBlock],
+        num_cached_blocks: int,
+        num_full_blocks: int,
+        block_size: int,
+        kv_cache_group_id: int,
+    ) -> None:
+        """Cache `blocks[num_cached_blocks:num_full_blocks]` of one group.
+
+        Null blocks in that range (positions a group does not keep) are skipped,
+        but still count as present for the event's parent chain: the parent hash
+        always comes from the request's hashes, not from the physical parent.
+        """
+        if num_cached_blocks >= num_full_blocks:
+            return
+        if block_size == self.hash_block_size:
+            block_hashes: Sequence[BlockHash] = request.block_hashes
+        else:
+            block_hashes = BlockHashListWithBlockSize(
+                request.block_hashes, self.hash_block_size, block_size
+            )
+        if len(block_hashes) < num_full_blocks:
+            raise ValueError(
+                f"request {request.request_id} has {len(block_hashes)} hashed blocks of "
+                f"size {block_size}, fewer than the {num_full_blocks} to cache"
+            )
+        suffix = self._key(BlockHash(b""), kv_cache_group_id)
+        insert = self.cached_block_hash_to_block.insert
+        new_hashes = block_hashes[num_cached_blocks:num_full_blocks]
+        emit = self.enable_kv_cache_events
+        stored: list[ExternalBlockHash] = []
+        for block, block_hash in zip(
+            blocks[num_cached_blocks:num_full_blocks], new_hashes, strict=True
+        ):
+            if block.is_null:
+                continue
+            key = BlockHashWithGroupId(block_hash + suffix)
+            block.block_hash = key
+            insert(key, block)
+            if emit:
+                stored.append(self._event_hash(block_hash))
+        if not emit or not stored:
+            return
+        parent = (
+            None
+            if num_cached_blocks == 0
+            else self._event_hash(block_hashes[num_cached_blocks - 1])
+        )
+        lora = request.lora_request
+        self.kv_event_queue.append(
+            BlockStored(
+                block_hashes=stored,
+                parent_block_hash=parent,
+                token_ids=request.all_token_ids[
+                    num_cached_blocks * block_size : num_full_blocks * block_size
+                ],
+                block_size=block_size,
+                lora_id=lora.adapter_id if lora else None,
+                medium=MEDIUM_GPU,
+                lora_name=lora.lora_name if lora else None,
+                group_idx=kv_cache_group_id,
+            )
+        )
+
+    def get_new_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
+        """Take `num_blocks` from the head of the free queue, evicting their cached
+        content; each comes back with `ref_cnt == 1`."""
+        if num_blocks > self.free_block_queue.num_free_blocks:
+            raise ValueError(
+                f"cannot get {num_blocks} free blocks: only "
+                f"{self.free_block_queue.num_free_blocks} are free"
+            )
+        blocks = self.free_block_queue.popleft_n(num_blocks)
+        if self.enable_caching:
+            for block in blocks:
+                if block._block_hash is not None:
+                    self._maybe_evict_cached_block(block)
+                block.ref_cnt = 1
+        else:
+            for block in blocks:
+                block.ref_cnt = 1
+        return blocks
+
+    def _maybe_evict_cached_block(self, block: KVCacheBlock) -> bool:
+        """Drop `block` from the cache map; True (and a BlockRemoved) if it was there."""
+        key = block.block_hash
+        if key is None:
+            return False
+        block.reset_hash()
+        if self.cached_block_hash_to_block.pop(key, block.block_id) is None:
+            return False
+        if self.enable_kv_cache_events:
+            self.kv_event_queue.append(
+                BlockRemoved(
+                    block_hashes=[self._event_hash(get_block_hash(key))],
+                    medium=MEDIUM_GPU,
+                    group_idx=get_group_id(key),
+                )
+            )
+        return True
+
+    def touch(self, blocks: Sequence[Sequence[KVCacheBlock]]) -> None:
+        """Take a reference on hit blocks, pulling free ones out of the free queue."""
+        remove = self.free_block_queue.remove
+        for group_blocks in blocks:
+            for block in group_blocks:
+                if block.ref_cnt == 0 and not block.is_null:
+                    remove(block)
+                block.ref_cnt += 1
+
+    def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
+        """Drop one reference from each block; blocks reaching zero join the
+        free queue's tail in the given order (first given is evicted first)."""
+        released: list[KVCacheBlock] = []
+        for block in ordered_blocks:
+            if block.is_null:
+                continue
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0:
+                released.append(block)
+        self.free_block_queue.append_n(released)
+
+    def evict_blocks(self, block_ids: Iterable[int]) -> None:
+        """Evict specific cached blocks that nobody references (for tests and resync)."""
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            if block.ref_cnt == 0:
+                self._maybe_evict_cached_block(block)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached hash; refused (False) while any block is in use."""
+        num_used = self.num_gpu_blocks - self.get_num_free_blocks()
+        if num_used != 1:
+            logger.warning("Failed to reset prefix cache: %d blocks are still in use", num_used - 1)
+            return False
+        self.cached_block_hash_to_block = BlockHashToBlockMap()
+        for block in self.blocks:
+            block.reset_hash()
+        if self.enable_kv_cache_events:
+            self.kv_event_queue.append(AllBlocksCleared())
+        return True
+
+    def get_num_free_blocks(self) -> int:
+        return self.free_block_queue.num_free_blocks
+
+    def get_usage(self) -> float:
+        """Fraction of usable blocks (all but the null block) in use."""
+        usable = self.num_gpu_blocks - 1
+        return 1.0 - self.get_num_free_blocks() / usable if usable else 0.0
+
+    def take_events(self) -> list[KVCacheEvent]:
+        events, self.kv_event_queue = self.kv_event_queue, []
+        return events
