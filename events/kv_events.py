@@ -8,9 +8,18 @@ frames by hand.
 
 from __future__ import annotations
 
-from typing import Any
+import enum
+import functools
+import re
+import sys
+from dataclasses import dataclass
+from typing import Annotated, Any, Union
 
 import msgspec
+from msgspec import Meta
+from msgspec.structs import astuple
+
+from events.errors import MalformedInputError, MalformedKind
 
 MEDIUM_GPU = "GPU"
 
@@ -72,3 +81,218 @@ class KVEventBatch(EventBatch):
     """The unit published per engine step."""
 
     events: list[KVCacheEventType]
+
+
+# --- Codec -----------------------------------------------------------------
+#
+# Decoding goes through private "checked" mirrors of the structs above, built
+# from their field lists (so they cannot drift in names, order or defaults) with
+# msgspec constraints added per field name. msgspec then enforces every limit in
+# C while it decodes, and each mirror event is rebuilt as its public struct from
+# its field tuple. Measured in benchmarks/events.py: the checked decode plus the
+# rebuild costs about 0.7 us per 16-token BlockStored, against 0.6 us for an
+# unchecked decode and 1.4 us for the same checks written as a Python loop.
+
+
+class WireEncoding(enum.Enum):
+    """How events are laid out inside a batch (the batch itself is always an array)."""
+
+    ARRAY = "array"  # vLLM up to 0.23 and our replicas: [tag, field, ...], every field sent
+    MAP = "map"  # vLLM 0.24+: {"type": tag, field: value, ...}, default-valued fields omitted
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds a decoded batch must respect; anything outside is malformed input.
+
+    Hashes are unsigned 64-bit ints (msgpack cannot carry more) or at most
+    `max_hash_bytes` raw bytes. Counts are per event except `max_events`.
+    """
+
+    max_payload_bytes: int = 64 * 2**20
+    max_events: int = 65_536
+    max_block_hashes: int = 131_072
+    max_token_ids: int = 2_097_152
+    max_token_id: int = 2**32 - 1
+    max_block_size: int = 2**20
+    max_hash_bytes: int = 64
+    max_group_idx: int = 4_095
+    max_sliding_window: int = 2**31 - 1
+    max_data_parallel_rank: int = 65_535
+    max_str_len: int = 4_096
+
+
+DEFAULT_LIMITS = DecodeLimits()
+
+_EVENT_TYPES: tuple[type[KVCacheEvent], ...] = (BlockStored, BlockRemoved, AllBlocksCleared)
+_MAP_FIRST_BYTES = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])  # fixmap, map16, map32
+_OUT_OF_RANGE = re.compile(r"` (?:of length )?[<>]=? ")
+
+
+def _field_types(limits: DecodeLimits) -> dict[str, Any]:
+    """The checked type of every wire field, keyed by field name."""
+    block_hash = (
+        Annotated[int, Meta(ge=0)] | Annotated[bytes, Meta(max_length=limits.max_hash_bytes)]
+    )
+    text = Annotated[str, Meta(max_length=limits.max_str_len)]
+    token = Annotated[int, Meta(ge=0, le=limits.max_token_id)]
+    return {
+        "ts": Annotated[float, Meta(ge=0.0, le=sys.float_info.max)],  # rejects nan and inf
+        "data_parallel_rank": Annotated[int, Meta(ge=0, le=limits.max_data_parallel_rank)] | None,
+        "block_hashes": Annotated[list[block_hash], Meta(max_length=limits.max_block_hashes)],
+        "parent_block_hash": block_hash | None,
+        "token_ids": Annotated[list[token], Meta(max_length=limits.max_token_ids)],
+        "block_size": Annotated[int, Meta(ge=1, le=limits.max_block_size)],
+        "lora_id": Annotated[int, Meta(ge=0, le=2**63 - 1)] | None,
+        "medium": text | None,
+        "lora_name": text | None,
+        "extra_keys": Annotated[
+            list[tuple[Any, ...] | None], Meta(max_length=limits.max_block_hashes)
+        ]
+        | None,
+        "group_idx": Annotated[int, Meta(ge=0, le=limits.max_group_idx)] | None,
+        "kv_cache_spec_kind": text | None,
+        "kv_cache_spec_sliding_window": (
+            Annotated[int, Meta(ge=0, le=limits.max_sliding_window)] | None
+        ),
+    }
+
+
+def _mirror_fields(cls: type[msgspec.Struct], types: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """`cls`'s fields in wire order with checked types; a field without one fails at import."""
+    return [
+        (f.name, types[f.name]) if f.required else (f.name, types[f.name], f.default)
+        for f in msgspec.structs.fields(cls)
+    ]
+
+
+class _Schema:
+    """Checked mirrors of the wire structs for one set of limits, and their decoders."""
+
+    def __init__(self, limits: DecodeLimits) -> None:
+        types = _field_types(limits)
+        self.public: dict[type, type[KVCacheEvent]] = {}
+        self.map_type: dict[type[KVCacheEvent], type[msgspec.Struct]] = {}
+        array_events: list[type[msgspec.Struct]] = []
+        map_events: list[type[msgspec.Struct]] = []
+        for cls in _EVENT_TYPES:
+            fields = _mirror_fields(cls, types)
+            name = cls.__name__
+            as_array = msgspec.defstruct(
+                f"Array{name}", fields, tag=name, array_like=True, gc=False
+            )
+            as_map = msgspec.defstruct(
+                f"Map{name}", fields, tag=name, tag_field="type", omit_defaults=True, gc=False
+            )
+            self.public[as_array] = self.public[as_map] = cls
+            self.map_type[cls] = as_map
+            array_events.append(as_array)
+            map_events.append(as_map)
+        array_union = Union[tuple(array_events)]  # noqa: UP007 - built at run time
+        map_union = Union[tuple(map_events)]  # noqa: UP007 - built at run time
+        types["events"] = Annotated[list[array_union], Meta(max_length=limits.max_events)]
+        batch = msgspec.defstruct(
+            "ArrayBatch", _mirror_fields(KVEventBatch, types), array_like=True, gc=False
+        )
+        types["events"] = Annotated[list[msgspec.Raw], Meta(max_length=limits.max_events)]
+        raw_batch = msgspec.defstruct(
+            "RawBatch", _mirror_fields(KVEventBatch, types), array_like=True, gc=False
+        )
+        self.batch = msgspec.msgpack.Decoder(batch)
+        self.raw_batch = msgspec.msgpack.Decoder(raw_batch)
+        self.array_event = msgspec.msgpack.Decoder(array_union)
+        self.map_event = msgspec.msgpack.Decoder(map_union)
+
+    def decode_event(self, raw: msgspec.Raw) -> msgspec.Struct:
+        """Decode one event, choosing its encoding from its first byte."""
+        if memoryview(raw)[0] in _MAP_FIRST_BYTES:
+            return self.map_event.decode(raw)
+        return self.array_event.decode(raw)
+
+
+@functools.lru_cache(maxsize=8)
+def _schema(limits: DecodeLimits) -> _Schema:
+    return _Schema(limits)
+
+
+def _kind_of(error: msgspec.ValidationError) -> MalformedKind:
+    """Map msgspec's validation message to a kind (the kinds are pinned by tests)."""
+    message = str(error)
+    if message.startswith("Invalid value"):
+        return MalformedKind.UNKNOWN_TAG
+    if "of length <=" in message:
+        return MalformedKind.TOO_LARGE
+    if _OUT_OF_RANGE.search(message):
+        return MalformedKind.BAD_VALUE
+    return MalformedKind.WRONG_TYPE
+
+
+class KVEventDecoder:
+    """Typed, bounded decoder for one batch payload.
+
+    Each event's encoding (array or vLLM 0.24+ map) is read from its own bytes,
+    never configured. A payload either decodes to a `KVEventBatch` whose values
+    all lie within `limits`, or raises `MalformedInputError`; nothing else escapes.
+    """
+
+    def __init__(self, limits: DecodeLimits = DEFAULT_LIMITS) -> None:
+        self.limits = limits
+        self._schema = _schema(limits)
+
+    def decode(self, payload: bytes | memoryview) -> KVEventBatch:
+        if len(payload) > self.limits.max_payload_bytes:
+            raise MalformedInputError(
+                MalformedKind.OVERSIZED_PAYLOAD,
+                f"{len(payload)} bytes > {self.limits.max_payload_bytes}",
+            )
+        try:
+            return self._decode(payload)
+        except msgspec.ValidationError as exc:
+            raise MalformedInputError(_kind_of(exc), str(exc)) from None
+        except msgspec.DecodeError as exc:
+            raise MalformedInputError(MalformedKind.NOT_MSGPACK, str(exc)) from None
+        except RecursionError:
+            raise MalformedInputError(MalformedKind.TOO_LARGE, "nesting too deep") from None
+
+    def _decode(self, payload: bytes | memoryview) -> Any:
+        schema = self._schema
+        try:
+            batch = schema.batch.decode(payload)
+            events = batch.events
+        except msgspec.ValidationError:
+            # Not every event is array-encoded: decode each by its own encoding.
+            batch = schema.raw_batch.decode(payload)
+            events = [schema.decode_event(raw) for raw in batch.events]
+        public = schema.public
+        return KVEventBatch(
+            batch.ts, [public[type(e)](*astuple(e)) for e in events], batch.data_parallel_rank
+        )
+
+
+class KVEventEncoder:
+    """Encodes batches; `WireEncoding.ARRAY` gives the seed's bytes exactly."""
+
+    def __init__(self) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._map_type = _schema(DEFAULT_LIMITS).map_type
+
+    def encode(self, batch: KVEventBatch, encoding: WireEncoding = WireEncoding.ARRAY) -> bytes:
+        if encoding is WireEncoding.ARRAY:
+            return self._encoder.encode(batch)
+        map_type = self._map_type
+        events = [map_type[type(e)](*astuple(e)) for e in batch.events]
+        return self._encoder.encode([batch.ts, events, batch.data_parallel_rank])
+
+
+_DEFAULT_DECODER = KVEventDecoder()
+_DEFAULT_ENCODER = KVEventEncoder()
+
+
+def decode_batch(payload: bytes | memoryview) -> KVEventBatch:
+    """Decode one payload with the default limits (see `KVEventDecoder`)."""
+    return _DEFAULT_DECODER.decode(payload)
+
+
+def encode_batch(batch: KVEventBatch, encoding: WireEncoding = WireEncoding.ARRAY) -> bytes:
+    """Encode one batch (see `KVEventEncoder`)."""
+    return _DEFAULT_ENCODER.encode(batch, encoding)

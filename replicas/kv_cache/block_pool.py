@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from events.kv_events import (
     MEDIUM_GPU,
@@ -29,6 +29,7 @@ from replicas.kv_cache.utils import (
     BlockHashWithGroupId,
     FreeKVCacheBlockQueue,
     KVCacheBlock,
+    generate_block_hash_extra_keys,
     get_block_hash,
     get_group_id,
     make_block_hash_with_group_id,
@@ -154,12 +155,15 @@ class BlockPool:
         num_full_blocks: int,
         block_size: int,
         kv_cache_group_id: int,
+        block_mask: Sequence[bool] | None = None,
     ) -> None:
         """Cache `blocks[num_cached_blocks:num_full_blocks]` of one group.
 
-        Null blocks in that range (positions a group does not keep) are skipped,
-        but still count as present for the event's parent chain: the parent hash
-        always comes from the request's hashes, not from the physical parent.
+        Null blocks, and blocks whose `block_mask` entry is False (positions the
+        group can never hit on), are skipped. The event's parent hash always
+        comes from the request's hash chain, never from a physical parent that
+        may be the null block; its tokens span the whole range, skipped blocks
+        included, as vLLM sends them.
         """
         if num_cached_blocks >= num_full_blocks:
             return
@@ -176,20 +180,21 @@ class BlockPool:
             )
         suffix = self._key(BlockHash(b""), kv_cache_group_id)
         insert = self.cached_block_hash_to_block.insert
-        new_hashes = block_hashes[num_cached_blocks:num_full_blocks]
         emit = self.enable_kv_cache_events
         stored: list[ExternalBlockHash] = []
-        for block, block_hash in zip(
-            blocks[num_cached_blocks:num_full_blocks], new_hashes, strict=True
-        ):
-            if block.is_null:
+        stored_positions: list[int] = []
+        for offset, block in enumerate(blocks[num_cached_blocks:num_full_blocks]):
+            if block.is_null or (block_mask is not None and not block_mask[offset]):
                 continue
+            position = num_cached_blocks + offset
+            block_hash = block_hashes[position]
             key = BlockHashWithGroupId(block_hash + suffix)
             block.block_hash = key
             insert(key, block)
             if emit:
                 stored.append(self._event_hash(block_hash))
-        if not emit or not stored:
+                stored_positions.append(position)
+        if not emit:
             return
         parent = (
             None
@@ -208,6 +213,7 @@ class BlockPool:
                 lora_id=lora.adapter_id if lora else None,
                 medium=MEDIUM_GPU,
                 lora_name=lora.lora_name if lora else None,
+                extra_keys=_event_extra_keys(request, stored_positions, block_size),
                 group_idx=kv_cache_group_id,
             )
         )
@@ -249,18 +255,20 @@ class BlockPool:
             )
         return True
 
-    def touch(self, blocks: Sequence[Sequence[KVCacheBlock]]) -> None:
+    def touch(self, blocks: Iterable[KVCacheBlock]) -> None:
         """Take a reference on hit blocks, pulling free ones out of the free queue."""
         remove = self.free_block_queue.remove
-        for group_blocks in blocks:
-            for block in group_blocks:
-                if block.ref_cnt == 0 and not block.is_null:
-                    remove(block)
-                block.ref_cnt += 1
+        for block in blocks:
+            if block.is_null:
+                continue
+            if block.ref_cnt == 0:
+                remove(block)
+            block.ref_cnt += 1
 
-    def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
-        """Drop one reference from each block; blocks reaching zero join the
-        free queue's tail in the given order (first given is evicted first)."""
+    def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock], prepend: bool = False) -> None:
+        """Drop one reference from each block. Blocks reaching zero join the free
+        queue in the given order (first given is evicted first): at the tail, or
+        at the head with `prepend` (scratch blocks worth nothing as cache)."""
         released: list[KVCacheBlock] = []
         for block in ordered_blocks:
             if block.is_null:
@@ -268,7 +276,10 @@ class BlockPool:
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
                 released.append(block)
-        self.free_block_queue.append_n(released)
+        if prepend:
+            self.free_block_queue.prepend_n(released)
+        else:
+            self.free_block_queue.append_n(released)
 
     def evict_blocks(self, block_ids: Iterable[int]) -> None:
         """Evict specific cached blocks that nobody references (for tests and resync)."""
@@ -299,5 +310,39 @@ class BlockPool:
         return 1.0 - self.get_num_free_blocks() / usable if usable else 0.0
 
     def take_events(self) -> list[KVCacheEvent]:
+        if not self.enable_kv_cache_events:
+            return []
         events, self.kv_event_queue = self.kv_event_queue, []
         return events
+
+
+def _has_extra_keys(request: Request) -> bool:
+    return bool(
+        request.lora_request
+        or request.mm_features
+        or request.cache_salt
+        or request.prompt_embeds is not None
+    )
+
+
+def _event_extra_keys(
+    request: Request, positions: Sequence[int], block_size: int
+) -> list[tuple[Any, ...] | None] | None:
+    """Per stored block, the extra keys that entered its hash (None if none).
+
+    Most requests carry none, so the per-block scan is skipped for them: it is
+    the costliest part of building an event.
+    """
+    if not positions:
+        return None
+    if not _has_extra_keys(request):
+        return [None] * len(positions)
+    keys: list[tuple[Any, ...] | None] = []
+    mm_idx = 0
+    for position in positions:
+        start = position * block_size
+        block_keys, mm_idx = generate_block_hash_extra_keys(
+            request, start, start + block_size, mm_idx
+        )
+        keys.append(block_keys)
+    return keys

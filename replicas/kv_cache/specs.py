@@ -58,6 +58,13 @@ class KVCacheSpec:
         """The window announced in BlockStored events; None for unwindowed groups."""
         return None
 
+    def max_admission_blocks_per_request(
+        self, max_num_batched_tokens: int, max_model_len: int
+    ) -> int | None:
+        """The most blocks one request can hold at once, for kinds that recycle
+        blocks during chunked prefill; None where a request keeps every block."""
+        return None
+
 
 @dataclass(frozen=True, kw_only=True)
 class AttentionSpec(KVCacheSpec):
@@ -87,7 +94,6 @@ class FullAttentionSpec(AttentionSpec):
     """Every token attends to the whole prefix, so a hit needs every prefix block."""
 
     head_size_v: int | None = None
-    attention_chunk_size: int | None = None
 
     @property
     def real_page_size_bytes(self) -> int:
@@ -148,6 +154,14 @@ class SlidingWindowSpec(AttentionSpec):
     def event_sliding_window(self) -> int | None:
         return self.sliding_window
 
+    def max_admission_blocks_per_request(
+        self, max_num_batched_tokens: int, max_model_len: int
+    ) -> int | None:
+        # The window's last `sliding_window - 1` tokens plus one chunk, and one
+        # more block because the window rarely starts on a block boundary.
+        num_tokens = min(self.sliding_window - 1 + max_num_batched_tokens, max_model_len)
+        return -(-num_tokens // self.block_size) + 1
+
 
 MAMBA_CACHE_MODES = ("none", "all", "align")
 
@@ -156,17 +170,16 @@ MAMBA_CACHE_MODES = ("none", "all", "align")
 class MambaSpec(KVCacheSpec):
     """Recurrent state: one fixed-size state per request, checkpointed per block.
 
-    `mamba_cache_mode` "all" (the default here, as in the seed) checkpoints the
-    state at every block boundary; "align" allocates state blocks only where the
-    scheduler's chunks end and pads the rest with the null block; "none" keeps
-    no checkpoints, so Mamba groups never hit.
+    With `mamba_cache_mode` "align" a request holds only the state block at the
+    end of its scheduled tokens (the rest of its table is the null block); in
+    the other modes it holds one block per position, like attention.
     """
 
     shapes: tuple[int | tuple[int, ...], ...]
     dtypes: tuple[torch.dtype, ...]
     page_size_padded: int | None = None
     mamba_type: str = "mamba2"
-    mamba_cache_mode: str = "all"
+    mamba_cache_mode: str = "none"
     num_speculative_blocks: int = 0
 
     def __post_init__(self) -> None:

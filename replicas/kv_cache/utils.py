@@ -189,6 +189,22 @@ class FreeKVCacheBlockQueue:
         tail.prev_free_block = last
         self.num_free_blocks += count
 
+    def prepend_n(self, blocks: Iterable[KVCacheBlock]) -> None:
+        """Put blocks at the head, in order: they become the next to be reused."""
+        head = self.fake_free_list_head
+        first = head.next_free_block
+        assert first is not None
+        prev = head
+        count = 0
+        for block in blocks:
+            prev.next_free_block = block
+            block.prev_free_block = prev
+            prev = block
+            count += 1
+        prev.next_free_block = first
+        first.prev_free_block = prev
+        self.num_free_blocks += count
+
     def get_all_free_blocks(self) -> list[KVCacheBlock]:
         out: list[KVCacheBlock] = []
         block = self.fake_free_list_head.next_free_block

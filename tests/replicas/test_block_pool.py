@@ -75,7 +75,7 @@ def test_null_block_is_block_zero_and_never_joins_the_free_queue() -> None:
     pool = BlockPool(num_gpu_blocks=4, enable_caching=True, hash_block_size=4)
     assert pool.null_block.block_id == 0 and pool.null_block.is_null
     assert pool.get_num_free_blocks() == 3
-    pool.touch([[pool.null_block]])
+    pool.touch([pool.null_block])
     pool.free_blocks([pool.null_block])
     assert _ids(pool.free_block_queue.get_all_free_blocks()) == [1, 2, 3]
 
