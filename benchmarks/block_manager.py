@@ -13,28 +13,60 @@ Run: python benchmarks/block_manager.py [--requests 2000 --tokens 2048 ...]
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import statistics
+import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
-import torch
 from tqdm import tqdm
 
-from events.hashing import get_hash_fn_by_name
-from replicas.kv_cache.manager import KVCacheManager
-from replicas.kv_cache.specs import (
-    FullAttentionSpec,
-    KVCacheConfig,
-    KVCacheGroupSpec,
-    SlidingWindowSpec,
-)
-from replicas.kv_cache.utils import get_request_block_hasher, init_none_hash
-from replicas.request import Request, SamplingParams
-
-# vLLM's own manager on this machine, as measured for the issue (requests/s).
-VLLM_REFERENCE = {True: 1050.0, False: 2400.0}
 NUM_PREFIXES = 8
+
+
+def load_backend(name: str) -> SimpleNamespace:
+    """The block manager under test: ours, or vLLM's (same names, same trace)."""
+    if name == "kvroute":
+        from events.hashing import get_hash_fn_by_name
+        from replicas.kv_cache import specs
+        from replicas.kv_cache.manager import KVCacheManager
+        from replicas.kv_cache.utils import get_request_block_hasher, init_none_hash
+        from replicas.request import Request, SamplingParams
+
+        def init_hash(fn: Any) -> None:
+            init_none_hash(fn, seed="0")
+
+    elif name == "vllm":
+        import os
+
+        os.environ.setdefault("PYTHONHASHSEED", "0")
+        from vllm.sampling_params import SamplingParams  # type: ignore[import-not-found]
+        from vllm.utils.hashing import get_hash_fn_by_name  # type: ignore[import-not-found]
+        from vllm.v1 import kv_cache_interface as specs  # type: ignore[import-not-found]
+        from vllm.v1.core.kv_cache_manager import KVCacheManager  # type: ignore[import-not-found]
+        from vllm.v1.core.kv_cache_utils import (  # type: ignore[import-not-found]
+            get_request_block_hasher,
+            init_none_hash,
+        )
+        from vllm.v1.request import Request  # type: ignore[import-not-found]
+
+        init_hash = init_none_hash
+    else:
+        raise ValueError(f"unknown backend {name!r}")
+    return SimpleNamespace(
+        name=name,
+        specs=specs,
+        KVCacheManager=KVCacheManager,
+        Request=Request,
+        SamplingParams=SamplingParams,
+        get_hash_fn_by_name=get_hash_fn_by_name,
+        get_request_block_hasher=get_request_block_hasher,
+        init_hash=init_hash,
+    )
 
 
 @dataclass(frozen=True)
@@ -46,6 +78,7 @@ class Case:
 
 @dataclass
 class Result:
+    backend: str
     case: Case
     requests_per_s: float
     blocks_per_s: float
@@ -56,21 +89,24 @@ class Result:
     hit_rate: float
 
 
-def make_config(model: str, block_size: int, num_blocks: int) -> KVCacheConfig:
-    full = FullAttentionSpec(
+def make_config(backend: SimpleNamespace, model: str, block_size: int, num_blocks: int) -> Any:
+    import torch
+
+    specs = backend.specs
+    full = specs.FullAttentionSpec(
         block_size=block_size, num_kv_heads=8, head_size=128, dtype=torch.bfloat16
     )
-    groups = [KVCacheGroupSpec(["full"], full)]
+    groups = [specs.KVCacheGroupSpec(["full"], full)]
     if model == "full+swa":
-        swa = SlidingWindowSpec(
+        swa = specs.SlidingWindowSpec(
             block_size=block_size,
             num_kv_heads=8,
             head_size=128,
             dtype=torch.bfloat16,
             sliding_window=64 * block_size,
         )
-        groups.append(KVCacheGroupSpec(["swa"], swa))
-    return KVCacheConfig(num_blocks=num_blocks, kv_cache_groups=groups)
+        groups.append(specs.KVCacheGroupSpec(["swa"], swa))
+    return specs.KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=groups)
 
 
 def make_prompts(num_requests: int, num_tokens: int, shared: float, seed: int) -> list[list[int]]:
@@ -84,25 +120,29 @@ def make_prompts(num_requests: int, num_tokens: int, shared: float, seed: int) -
     return prompts
 
 
-def run_case(case: Case, prompts: list[list[int]], args: argparse.Namespace) -> Result:
-    hash_fn = get_hash_fn_by_name(case.hash_name)
-    init_none_hash(hash_fn, seed="0")
-    config = make_config(case.model, args.block_size, args.num_blocks)
-    manager = KVCacheManager(
+def run_case(
+    backend: SimpleNamespace, case: Case, prompts: list[list[int]], args: argparse.Namespace
+) -> Result:
+    hash_fn = backend.get_hash_fn_by_name(case.hash_name)
+    backend.init_hash(hash_fn)
+    config = make_config(backend, case.model, args.block_size, args.num_blocks)
+    manager = backend.KVCacheManager(
         config,
         max_model_len=args.tokens + args.block_size,
         enable_caching=True,
         enable_kv_cache_events=case.events,
         hash_block_size=args.block_size,
+        scheduler_block_size=args.block_size,
     )
-    hasher = get_request_block_hasher(args.block_size, hash_fn)
-    params = SamplingParams(max_tokens=1)
+    hasher = backend.get_request_block_hasher(args.block_size, hash_fn)
+    Request = backend.Request
+    params = backend.SamplingParams(max_tokens=1)
     t_hash = t_get = t_alloc = t_free = 0.0
     hit_tokens = blocks = 0
     clock = time.perf_counter
     for i, prompt in enumerate(prompts):
         t0 = clock()
-        request = Request(str(i), prompt, params, block_hasher=hasher)
+        request = Request(str(i), prompt, params, None, block_hasher=hasher)
         t1 = clock()
         computed, num_computed = manager.get_computed_blocks(request)
         t2 = clock()
@@ -127,6 +167,7 @@ def run_case(case: Case, prompts: list[list[int]], args: argparse.Namespace) -> 
     n = len(prompts)
     managed = t_get + t_alloc + t_free
     return Result(
+        backend=backend.name,
         case=case,
         requests_per_s=n / managed,
         blocks_per_s=blocks / managed,
@@ -138,6 +179,84 @@ def run_case(case: Case, prompts: list[list[int]], args: argparse.Namespace) -> 
     )
 
 
+CASES = [
+    Case(model, hash_name, events)
+    for model in ("full", "full+swa")
+    for hash_name in ("sha256", "xxhash")
+    for events in (True, False)
+]
+
+
+def run_backend(backend_name: str, args: argparse.Namespace) -> list[Result]:
+    """Every case once on one backend."""
+    backend = load_backend(backend_name)
+    prompts = make_prompts(args.requests, args.tokens, args.shared, args.seed)
+    return [run_case(backend, case, prompts, args) for case in CASES]
+
+
+def run_vllm_subprocess(python: str, args: argparse.Namespace) -> list[Result]:
+    """Run the same trace on vLLM's manager, in the interpreter that has vLLM."""
+    command = [
+        python,
+        str(Path(__file__).resolve()),
+        "--backend=vllm",
+        "--json",
+        f"--requests={args.requests}",
+        f"--tokens={args.tokens}",
+        f"--shared={args.shared}",
+        f"--block-size={args.block_size}",
+        f"--num-blocks={args.num_blocks}",
+        f"--seed={args.seed}",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    return [Result(**{**row, "case": Case(**row["case"])}) for row in rows]
+
+
+def median_by_case(results: list[Result]) -> dict[Case, dict[str, float]]:
+    grouped: dict[Case, list[Result]] = {}
+    for result in results:
+        grouped.setdefault(result.case, []).append(result)
+    fields = ("requests_per_s", "blocks_per_s", "us_get", "us_alloc", "us_free", "us_hash")
+    return {
+        case: {f: statistics.median(getattr(r, f) for r in rs) for f in fields}
+        | {"hit_rate": rs[0].hit_rate}
+        for case, rs in grouped.items()
+    }
+
+
+def print_table(ours: list[Result], theirs: list[Result] | None, args: argparse.Namespace) -> None:
+    print(
+        f"\n{args.requests} requests x {args.tokens} tokens, {args.shared:.0%} shared prefix "
+        f"({NUM_PREFIXES} prefixes), block size {args.block_size}, {args.num_blocks} blocks; "
+        f"median of {args.repeats} runs; hashing excluded from req/s\n"
+    )
+    mine = median_by_case(ours)
+    ref = median_by_case(theirs) if theirs else {}
+    header = (
+        f"{'model':<9} {'hash':<7} {'events':<6} {'req/s':>7} {'blocks/s':>9} "
+        f"{'get us':>7} {'alloc us':>8} {'free us':>7} {'hash us':>7} {'hit':>6}"
+    )
+    if ref:
+        header += f" {'vLLM req/s':>10} {'ratio':>6}"
+    print(header)
+    print("-" * len(header))
+    for case, m in mine.items():
+        line = (
+            f"{case.model:<9} {case.hash_name:<7} {'on' if case.events else 'off':<6} "
+            f"{m['requests_per_s']:>7.0f} {m['blocks_per_s']:>9.0f} {m['us_get']:>7.1f} "
+            f"{m['us_alloc']:>8.1f} {m['us_free']:>7.1f} {m['us_hash']:>7.1f} "
+            f"{m['hit_rate']:>6.1%}"
+        )
+        if case in ref:
+            r = ref[case]
+            if abs(r["hit_rate"] - m["hit_rate"]) > 1e-9:
+                raise RuntimeError(f"hit rates differ from vLLM's on {case}: the trace diverged")
+            ratio = m["requests_per_s"] / r["requests_per_s"]
+            line += f" {r['requests_per_s']:>10.0f} {ratio:>5.2f}x"
+        print(line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
@@ -147,53 +266,28 @@ def main() -> None:
     parser.add_argument("--num-blocks", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=3, help="median of this many runs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", choices=("kvroute", "vllm"), default="kvroute")
+    parser.add_argument(
+        "--vllm-python",
+        help="a Python interpreter with vLLM installed: runs the same trace on vLLM's "
+        "manager and prints the ratio side by side",
+    )
+    parser.add_argument("--json", action="store_true", help="print raw results as JSON")
     args = parser.parse_args()
 
-    prompts = make_prompts(args.requests, args.tokens, args.shared, args.seed)
-    cases = [
-        Case(model, hash_name, events)
-        for model in ("full", "full+swa")
-        for hash_name in ("sha256", "xxhash")
-        for events in (True, False)
-    ]
-    runs: dict[Case, list[Result]] = {c: [] for c in cases}
-    with tqdm(total=len(cases) * args.repeats, desc="block manager", unit="run") as bar:
-        for _ in range(args.repeats):
-            for case in cases:
-                runs[case].append(run_case(case, prompts, args))
-                bar.update()
-
-    print(
-        f"\n{args.requests} requests x {args.tokens} tokens, {args.shared:.0%} shared prefix "
-        f"({NUM_PREFIXES} prefixes), block size {args.block_size}, {args.num_blocks} blocks; "
-        f"median of {args.repeats} runs\n"
-    )
-    header = (
-        f"{'model':<9} {'hash':<7} {'events':<6} {'req/s':>8} {'blocks/s':>10} "
-        f"{'get us':>7} {'alloc us':>8} {'free us':>7} {'hash us':>8} {'hit':>6} "
-        f"{'vs vLLM':>8}"
-    )
-    print(header)
-    print("-" * len(header))
-    for case in cases:
-        results = runs[case]
-
-        def med(field: str, results: list[Result] = results) -> float:
-            return statistics.median(getattr(r, field) for r in results)
-
-        ratio = med("requests_per_s") / VLLM_REFERENCE[case.events]
-        print(
-            f"{case.model:<9} {case.hash_name:<7} {'on' if case.events else 'off':<6} "
-            f"{med('requests_per_s'):>8.0f} {med('blocks_per_s'):>10.0f} "
-            f"{med('us_get'):>7.1f} {med('us_alloc'):>8.1f} {med('us_free'):>7.1f} "
-            f"{med('us_hash'):>8.1f} {med('hit_rate'):>6.1%} {ratio:>7.2f}x"
-        )
-    print(
-        "\nvs vLLM: requests/s over vLLM's own manager on this machine as quoted in the "
-        f"issue ({VLLM_REFERENCE[True]:.0f} req/s events on, {VLLM_REFERENCE[False]:.0f} "
-        "events off, the low end of its 2,400-4,400 range); hashing is excluded from "
-        "req/s on both sides."
-    )
+    if args.json:
+        print(json.dumps([asdict(r) for r in run_backend(args.backend, args)]))
+        return
+    # This machine's speed drifts by tens of percent over seconds, so the two
+    # managers alternate round by round and each reports its median.
+    ours: list[Result] = []
+    theirs: list[Result] | None = [] if args.vllm_python else None
+    rounds = tqdm(range(args.repeats), desc="rounds", unit="round")
+    for _ in rounds:
+        ours.extend(run_backend(args.backend, args))
+        if theirs is not None:
+            theirs.extend(run_vllm_subprocess(args.vllm_python, args))
+    print_table(ours, theirs, args)
 
 
 if __name__ == "__main__":

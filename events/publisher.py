@@ -104,19 +104,23 @@ class ZmqEventPublisher:
                     zmq.ROUTER, config.replay_endpoint, sndhwm=config.buffer_steps + 2
                 )
                 self.replay_endpoint = bound_endpoint(self._replay)
-        except zmq.ZMQError:
+        except (zmq.ZMQError, ValueError):
             self._release()
             raise
 
     def _bind(self, kind: int, endpoint: str, *, sndhwm: int) -> zmq.Socket:
         endpoint = offset_endpoint(endpoint, self.config.data_parallel_rank)
         sock = self._ctx.socket(kind)
-        sock.sndhwm = sndhwm
-        if self.config.curve is not None:
-            secure_server(sock, self.config.curve)
-        elif not is_loopback(endpoint):
-            logger.warning("event socket %s is reachable off this host without CURVE", endpoint)
-        sock.bind(endpoint)
+        try:
+            sock.sndhwm = sndhwm
+            if self.config.curve is not None:
+                secure_server(sock, self.config.curve)
+            elif not is_loopback(endpoint):
+                logger.warning("event socket %s is reachable off this host without CURVE", endpoint)
+            sock.bind(endpoint)
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
         return sock
 
     @property

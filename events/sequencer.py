@@ -6,7 +6,12 @@ sockets to it; tests drive it directly.
 
 Ordering rules:
 - Live batches come in publish order over one PUB connection, so a live seq that
-  does not exceed the previous live seq means the publisher restarted.
+  does not exceed the previous live seq means the publisher restarted. A live
+  seq between the two that a replay already delivered is a late copy if its
+  bytes are the replayed ones, and a restarted publisher's batch if they differ.
+  (A restarted publisher that outruns the old seq before its first batch is seen
+  is indistinguishable on vLLM's wire; the router learns of restarts from
+  registration too.)
 - A live seq beyond the next expected one is a gap. The missing range is fetched
   from the replay socket from the next expected seq; live batches that arrive
   during a replay are held and delivered after it, in seq order.
@@ -111,6 +116,9 @@ class SourceSequencer:
         self.state = SourceState.EXACT
         self._next = start_seq  # None: the first batch to arrive sets it
         self._last_live: int | None = None
+        # seq -> hash of the payload, for replayed batches the live stream has not
+        # caught up with yet (so bounded by what one replay delivers, at most max_held).
+        self._replayed: dict[int, int] = {}
         self._held: dict[int, tuple[bytes, bool]] = {}  # seq -> (payload, came by replay)
         self._last_activity = now
         self._replay_active = False
@@ -140,7 +148,7 @@ class SourceSequencer:
         if self._next is None:
             self._next = seq
         if seq < self._next:
-            self._stats.duplicates += 1
+            self._late_live_copy(seq, payload)
         elif seq == self._next:
             self._deliver(seq, payload, replayed=False)
         else:
@@ -205,6 +213,7 @@ class SourceSequencer:
         if self._replay_active:
             self._port.cancel_replay()
             self._replay_active = False
+        self._replayed.clear()
         held = self._held
         if next_seq is None:
             next_seq = min(held) if held else None
@@ -245,18 +254,37 @@ class SourceSequencer:
         self._replay_known_sent = -1 if self._last_live is None else self._last_live
         self._port.request_replay(self._next)
 
+    def _late_live_copy(self, seq: int, payload: bytes) -> None:
+        """A live seq below the next expected one: a duplicate, or a restarted publisher."""
+        replayed = self._replayed
+        digest = replayed.get(seq)
+        while replayed and next(iter(replayed)) <= seq:  # the live stream is past these
+            del replayed[next(iter(replayed))]
+        if digest is not None and digest != hash(payload):
+            self._restart(seq, payload)
+        else:
+            self._stats.duplicates += 1
+
     def _deliver(self, seq: int, payload: bytes, *, replayed: bool) -> None:
-        self._next = seq + 1
         self._held.pop(seq, None)
-        self._port.deliver(seq, payload, replayed)
+        self._deliver_next(seq, payload, replayed)
         self._drain_held()
+
+    def _deliver_next(self, seq: int, payload: bytes, replayed: bool) -> None:
+        self._next = seq + 1
+        if replayed:
+            if len(self._replayed) >= self._config.max_held:
+                del self._replayed[next(iter(self._replayed))]
+            self._replayed[seq] = hash(payload)
+        elif self._replayed:
+            self._replayed.clear()  # delivered live: the live stream is past every replayed seq
+        self._port.deliver(seq, payload, replayed)
 
     def _drain_held(self) -> None:
         held = self._held
         seq = self._next
         while seq in held:
-            self._next = seq + 1
-            self._port.deliver(seq, *held.pop(seq))
+            self._deliver_next(seq, *held.pop(seq))
             seq = self._next
 
     def _hold(self, seq: int, payload: bytes, *, replayed: bool) -> None:
@@ -272,6 +300,7 @@ class SourceSequencer:
         self._replay_attempts = 0
 
     def _restart(self, seq: int, payload: bytes) -> None:
+        self._replayed.clear()
         self._held.clear()
         self._held[seq] = (payload, False)
         self._degrade(ResyncReason.PUBLISHER_RESTARTED)

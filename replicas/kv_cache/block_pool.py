@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from events.kv_events import (
@@ -24,14 +25,13 @@ from events.kv_events import (
     KVCacheEvent,
 )
 from replicas.kv_cache.utils import (
+    GROUP_ID_BYTES,
     BlockHash,
     BlockHashListWithBlockSize,
     BlockHashWithGroupId,
     FreeKVCacheBlockQueue,
     KVCacheBlock,
     generate_block_hash_extra_keys,
-    get_block_hash,
-    get_group_id,
     make_block_hash_with_group_id,
 )
 
@@ -122,14 +122,15 @@ class BlockPool:
         self.kv_event_queue: list[KVCacheEvent] = []
         self._group_suffix: dict[int, bytes] = {}
 
-    def _key(self, block_hash: BlockHash, group_id: int) -> BlockHashWithGroupId:
+    def _suffix(self, group_id: int) -> bytes:
+        """The 4 bytes that turn a block hash into its `(hash, group)` key."""
         suffix = self._group_suffix.get(group_id)
         if suffix is None:
             suffix = make_block_hash_with_group_id(BlockHash(b""), group_id)
             self._group_suffix[group_id] = suffix
-        return BlockHashWithGroupId(block_hash + suffix)
+        return suffix
 
-    def _event_hash(self, block_hash: BlockHash) -> ExternalBlockHash:
+    def _event_hash(self, block_hash: bytes) -> ExternalBlockHash:
         if self.use_int_event_hashes:
             return int.from_bytes(block_hash[-8:], "big")
         return block_hash
@@ -137,15 +138,53 @@ class BlockPool:
     def get_cached_block(
         self, block_hash: BlockHash, kv_cache_group_ids: Sequence[int]
     ) -> list[KVCacheBlock] | None:
-        """One cached block per group for `block_hash`, or None if any group misses."""
-        found: list[KVCacheBlock] = []
-        lookup = self.cached_block_hash_to_block.get_one_block
-        for group_id in kv_cache_group_ids:
-            block = lookup(self._key(block_hash, group_id))
-            if block is None:
+        """One cached block per group for `block_hash`, or None if any group misses.
+
+        Hot path of every lookup: the map is read directly rather than through
+        `BlockHashToBlockMap.get_one_block` (about 2x cheaper per block here).
+        """
+        cache = self.cached_block_hash_to_block._cache
+        if len(kv_cache_group_ids) == 1:
+            entry = cache.get(block_hash + self._suffix(kv_cache_group_ids[0]))
+            if entry is None:
                 return None
-            found.append(block)
+            return [entry if entry.__class__ is KVCacheBlock else next(iter(entry.values()))]
+        found: list[KVCacheBlock] = []
+        for group_id in kv_cache_group_ids:
+            entry = cache.get(block_hash + self._suffix(group_id))
+            if entry is None:
+                return None
+            found.append(entry if entry.__class__ is KVCacheBlock else next(iter(entry.values())))
         return found
+
+    def get_cached_prefix(
+        self, block_hashes: Sequence[BlockHash], max_blocks: int, kv_cache_group_ids: Sequence[int]
+    ) -> tuple[list[KVCacheBlock], ...]:
+        """Per group, the cached blocks of `block_hashes[:max_blocks]` up to the
+        first position where any group misses.
+
+        The full-attention hit scan; one group (the common case) runs as a
+        tight loop over the map, about 4x cheaper per block than
+        `get_cached_block`.
+        """
+        if len(kv_cache_group_ids) != 1:
+            found: tuple[list[KVCacheBlock], ...] = tuple([] for _ in kv_cache_group_ids)
+            for block_hash in islice(block_hashes, max_blocks):
+                hit = self.get_cached_block(block_hash, kv_cache_group_ids)
+                if hit is None:
+                    break
+                for blocks, block in zip(found, hit, strict=True):
+                    blocks.append(block)
+            return found
+        cache = self.cached_block_hash_to_block._cache
+        suffix = self._suffix(kv_cache_group_ids[0])
+        run: list[KVCacheBlock] = []
+        for block_hash in islice(block_hashes, max_blocks):
+            entry = cache.get(block_hash + suffix)
+            if entry is None:
+                break
+            run.append(entry if entry.__class__ is KVCacheBlock else next(iter(entry.values())))
+        return (run,)
 
     def cache_full_blocks(
         self,
@@ -178,9 +217,11 @@ class BlockPool:
                 f"request {request.request_id} has {len(block_hashes)} hashed blocks of "
                 f"size {block_size}, fewer than the {num_full_blocks} to cache"
             )
-        suffix = self._key(BlockHash(b""), kv_cache_group_id)
-        insert = self.cached_block_hash_to_block.insert
+        suffix = self._suffix(kv_cache_group_id)
+        cache_map = self.cached_block_hash_to_block
+        cache = cache_map._cache
         emit = self.enable_kv_cache_events
+        int_hashes = self.use_int_event_hashes
         stored: list[ExternalBlockHash] = []
         stored_positions: list[int] = []
         for offset, block in enumerate(blocks[num_cached_blocks:num_full_blocks]):
@@ -190,9 +231,12 @@ class BlockPool:
             block_hash = block_hashes[position]
             key = BlockHashWithGroupId(block_hash + suffix)
             block.block_hash = key
-            insert(key, block)
+            if key in cache:
+                cache_map.insert(key, block)
+            else:
+                cache[key] = block
             if emit:
-                stored.append(self._event_hash(block_hash))
+                stored.append(int.from_bytes(block_hash[-8:], "big") if int_hashes else block_hash)
                 stored_positions.append(position)
         if not emit:
             return
@@ -228,9 +272,10 @@ class BlockPool:
             )
         blocks = self.free_block_queue.popleft_n(num_blocks)
         if self.enable_caching:
+            evict = self._maybe_evict_cached_block
             for block in blocks:
                 if block._block_hash is not None:
-                    self._maybe_evict_cached_block(block)
+                    evict(block)
                 block.ref_cnt = 1
         else:
             for block in blocks:
@@ -238,31 +283,51 @@ class BlockPool:
         return blocks
 
     def _maybe_evict_cached_block(self, block: KVCacheBlock) -> bool:
-        """Drop `block` from the cache map; True (and a BlockRemoved) if it was there."""
-        key = block.block_hash
+        """Drop `block` from the cache map; True (and a BlockRemoved) if it was there.
+
+        Runs once per reused cached block, so the map and key are handled inline.
+        """
+        key = block._block_hash
         if key is None:
             return False
-        block.reset_hash()
-        if self.cached_block_hash_to_block.pop(key, block.block_id) is None:
+        block._block_hash = None
+        cache = self.cached_block_hash_to_block._cache
+        entry = cache.get(key)
+        if entry is block:
+            del cache[key]
+        elif entry is None or entry.__class__ is KVCacheBlock:
             return False
+        else:
+            assert isinstance(entry, dict)
+            if entry.pop(block.block_id, None) is None:
+                return False
+            if not entry:
+                del cache[key]
         if self.enable_kv_cache_events:
             self.kv_event_queue.append(
                 BlockRemoved(
-                    block_hashes=[self._event_hash(get_block_hash(key))],
+                    block_hashes=[self._event_hash(key[:-GROUP_ID_BYTES])],
                     medium=MEDIUM_GPU,
-                    group_idx=get_group_id(key),
+                    group_idx=int.from_bytes(key[-GROUP_ID_BYTES:], "big"),
                 )
             )
         return True
 
     def touch(self, blocks: Iterable[KVCacheBlock]) -> None:
         """Take a reference on hit blocks, pulling free ones out of the free queue."""
-        remove = self.free_block_queue.remove
+        queue = self.free_block_queue
         for block in blocks:
             if block.is_null:
                 continue
             if block.ref_cnt == 0:
-                remove(block)
+                # Inline unlink from the free queue (a hit revives many blocks).
+                prev_block, next_block = block.prev_free_block, block.next_free_block
+                if prev_block is None or next_block is None:
+                    raise RuntimeError(f"block {block.block_id} has no references but is not free")
+                prev_block.next_free_block = next_block
+                next_block.prev_free_block = prev_block
+                block.prev_free_block = block.next_free_block = None
+                queue.num_free_blocks -= 1
             block.ref_cnt += 1
 
     def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock], prepend: bool = False) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from itertools import islice
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from replicas.kv_cache.block_pool import BlockPool
@@ -38,6 +37,13 @@ class CachedBlockLookup(Protocol):
     def get_cached_block(
         self, block_hash: BlockHash, kv_cache_group_ids: Sequence[int]
     ) -> list[KVCacheBlock] | None: ...
+
+    def get_cached_prefix(
+        self, block_hashes: Sequence[BlockHash], max_blocks: int, kv_cache_group_ids: Sequence[int]
+    ) -> tuple[list[KVCacheBlock], ...]:
+        """Per group, the cached blocks of `block_hashes[:max_blocks]` up to the
+        first position where any group misses."""
+        ...
 
 
 def _trim_to_alignment(
@@ -161,6 +167,8 @@ class SingleTypeKVCacheManager:
                 raise ValueError(f"running request {request_id} cannot take new prefix hits")
             return
         req_blocks = self.req_to_blocks[request_id]
+        if req_blocks:
+            raise ValueError(f"running request {request_id} cannot take new prefix hits")
         total = num_local_computed_tokens + num_external_computed_tokens
         num_skipped_tokens = self.get_num_skipped_tokens(total)
         num_skipped_blocks = max(num_skipped_tokens, 0) // self.block_size
@@ -268,16 +276,11 @@ class FullAttentionManager(SingleTypeKVCacheManager):
         drop_eagle_block: bool,
         alignment_tokens: int,
     ) -> tuple[list[KVCacheBlock], ...]:
-        computed: tuple[list[KVCacheBlock], ...] = tuple([] for _ in kv_cache_group_ids)
         block_size = kv_cache_spec.block_size
-        lookup = block_pool.get_cached_block
         # Hashes chain their prefix: the first miss ends the hit.
-        for block_hash in islice(block_hashes, max_length // block_size):
-            hit = lookup(block_hash, kv_cache_group_ids)
-            if not hit:
-                break
-            for blocks, block in zip(computed, hit, strict=True):
-                blocks.append(block)
+        computed = block_pool.get_cached_prefix(
+            block_hashes, max_length // block_size, kv_cache_group_ids
+        )
         if drop_eagle_block and computed[0]:
             for blocks in computed:
                 blocks.pop()

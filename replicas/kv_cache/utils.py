@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 BlockHash = NewType("BlockHash", bytes)
 BlockHashWithGroupId = NewType("BlockHashWithGroupId", bytes)
 
-_GROUP_ID_BYTES = 4
+GROUP_ID_BYTES = 4
 
 # Hash of the (absent) parent of every prompt's first block; set by init_none_hash.
 NONE_HASH: BlockHash = BlockHash(b"")
@@ -56,15 +56,15 @@ def init_none_hash(hash_fn: HashFn, seed: str | None = None) -> BlockHash:
 
 
 def make_block_hash_with_group_id(block_hash: BlockHash, group_id: int) -> BlockHashWithGroupId:
-    return BlockHashWithGroupId(block_hash + group_id.to_bytes(_GROUP_ID_BYTES, "big"))
+    return BlockHashWithGroupId(block_hash + group_id.to_bytes(GROUP_ID_BYTES, "big"))
 
 
 def get_block_hash(key: BlockHashWithGroupId) -> BlockHash:
-    return BlockHash(key[:-_GROUP_ID_BYTES])
+    return BlockHash(key[:-GROUP_ID_BYTES])
 
 
 def get_group_id(key: BlockHashWithGroupId) -> int:
-    return int.from_bytes(key[-_GROUP_ID_BYTES:], "big")
+    return int.from_bytes(key[-GROUP_ID_BYTES:], "big")
 
 
 def maybe_convert_block_hash(block_hash: BlockHash, use_int: bool = True) -> ExternalBlockHash:
@@ -289,10 +289,18 @@ def get_request_block_hasher(
         mm_idx = -1 if start > 0 else 0
         parent = request.block_hashes[-1] if request.block_hashes else None
         tokens = request.all_token_ids
+        plain = not (
+            request.lora_request
+            or request.mm_features
+            or request.cache_salt
+            or request.prompt_embeds is not None
+        )
         new_hashes: list[BlockHash] = []
         while start + block_size <= num_tokens:
             end = start + block_size
-            extra_keys, mm_idx = generate_block_hash_extra_keys(request, start, end, mm_idx)
+            extra_keys = None
+            if not plain:
+                extra_keys, mm_idx = generate_block_hash_extra_keys(request, start, end, mm_idx)
             parent = hash_block_tokens(caching_hash_fn, parent, tokens[start:end], extra_keys)
             new_hashes.append(parent)
             start = end

@@ -12,9 +12,7 @@ import pytest
 
 from events.publisher import PublisherConfig, ZmqEventPublisher
 from events.subscriber import SubscriberConfig, ZmqEventSubscriber
-from tests.events.helpers import FAST_RECOVERY, Collector, ScriptedPublisher
-
-Transport = str  # an endpoint template with a `{name}` slot (ignored by tcp)
+from tests.events.helpers import FAST_RECOVERY, Collector, ScriptedPublisher, Transport
 
 
 @pytest.fixture

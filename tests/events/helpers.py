@@ -13,8 +13,11 @@ import zmq
 from events.frames import pack_seq, parse_replay_request, replay_end
 from events.kv_events import BlockStored, KVEventBatch, encode_batch
 from events.publisher import ZmqEventPublisher
-from events.sequencer import RecoveryConfig, ResyncReason
+from events.sequencer import RecoveryConfig, ResyncReason, SourceState, SourceStats
 from events.source import SourceSpec
+from events.subscriber import ZmqEventSubscriber
+
+Transport = str  # an endpoint template with a `{name}` slot (ignored by tcp)
 
 WAIT_S = 20.0  # upper bound of every wait; a healthy run takes a fraction of it
 
@@ -29,6 +32,12 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = WAIT
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(0.005)
+
+
+def wait_exact(subscriber: ZmqEventSubscriber, name: str) -> SourceStats:
+    """Wait until `name` is EXACT (a replay ends after its last batch is delivered)."""
+    wait_until(lambda: subscriber.stats(name).state is SourceState.EXACT, f"{name} EXACT")
+    return subscriber.stats(name)
 
 
 def numbered_batch(n: int, events: int = 1) -> KVEventBatch:
@@ -66,10 +75,12 @@ class Collector:
     delivered: dict[str, list[tuple[int, KVEventBatch]]] = field(default_factory=dict)
     resyncs: list[tuple[str, ResyncReason]] = field(default_factory=list)
     gate: threading.Event | None = None  # when set up, on_batch blocks until it is set
+    blocked: threading.Event = field(default_factory=threading.Event)  # on_batch hit the gate
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
     def on_batch(self, source: str, seq: int, batch: KVEventBatch) -> None:
         if self.gate is not None:
+            self.blocked.set()
             self.gate.wait(WAIT_S)
         with self._cond:
             self.delivered.setdefault(source, []).append((seq, batch))
@@ -84,10 +95,13 @@ class Collector:
         with self._cond:
             return [seq for seq, _ in self.delivered.get(source, [])]
 
-    def wait_for(self, predicate: Callable[[], bool], what: str) -> None:
+    def satisfied_within(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
         with self._cond:
-            if not self._cond.wait_for(predicate, WAIT_S):
-                raise AssertionError(f"timed out after {WAIT_S} s waiting for {what}")
+            return self._cond.wait_for(predicate, timeout_s)
+
+    def wait_for(self, predicate: Callable[[], bool], what: str) -> None:
+        if not self.satisfied_within(predicate, WAIT_S):
+            raise AssertionError(f"timed out after {WAIT_S} s waiting for {what}")
 
     def wait_seqs(self, source: str, count: int) -> list[int]:
         self.wait_for(

@@ -1,0 +1,57 @@
+"""Endpoint rules: vLLM's data-parallel offsets and the loopback check."""
+
+from __future__ import annotations
+
+import pytest
+
+from events.endpoints import is_loopback, offset_endpoint
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "rank", "expected"),
+    [
+        ("tcp://127.0.0.1:5557", 0, "tcp://127.0.0.1:5557"),
+        ("tcp://127.0.0.1:5557", 3, "tcp://127.0.0.1:5560"),
+        ("tcp://*:5557", 1, "tcp://*:5558"),
+        ("tcp://[::1]:5557", 2, "tcp://[::1]:5559"),
+        ("tcp://127.0.0.1:*", 4, "tcp://127.0.0.1:*"),
+        ("ipc:///tmp/kv-events", 2, "ipc:///tmp/kv-events_dp2"),
+        ("inproc://cache", 1, "inproc://cache_dp1"),
+    ],
+)
+def test_endpoints_are_offset_by_data_parallel_rank(
+    endpoint: str, rank: int, expected: str
+) -> None:
+    assert offset_endpoint(endpoint, rank) == expected
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "rank"),
+    [
+        ("tcp://127.0.0.1:65535", 1),
+        ("tcp://127.0.0.1", 1),
+        ("udp://127.0.0.1:5557", 1),
+        ("tcp://127.0.0.1:5557", -1),
+    ],
+)
+def test_impossible_offsets_are_refused(endpoint: str, rank: int) -> None:
+    with pytest.raises(ValueError):
+        offset_endpoint(endpoint, rank)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "loopback"),
+    [
+        ("tcp://127.0.0.1:5557", True),
+        ("tcp://127.0.0.2:5557", True),
+        ("tcp://[::1]:5557", True),
+        ("tcp://localhost:5557", True),
+        ("ipc:///tmp/x", True),
+        ("tcp://*:5557", False),
+        ("tcp://0.0.0.0:5557", False),
+        ("tcp://10.0.0.5:5557", False),
+        ("tcp://replica-3:5557", False),
+    ],
+)
+def test_loopback_endpoints_are_recognised(endpoint: str, loopback: bool) -> None:
+    assert is_loopback(endpoint) is loopback
