@@ -158,6 +158,11 @@ class Request:
             self.block_hashes.extend(block_hasher(self))
 
     @property
+    def hash_block_size(self) -> int | None:
+        """Tokens per entry of `block_hashes`, when the hasher says (ours do)."""
+        return getattr(self._block_hasher, "block_size", None)
+
+    @property
     def num_tokens(self) -> int:
         return len(self._all_token_ids)
 

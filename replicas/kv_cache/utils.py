@@ -13,7 +13,7 @@ import hashlib
 import itertools
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NewType, overload
 
@@ -272,22 +272,34 @@ def generate_block_hash_extra_keys(
     return (tuple(keys) if keys else None), next_mm_idx
 
 
-def get_request_block_hasher(
-    block_size: int, caching_hash_fn: HashFn
-) -> Callable[[Request], list[BlockHash]]:
-    """A function that hashes the request's full blocks not hashed yet.
+class RequestBlockHasher:
+    """Hashes a request's full blocks that are not hashed yet.
 
-    Called once at request creation and after each token append; it returns
-    only the new hashes, which the request appends to `block_hashes`.
+    Called once at request creation and after each token append; returns only
+    the new hashes, which the request appends to `block_hashes`. `none_hash`
+    pins the chain's root explicitly (the router does, per cluster seed);
+    without it the process-wide NONE_HASH is read at call time.
     """
 
-    def request_block_hasher(request: Request) -> list[BlockHash]:
+    __slots__ = ("block_size", "hash_fn", "none_hash")
+
+    def __init__(
+        self, block_size: int, hash_fn: HashFn, none_hash: BlockHash | None = None
+    ) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.block_size = block_size
+        self.hash_fn = hash_fn
+        self.none_hash = none_hash
+
+    def __call__(self, request: Request) -> list[BlockHash]:
+        block_size = self.block_size
         start = len(request.block_hashes) * block_size
         num_tokens = request.num_tokens
         if start + block_size > num_tokens:
             return []
         mm_idx = -1 if start > 0 else 0
-        parent = request.block_hashes[-1] if request.block_hashes else None
+        parent = request.block_hashes[-1] if request.block_hashes else self.none_hash
         tokens = request.all_token_ids
         plain = not (
             request.lora_request
@@ -295,18 +307,22 @@ def get_request_block_hasher(
             or request.cache_salt
             or request.prompt_embeds is not None
         )
+        hash_fn = self.hash_fn
         new_hashes: list[BlockHash] = []
         while start + block_size <= num_tokens:
             end = start + block_size
             extra_keys = None
             if not plain:
                 extra_keys, mm_idx = generate_block_hash_extra_keys(request, start, end, mm_idx)
-            parent = hash_block_tokens(caching_hash_fn, parent, tokens[start:end], extra_keys)
+            parent = hash_block_tokens(hash_fn, parent, tokens[start:end], extra_keys)
             new_hashes.append(parent)
             start = end
         return new_hashes
 
-    return request_block_hasher
+
+def get_request_block_hasher(block_size: int, caching_hash_fn: HashFn) -> RequestBlockHasher:
+    """vLLM's name for building a `RequestBlockHasher` rooted at NONE_HASH."""
+    return RequestBlockHasher(block_size, caching_hash_fn)
 
 
 class BlockHashListWithBlockSize(Sequence[BlockHash]):

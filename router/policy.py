@@ -1,0 +1,253 @@
+"""Routing policies: choose a replica from predicted hits and replica load.
+
+Every policy sees the same `Candidate` list (one per live replica, in a stable
+order) and returns one replica id. `kv_aware` is the default; the others are
+the baselines people deploy today, kept small and behind one interface so
+benchmarks compare like with like.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+from replicas.kv_cache.utils import BlockHash
+
+
+@dataclass(frozen=True)
+class ReplicaLoad:
+    """A replica's load as the router sees it.
+
+    `queued_prefill_tokens` counts prompt tokens routed there and not yet
+    prefilled (waiting or mid-chunk); `running_seqs` the sequences decoding.
+    """
+
+    queued_prefill_tokens: int = 0
+    running_seqs: int = 0
+    kv_usage: float = 0.0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    replica_id: str
+    hit_tokens: int
+    load: ReplicaLoad
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    """What a policy may know about the prompt being routed."""
+
+    num_tokens: int
+    block_hashes: Sequence[BlockHash] = ()
+
+
+class RoutingPolicy(Protocol):
+    name: ClassVar[str]
+
+    def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> str: ...
+
+
+def _require(candidates: Sequence[Candidate]) -> None:
+    if not candidates:
+        raise ValueError("no replica is available to route to")
+
+
+def _load_key(c: Candidate) -> tuple[int, int]:
+    return (c.load.queued_prefill_tokens, c.load.running_seqs)
+
+
+class RoundRobin:
+    """Each replica in turn, ignoring cache and load."""
+
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> str:
+        _require(candidates)
+        choice = candidates[self._next % len(candidates)]
+        self._next += 1
+        return choice.replica_id
+
+
+class RandomChoice:
+    name = "random"
+
+    def __init__(self, seed: int = 0) -> None:
+        self._rng = random.Random(seed)
+
+    def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> str:
+        _require(candidates)
+        return self._rng.choice(candidates).replica_id
+
+
+class LeastLoaded:
+    """Fewest queued prefill tokens, then fewest running sequences."""
+
+    name = "least_loaded"
+
+    def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> str:
+        _require(candidates)
+        return min(candidates, key=_load_key).replica_id
+
+
+class PrefixOnly:
+    """Longest predicted hit, load ignored (ties: least loaded)."""
+
+    name = "prefix_only"
+
+    def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> str:
+        _require(candidates)
+        return min(candidates, key=lambda c: (-c.hit_tokens, *_load_key(c))).replica_id
+
+
+@dataclass(frozen=True)
+class CostWeights:
+    """Seconds per unit: the kv_aware cost is an estimate of time to first token.
+
+    `prefill_s_per_token` prices tokens the replica must still prefill (this
+    prompt's uncached part plus its queue); `decode_s_per_seq` the slowdown each
+    running sequence adds to every step; `kv_usage_s` a penalty for a nearly
+    full cache (evictions destroy others' hits).
+    """
+
+    prefill_s_per_token: float = 1e-4
+    decode_s_per_seq: float = 2e-3
+    kv_usage_s: float = 0.0
+
+
+class KVAware:
+    """Lowest estimated TTFT: uncached prefill + queued prefill + decode load.
+
+    Ties go to the less loaded replica, then to a seeded random pick. With a
+    softmax `temperature` (seconds) the choice is sampled with probability
+    proportional to exp(-cost / temperature) instead.
+    """
+
+    name = "kv_aware"
+
+    def __init__(
+        self, weights: CostWeights | None = None, temperature: float = 0.0, seed: int = 0
+    ) -> None:
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        self.weights = weights or CostWeights()
+        self.temperature = temperature
+        self._rng = random.Random(seed)
+
+    def cost(self, request: RouteRequest, candidate: Candidate) -> float:
+        w = self.weights
+        uncached = request.num_tokens - candidate.hit_tokens
+        load = candidate.load
+        return (
+            w.prefill_s_per_token * (uncached + load.queued_prefill_tokens)
+            + w.decode_s_per_seq * load.running_seqs
+            + w.kv_usage_s * load.kv_usage
+        )
+
+    def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> str:
+        _require(candidates)
+        costs = [self.cost(request, c) for c in candidates]
+        if self.temperature > 0:
+            best = min(costs)
+            weights = [math.exp(-(c - best) / self.temperature) for c in costs]
+            return self._rng.choices(candidates, weights=weights)[0].replica_id
+        best_cost = min(costs)
+        tied = [c for c, cost in zip(candidates, costs, strict=True) if cost <= best_cost + 1e-12]
+        least = min(_load_key(c) for c in tied)
+        tied = [c for c in tied if _load_key(c) == least]
+        return tied[0].replica_id if len(tied) == 1 else self._rng.choice(tied).replica_id
+
+
+class SGLangLike:
+    """SGLang's cache-aware policy, approximated from the router's own decisions.
+
+    Each replica gets an approximate prefix tree: the block hashes of prompts
+    the router sent it (a set of chained hashes is a trie), bounded LRU. If
+    load is imbalanced (max - min > `balance_abs` and max > `balance_rel` x min,
+    load = running sequences + queued requests) the least loaded replica wins;
+    otherwise the best tree match wins if it covers more than
+    `match_threshold` of the prompt, else the replica with the smallest tree.
+    """
+
+    name = "sglang_like"
+
+    def __init__(
+        self,
+        balance_abs: int = 32,
+        balance_rel: float = 1.5,
+        match_threshold: float = 0.5,
+        max_tree_blocks: int = 1 << 20,
+    ) -> None:
+        self.balance_abs = balance_abs
+        self.balance_rel = balance_rel
+        self.match_threshold = match_threshold
+        self.max_tree_blocks = max_tree_blocks
+        self._trees: dict[str, OrderedDict[BlockHash, None]] = {}
+
+    def _tree(self, replica_id: str) -> OrderedDict[BlockHash, None]:
+        return self._trees.setdefault(replica_id, OrderedDict())
+
+    def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> str:
+        _require(candidates)
+        loads = [
+            c.load.running_seqs + (1 if c.load.queued_prefill_tokens else 0) for c in candidates
+        ]
+        low, high = min(loads), max(loads)
+        if high - low > self.balance_abs and high > self.balance_rel * low:
+            choice = candidates[loads.index(low)].replica_id
+        else:
+            matches = [
+                self._match(self._tree(c.replica_id), request.block_hashes) for c in candidates
+            ]
+            best = max(matches)
+            total = len(request.block_hashes)
+            if total and best / total > self.match_threshold:
+                choice = candidates[matches.index(best)].replica_id
+            else:
+                choice = min(candidates, key=lambda c: len(self._tree(c.replica_id))).replica_id
+        self._insert(self._tree(choice), request.block_hashes)
+        return choice
+
+    @staticmethod
+    def _match(tree: OrderedDict[BlockHash, None], hashes: Sequence[BlockHash]) -> int:
+        matched = 0
+        for block_hash in hashes:
+            if block_hash not in tree:
+                break
+            matched += 1
+        return matched
+
+    def _insert(self, tree: OrderedDict[BlockHash, None], hashes: Sequence[BlockHash]) -> None:
+        for block_hash in hashes:
+            tree[block_hash] = None
+            tree.move_to_end(block_hash)
+        while len(tree) > self.max_tree_blocks:
+            tree.popitem(last=False)
+
+    def forget(self, replica_id: str) -> None:
+        """Drop a dead replica's tree."""
+        self._trees.pop(replica_id, None)
+
+
+POLICIES: dict[str, type] = {
+    cls.name: cls
+    for cls in (KVAware, RoundRobin, RandomChoice, LeastLoaded, PrefixOnly, SGLangLike)
+}
+
+
+def make_policy(name: str, **options: object) -> RoutingPolicy:
+    """Build a policy by its config name, with a clear error for unknown names."""
+    try:
+        cls = POLICIES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown routing policy {name!r}; expected one of: {', '.join(POLICIES)}"
+        ) from None
+    return cls(**options)

@@ -1,0 +1,166 @@
+"""The heart of the router: predicted hits equal each replica's own.
+
+Several block managers with different hybrid configs are driven by random
+traffic (shared prefixes, chunked prefill, decode appends, frees, eviction
+pressure, prefix-cache resets). Every batch they emit goes through the real
+msgpack encoder and decoder into one KVIndex. After every step, for fresh
+prompts, `KVIndex.predict` must equal every manager's `get_computed_blocks`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import msgspec
+import pytest
+import torch
+
+from events.kv_events import KVEventBatch
+from replicas.kv_cache.manager import KVCacheManager
+from replicas.kv_cache.specs import KVCacheSpec, MLAAttentionSpec
+from replicas.kv_cache.utils import init_none_hash
+from replicas.request import LoRARequest, Request, SamplingParams
+from router.index import KVIndex
+from tests.replicas.conftest import config, full, mamba, swa
+
+HASH_ALGO, HASH_SEED = "sha256", "kvroute-test"
+# 3 seeds x 600 steps x 6 fresh prompts = 10,800 prompts, each checked on 12 replicas.
+STEPS, PROBES = 600, 6
+
+
+def mla(block_size: int) -> MLAAttentionSpec:
+    return MLAAttentionSpec(
+        block_size=block_size, num_kv_heads=1, head_size=4, dtype=torch.uint8, compress_ratio=4
+    )
+
+
+@dataclass
+class Replica:
+    name: str
+    specs: tuple[KVCacheSpec, ...]
+    num_blocks: int
+    use_eagle: bool = False
+    retention: int | None = None
+
+    def build(self) -> KVCacheManager:
+        return KVCacheManager(
+            config(self.num_blocks, *self.specs),
+            max_model_len=4096,
+            hash_block_size=min(s.block_size for s in self.specs),
+            enable_kv_cache_events=True,
+            use_eagle=self.use_eagle,
+            prefix_cache_retention_interval=self.retention,
+        )
+
+
+REPLICAS = [
+    Replica("full", (full(4),), 60),
+    Replica("full-eagle", (full(4),), 60, use_eagle=True),
+    Replica("swa", (swa(4, 8),), 60),
+    Replica("full+swa", (full(4), swa(4, 12)), 90),
+    Replica("full8+swa4", (full(8), swa(4, 4)), 90),
+    Replica("full8+swa4-eagle", (full(8), swa(4, 4)), 90, use_eagle=True),
+    Replica("full8+swa4-retain16", (full(8), swa(4, 8)), 90, retention=16),
+    Replica("full8+swa4-retain0", (full(8), swa(4, 8)), 90, retention=0),
+    Replica("full+mamba", (full(4), mamba(4)), 90),
+    Replica("full+mamba-align", (full(4), mamba(4, "align")), 90),
+    Replica("mla16+swa4+swa8", (mla(16), swa(4, 8), swa(8, 16)), 120),
+    Replica("full+2swa+mamba", (full(4), swa(4, 4), swa(4, 12), mamba(4)), 150),
+]
+
+PREFIXES = [[1000 + p] * n for p, n in enumerate((8, 16, 28, 40, 64))]
+DECODER = msgspec.msgpack.Decoder(KVEventBatch)
+ENCODER = msgspec.msgpack.Encoder()
+
+
+def _prompt(rng: random.Random) -> list[int]:
+    prefix = rng.choice(PREFIXES)
+    return prefix[: rng.randrange(len(prefix) // 2, len(prefix) + 1)] + [
+        rng.randrange(40) for _ in range(rng.randrange(0, 30))
+    ]
+
+
+def _new_request(index: KVIndex, request_id: str, tokens: list[int], rng: random.Random) -> Request:
+    kwargs: dict[str, object] = {}
+    roll = rng.random()
+    if roll < 0.1:
+        kwargs["lora_request"] = LoRARequest("adapter", 1)
+    elif roll < 0.2:
+        kwargs["cache_salt"] = "tenant"
+    return Request(
+        request_id,
+        tokens,
+        SamplingParams(max_tokens=8),
+        block_hasher=index.hasher(4),
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def _drain(index: KVIndex, name: str, manager: KVCacheManager, clock: list[float]) -> None:
+    events = manager.take_events()
+    if events:
+        wire = ENCODER.encode(KVEventBatch(ts=clock[0], events=events))
+        index.apply(name, DECODER.decode(wire))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_predicted_hits_equal_every_replicas_own(seed: int) -> None:
+    rng = random.Random(seed)
+    index = KVIndex(HASH_ALGO, HASH_SEED)
+    init_none_hash(index.hash_fn, seed=HASH_SEED)
+    managers = {r.name: r.build() for r in REPLICAS}
+    for replica in REPLICAS:
+        index.register(
+            replica.name,
+            managers[replica.name].kv_cache_config,
+            hash_block_size=min(s.block_size for s in replica.specs),
+            use_eagle=replica.use_eagle,
+            hash_algo=HASH_ALGO,
+            hash_seed=HASH_SEED,
+        )
+    running: dict[str, list[tuple[Request, int]]] = {r.name: [] for r in REPLICAS}
+    clock = [0.0]
+    checked = nonzero = 0
+    for step in range(STEPS):
+        clock[0] += 1
+        for name, manager in managers.items():
+            manager.new_step_starts()
+            queue = running[name]
+            if len(queue) < 3 and rng.random() < 0.7:
+                req = _new_request(index, f"{name}-{step}", _prompt(rng), rng)
+                blocks, hit = manager.get_computed_blocks(req)
+                chunk = rng.choice((4, 8, 16, 64))
+                todo = max(1, min(chunk, req.num_tokens - hit))
+                if manager.allocate_slots(req, todo, hit, blocks) is not None:
+                    req.num_computed_tokens = hit + todo
+                    queue.append((req, rng.randrange(0, 6)))
+            for item in list(queue):
+                req, decode_left = item
+                if req.num_computed_tokens < req.num_tokens:
+                    todo = min(rng.choice((4, 8, 16)), req.num_tokens - req.num_computed_tokens)
+                elif decode_left > 0:
+                    req.append_output_token_ids(rng.randrange(40))
+                    todo = 1
+                    queue[queue.index(item)] = (req, decode_left - 1)
+                else:
+                    manager.free(req)
+                    queue.remove(item)
+                    continue
+                if manager.allocate_slots(req, todo) is None:
+                    manager.free(req)
+                    queue.remove(next(i for i in queue if i[0] is req))
+                    continue
+                req.num_computed_tokens += todo
+            if rng.random() < 0.01 and not queue:
+                assert manager.reset_prefix_cache()
+            _drain(index, name, manager, clock)
+        for probe in range(PROBES):
+            fresh = _new_request(index, f"probe-{step}-{probe}", _prompt(rng), rng)
+            predicted = index.predict(fresh)
+            actual = {name: m.get_computed_blocks(fresh)[1] for name, m in managers.items()}
+            assert predicted == actual, f"step {step}: prompt of {fresh.num_tokens} tokens"
+            checked += len(actual)
+            nonzero += sum(1 for v in actual.values() if v)
+    assert checked == STEPS * PROBES * len(REPLICAS)
+    assert nonzero > checked // 4, "too few hits for the comparison to mean much"
