@@ -7,7 +7,7 @@ Each configuration replays the same trace on a fresh manager, draining
 once per step). Hashing happens when a request is created, as in an engine,
 and is timed in its own column.
 
-Run: python benchmarks/block_manager.py [--requests 2000 --tokens 2048 ...]
+Run: python -m benchmarks.block_manager [--requests 2000 --tokens 2048 ...]
 """
 
 from __future__ import annotations
@@ -198,7 +198,8 @@ def run_vllm_subprocess(python: str, args: argparse.Namespace) -> list[Result]:
     """Run the same trace on vLLM's manager, in the interpreter that has vLLM."""
     command = [
         python,
-        str(Path(__file__).resolve()),
+        "-m",
+        "benchmarks.block_manager",
         "--backend=vllm",
         "--json",
         f"--requests={args.requests}",
@@ -208,7 +209,8 @@ def run_vllm_subprocess(python: str, args: argparse.Namespace) -> list[Result]:
         f"--num-blocks={args.num_blocks}",
         f"--seed={args.seed}",
     ]
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=root)
     rows = json.loads(done.stdout.strip().splitlines()[-1])
     return [Result(**{**row, "case": Case(**row["case"])}) for row in rows]
 

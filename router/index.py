@@ -54,6 +54,7 @@ class ReplicaEntry:
     group_kinds: list[str]
     group_block_sizes: list[int]
     signature: tuple
+    flag: int = 0
 
 
 @dataclass
@@ -109,6 +110,11 @@ class KVIndex:
         self._expiry: list[tuple[float, int, int, int]] = []
         self._deadline: dict[tuple[int, int, int], float] = {}
         self._hashers: dict[int, RequestBlockHasher] = {}
+        # Derived from _replicas on every register/remove, so predict() does no
+        # per-replica work for replicas that hold nothing.
+        self._by_signature: dict[tuple, list[ReplicaEntry]] = {}
+        self._by_bit: dict[int, ReplicaEntry] = {}
+        self._zeros: dict[str, int] = {}
 
     # ---------------------------------------------------------------- replicas
 
@@ -166,7 +172,16 @@ class KVIndex:
             group_kinds=[g.kv_cache_spec.kind.value for g in groups],
             group_block_sizes=[g.kv_cache_spec.block_size for g in groups],
             signature=signature,
+            flag=1 << bit,
         )
+        self._rebuild_lookups()
+
+    def _rebuild_lookups(self) -> None:
+        self._by_signature = {}
+        for entry in self._replicas.values():
+            self._by_signature.setdefault(entry.signature, []).append(entry)
+        self._by_bit = {entry.bit: entry for entry in self._replicas.values()}
+        self._zeros = dict.fromkeys(self._replicas, 0)
 
     def _take_new_bit(self) -> int:
         bit = self._next_bit
@@ -179,6 +194,7 @@ class KVIndex:
         self._clear_bit(entry.bit)
         del self._replicas[replica_id]
         self._free_bits.append(entry.bit)
+        self._rebuild_lookups()
 
     def reset(self, replica_id: str) -> None:
         """Forget a replica's blocks but keep it registered (before a resync)."""
@@ -240,7 +256,7 @@ class KVIndex:
             if kind is BlockStored:
                 group = self._group_of(entry, event)
                 if group is not None:
-                    self._store(entry.bit, group, event.block_hashes)
+                    self._store(entry, group, event.block_hashes)
             elif kind is BlockRemoved:
                 group = self._group_of(entry, event)
                 if group is not None:
@@ -303,11 +319,12 @@ class KVIndex:
                 return None
         return keys
 
-    def _store(self, bit: int, group: int, block_hashes: Sequence[int | bytes]) -> None:
+    def _store(self, entry: ReplicaEntry, group: int, block_hashes: Sequence[int | bytes]) -> None:
         keys = self._keys(block_hashes)
         if keys is None:
             return
-        flag = 1 << bit
+        bit = entry.bit
+        flag = entry.flag  # one shared int object: single-holder entries cost no mask
         table = self._groups[group]
         predicted = self._predicted[group]
         get = table.get
@@ -317,7 +334,7 @@ class KVIndex:
                 dup = (bit, group, key)
                 self._extra_copies[dup] = self._extra_copies.get(dup, 0) + 1
             else:
-                table[key] = mask | flag
+                table[key] = mask | flag if mask else flag
             if predicted:
                 self._retire_prediction(predicted, key, flag, confirmed=True)
         self.stats.stored_blocks += len(keys)
@@ -402,16 +419,14 @@ class KVIndex:
         if include_predicted:
             self._expire_predictions()
         max_length = request.num_tokens - 1
-        result = dict.fromkeys(self._replicas, 0)
         if max_length <= 0 or request.wants_prompt_logprobs:
-            return result
+            return self._zeros.copy()
         tables = self._groups
         extra = self._predicted if include_predicted else None
-        by_signature: dict[tuple, list[ReplicaEntry]] = {}
-        for entry in self._replicas.values():
-            by_signature.setdefault(entry.signature, []).append(entry)
+        result = self._zeros.copy()
         hashes_cache: dict[int, list[BlockHash]] = {}
-        for entries in by_signature.values():
+        by_bit = self._by_bit
+        for entries in self._by_signature.values():
             first = entries[0]
             hashes = hashes_cache.get(first.hash_block_size)
             if hashes is None:
@@ -419,8 +434,12 @@ class KVIndex:
                 hashes_cache[first.hash_block_size] = hashes
             masks = PromptMasks(tables, extra)
             candidates = masks.candidates(first.finder, hashes, max_length)
-            for entry in entries:
-                if not candidates >> entry.bit & 1:
+            # Visit only the candidates' bits: replicas holding nothing cost nothing.
+            while candidates > 0:
+                low = candidates & -candidates
+                candidates ^= low
+                entry = by_bit.get(low.bit_length() - 1)
+                if entry is None or entry.signature != first.signature:
                     continue
                 view = ReplicaView(masks, entry.bit)
                 _, hit = first.finder.find_longest_cache_hit(view, hashes, max_length)

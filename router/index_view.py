@@ -23,6 +23,17 @@ def _scale(block_hashes: Sequence[BlockHash]) -> int:
     return block_hashes.scale if isinstance(block_hashes, BlockHashListWithBlockSize) else 1
 
 
+def _small_hashes(block_hashes: Sequence[BlockHash]) -> tuple[Sequence[BlockHash], int]:
+    """The hash-block-size hashes behind a list, and how many make one block.
+
+    A larger block's event key is the low 64 bits of its last small hash, so
+    keys can be read without building the concatenated hashes.
+    """
+    if isinstance(block_hashes, BlockHashListWithBlockSize):
+        return block_hashes.block_hashes, block_hashes.scale
+    return block_hashes, 1
+
+
 class PromptMasks:
     """Replica bitmasks per prompt block, confirmed entries or'ed with predictions."""
 
@@ -66,6 +77,17 @@ class PromptMasks:
             self._runs[memo_key] = runs
         limit = min(max_blocks, len(block_hashes))
         alive = runs[-1] if runs else -1
+        if len(group_ids) == 1 and self._extra is None:
+            # The common case, one prefix-closed group: probe the table
+            # directly with each block's event key (no memo, no concatenation).
+            get = self._tables[group_ids[0]].get
+            small, scale = _small_hashes(block_hashes)
+            i = len(runs)
+            while i < limit and alive:
+                alive &= get(int.from_bytes(small[(i + 1) * scale - 1][-8:], "big"), 0)
+                runs.append(alive)
+                i += 1
+            return runs
         while len(runs) < limit and alive:
             alive &= self.all_groups_mask(group_ids, block_hashes[len(runs)])
             runs.append(alive)

@@ -1,0 +1,1 @@
+"""Reproducible benchmarks; run each as a module: python -m benchmarks.<name>."""
