@@ -1,0 +1,395 @@
+"""A vLLM-like continuous-batching engine around `KVCacheManager`.
+
+Each `step()`:
+1. marks a new step for the cache manager;
+2. schedules running requests first (chunked prefill or one decode token each,
+   within the token budget), preempting the newest running request by
+   recompute whenever `allocate_slots` cannot fit one;
+3. admits waiting requests while budget, sequence slots and memory allow
+   (the whole prompt must fit, so an admitted request never starves);
+4. asks the executor how long the step takes and what tokens it produced;
+5. frees finished requests and drains the cache's events into one batch.
+
+Time comes from an injected clock and the step's duration is returned, never
+slept here: the Ray actor sleeps it, the simulator jumps over it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from events.kv_events import KVEventBatch
+from replicas.clock import Clock
+from replicas.executor import Executor, StepShape
+from replicas.kv_cache.manager import KVCacheManager
+from replicas.kv_cache.utils import (
+    RequestBlockHasher,
+    get_block_hash,
+    get_group_id,
+    maybe_convert_block_hash,
+)
+from replicas.request import (
+    LoRARequest,
+    MultiModalFeatureSpec,
+    Request,
+    RequestStatus,
+    SamplingParams,
+)
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine refuses; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 8192
+    vocab_size: int = 32_000
+    lora_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if min(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len) <= 0:
+            raise ValueError("max_num_seqs, max_num_batched_tokens and max_model_len must be > 0")
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    """A request's progress after a step: `new_token_ids` since the last output."""
+
+    request_id: str
+    new_token_ids: list[int]
+    output_token_ids: list[int]
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    finished: bool
+    finish_reason: str | None
+    metrics: RequestMetrics
+    num_preemptions: int = 0
+
+
+@dataclass
+class StepResult:
+    start_time: float
+    duration: float
+    num_scheduled_tokens: int
+    outputs: list[RequestOutput]
+    events: KVEventBatch | None
+    num_preempted: int = 0
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """Load as the router weighs it."""
+
+    queued_prefill_tokens: int
+    running_seqs: int
+    waiting_seqs: int
+    kv_usage: float
+
+
+@dataclass
+class _Tracked:
+    request: Request
+    metrics: RequestMetrics
+    max_tokens: int
+    stop_token_ids: frozenset[int]
+    emitted: int = 0
+    finish_reason: str | None = field(default=None)
+
+
+class Engine:
+    """Continuous batching over one KVCacheManager."""
+
+    def __init__(
+        self,
+        kv_cache: KVCacheManager,
+        config: EngineConfig,
+        executor: Executor,
+        clock: Clock,
+        hasher: RequestBlockHasher,
+        data_parallel_rank: int = 0,
+    ) -> None:
+        if config.max_model_len > kv_cache.max_model_len:
+            raise ValueError("engine max_model_len exceeds the cache manager's")
+        self.kv_cache = kv_cache
+        self.config = config
+        self.executor = executor
+        self.clock = clock
+        self.hasher = hasher
+        self.data_parallel_rank = data_parallel_rank
+        self.waiting: deque[_Tracked] = deque()
+        self.running: list[_Tracked] = []
+        self._tracked: dict[str, _Tracked] = {}
+        self.num_steps = 0
+        self.num_preemptions = 0
+
+    # -------------------------------------------------------------- requests
+
+    def validate(
+        self,
+        prompt_token_ids: Sequence[int],
+        sampling_params: SamplingParams,
+        lora_request: LoRARequest | None,
+    ) -> None:
+        """Raise `InvalidRequestError` naming what is wrong with a request."""
+        cfg = self.config
+        if not prompt_token_ids:
+            raise InvalidRequestError("prompt is empty")
+        if len(prompt_token_ids) >= cfg.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(prompt_token_ids)} tokens; max_model_len is "
+                f"{cfg.max_model_len} and at least one token must be generated"
+            )
+        bad = next((t for t in prompt_token_ids if not 0 <= t < cfg.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})"
+            )
+        if lora_request is not None and lora_request.lora_name not in cfg.lora_names:
+            raise InvalidRequestError(f"unknown LoRA adapter {lora_request.lora_name!r}")
+        if sampling_params.max_tokens is None or sampling_params.max_tokens < 1:
+            raise InvalidRequestError("max_tokens must be at least 1")
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling_params: SamplingParams,
+        *,
+        lora_request: LoRARequest | None = None,
+        cache_salt: str | None = None,
+        mm_features: list[MultiModalFeatureSpec] | None = None,
+        arrival_time: float | None = None,
+    ) -> Request:
+        if request_id in self._tracked:
+            raise InvalidRequestError(f"request id {request_id!r} is already in flight")
+        self.validate(prompt_token_ids, sampling_params, lora_request)
+        request = Request(
+            request_id,
+            prompt_token_ids,
+            sampling_params,
+            lora_request=lora_request,
+            cache_salt=cache_salt,
+            mm_features=mm_features,
+            block_hasher=self.hasher,
+        )
+        max_tokens = min(
+            sampling_params.max_tokens or 1, self.config.max_model_len - len(prompt_token_ids)
+        )
+        now = self.clock.now() if arrival_time is None else arrival_time
+        tracked = _Tracked(
+            request,
+            RequestMetrics(arrival_time=now),
+            max_tokens,
+            frozenset(sampling_params.all_stop_token_ids),
+        )
+        self._tracked[request_id] = tracked
+        self.waiting.append(tracked)
+        return request
+
+    def abort_request(self, request_id: str) -> bool:
+        tracked = self._tracked.pop(request_id, None)
+        if tracked is None:
+            return False
+        if tracked in self.running:
+            self.running.remove(tracked)
+        else:
+            self.waiting.remove(tracked)
+        self.kv_cache.free(tracked.request)
+        self.executor_forget(request_id)
+        return True
+
+    def executor_forget(self, request_id: str) -> None:
+        forget = getattr(self.executor, "forget", None)
+        if forget is not None:
+            forget(request_id)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def load(self) -> EngineLoad:
+        queued = sum(t.request.num_tokens - t.request.num_computed_tokens for t in self.waiting)
+        queued += sum(
+            max(t.request.num_prompt_tokens - t.request.num_computed_tokens, 0)
+            for t in self.running
+        )
+        return EngineLoad(queued, len(self.running), len(self.waiting), self.kv_cache.usage)
+
+    # ------------------------------------------------------------------ step
+
+    def step(self) -> StepResult:
+        start = self.clock.now()
+        self.kv_cache.new_step_starts()
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[_Tracked, int]] = []
+        preempted = 0
+
+        # 1. Running requests first, in admission order.
+        index = 0
+        while index < len(self.running) and budget > 0:
+            tracked = self.running[index]
+            req = tracked.request
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            scheduled_it, evicted = self._allocate_or_preempt(tracked, num_new)
+            preempted += evicted
+            if not scheduled_it:
+                break  # it was the newest running request and had to go itself
+            scheduled.append((tracked, num_new))
+            budget -= num_new
+            index += 1
+
+        # 2. Admit waiting requests (none after a preemption this step).
+        while (
+            self.waiting
+            and not preempted
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            tracked = self.waiting[0]
+            req = tracked.request
+            computed, num_hit = self.kv_cache.get_computed_blocks(req)
+            num_new = min(req.num_tokens - num_hit, budget)
+            blocks = self.kv_cache.allocate_slots(
+                req, num_new, num_hit, computed, full_sequence_must_fit=True
+            )
+            if blocks is None:
+                break
+            self.waiting.popleft()
+            if tracked.metrics.first_scheduled_time is None:
+                tracked.metrics.first_scheduled_time = start
+                req.num_cached_tokens = num_hit
+            req.num_computed_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            self.running.append(tracked)
+            scheduled.append((tracked, num_new))
+            budget -= num_new
+
+        # 3. Execute: time the step, advance each request, sample where a
+        #    request's known tokens are all computed.
+        shape = StepShape(
+            prefill_tokens=sum(
+                n
+                for t, n in scheduled
+                if t.request.num_computed_tokens < t.request.num_prompt_tokens
+            ),
+            decode_seqs=sum(
+                1
+                for t, n in scheduled
+                if t.request.num_computed_tokens >= t.request.num_prompt_tokens
+            ),
+            kv_blocks_read=sum(
+                (t.request.num_computed_tokens + n) // self.kv_cache_block_size
+                for t, n in scheduled
+            ),
+        )
+        duration = self.executor.step_time(shape)
+        finish = start + duration
+        outputs: list[RequestOutput] = []
+        for tracked, num_new in scheduled:
+            req = tracked.request
+            req.num_computed_tokens += num_new
+            if req.num_computed_tokens < req.num_tokens:
+                continue  # a prefill chunk that did not reach the end
+            token = self.executor.sample(req.request_id, req.num_output_tokens)
+            req.append_output_token_ids(token)
+            if tracked.metrics.first_token_time is None:
+                tracked.metrics.first_token_time = finish
+            if req.num_output_tokens >= tracked.max_tokens:
+                tracked.finish_reason = "length"
+            elif token in tracked.stop_token_ids:
+                tracked.finish_reason = "stop"
+            outputs.append(self._output(tracked, finish))
+        for tracked in [t for t in self.running if t.finish_reason is not None]:
+            self.running.remove(tracked)
+            self._finish(tracked)
+        self.num_steps += 1
+        self.num_preemptions += preempted
+        events = self.kv_cache.take_events()
+        batch = (
+            KVEventBatch(ts=start, events=events, data_parallel_rank=self.data_parallel_rank)
+            if events
+            else None
+        )
+        return StepResult(
+            start_time=start,
+            duration=duration,
+            num_scheduled_tokens=sum(n for _, n in scheduled),
+            outputs=outputs,
+            events=batch,
+            num_preempted=preempted,
+        )
+
+    @property
+    def kv_cache_block_size(self) -> int:
+        return self.kv_cache.coordinator.scheduler_block_size
+
+    def _allocate_or_preempt(self, tracked: _Tracked, num_new: int) -> tuple[bool, int]:
+        """Fit `num_new` more tokens of a running request, preempting the newest
+        running requests until it fits. Returns (scheduled, number preempted)."""
+        preempted = 0
+        while self.kv_cache.allocate_slots(tracked.request, num_new) is None:
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted += 1
+            if victim is tracked:
+                return False, preempted
+        return True, preempted
+
+    def _preempt(self, tracked: _Tracked) -> None:
+        """Recompute-style preemption: drop its blocks, requeue it at the front."""
+        req = tracked.request
+        self.kv_cache.free(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(tracked)
+
+    def _finish(self, tracked: _Tracked) -> None:
+        tracked.request.status = RequestStatus.FINISHED
+        self.kv_cache.free(tracked.request)
+        self._tracked.pop(tracked.request.request_id, None)
+        self.executor_forget(tracked.request.request_id)
+
+    def _output(self, tracked: _Tracked, now: float) -> RequestOutput:
+        req = tracked.request
+        new = req.output_token_ids[tracked.emitted :]
+        tracked.emitted = req.num_output_tokens
+        finished = tracked.finish_reason is not None
+        if finished:
+            tracked.metrics.finish_time = now
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=list(new),
+            output_token_ids=list(req.output_token_ids) if finished else [],
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=max(req.num_cached_tokens, 0),
+            finished=finished,
+            finish_reason=tracked.finish_reason,
+            metrics=tracked.metrics,
+            num_preemptions=req.num_preemptions,
+        )
+
+    # --------------------------------------------------------------- resync
+
+    def snapshot(self) -> dict[int, list[int]]:
+        """Every cached block, as event hashes per group (repeated per copy)."""
+        per_group: dict[int, list[int]] = {}
+        cache = self.kv_cache.block_pool.cached_block_hash_to_block._cache
+        for key, entry in cache.items():
+            copies = len(entry) if isinstance(entry, dict) else 1
+            event_hash = maybe_convert_block_hash(get_block_hash(key))
+            per_group.setdefault(get_group_id(key), []).extend([event_hash] * copies)
+        return per_group
