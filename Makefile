@@ -13,9 +13,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## The main job: until the live cluster lands, the block-manager benchmark.
+## The main job: launch configs/default.yaml on an embedded local Ray, replay the
+## bundled workload through the HTTP API, print the routing report, shut down.
 run: install
-	$(PY) benchmarks/block_manager.py
+	$(VENV)/bin/kvroute run configs/default.yaml
 
 ## The whole test suite (slow multi-process tests included).
 test: install
@@ -26,4 +27,5 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 bench: install
-	$(PY) benchmarks/block_manager.py
+	$(PY) -m benchmarks.block_manager
+	$(PY) -m benchmarks.router

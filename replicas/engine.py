@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from events.kv_events import KVEventBatch
+from replicas.api import InvalidRequestError, ModelLimits, validate_generate
 from replicas.clock import Clock
 from replicas.executor import Executor, StepShape
 from replicas.kv_cache.manager import KVCacheManager
@@ -37,10 +38,6 @@ from replicas.request import (
     RequestStatus,
     SamplingParams,
 )
-
-
-class InvalidRequestError(ValueError):
-    """A request the engine refuses; the message names the problem."""
 
 
 @dataclass(frozen=True)
@@ -144,23 +141,17 @@ class Engine:
         lora_request: LoRARequest | None,
     ) -> None:
         """Raise `InvalidRequestError` naming what is wrong with a request."""
+        validate_generate(
+            prompt_token_ids,
+            sampling_params.max_tokens,
+            lora_request.lora_name if lora_request else None,
+            self.limits,
+        )
+
+    @property
+    def limits(self) -> ModelLimits:
         cfg = self.config
-        if not prompt_token_ids:
-            raise InvalidRequestError("prompt is empty")
-        if len(prompt_token_ids) >= cfg.max_model_len:
-            raise InvalidRequestError(
-                f"prompt has {len(prompt_token_ids)} tokens; max_model_len is "
-                f"{cfg.max_model_len} and at least one token must be generated"
-            )
-        bad = next((t for t in prompt_token_ids if not 0 <= t < cfg.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequestError(
-                f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})"
-            )
-        if lora_request is not None and lora_request.lora_name not in cfg.lora_names:
-            raise InvalidRequestError(f"unknown LoRA adapter {lora_request.lora_name!r}")
-        if sampling_params.max_tokens is None or sampling_params.max_tokens < 1:
-            raise InvalidRequestError("max_tokens must be at least 1")
+        return ModelLimits(cfg.max_model_len, cfg.vocab_size, cfg.lora_names)
 
     def add_request(
         self,

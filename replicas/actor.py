@@ -1,0 +1,255 @@
+"""The replica as a Ray actor: one engine, one event publisher.
+
+Lifecycle: `start()` binds the event sockets, registers with the router (a
+replica registers before it publishes), then starts the engine loop. The loop
+runs one step at a time in the actor's event loop, publishes the step's
+events right away (as vLLM does after scheduling), sleeps the step's
+simulated duration, and resolves the requests that produced tokens. Because
+steps and `snapshot()` share the event loop, a snapshot is always consistent
+with the publisher's next seq.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import tempfile
+from typing import Any
+
+import ray
+
+from events.hashing import get_hash_fn_by_name
+from events.kv_events import AllBlocksCleared, BlockStored, KVCacheEvent, KVEventBatch
+from events.publisher import PublisherConfig, ZmqEventPublisher
+from replicas.api import (
+    GenerateRequest,
+    GenerateResult,
+    LoadReport,
+    ReplicaInfo,
+    Snapshot,
+    lora_request_for,
+)
+from replicas.clock import RealClock
+from replicas.config import ReplicaSettings
+from replicas.engine import Engine, EngineConfig, RequestOutput
+from replicas.executor import CostModel, SimulatedExecutor
+from replicas.kv_cache.manager import KVCacheManager
+from replicas.kv_cache.utils import BlockHash, RequestBlockHasher
+from replicas.request import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+def build_engine(
+    config: ReplicaSettings, clock: Any, seed_offset: int = 0, events: bool = True
+) -> Engine:
+    """An engine (with its cache manager) exactly as the config describes it."""
+    model, replicas = config.model, config.replicas
+    kv_cache_config = model.kv_cache_config()
+    hash_fn = get_hash_fn_by_name(config.hashing.algo)
+    manager = KVCacheManager(
+        kv_cache_config,
+        max_model_len=model.max_model_len,
+        hash_block_size=model.hash_block_size,
+        use_eagle=model.use_eagle,
+        enable_kv_cache_events=events,
+        max_num_batched_tokens=replicas.max_num_batched_tokens,
+        prefix_cache_retention_interval=replicas.retention_interval,
+    )
+    cost = replicas.cost
+    executor = SimulatedExecutor(
+        CostModel(
+            prefill_tokens_per_s=cost.prefill_tokens_per_s,
+            step_base_s=cost.step_base_s,
+            decode_s_per_seq=cost.decode_s_per_seq,
+            kv_read_s_per_block=cost.kv_read_s_per_block,
+        ),
+        vocab_size=model.vocab_size,
+        seed=replicas.seed + seed_offset,
+    )
+    engine_config = EngineConfig(
+        max_num_seqs=replicas.max_num_seqs,
+        max_num_batched_tokens=replicas.max_num_batched_tokens,
+        max_model_len=model.max_model_len,
+        vocab_size=model.vocab_size,
+        lora_names=tuple(model.lora_names),
+    )
+    hasher = RequestBlockHasher(
+        model.hash_block_size, hash_fn, BlockHash(hash_fn(config.hashing.seed))
+    )
+    return Engine(manager, engine_config, executor, clock, hasher)
+
+
+class ReplicaServer:
+    """Serves `generate` for many requests at once over one engine."""
+
+    def __init__(
+        self, replica_id: str, config: ReplicaSettings, router_name: str, rank: int = 0
+    ) -> None:
+        self.replica_id = replica_id
+        self.config = config
+        self.router_name = router_name
+        self.rank = rank
+        self.engine = build_engine(config, RealClock(), seed_offset=rank)
+        self._waiters: dict[str, asyncio.Future[RequestOutput]] = {}
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._publisher: ZmqEventPublisher | None = None
+        self._ipc_dir: str | None = None
+        self.steps = 0
+
+    def _endpoints(self) -> tuple[str, str]:
+        events = self.config.events
+        if events.transport == "ipc":
+            self._ipc_dir = tempfile.mkdtemp(prefix=f"kvroute-{self.replica_id}-")
+            return f"ipc://{self._ipc_dir}/pub", f"ipc://{self._ipc_dir}/replay"
+        return f"tcp://{events.host}:*", f"tcp://{events.host}:*"
+
+    async def start(self) -> ReplicaInfo:
+        """Bind, register with the router, then start serving and publishing."""
+        if self._publisher is not None:
+            return self.info()
+        pub, replay = self._endpoints()
+        events = self.config.events
+        self._publisher = ZmqEventPublisher(
+            PublisherConfig(
+                endpoint=pub,
+                replay_endpoint=replay,
+                hwm=events.hwm,
+                buffer_steps=events.buffer_steps,
+                max_queue_size=events.max_queue_size,
+            )
+        )
+        info = self.info()
+        router = ray.get_actor(self.router_name, namespace=self.config.namespace)
+        await router.register_replica.remote(info)
+        self._publisher.start()
+        self._wake = asyncio.Event()
+        self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        return info
+
+    def info(self) -> ReplicaInfo:
+        assert self._publisher is not None, "start() binds the endpoints first"
+        cfg = self.config
+        manager = self.engine.kv_cache
+        context = ray.get_runtime_context()
+        return ReplicaInfo(
+            replica_id=self.replica_id,
+            actor_name=self.replica_id,
+            namespace=cfg.namespace,
+            node_id=context.get_node_id(),
+            kv_cache_config=manager.kv_cache_config,
+            hash_block_size=cfg.model.hash_block_size,
+            scheduler_block_size=manager.coordinator.scheduler_block_size,
+            use_eagle=cfg.model.use_eagle,
+            hash_algo=cfg.hashing.algo,
+            hash_seed=cfg.hashing.seed,
+            retention_interval=cfg.replicas.retention_interval,
+            limits=self.engine.limits,
+            event_endpoint=self._publisher.endpoint,
+            replay_endpoint=self._publisher.replay_endpoint,
+            data_parallel_rank=self.rank,
+        )
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        if self._wake is None:
+            raise RuntimeError(f"replica {self.replica_id} is not started")
+        params = SamplingParams(max_tokens=request.max_tokens)
+        self.engine.add_request(
+            request.request_id,
+            request.prompt_token_ids,
+            params,
+            lora_request=lora_request_for(request.lora_name, self.config.model.lora_names),
+            cache_salt=request.cache_salt,
+        )
+        future: asyncio.Future[RequestOutput] = asyncio.get_running_loop().create_future()
+        self._waiters[request.request_id] = future
+        self._wake.set()
+        out = await future
+        m = out.metrics
+        assert m.first_token_time is not None and m.finish_time is not None
+        return GenerateResult(
+            request_id=out.request_id,
+            replica_id=self.replica_id,
+            output_token_ids=out.output_token_ids,
+            finish_reason=out.finish_reason,
+            num_prompt_tokens=out.num_prompt_tokens,
+            num_cached_tokens=out.num_cached_tokens,
+            queue_s=(m.first_scheduled_time or m.arrival_time) - m.arrival_time,
+            ttft_s=m.first_token_time - m.arrival_time,
+            latency_s=m.finish_time - m.arrival_time,
+            num_preemptions=out.num_preemptions,
+        )
+
+    async def _run(self) -> None:
+        assert self._wake is not None and self._publisher is not None
+        while True:
+            if not self.engine.has_work:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            result = self.engine.step()
+            self.steps += 1
+            if result.events is not None:
+                self._publisher.publish(result.events)
+            await asyncio.sleep(result.duration)
+            for out in result.outputs:
+                if out.finished:
+                    future = self._waiters.pop(out.request_id, None)
+                    if future is not None and not future.done():
+                        future.set_result(out)
+
+    def snapshot(self) -> Snapshot:
+        """Every cached block as one batch, valid up to the publisher's next seq."""
+        assert self._publisher is not None
+        specs = [g.kv_cache_spec for g in self.engine.kv_cache.kv_cache_config.kv_cache_groups]
+        events: list[KVCacheEvent] = [AllBlocksCleared()]
+        for group, hashes in sorted(self.engine.snapshot().items()):
+            spec = specs[group]
+            events.append(
+                BlockStored(
+                    block_hashes=list(hashes),
+                    parent_block_hash=None,
+                    token_ids=[],
+                    block_size=spec.block_size,
+                    lora_id=None,
+                    medium="GPU",
+                    lora_name=None,
+                    group_idx=group,
+                    kv_cache_spec_kind=spec.kind.value,
+                    kv_cache_spec_sliding_window=spec.event_sliding_window,
+                )
+            )
+        return Snapshot(self._publisher.next_seq, KVEventBatch(ts=0.0, events=events))
+
+    def load(self) -> LoadReport:
+        load = self.engine.load()
+        return LoadReport(
+            queued_prefill_tokens=load.queued_prefill_tokens,
+            running_seqs=load.running_seqs,
+            waiting_seqs=load.waiting_seqs,
+            kv_usage=load.kv_usage,
+            num_cached_blocks=len(self.engine.kv_cache.block_pool.cached_block_hash_to_block),
+        )
+
+    def health(self) -> dict[str, Any]:
+        stats = self._publisher.stats if self._publisher else None
+        return {
+            "replica_id": self.replica_id,
+            "pid": os.getpid(),
+            "steps": self.steps,
+            "in_flight": len(self._waiters),
+            "events_published": stats.published if stats else 0,
+            "events_dropped": stats.dropped_queue_full if stats else 0,
+        }
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop the prefix cache (an AllBlocksCleared event follows); refused while busy."""
+        return self.engine.kv_cache.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        if self._publisher is not None:
+            self._publisher.close()

@@ -1,0 +1,117 @@
+"""A replica's public interface: what the router sends, what it gets back.
+
+Plain msgspec structs, so they cross Ray calls cheaply and the router never
+needs the actor's internals. `validate_generate` is the one definition of a
+valid request, used by the router (to answer 400 before routing) and by the
+engine (to refuse anything that slipped through).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+
+from events.kv_events import KVEventBatch
+from replicas.kv_cache.specs import KVCacheConfig
+from replicas.request import LoRARequest
+
+
+class InvalidRequestError(ValueError):
+    """A request that cannot be served; the message names the problem."""
+
+
+class ModelLimits(msgspec.Struct, frozen=True):
+    max_model_len: int
+    vocab_size: int
+    lora_names: tuple[str, ...] = ()
+
+
+def validate_generate(
+    prompt_token_ids: Sequence[int],
+    max_tokens: int | None,
+    lora_name: str | None,
+    limits: ModelLimits,
+) -> None:
+    """Raise `InvalidRequestError` naming what is wrong with a request."""
+    if not prompt_token_ids:
+        raise InvalidRequestError("prompt is empty")
+    if len(prompt_token_ids) >= limits.max_model_len:
+        raise InvalidRequestError(
+            f"prompt has {len(prompt_token_ids)} tokens; max_model_len is "
+            f"{limits.max_model_len} and at least one token must be generated"
+        )
+    vocab = limits.vocab_size
+    bad = next((t for t in prompt_token_ids if type(t) is not int or not 0 <= t < vocab), None)
+    if bad is not None:
+        raise InvalidRequestError(f"token id {bad!r} is outside the vocabulary [0, {vocab})")
+    if lora_name is not None and lora_name not in limits.lora_names:
+        raise InvalidRequestError(f"unknown LoRA adapter {lora_name!r}")
+    if max_tokens is None or max_tokens < 1:
+        raise InvalidRequestError("max_tokens must be at least 1")
+
+
+def lora_request_for(name: str | None, lora_names: Sequence[str]) -> LoRARequest | None:
+    """The adapter for `name`; ids are 1-based positions in the configured list,
+    so every replica and the router agree on them."""
+    if name is None:
+        return None
+    if name not in lora_names:
+        raise InvalidRequestError(f"unknown LoRA adapter {name!r}")
+    return LoRARequest(name, list(lora_names).index(name) + 1)
+
+
+class GenerateRequest(msgspec.Struct, frozen=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    lora_name: str | None = None
+    cache_salt: str | None = None
+
+
+class GenerateResult(msgspec.Struct, frozen=True):
+    request_id: str
+    replica_id: str
+    output_token_ids: list[int]
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    queue_s: float
+    ttft_s: float
+    latency_s: float
+    num_preemptions: int = 0
+
+
+class LoadReport(msgspec.Struct, frozen=True):
+    queued_prefill_tokens: int
+    running_seqs: int
+    waiting_seqs: int
+    kv_usage: float
+    num_cached_blocks: int
+
+
+class ReplicaInfo(msgspec.Struct, frozen=True):
+    """What a replica registers with the router before it publishes."""
+
+    replica_id: str
+    actor_name: str
+    namespace: str
+    node_id: str
+    kv_cache_config: KVCacheConfig
+    hash_block_size: int
+    scheduler_block_size: int
+    use_eagle: bool
+    hash_algo: str
+    hash_seed: str
+    retention_interval: int | None
+    limits: ModelLimits
+    event_endpoint: str
+    replay_endpoint: str | None
+    data_parallel_rank: int = 0
+
+
+class Snapshot(msgspec.Struct, frozen=True):
+    """Every cached block, valid for events with seq < `next_seq`."""
+
+    next_seq: int
+    batch: KVEventBatch

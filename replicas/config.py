@@ -1,0 +1,145 @@
+"""What a replica is made of: model (KV cache groups), hashing, engine, events.
+
+Typed msgspec structs: unknown keys and wrong types are errors naming the
+offending path. The router's cluster config embeds these sections and hands a
+`ReplicaSettings` to each replica actor.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+import torch
+
+from replicas.kv_cache.specs import (
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+    KVCacheSpec,
+    MambaSpec,
+    MLAAttentionSpec,
+    SlidingWindowSpec,
+)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "uint8": torch.uint8,
+}
+
+
+class Struct(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Base of config structs: unknown keys are errors."""
+
+
+class GroupConfig(Struct):
+    """One KV cache group of the model."""
+
+    kind: Literal["full_attention", "sliding_window", "mamba", "mla_attention"]
+    block_size: int | None = None  # defaults to model.block_size
+    num_kv_heads: int = 8
+    head_size: int = 128
+    dtype: str = "bfloat16"
+    sliding_window: int | None = None
+    compress_ratio: int = 1
+    mamba_cache_mode: Literal["none", "all", "align"] = "none"
+    is_eagle_group: bool = False
+
+    def spec(self, default_block_size: int) -> KVCacheSpec:
+        block_size = self.block_size or default_block_size
+        if self.dtype not in _DTYPES:
+            raise ValueError(
+                f"model.groups: unknown dtype {self.dtype!r}; expected one of {sorted(_DTYPES)}"
+            )
+        dtype = _DTYPES[self.dtype]
+        common = {
+            "block_size": block_size,
+            "num_kv_heads": self.num_kv_heads,
+            "head_size": self.head_size,
+            "dtype": dtype,
+        }
+        if self.kind == "full_attention":
+            return FullAttentionSpec(**common)
+        if self.kind == "mla_attention":
+            return MLAAttentionSpec(**common, compress_ratio=self.compress_ratio)
+        if self.kind == "sliding_window":
+            if self.sliding_window is None:
+                raise ValueError("model.groups: a sliding_window group needs `sliding_window`")
+            return SlidingWindowSpec(**common, sliding_window=self.sliding_window)
+        return MambaSpec(
+            block_size=block_size,
+            shapes=((self.num_kv_heads, self.head_size),),
+            dtypes=(dtype,),
+            mamba_cache_mode=self.mamba_cache_mode,
+        )
+
+
+class ModelConfig(Struct):
+    name: str = "tiny-hybrid"
+    block_size: int = 16
+    num_blocks: int = 8192
+    vocab_size: int = 32_000
+    max_model_len: int = 8192
+    groups: list[GroupConfig] = msgspec.field(
+        default_factory=lambda: [GroupConfig(kind="full_attention")]
+    )
+    use_eagle: bool = False
+    lora_names: list[str] = msgspec.field(default_factory=list)
+    tokenizer: str | None = None  # path to a Hugging Face tokenizer.json; None: bytes
+
+    def kv_cache_config(self) -> KVCacheConfig:
+        return KVCacheConfig(
+            num_blocks=self.num_blocks,
+            kv_cache_groups=[
+                KVCacheGroupSpec(
+                    [f"group{i}"], g.spec(self.block_size), is_eagle_group=g.is_eagle_group
+                )
+                for i, g in enumerate(self.groups)
+            ],
+        )
+
+    @property
+    def hash_block_size(self) -> int:
+        return min(g.block_size or self.block_size for g in self.groups)
+
+
+class HashingConfig(Struct):
+    algo: Literal["sha256", "sha256_cbor", "xxhash", "xxhash_cbor"] = "sha256"
+    seed: str = "kvroute"
+
+
+class CostConfig(Struct):
+    prefill_tokens_per_s: float = 10_000.0
+    step_base_s: float = 0.004
+    decode_s_per_seq: float = 0.0002
+    kv_read_s_per_block: float = 0.000002
+
+
+class ReplicasConfig(Struct):
+    count: int = 4
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    retention_interval: int | None = None
+    seed: int = 0
+    cost: CostConfig = CostConfig()
+    num_cpus: float = 0.25  # Ray CPUs reserved per replica actor
+
+
+class EventsConfig(Struct):
+    transport: Literal["tcp", "ipc"] = "tcp"
+    host: str = "127.0.0.1"
+    hwm: int = 100_000
+    buffer_steps: int = 10_000
+    max_queue_size: int = 100_000
+
+
+class ReplicaSettings(Struct):
+    """Everything one replica actor needs to build its engine and publisher."""
+
+    model: ModelConfig
+    hashing: HashingConfig
+    replicas: ReplicasConfig
+    events: EventsConfig
+    namespace: str = "kvroute"

@@ -1,0 +1,214 @@
+"""`kvroute`: launch a cluster, submit prompts, inspect it, replay a workload.
+
+kvroute run CONFIG            launch, replay the bundled workload, report, stop
+kvroute up CONFIG             launch and serve until Ctrl-C
+kvroute submit PROMPT ...     send prompts to a running router
+kvroute status                replicas, index size, hit rate
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from typing import Any
+
+import msgspec
+import ray
+
+from router.client import KVRouteClient, KVRouteError
+from router.config import Config, ConfigError, load_config
+from router.report import RunSummary, format_report, summarize
+from router.workload import shared_prefix_workload
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _with_port(config: Config, port: int | None) -> Config:
+    if port is None:
+        return config
+    return msgspec.structs.replace(
+        config, router=msgspec.structs.replace(config.router, http_port=port)
+    )
+
+
+def _replay(cluster: Any, config: Config, policy: str) -> RunSummary:
+    """Replay the workload under `policy` on cold caches; summarize it."""
+    ray.get(cluster.router.set_policy.remote(policy))
+    if not all(ray.get([r.reset_prefix_cache.remote() for r in cluster.replicas])):
+        raise RuntimeError("a replica was still busy and could not reset its prefix cache")
+    time.sleep(0.5)  # let the AllBlocksCleared events reach the index
+    workload = shared_prefix_workload(config.workload, config.model.vocab_size)
+    client = KVRouteClient(cluster.url)
+    print(f"replaying {len(workload)} requests with policy {policy}", file=sys.stderr)
+    started = time.perf_counter()
+    responses = client.generate_batch(
+        [w.prompt_token_ids for w in workload],
+        config.workload.max_tokens,
+        concurrency=config.workload.concurrency,
+    )
+    wall = time.perf_counter() - started
+    replicas = ray.get(cluster.router.replica_ids.remote())
+    return summarize(policy, responses, replicas, wall)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from router.launch import start_cluster
+
+    config = _with_port(load_config(args.config), 0)
+    print(f"launching {config.replicas.count} replicas from {args.config} ...", file=sys.stderr)
+    cluster = start_cluster(config)
+    try:
+        w = config.workload
+        summaries = [_replay(cluster, config, policy) for policy in ("kv_aware", "round_robin")]
+        status = ray.get(cluster.router.status.remote())
+    finally:
+        cluster.stop()
+    print(
+        f"\nkvroute run {args.config}: {config.replicas.count} replicas of {config.model.name} "
+        f"({len(config.model.groups)} KV cache groups); workload: {w.requests} requests, "
+        f"{w.tenants} tenants x {w.system_prompt_tokens}-token system prompt + "
+        f"{w.question_tokens}-token question, {w.max_tokens} output tokens, "
+        f"{w.concurrency} in flight\n"
+    )
+    print(format_report(summaries))
+    print("\nevent streams after the run:")
+    for replica in status["replicas"]:
+        print(
+            f"  {replica['replica_id']}: state {replica['state']}, {replica['batches']} batches, "
+            f"{replica['gaps']} gaps, {replica['resyncs']} resyncs, "
+            f"{replica['malformed']} malformed"
+        )
+    kv, rr = summaries
+    print(
+        f"\nkv_aware hit rate {kv.hit_rate:.1%} vs round_robin {rr.hit_rate:.1%}; "
+        f"TTFT p50 {kv.ttft_p50 * 1e3:.1f} ms vs {rr.ttft_p50 * 1e3:.1f} ms"
+    )
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from router.launch import start_cluster
+
+    config = _with_port(load_config(args.config), args.port)
+    cluster = start_cluster(config)
+    print(f"kvroute is serving {config.replicas.count} replicas at {cluster.url} (Ctrl-C stops)")
+    stop = {"now": False}
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        while not stop["now"]:
+            time.sleep(0.2)
+    finally:
+        cluster.stop()
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    client = KVRouteClient(args.url)
+    prompts: list[Any] = list(args.prompt)
+    if args.file:
+        with open(args.file) as handle:
+            prompts.extend(line.rstrip("\n") for line in handle if line.strip())
+    if args.token_ids:
+        prompts = [json.loads(p) for p in prompts]
+    if not prompts:
+        print("nothing to submit: give prompts or --file", file=sys.stderr)
+        return 2
+    try:
+        if len(prompts) == 1:
+            results = [
+                client.generate(
+                    prompts[0],
+                    args.max_tokens,
+                    lora_name=args.lora_name,
+                    cache_salt=args.cache_salt,
+                )
+            ]
+        else:
+            results = asyncio.run(
+                client.agenerate_batch(prompts, args.max_tokens, concurrency=args.concurrency)
+            )
+    except KVRouteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for result in results:
+        meta = result["kvroute"]
+        cached = result["usage"]["prompt_tokens_details"]["cached_tokens"]
+        prompt_tokens = result["usage"]["prompt_tokens"]
+        text = result["choices"][0]["text"]
+        print(
+            f"{result['id']}  replica={meta['replica_id']}  prompt={prompt_tokens}  "
+            f"cached={cached}  ttft={meta['ttft_s'] * 1e3:.1f}ms  text={text!r}"
+        )
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        status = KVRouteClient(args.url).status()
+    except (KVRouteError, OSError) as exc:
+        print(f"error: cannot reach the router at {args.url}: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"policy {status['policy']}, {status['index_entries']} indexed entries, "
+        f"{status['predicted_entries']} predicted, dropped {status['index_dropped']}"
+    )
+    header = (
+        f"{'replica':<12} {'state':<10} {'blocks':>7} {'queued':>7} {'running':>7} "
+        f"{'kv use':>6} {'requests':>8} {'hit rate':>8}"
+    )
+    print(header)
+    for r in status["replicas"]:
+        print(
+            f"{r['replica_id']:<12} {r['state']:<10} {r['indexed_blocks']:>7} "
+            f"{r['queued_prefill_tokens']:>7} {r['running_seqs']:>7} {r['kv_usage']:>6.1%} "
+            f"{r['requests']:>8} {r['hit_rate']:>8.1%}"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvroute", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="launch, replay the bundled workload, print a report")
+    run.add_argument("config")
+    run.set_defaults(func=cmd_run)
+    up = sub.add_parser("up", help="launch a cluster and serve until Ctrl-C")
+    up.add_argument("config")
+    up.add_argument("--port", type=int, help="HTTP port (default: router.http_port)")
+    up.set_defaults(func=cmd_up)
+    submit = sub.add_parser("submit", help="send prompts to a running router")
+    submit.add_argument("prompt", nargs="*")
+    submit.add_argument("--file", help="one prompt per line")
+    submit.add_argument("--token-ids", action="store_true", help="prompts are JSON lists of ids")
+    submit.add_argument("--max-tokens", type=int, default=16)
+    submit.add_argument("--lora-name")
+    submit.add_argument("--cache-salt")
+    submit.add_argument("--concurrency", type=int, default=16)
+    submit.add_argument("--url", default=DEFAULT_URL)
+    submit.set_defaults(func=cmd_submit)
+    status = sub.add_parser("status", help="replicas, index size, hit rate")
+    status.add_argument("--url", default=DEFAULT_URL)
+    status.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

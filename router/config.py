@@ -1,0 +1,97 @@
+"""Cluster configuration: YAML files in configs/ parsed into typed structs.
+
+Unknown keys and wrong types are errors that name the offending path (msgspec
+validation), so a typo never silently falls back to a default. The replica
+sections are `replicas.config` structs; this module adds the router, the
+cluster and the bundled workload.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+from replicas.config import (
+    EventsConfig,
+    HashingConfig,
+    ModelConfig,
+    ReplicasConfig,
+    ReplicaSettings,
+    Struct,
+)
+
+
+class RouterConfig(Struct):
+    policy: str = "kv_aware"
+    policy_options: dict[str, Any] = msgspec.field(default_factory=dict)
+    prediction_ttl_s: float = 2.0
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    max_retries: int = 3
+    load_poll_s: float = 0.05
+
+
+class ClusterConfig(Struct):
+    address: str | None = None  # None: an embedded local Ray; else ray.init(address=...)
+    namespace: str = "kvroute"
+    num_cpus: int | None = None  # for the embedded Ray only
+
+
+class WorkloadConfig(Struct):
+    """The bundled workload `kvroute run` replays: tenants with shared system prompts."""
+
+    requests: int = 200
+    tenants: int = 8
+    system_prompt_tokens: int = 1024
+    question_tokens: int = 128
+    max_tokens: int = 32
+    concurrency: int = 16
+    seed: int = 0
+
+
+class Config(Struct):
+    cluster: ClusterConfig = ClusterConfig()
+    model: ModelConfig = ModelConfig()
+    hashing: HashingConfig = HashingConfig()
+    replicas: ReplicasConfig = ReplicasConfig()
+    events: EventsConfig = EventsConfig()
+    router: RouterConfig = RouterConfig()
+    workload: WorkloadConfig = WorkloadConfig()
+
+    def replica_settings(self) -> ReplicaSettings:
+        return ReplicaSettings(
+            model=self.model,
+            hashing=self.hashing,
+            replicas=self.replicas,
+            events=self.events,
+            namespace=self.cluster.namespace,
+        )
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and key."""
+
+
+def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
+    try:
+        config = msgspec.convert(data, Config)
+        config.model.kv_cache_config()
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return config
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return parse_config(data, str(path))

@@ -1,0 +1,146 @@
+"""The router's HTTP face: OpenAI-style completions, Prometheus metrics, health.
+
+Every bad input is a 400 whose message names the problem; no live replica is a
+503. A failing request never disturbs the others: each is its own task.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from replicas.api import InvalidRequestError
+
+if TYPE_CHECKING:
+    from router.service import CompletionInput, RouterService
+
+
+def _error(status: int, message: str, kind: str) -> web.Response:
+    return web.json_response({"error": {"message": message, "type": kind}}, status=status)
+
+
+def parse_completion(body: Any) -> CompletionInput:
+    """Validate the JSON shape of a /v1/completions body."""
+    from router.service import CompletionInput
+
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    prompt = body.get("prompt")
+    text: str | None = None
+    token_ids: list[int] | None = None
+    if isinstance(prompt, str):
+        text = prompt
+    elif isinstance(prompt, list) and all(type(t) is int for t in prompt):
+        token_ids = prompt
+    elif isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        return parse_completion({**body, "prompt": prompt[0]})
+    else:
+        raise InvalidRequestError("`prompt` must be a string or a list of token ids")
+    max_tokens = body.get("max_tokens", 16)
+    if type(max_tokens) is not int:
+        raise InvalidRequestError("`max_tokens` must be an integer")
+    if max_tokens < 1:
+        raise InvalidRequestError("max_tokens must be at least 1")
+    for key in ("lora_name", "cache_salt", "request_id"):
+        if body.get(key) is not None and not isinstance(body[key], str):
+            raise InvalidRequestError(f"`{key}` must be a string")
+    if body.get("stream"):
+        raise InvalidRequestError("streaming is not supported yet; send stream=false")
+    return CompletionInput(
+        text=text,
+        token_ids=token_ids,
+        max_tokens=max_tokens,
+        lora_name=body.get("lora_name"),
+        cache_salt=body.get("cache_salt"),
+        request_id=body.get("request_id"),
+    )
+
+
+def build_app(service: RouterService) -> web.Application:
+    from router.service import NoReplicaError
+
+    async def completions(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error(400, "the request body is not valid JSON", "invalid_request_error")
+        try:
+            routed = await service.generate(parse_completion(body))
+        except InvalidRequestError as exc:
+            return _error(400, str(exc), "invalid_request_error")
+        except NoReplicaError as exc:
+            return _error(503, str(exc), "service_unavailable")
+        result = routed.result
+        completion_tokens = len(result.output_token_ids)
+        return web.json_response(
+            {
+                "id": result.request_id,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": service.config.model.name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "text": routed.text,
+                        "token_ids": result.output_token_ids,
+                        "finish_reason": result.finish_reason,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": result.num_prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": result.num_prompt_tokens + completion_tokens,
+                    "prompt_tokens_details": {"cached_tokens": result.num_cached_tokens},
+                },
+                "kvroute": {
+                    "replica_id": result.replica_id,
+                    "predicted_hit_tokens": routed.predicted_hit_tokens,
+                    "routing_s": routed.routing_s,
+                    "queue_s": result.queue_s,
+                    "ttft_s": result.ttft_s,
+                    "latency_s": result.latency_s,
+                    "attempts": routed.attempts,
+                },
+            }
+        )
+
+    async def metrics(request: web.Request) -> web.Response:
+        response = web.Response(body=service.render_metrics())
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    async def health(request: web.Request) -> web.Response:
+        live = len(service.replicas)
+        return web.json_response(
+            {"status": "ok" if live else "no_replicas", "replicas": live},
+            status=200 if live else 503,
+        )
+
+    async def status(request: web.Request) -> web.Response:
+        return web.json_response(service.status())
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.add_routes(
+        [
+            web.post("/v1/completions", completions),
+            web.get("/metrics", metrics),
+            web.get("/health", health),
+            web.get("/status", status),
+        ]
+    )
+    return app
+
+
+async def start_http_server(service: RouterService, host: str, port: int) -> str:
+    """Serve on host:port (port 0 picks a free one); returns the base URL."""
+    runner = web.AppRunner(build_app(service), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    sockets = site._server.sockets if site._server else []
+    bound_port = sockets[0].getsockname()[1] if sockets else port
+    return f"http://{host}:{bound_port}"

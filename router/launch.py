@@ -1,0 +1,89 @@
+"""Bring a cluster up from a config: Ray, the router actor, the replica actors.
+
+Order matters: the router starts first (discovery, HTTP), then each replica
+binds its event sockets and registers with the router before it publishes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from replicas.actor import ReplicaServer
+from router.config import Config
+from router.service import RouterService, replica_actor_name
+
+logger = logging.getLogger(__name__)
+
+ROUTER_NAME = "router"
+
+
+@dataclass
+class Cluster:
+    config: Config
+    router: Any
+    replicas: list[Any]
+    url: str | None
+    owns_ray: bool
+
+    def stop(self) -> None:
+        """Stop the actors (and Ray, if this process started it)."""
+        for handle in [*self.replicas, self.router]:
+            try:
+                ray.kill(handle, no_restart=True)
+            except Exception:
+                logger.debug("actor already gone", exc_info=True)
+        if self.owns_ray:
+            ray.shutdown()
+
+
+def init_ray(config: Config) -> bool:
+    """Connect to `cluster.address`, or start an embedded local Ray. True if started here."""
+    if ray.is_initialized():
+        return False
+    cluster = config.cluster
+    if cluster.address:
+        ray.init(address=cluster.address, namespace=cluster.namespace, log_to_driver=False)
+    else:
+        ray.init(
+            num_cpus=cluster.num_cpus,
+            namespace=cluster.namespace,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+    return True
+
+
+def start_router(config: Config, http: bool = True) -> tuple[Any, str | None]:
+    actor = ray.remote(RouterService).options(
+        name=ROUTER_NAME,
+        namespace=config.cluster.namespace,
+        max_restarts=-1,
+        max_concurrency=10_000,
+        num_cpus=0,
+    )
+    router = actor.remote(config, serve_http=http)
+    return router, ray.get(router.ready.remote())
+
+
+def start_replica(config: Config, index: int, **options: Any) -> Any:
+    actor = ray.remote(ReplicaServer).options(
+        name=replica_actor_name(index),
+        namespace=config.cluster.namespace,
+        max_concurrency=10_000,
+        num_cpus=config.replicas.num_cpus,
+        **options,
+    )
+    handle = actor.remote(replica_actor_name(index), config.replica_settings(), ROUTER_NAME, index)
+    ray.get(handle.start.remote())
+    return handle
+
+
+def start_cluster(config: Config, http: bool = True) -> Cluster:
+    owns_ray = init_ray(config)
+    router, url = start_router(config, http)
+    replicas = [start_replica(config, i) for i in range(config.replicas.count)]
+    return Cluster(config, router, replicas, url, owns_ray)
