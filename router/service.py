@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -403,6 +404,10 @@ class RouterService:
         self.policy = make_policy(name, **options)
 
     # ------------------------------------------------------------- for tests
+
+    def instance_id(self) -> int:
+        """This router process's pid: changes when Ray restarts the actor."""
+        return os.getpid()
 
     def replica_ids(self) -> list[str]:
         return sorted(self.replicas)
