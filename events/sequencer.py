@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -81,7 +82,7 @@ class SourceStats:
         default_factory=lambda: dict.fromkeys(MalformedKind, 0)
     )
     callback_errors: int = 0  # exceptions raised by the delivery or resync callback
-    last_seen: float | None = None  # wall time of the last live message
+    last_seen: float | None = None  # wall time of the last message, live or replayed
     last_batch_ts: float | None = None  # `ts` of the last delivered batch
 
 
@@ -117,12 +118,11 @@ class SourceSequencer:
         self._next = start_seq  # None: the first batch to arrive sets it
         self._last_live: int | None = None
         # seq -> hash of the payload, for replayed batches the live stream has not
-        # caught up with yet (so bounded by what one replay delivers, at most max_held).
-        self._replayed: dict[int, int] = {}
+        # caught up with yet, oldest first (at most max_held).
+        self._replayed: OrderedDict[int, int] = OrderedDict()
         self._held: dict[int, tuple[bytes, bool]] = {}  # seq -> (payload, came by replay)
         self._last_activity = now
         self._replay_active = False
-        self._replay_is_probe = False
         self._replay_attempts = 0
         self._replay_deadline = 0.0
         self._replay_known_sent = -1  # newest seq known to be published when the request left
@@ -202,7 +202,7 @@ class SourceSequencer:
             and now - self._last_activity >= probe_s
         ):
             self._stats.probes += 1
-            self._send_replay(now, probe=True)
+            self._send_replay(now)
 
     def resynced(self, next_seq: int | None, now: float) -> None:
         """The consumer rebuilt this source's state up to `next_seq` (exclusive).
@@ -232,7 +232,6 @@ class SourceSequencer:
             return
         self._stats.gaps += 1
         self.state = SourceState.RECOVERING
-        self._replay_is_probe = False
         if not self._replay_active:
             self._start_replay(now)
 
@@ -244,12 +243,11 @@ class SourceSequencer:
         else:
             self._replay_attempts += 1
             self._stats.replays += 1
-            self._send_replay(now, probe=False)
+            self._send_replay(now)
 
-    def _send_replay(self, now: float, *, probe: bool) -> None:
+    def _send_replay(self, now: float) -> None:
         assert self._next is not None
         self._replay_active = True
-        self._replay_is_probe = probe
         self._replay_deadline = now + self._config.replay_timeout_s
         self._replay_known_sent = -1 if self._last_live is None else self._last_live
         self._port.request_replay(self._next)
@@ -259,7 +257,7 @@ class SourceSequencer:
         replayed = self._replayed
         digest = replayed.get(seq)
         while replayed and next(iter(replayed)) <= seq:  # the live stream is past these
-            del replayed[next(iter(replayed))]
+            replayed.popitem(last=False)
         if digest is not None and digest != hash(payload):
             self._restart(seq, payload)
         else:
@@ -274,7 +272,7 @@ class SourceSequencer:
         self._next = seq + 1
         if replayed:
             if len(self._replayed) >= self._config.max_held:
-                del self._replayed[next(iter(self._replayed))]
+                self._replayed.popitem(last=False)
             self._replayed[seq] = hash(payload)
         elif self._replayed:
             self._replayed.clear()  # delivered live: the live stream is past every replayed seq

@@ -164,6 +164,7 @@ class SourceLink:
             except MalformedInputError as exc:
                 self._malformed(exc)
                 continue
+            self.stats.last_seen = time.time()
             if seq is None:
                 sequencer.on_replay_end(now)
             else:

@@ -95,6 +95,11 @@ def test_a_map_event_with_an_unknown_type_is_an_unknown_tag() -> None:
         ("invalid opcode", b"\xc1\x00\x01", MalformedKind.NOT_MSGPACK),
         ("truncated", GOLDEN_ARRAY[:-5], MalformedKind.NOT_MSGPACK),
         ("trailing bytes", GOLDEN_ARRAY + b"\x00", MalformedKind.NOT_MSGPACK),
+        (
+            "text that is not utf-8",
+            batch_of(stored(medium="GPU")).replace(b"GPU", b"\x80PU"),
+            MalformedKind.NOT_MSGPACK,
+        ),
         ("json, whose first byte reads as an int", b'{"ts": 1.0}', MalformedKind.WRONG_TYPE),
         ("batch as a map", msgspec.msgpack.encode({"ts": 1.0}), MalformedKind.WRONG_TYPE),
         ("event as an int", batch_of(5), MalformedKind.WRONG_TYPE),

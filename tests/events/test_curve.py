@@ -1,0 +1,96 @@
+"""CurveZMQ: with keys configured, a subscriber without the right keys receives nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from events.curve import CurveKeyPair, CurveServerConfig
+from events.publisher import PublisherConfig, ZmqEventPublisher
+from events.sequencer import RecoveryConfig
+from events.source import SourceSpec
+from events.subscriber import SubscriberConfig, ZmqEventSubscriber
+from tests.events.helpers import Collector, numbered_batch
+
+pytestmark = pytest.mark.timeout(60)
+
+# No idle probes, so that nothing but the live stream is compared.
+NO_PROBES = RecoveryConfig(idle_probe_s=None)
+
+
+def curve_publisher(curve: CurveServerConfig) -> ZmqEventPublisher:
+    config = PublisherConfig("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", curve=curve)
+    publisher = ZmqEventPublisher(config)
+    publisher.start()
+    return publisher
+
+
+def subscriber_with(
+    keys: CurveKeyPair | None, publisher: ZmqEventPublisher, server_key: str | None
+) -> tuple[ZmqEventSubscriber, Collector]:
+    collector = Collector()
+    subscriber = ZmqEventSubscriber(
+        collector.on_batch, collector.on_resync, SubscriberConfig(curve=keys, recovery=NO_PROBES)
+    )
+    subscriber.add_source(
+        SourceSpec(
+            "r0",
+            publisher.endpoint,
+            publisher.replay_endpoint,
+            start_seq=None,
+            curve_server_key=server_key,
+        )
+    )
+    subscriber.start()
+    return subscriber, collector
+
+
+def publish_until_delivered(publisher: ZmqEventPublisher, collector: Collector, count: int) -> None:
+    """Publish until the authorised subscriber has `count` batches (bounded)."""
+    for n in range(10_000):
+        publisher.publish(numbered_batch(n))
+        if collector.satisfied_within(lambda: len(collector.seqs("r0")) >= count, 0.01):
+            return
+    raise AssertionError(f"the authorised subscriber got {len(collector.seqs('r0'))} batches")
+
+
+def test_a_subscriber_without_curve_keys_receives_nothing() -> None:
+    server = CurveServerConfig(CurveKeyPair.generate())
+    publisher = curve_publisher(server)
+    trusted, trusted_got = subscriber_with(
+        CurveKeyPair.generate(), publisher, server.keys.public_key
+    )
+    plain, plain_got = subscriber_with(None, publisher, None)
+    try:
+        publish_until_delivered(publisher, trusted_got, 20)
+        assert plain_got.delivered == {}
+        assert plain.stats("r0").last_seen is None
+        assert trusted.stats("r0").batches >= 20
+    finally:
+        plain.stop()
+        trusted.stop()
+        publisher.close()
+
+
+def test_a_client_key_outside_the_allow_list_receives_nothing() -> None:
+    allowed, stranger = CurveKeyPair.generate(), CurveKeyPair.generate()
+    server = CurveServerConfig(CurveKeyPair.generate(), frozenset([allowed.public_key]))
+    publisher = curve_publisher(server)
+    member, member_got = subscriber_with(allowed, publisher, server.keys.public_key)
+    outsider, outsider_got = subscriber_with(stranger, publisher, server.keys.public_key)
+    try:
+        publish_until_delivered(publisher, member_got, 20)
+        assert outsider_got.delivered == {}
+        assert outsider.stats("r0").last_seen is None
+    finally:
+        outsider.stop()
+        member.stop()
+        publisher.close()
+
+
+def test_a_source_that_needs_curve_is_refused_without_client_keys() -> None:
+    collector = Collector()
+    subscriber = ZmqEventSubscriber(collector.on_batch, collector.on_resync)
+    key = CurveKeyPair.generate().public_key
+    with pytest.raises(ValueError, match="needs CURVE"):
+        subscriber.add_source(SourceSpec("r0", "tcp://127.0.0.1:9", curve_server_key=key))
+    subscriber.stop()
