@@ -19,8 +19,6 @@ from typing import Any
 
 import ray
 
-from events.hashing import get_hash_fn_by_name
-from events.kv_events import AllBlocksCleared, BlockStored, KVCacheEvent, KVEventBatch
 from events.publisher import PublisherConfig, ZmqEventPublisher
 from replicas.api import (
     GenerateRequest,
@@ -32,53 +30,11 @@ from replicas.api import (
 )
 from replicas.clock import RealClock
 from replicas.config import ReplicaSettings
-from replicas.engine import Engine, EngineConfig, RequestOutput
-from replicas.executor import CostModel, SimulatedExecutor
-from replicas.kv_cache.manager import KVCacheManager
-from replicas.kv_cache.utils import BlockHash, RequestBlockHasher
+from replicas.engine import RequestOutput
+from replicas.factory import build_engine
 from replicas.request import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-def build_engine(
-    config: ReplicaSettings, clock: Any, seed_offset: int = 0, events: bool = True
-) -> Engine:
-    """An engine (with its cache manager) exactly as the config describes it."""
-    model, replicas = config.model, config.replicas
-    kv_cache_config = model.kv_cache_config()
-    hash_fn = get_hash_fn_by_name(config.hashing.algo)
-    manager = KVCacheManager(
-        kv_cache_config,
-        max_model_len=model.max_model_len,
-        hash_block_size=model.hash_block_size,
-        use_eagle=model.use_eagle,
-        enable_kv_cache_events=events,
-        max_num_batched_tokens=replicas.max_num_batched_tokens,
-        prefix_cache_retention_interval=replicas.retention_interval,
-    )
-    cost = replicas.cost
-    executor = SimulatedExecutor(
-        CostModel(
-            prefill_tokens_per_s=cost.prefill_tokens_per_s,
-            step_base_s=cost.step_base_s,
-            decode_s_per_seq=cost.decode_s_per_seq,
-            kv_read_s_per_block=cost.kv_read_s_per_block,
-        ),
-        vocab_size=model.vocab_size,
-        seed=replicas.seed + seed_offset,
-    )
-    engine_config = EngineConfig(
-        max_num_seqs=replicas.max_num_seqs,
-        max_num_batched_tokens=replicas.max_num_batched_tokens,
-        max_model_len=model.max_model_len,
-        vocab_size=model.vocab_size,
-        lora_names=tuple(model.lora_names),
-    )
-    hasher = RequestBlockHasher(
-        model.hash_block_size, hash_fn, BlockHash(hash_fn(config.hashing.seed))
-    )
-    return Engine(manager, engine_config, executor, clock, hasher)
 
 
 class ReplicaServer:
@@ -203,25 +159,7 @@ class ReplicaServer:
     def snapshot(self) -> Snapshot:
         """Every cached block as one batch, valid up to the publisher's next seq."""
         assert self._publisher is not None
-        specs = [g.kv_cache_spec for g in self.engine.kv_cache.kv_cache_config.kv_cache_groups]
-        events: list[KVCacheEvent] = [AllBlocksCleared()]
-        for group, hashes in sorted(self.engine.snapshot().items()):
-            spec = specs[group]
-            events.append(
-                BlockStored(
-                    block_hashes=list(hashes),
-                    parent_block_hash=None,
-                    token_ids=[],
-                    block_size=spec.block_size,
-                    lora_id=None,
-                    medium="GPU",
-                    lora_name=None,
-                    group_idx=group,
-                    kv_cache_spec_kind=spec.kind.value,
-                    kv_cache_spec_sliding_window=spec.event_sliding_window,
-                )
-            )
-        return Snapshot(self._publisher.next_seq, KVEventBatch(ts=0.0, events=events))
+        return Snapshot(self._publisher.next_seq, self.engine.snapshot_batch())
 
     def load(self) -> LoadReport:
         load = self.engine.load()

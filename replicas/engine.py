@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from events.kv_events import KVEventBatch
+from events.kv_events import AllBlocksCleared, BlockStored, KVCacheEvent, KVEventBatch
 from replicas.api import InvalidRequestError, ModelLimits, validate_generate
 from replicas.clock import Clock
 from replicas.executor import Executor, StepShape
@@ -221,7 +221,18 @@ class Engine:
 
     # ------------------------------------------------------------------ step
 
-    def step(self) -> StepResult:
+    def step(self, max_decode_steps: int = 1, deadline: float | None = None) -> StepResult:
+        """One scheduler step; or, when every request is decoding and none waits,
+        up to `max_decode_steps` decode steps at once, ending by `deadline`.
+
+        The multi-step form is what lets the simulator cross long decode phases
+        cheaply: it yields the same tokens, blocks and step times as single
+        steps, as long as nothing arrives before `deadline`.
+        """
+        if max_decode_steps > 1:
+            fused = self._fused_decode(max_decode_steps, deadline)
+            if fused is not None:
+                return fused
         start = self.clock.now()
         self.kv_cache.new_step_starts()
         budget = self.config.max_num_batched_tokens
@@ -323,6 +334,60 @@ class Engine:
             num_preempted=preempted,
         )
 
+    def _fused_decode(self, max_steps: int, deadline: float | None) -> StepResult | None:
+        """k decode steps of an all-decoding batch, or None when not applicable."""
+        running = self.running
+        if self.waiting or not running:
+            return None
+        for tracked in running:
+            req = tracked.request
+            if req.num_tokens - req.num_computed_tokens != 1 or tracked.stop_token_ids:
+                return None
+        start = self.clock.now()
+        n = len(running)
+        block_size = self.kv_cache_block_size
+        computed = [t.request.num_computed_tokens for t in running]
+
+        def shape(j: int) -> StepShape:
+            # Step j reads what single step j would: each context plus its new token.
+            return StepShape(0, n, sum((c + j + 1) // block_size for c in computed))
+
+        one = self.executor.step_time(shape(0))
+        steps = min(max_steps, min(t.max_tokens - t.request.num_output_tokens for t in running))
+        if deadline is not None and one > 0:
+            steps = min(steps, max(1, int((deadline - start) / one)))
+        if steps <= 1:
+            return None
+        self.kv_cache.new_step_starts()
+        for tracked in running:
+            if self.kv_cache.allocate_slots(tracked.request, steps) is None:
+                return None  # memory is short: single steps handle preemption
+        duration = sum(self.executor.step_time(shape(j)) for j in range(steps))
+        finish = start + duration
+        outputs = []
+        for tracked in running:
+            req = tracked.request
+            tokens = [
+                self.executor.sample(req.request_id, req.num_output_tokens + j)
+                for j in range(steps)
+            ]
+            req.num_computed_tokens += steps
+            req.append_output_token_ids(tokens)
+            if req.num_output_tokens >= tracked.max_tokens:
+                tracked.finish_reason = "length"
+            outputs.append(self._output(tracked, finish))
+        for tracked in [t for t in running if t.finish_reason is not None]:
+            running.remove(tracked)
+            self._finish(tracked)
+        self.num_steps += steps
+        events = self.kv_cache.take_events()
+        batch = (
+            KVEventBatch(ts=start, events=events, data_parallel_rank=self.data_parallel_rank)
+            if events
+            else None
+        )
+        return StepResult(start, duration, steps * n, outputs, batch)
+
     @property
     def kv_cache_block_size(self) -> int:
         return self.kv_cache.coordinator.scheduler_block_size
@@ -374,6 +439,31 @@ class Engine:
         )
 
     # --------------------------------------------------------------- resync
+
+    def snapshot_batch(self) -> KVEventBatch:
+        """The whole cache as one batch a router can apply after a reset: an
+        AllBlocksCleared, then one BlockStored per group with every cached hash."""
+        specs = [g.kv_cache_spec for g in self.kv_cache.kv_cache_config.kv_cache_groups]
+        events: list[KVCacheEvent] = [AllBlocksCleared()]
+        for group, hashes in sorted(self.snapshot().items()):
+            spec = specs[group]
+            events.append(
+                BlockStored(
+                    block_hashes=hashes,
+                    parent_block_hash=None,
+                    token_ids=[],
+                    block_size=spec.block_size,
+                    lora_id=None,
+                    medium="GPU",
+                    lora_name=None,
+                    group_idx=group,
+                    kv_cache_spec_kind=spec.kind.value,
+                    kv_cache_spec_sliding_window=spec.event_sliding_window,
+                )
+            )
+        return KVEventBatch(
+            ts=self.clock.now(), events=events, data_parallel_rank=self.data_parallel_rank
+        )
 
     def snapshot(self) -> dict[int, list[int]]:
         """Every cached block, as event hashes per group (repeated per copy)."""

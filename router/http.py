@@ -61,7 +61,7 @@ def parse_completion(body: Any) -> CompletionInput:
 
 
 def build_app(service: RouterService) -> web.Application:
-    from router.service import NoReplicaError
+    from router.routing import NoReplicaError
 
     async def completions(request: web.Request) -> web.Response:
         try:

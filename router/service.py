@@ -45,16 +45,13 @@ from replicas.request import Request
 from router.config import Config
 from router.index import KVIndex
 from router.metrics import RouterMetrics
-from router.policy import Candidate, ReplicaLoad, RouteRequest, make_policy
+from router.policy import ReplicaLoad, make_policy
+from router.routing import NoReplicaError, RoutingCore
 from router.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 ACTOR_GONE = (RayActorError, ActorDiedError, ActorUnavailableError)
-
-
-class NoReplicaError(RuntimeError):
-    """No live replica can take the request (HTTP 503)."""
 
 
 def replica_actor_name(index: int) -> str:
@@ -328,18 +325,8 @@ class RouterService:
         raise NoReplicaError(f"every replica tried ({sorted(tried)}) died during the request")
 
     def _choose(self, request: Request, tried: set[str]) -> tuple[str, int]:
-        live = [s for rid, s in self.replicas.items() if rid not in tried]
-        if not live:
-            raise NoReplicaError("no replica is available")
-        hits = self.index.predict(request, include_predicted=True)
-        candidates = [
-            Candidate(s.info.replica_id, hits.get(s.info.replica_id, 0), s.load()) for s in live
-        ]
-        choice = self.policy.choose(
-            RouteRequest(request.num_tokens, request.block_hashes), candidates
-        )
-        self.index.add_prediction(choice, request)
-        return choice, hits.get(choice, 0)
+        loads = {rid: s.load() for rid, s in self.replicas.items() if rid not in tried}
+        return RoutingCore(self.index, self.policy).choose(request, loads)
 
     # ---------------------------------------------------------------- status
 

@@ -25,6 +25,7 @@ def _engine(
     specs: tuple[KVCacheSpec, ...] = (full(4),),
     *,
     clock: VirtualClock | None = None,
+    cost: CostModel = COST,
     **engine_kwargs: object,
 ) -> Engine:
     engine_config = EngineConfig(**{"max_model_len": 256, "vocab_size": 100, **engine_kwargs})  # type: ignore[arg-type]
@@ -38,7 +39,7 @@ def _engine(
     return Engine(
         manager,
         engine_config,
-        SimulatedExecutor(COST, vocab_size=engine_config.vocab_size, seed=7),
+        SimulatedExecutor(cost, vocab_size=engine_config.vocab_size, seed=7),
         clock or VirtualClock(),
         RequestBlockHasher(min(s.block_size for s in specs), sha256, b"root"),  # type: ignore[arg-type]
     )
@@ -202,3 +203,40 @@ def test_abort_frees_the_request() -> None:
     assert engine.abort_request("r")
     assert not engine.abort_request("r")
     assert engine.kv_cache.usage == 0.0 and not engine.has_work
+
+
+def test_fused_decode_steps_match_single_steps() -> None:
+    def run(max_decode_steps: int) -> tuple[dict[str, object], int]:
+        clock = VirtualClock()
+        # A KV-read cost makes each step's time depend on the context lengths.
+        engine = _engine(clock=clock, cost=CostModel(1000.0, 0.01, 0.001, 0.0001))
+        for i, length in enumerate((20, 33, 41)):
+            engine.add_request(str(i), [i + 1] * length, SamplingParams(max_tokens=12 + 5 * i))
+        finished = {}
+        calls = 0
+        while engine.has_work:
+            result = engine.step(max_decode_steps=max_decode_steps)
+            calls += 1
+            clock.advance_to(result.start_time + result.duration)
+            finished.update({o.request_id: o for o in result.outputs if o.finished})
+        return finished, calls
+
+    single, single_calls = run(1)
+    fused, fused_calls = run(64)
+    assert fused_calls < single_calls // 3
+    for request_id, out in single.items():
+        other = fused[request_id]
+        assert other.output_token_ids == out.output_token_ids
+        assert other.metrics.first_token_time == pytest.approx(out.metrics.first_token_time)
+        assert other.metrics.finish_time == pytest.approx(out.metrics.finish_time)
+
+
+def test_fused_decode_stops_at_the_deadline() -> None:
+    clock = VirtualClock()
+    engine = _engine(clock=clock)
+    engine.add_request("a", [1] * 8, SamplingParams(max_tokens=100))
+    clock.advance_to(engine.step().duration)  # prefill
+    # One decode step costs 0.011 s: a 0.05 s deadline allows 4 of them.
+    result = engine.step(max_decode_steps=64, deadline=clock.now() + 0.05)
+    assert result.num_scheduled_tokens == 4
+    assert result.duration == pytest.approx(4 * 0.011)
