@@ -4,6 +4,9 @@ The replicas' simulated executor is made nearly free (no step cost) so the
 numbers measure the serving path, not the model. Three ways in, same
 replicas, same prompts, same concurrency, alternating rounds:
 - direct: the driver calls replica actors round robin (no router);
+- relay: a bare actor that forwards each call to a replica round robin and
+  does nothing else: the cost of any one extra Ray hop, the bound for a
+  router that dispatches through actor handles;
 - router (Ray): the driver calls the router actor's `generate`;
 - router (HTTP): aiohttp clients POST /v1/completions.
 
@@ -21,6 +24,7 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 import msgspec
+import ray
 from tqdm import tqdm
 
 from replicas.api import GenerateRequest
@@ -28,6 +32,19 @@ from replicas.config import CostConfig
 from router.config import load_config
 from router.launch import start_cluster
 from router.service import CompletionInput
+
+
+class Relay:
+    """Forwards `generate` to replicas round robin: one Ray hop, no routing."""
+
+    def __init__(self, replicas: list[object]) -> None:
+        self.replicas = replicas
+        self.next = 0
+
+    async def generate(self, request: GenerateRequest) -> object:
+        replica = self.replicas[self.next % len(self.replicas)]
+        self.next += 1
+        return await replica.generate.remote(request)  # type: ignore[attr-defined]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -67,6 +84,7 @@ async def measure(args: argparse.Namespace) -> dict[str, list[tuple[float, list[
         router=msgspec.structs.replace(config.router, http_port=0),
     )
     cluster = start_cluster(config)
+    relay = ray.remote(Relay).options(max_concurrency=10_000, num_cpus=0).remote(cluster.replicas)
     rng = random.Random(0)
     prompts = [
         [rng.randrange(config.model.vocab_size) for _ in range(args.prompt_tokens)]
@@ -74,6 +92,7 @@ async def measure(args: argparse.Namespace) -> dict[str, list[tuple[float, list[
     ]
     results: dict[str, list[tuple[float, list[float]]]] = {
         "direct": [],
+        "relay": [],
         "router (Ray)": [],
         "router (HTTP)": [],
     }
@@ -87,6 +106,9 @@ async def measure(args: argparse.Namespace) -> dict[str, list[tuple[float, list[
     async def direct(i: int) -> None:
         replica = cluster.replicas[i % len(cluster.replicas)]
         await replica.generate.remote(GenerateRequest(rid(), prompts[i % 64], 1))
+
+    async def via_relay(i: int) -> None:
+        await relay.generate.remote(GenerateRequest(rid(), prompts[i % 64], 1))
 
     async def via_ray(i: int) -> None:
         await cluster.router.generate.remote(
@@ -105,7 +127,12 @@ async def measure(args: argparse.Namespace) -> dict[str, list[tuple[float, list[
                     if response.status != 200:
                         raise RuntimeError(f"HTTP {response.status}")
 
-            ways = {"direct": direct, "router (Ray)": via_ray, "router (HTTP)": via_http}
+            ways = {
+                "direct": direct,
+                "relay": via_relay,
+                "router (Ray)": via_ray,
+                "router (HTTP)": via_http,
+            }
             for call in ways.values():
                 await drive(args.concurrency * 4, args.concurrency, call)  # warm up
             for _ in tqdm(range(args.rounds), desc="rounds", unit="round"):

@@ -37,6 +37,14 @@ from replicas.request import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+def _reachable(endpoint: str | None) -> str | None:
+    """An endpoint bound on all interfaces, rewritten to this node's address so
+    a router on another node can connect to it."""
+    if endpoint is None or "://0.0.0.0:" not in endpoint:
+        return endpoint
+    return endpoint.replace("0.0.0.0", ray.util.get_node_ip_address(), 1)
+
+
 class ReplicaServer:
     """Serves `generate` for many requests at once over one engine."""
 
@@ -103,8 +111,8 @@ class ReplicaServer:
             hash_seed=cfg.hashing.seed,
             retention_interval=cfg.replicas.retention_interval,
             limits=self.engine.limits,
-            event_endpoint=self._publisher.endpoint,
-            replay_endpoint=self._publisher.replay_endpoint,
+            event_endpoint=_reachable(self._publisher.endpoint),
+            replay_endpoint=_reachable(self._publisher.replay_endpoint),
             data_parallel_rank=self.rank,
         )
 

@@ -26,6 +26,7 @@ from replicas.clock import Clock
 from replicas.executor import Executor, StepShape
 from replicas.kv_cache.manager import KVCacheManager
 from replicas.kv_cache.utils import (
+    BlockHash,
     RequestBlockHasher,
     get_block_hash,
     get_group_id,
@@ -163,6 +164,7 @@ class Engine:
         cache_salt: str | None = None,
         mm_features: list[MultiModalFeatureSpec] | None = None,
         arrival_time: float | None = None,
+        block_hashes: list[BlockHash] | None = None,
     ) -> Request:
         if request_id in self._tracked:
             raise InvalidRequestError(f"request id {request_id!r} is already in flight")
@@ -175,6 +177,7 @@ class Engine:
             cache_salt=cache_salt,
             mm_features=mm_features,
             block_hasher=self.hasher,
+            block_hashes=block_hashes,
         )
         max_tokens = min(
             sampling_params.max_tokens or 1, self.config.max_model_len - len(prompt_token_ids)

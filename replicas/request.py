@@ -130,6 +130,7 @@ class Request:
         cache_salt: str | None = None,
         priority: int = 0,
         block_hasher: Callable[[Request], list[BlockHash]] | None = None,
+        block_hashes: list[BlockHash] | None = None,
     ) -> None:
         self.request_id = request_id
         self.sampling_params = sampling_params
@@ -152,7 +153,9 @@ class Request:
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1
         self.num_preemptions = 0
-        self.block_hashes: list[BlockHash] = []
+        # `block_hashes`, when given, are the prompt's hashes computed elsewhere
+        # with the same hasher (the simulator's router already hashed it).
+        self.block_hashes: list[BlockHash] = list(block_hashes or ())
         self._block_hasher = block_hasher
         if block_hasher is not None:
             self.block_hashes.extend(block_hasher(self))

@@ -175,6 +175,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Simulate every policy on a trace or workload (benchmarks/quality.py)."""
+    from benchmarks.quality import main as quality_main
+
+    argv = [
+        f"--workloads={args.trace}",
+        f"--speeds={args.speed}",
+        f"--policies={args.policies}",
+        f"--out={args.out}",
+    ]
+    if args.replicas:
+        argv.append(f"--replicas={args.replicas}")
+    if args.limit:
+        argv.append(f"--limit={args.limit}")
+    if args.config:
+        argv.append(f"--config={args.config}")
+    return quality_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvroute", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,6 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="replicas, index size, hit rate")
     status.add_argument("--url", default=DEFAULT_URL)
     status.set_defaults(func=cmd_status)
+    bench = sub.add_parser("bench", help="simulate policies on a trace against bounds")
+    bench.add_argument("--trace", default="conversation", help="comma-separated workloads")
+    bench.add_argument("--replicas", type=int)
+    bench.add_argument("--speed", default="1.5", help="comma-separated trace speeds")
+    bench.add_argument(
+        "--policies",
+        default="kv_aware,round_robin,random,least_loaded,prefix_only,sglang_like",
+    )
+    bench.add_argument("--limit", type=int, help="only the first N requests")
+    bench.add_argument("--config", help="benchmark parameters (default configs/bench.yaml)")
+    bench.add_argument("--out", default="benchmarks/results")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -12,7 +12,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
@@ -90,8 +90,9 @@ class BlockHashToBlockMap:
     def __bool__(self) -> bool:
         return bool(self._cache)
 
-    def keys(self) -> Iterable[BlockHashWithGroupId]:
-        return self._cache.keys()
+    def __iter__(self) -> Iterator[BlockHashWithGroupId]:
+        """Every cached (hash, group) key."""
+        return iter(self._cache)
 
 
 class BlockPool:

@@ -1,0 +1,80 @@
+"""The benchmark parameter file (configs/bench.yaml): replica, router and
+simulation settings, typed like the cluster config (unknown keys are errors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+from benchmarks.sim.simulator import SimConfig
+from replicas.config import (
+    EventsConfig,
+    HashingConfig,
+    ModelConfig,
+    ReplicasConfig,
+    ReplicaSettings,
+    Struct,
+)
+from router.config import ConfigError, RouterConfig
+
+
+class SimulationSection(Struct):
+    event_delay_s: float = 0.005
+    event_drop_rate: float = 0.0
+    replay_delay_s: float = 0.01
+    max_decode_steps: int = 64
+    seed: int = 0
+
+
+class BenchConfig(Struct):
+    model: ModelConfig = ModelConfig()
+    hashing: HashingConfig = HashingConfig()
+    replicas: ReplicasConfig = ReplicasConfig()
+    events: EventsConfig = EventsConfig()
+    router: RouterConfig = RouterConfig()
+    simulation: SimulationSection = SimulationSection()
+
+    def sim_config(self, policy: str, replicas: int | None = None, **options: Any) -> SimConfig:
+        settings = ReplicaSettings(
+            model=self.model, hashing=self.hashing, replicas=self.replicas, events=self.events
+        )
+        sim = self.simulation
+        return SimConfig(
+            settings=settings,
+            replicas=replicas or self.replicas.count,
+            policy=policy,
+            policy_options=options
+            or (self.router.policy_options if policy == self.router.policy else {}),
+            prediction_ttl_s=self.router.prediction_ttl_s,
+            event_delay_s=sim.event_delay_s,
+            event_drop_rate=sim.event_drop_rate,
+            replay_delay_s=sim.replay_delay_s,
+            max_decode_steps=sim.max_decode_steps,
+            seed=sim.seed,
+        )
+
+    def describe(self) -> str:
+        m, r, c = self.model, self.replicas, self.replicas.cost
+        return (
+            f"{r.count} replicas x {m.num_blocks} blocks of {m.block_size} tokens "
+            f"({m.num_blocks * m.block_size:,} tokens of KV cache each, "
+            f"{'+'.join(g.kind for g in m.groups)}); prefill {c.prefill_tokens_per_s:,.0f} tok/s, "
+            f"step {c.step_base_s * 1e3:.1f} ms + {c.decode_s_per_seq * 1e3:.2f} ms/seq; "
+            f"max_num_seqs {r.max_num_seqs}, batch {r.max_num_batched_tokens} tokens; "
+            f"events delayed {self.simulation.event_delay_s * 1e3:.0f} ms, "
+            f"drop rate {self.simulation.event_drop_rate:.1%}; hash {self.hashing.algo}"
+        )
+
+
+def load_bench_config(path: str | Path) -> BenchConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        return msgspec.convert(data, BenchConfig)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (yaml.YAMLError, msgspec.ValidationError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None

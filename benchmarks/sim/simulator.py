@@ -1,0 +1,368 @@
+"""A discrete-event simulator: N real engines and the real router, in virtual time.
+
+Everything that decides a result is production code: engines (`build_engine`:
+scheduler, KVCacheManager, cost-model executor), the router's `RoutingCore`
+(KVIndex with predictions, policies), the event codec, and each source's
+`SourceSequencer` (gap detection, replay, resync). Only the clock, the
+network and the Ray calls are simulated:
+- a step of duration d started at t delivers its tokens at t + d;
+- a step's event batch reaches the router `event_delay_s` later, unless the
+  drop rate loses it, in which case the sequencer's replay (after
+  `replay_delay_s`) or a snapshot resync repairs the index;
+- routing sees exact engine loads.
+Deterministic for a seed: one heap, ties broken by insertion order.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tqdm import tqdm
+
+from events.kv_events import KVEventDecoder, KVEventEncoder
+from events.sequencer import RecoveryConfig, ResyncReason, SourceSequencer, SourceStats
+from replicas.clock import VirtualClock
+from replicas.config import ReplicaSettings
+from replicas.engine import Engine, RequestOutput
+from replicas.factory import build_engine
+from replicas.request import Request, SamplingParams
+from router.index import KVIndex
+from router.policy import ReplicaLoad, make_policy
+from router.routing import RoutingCore
+
+if TYPE_CHECKING:
+    from benchmarks.sim.workload import SimRequest, Workload
+
+STEP, DELIVER, REPLAY, RESYNC, TICK = range(5)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    settings: ReplicaSettings
+    replicas: int = 8
+    policy: str = "kv_aware"
+    policy_options: dict[str, Any] = field(default_factory=dict)
+    use_predictions: bool = True
+    prediction_ttl_s: float = 2.0
+    event_delay_s: float = 0.005
+    event_drop_rate: float = 0.0
+    replay_delay_s: float = 0.01
+    max_decode_steps: int = 64
+    replay_buffer_steps: int = 10_000
+    seed: int = 0
+
+
+@dataclass
+class RequestRecord:
+    request_id: str
+    replica_id: str
+    arrival_s: float
+    first_token_s: float
+    finish_s: float
+    prompt_tokens: int
+    cached_tokens: int
+    predicted_tokens: int
+    output_tokens: int
+    preemptions: int
+
+    @property
+    def ttft_s(self) -> float:
+        return self.first_token_s - self.arrival_s
+
+    @property
+    def latency_s(self) -> float:
+        return self.finish_s - self.arrival_s
+
+
+@dataclass
+class ReplicaRecord:
+    replica_id: str
+    requests: int = 0
+    prefill_tokens: int = 0
+    steps: int = 0
+    busy_s: float = 0.0
+    preemptions: int = 0
+    stream: SourceStats | None = None
+
+
+@dataclass
+class SimResult:
+    config: SimConfig
+    workload: str
+    records: list[RequestRecord]
+    replicas: dict[str, ReplicaRecord]
+    sim_time_s: float
+    wall_time_s: float
+    duplication: float
+
+    @property
+    def requests_per_wall_s(self) -> float:
+        return len(self.records) / self.wall_time_s if self.wall_time_s else 0.0
+
+
+class _Stream:
+    """One replica's event stream: publisher buffer on one side, the router's
+    sequencer on the other, the simulated network between."""
+
+    def __init__(self, sim: Simulator, replica_id: str) -> None:
+        self.sim = sim
+        self.replica_id = replica_id
+        self.next_seq = 0
+        self.buffer: deque[tuple[int, bytes]] = deque(maxlen=sim.config.replay_buffer_steps)
+        self.replay_token = 0
+        self.stats = SourceStats()
+        self.sequencer = SourceSequencer(
+            self, RecoveryConfig(), has_replay=True, start_seq=0, stats=self.stats, now=0.0
+        )
+
+    def publish(self, payload: bytes) -> None:
+        seq = self.next_seq
+        self.next_seq += 1
+        self.buffer.append((seq, payload))
+        if self.sim.rng.random() >= self.sim.config.event_drop_rate:
+            self.sim.schedule(self.sim.config.event_delay_s, DELIVER, (self, seq, payload))
+
+    # SequencerPort
+    def deliver(self, seq: int, payload: bytes, replayed: bool) -> None:
+        self.sim.index.apply(self.replica_id, self.sim.decoder.decode(payload))
+
+    def request_replay(self, start_seq: int) -> None:
+        self.replay_token += 1
+        self.sim.schedule(
+            self.sim.config.replay_delay_s, REPLAY, (self, start_seq, self.replay_token)
+        )
+
+    def cancel_replay(self) -> None:
+        self.replay_token += 1
+
+    def resync(self, reason: ResyncReason) -> None:
+        self.sim.schedule(self.sim.config.replay_delay_s, RESYNC, self)
+
+    def replay(self, start_seq: int, token: int, now: float) -> None:
+        if token != self.replay_token:
+            return
+        for seq, payload in list(self.buffer):
+            if seq >= start_seq:
+                self.sequencer.on_replay(seq, payload, now)
+        self.sequencer.on_replay_end(now)
+
+    def rebuild(self, engine: Engine, now: float) -> None:
+        index = self.sim.index
+        index.reset(self.replica_id)
+        index.apply(self.replica_id, engine.snapshot_batch())
+        self.sequencer.resynced(self.next_seq, now)
+
+
+class Simulator:
+    def __init__(self, config: SimConfig, workload: Workload) -> None:
+        self.config = config
+        self.workload = workload
+        self.rng = random.Random(config.seed)
+        self.clock = VirtualClock()
+        settings = config.settings
+        self.engines: dict[str, Engine] = {
+            f"r{i}": build_engine(settings, self.clock, seed_offset=i)
+            for i in range(config.replicas)
+        }
+        self.index = KVIndex(
+            settings.hashing.algo,
+            settings.hashing.seed,
+            prediction_ttl_s=config.prediction_ttl_s,
+            clock=self.clock.now,
+        )
+        first = next(iter(self.engines.values()))
+        for replica_id, engine in self.engines.items():
+            self.index.register(
+                replica_id,
+                engine.kv_cache.kv_cache_config,
+                hash_block_size=settings.model.hash_block_size,
+                scheduler_block_size=engine.kv_cache.coordinator.scheduler_block_size,
+                use_eagle=settings.model.use_eagle,
+                hash_algo=settings.hashing.algo,
+                hash_seed=settings.hashing.seed,
+            )
+        self.hasher = self.index.hasher(first.hasher.block_size)
+        self.routing = RoutingCore(
+            self.index,
+            make_policy(config.policy, **config.policy_options),
+            use_predictions=config.use_predictions,
+        )
+        self.streams = {rid: _Stream(self, rid) for rid in self.engines}
+        self.encoder = KVEventEncoder()
+        self.decoder = KVEventDecoder()
+        self.records: list[RequestRecord] = []
+        self.replica_records = {rid: ReplicaRecord(rid) for rid in self.engines}
+        self._heap: list[tuple[float, int, int, Any]] = []
+        self._arrivals: list[tuple[float, int, SimRequest]] = []
+        self._order = 0
+        self._stepping: set[str] = set()
+        self._followers: dict[str, list[SimRequest]] = {}
+        self._pending: dict[str, int] = {}  # request id -> predicted hit tokens
+
+    # ---------------------------------------------------------------- queue
+
+    def schedule(self, delay: float, kind: int, data: Any) -> None:
+        self._order += 1
+        heapq.heappush(self._heap, (self.clock.now() + delay, self._order, kind, data))
+
+    def _add_arrival(self, at: float, request: SimRequest) -> None:
+        self._order += 1
+        heapq.heappush(self._arrivals, (at, self._order, request))
+
+    # ------------------------------------------------------------------ run
+
+    def run(
+        self, progress: bool = True, on_finish: Callable[[RequestRecord], None] | None = None
+    ) -> SimResult:
+        started = time.perf_counter()
+        for request in self.workload.requests:
+            if request.after is None:
+                if request.arrival_s is None:
+                    raise ValueError(
+                        f"{request.request_id} has neither an arrival time nor a predecessor"
+                    )
+                self._add_arrival(request.arrival_s, request)
+            else:
+                self._followers.setdefault(request.after, []).append(request)
+        total = len(self.workload.requests)
+        bar = tqdm(
+            total=total,
+            desc=f"{self.workload.name}/{self.config.policy}",
+            unit="req",
+            disable=not progress,
+        )
+        self.schedule(0.5, TICK, None)
+        while self._arrivals or self._stepping or self._pending:
+            next_arrival = self._arrivals[0][0] if self._arrivals else float("inf")
+            next_event = self._heap[0][0] if self._heap else float("inf")
+            if next_arrival <= next_event:
+                at, _, request = heapq.heappop(self._arrivals)
+                self.clock.advance_to(max(at, self.clock.now()))
+                self._arrive(request)
+                continue
+            if next_event == float("inf"):
+                raise RuntimeError("simulation stalled: requests pending but nothing scheduled")
+            at, _, kind, data = heapq.heappop(self._heap)
+            self.clock.advance_to(at)
+            if kind == STEP:
+                finished = self._step(data)
+                for record in finished:
+                    bar.update()
+                    if on_finish is not None:
+                        on_finish(record)
+            elif kind == DELIVER:
+                stream, seq, payload = data
+                stream.sequencer.on_live(seq, payload, at)
+            elif kind == REPLAY:
+                stream, start_seq, token = data
+                stream.replay(start_seq, token, at)
+            elif kind == RESYNC:
+                data.rebuild(self.engines[data.replica_id], at)
+            elif kind == TICK:
+                for stream in self.streams.values():
+                    stream.sequencer.tick(at)
+                if self._arrivals or self._stepping or self._pending:
+                    self.schedule(0.5, TICK, None)
+        bar.close()
+        # Let in-flight events land so the final index reflects the caches.
+        while self._heap:
+            at, _, kind, data = heapq.heappop(self._heap)
+            self.clock.advance_to(at)
+            if kind == DELIVER:
+                data[0].sequencer.on_live(data[1], data[2], at)
+            elif kind == REPLAY:
+                data[0].replay(data[1], data[2], at)
+            elif kind == RESYNC:
+                data.rebuild(self.engines[data.replica_id], at)
+        for replica_id, stream in self.streams.items():
+            self.replica_records[replica_id].stream = stream.sequencer.snapshot()
+        return SimResult(
+            config=self.config,
+            workload=self.workload.name,
+            records=self.records,
+            replicas=self.replica_records,
+            sim_time_s=self.clock.now(),
+            wall_time_s=time.perf_counter() - started,
+            duplication=self._duplication(),
+        )
+
+    def _loads(self) -> dict[str, ReplicaLoad]:
+        loads = {}
+        for replica_id, engine in self.engines.items():
+            load = engine.load()
+            loads[replica_id] = ReplicaLoad(
+                load.queued_prefill_tokens, load.running_seqs + load.waiting_seqs, load.kv_usage
+            )
+        return loads
+
+    def _arrive(self, sim_request: SimRequest) -> None:
+        tokens = sim_request.token_ids()
+        request = Request(sim_request.request_id, tokens, None, block_hasher=self.hasher)
+        replica_id, predicted = self.routing.choose(request, self._loads())
+        engine = self.engines[replica_id]
+        engine.add_request(
+            sim_request.request_id,
+            tokens,
+            SamplingParams(max_tokens=sim_request.max_tokens),
+            arrival_time=self.clock.now(),
+            block_hashes=request.block_hashes,
+        )
+        self._pending[sim_request.request_id] = predicted
+        if replica_id not in self._stepping:
+            self._stepping.add(replica_id)
+            self.schedule(0.0, STEP, replica_id)
+
+    def _step(self, replica_id: str) -> list[RequestRecord]:
+        engine = self.engines[replica_id]
+        deadline = self._arrivals[0][0] if self._arrivals else None
+        result = engine.step(self.config.max_decode_steps, deadline)
+        rec = self.replica_records[replica_id]
+        rec.steps += 1
+        rec.busy_s += result.duration
+        rec.preemptions += result.num_preempted
+        if result.events is not None:
+            self.streams[replica_id].publish(self.encoder.encode(result.events))
+        finished = [self._finish(replica_id, out) for out in result.outputs if out.finished]
+        if engine.has_work:
+            self.schedule(max(result.duration, 1e-9), STEP, replica_id)
+        else:
+            self._stepping.discard(replica_id)
+        return finished
+
+    def _finish(self, replica_id: str, out: RequestOutput) -> RequestRecord:
+        predicted = self._pending.pop(out.request_id)
+        metrics = out.metrics
+        assert metrics.first_token_time is not None and metrics.finish_time is not None
+        record = RequestRecord(
+            request_id=out.request_id,
+            replica_id=replica_id,
+            arrival_s=metrics.arrival_time,
+            first_token_s=metrics.first_token_time,
+            finish_s=metrics.finish_time,
+            prompt_tokens=out.num_prompt_tokens,
+            cached_tokens=out.num_cached_tokens,
+            predicted_tokens=predicted,
+            output_tokens=len(out.output_token_ids),
+            preemptions=out.num_preemptions,
+        )
+        self.records.append(record)
+        rec = self.replica_records[replica_id]
+        rec.requests += 1
+        rec.prefill_tokens += out.num_prompt_tokens - out.num_cached_tokens
+        for follower in self._followers.pop(out.request_id, ()):
+            self._add_arrival(metrics.finish_time + follower.think_s, follower)
+        return record
+
+    def _duplication(self) -> float:
+        """Mean number of replicas caching each distinct (hash, group) block."""
+        holders: dict[bytes, int] = {}
+        for engine in self.engines.values():
+            for key in engine.kv_cache.block_pool.cached_block_hash_to_block:
+                holders[key] = holders.get(key, 0) + 1
+        return sum(holders.values()) / len(holders) if holders else 0.0
