@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import tempfile
+from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
@@ -26,6 +27,7 @@ from replicas.api import (
     LoadReport,
     ReplicaInfo,
     Snapshot,
+    StreamChunk,
     lora_request_for,
 )
 from replicas.clock import RealClock
@@ -56,7 +58,7 @@ class ReplicaServer:
         self.router_name = router_name
         self.rank = rank
         self.engine = build_engine(config, RealClock(), seed_offset=rank)
-        self._waiters: dict[str, asyncio.Future[RequestOutput]] = {}
+        self._outputs: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._publisher: ZmqEventPublisher | None = None
@@ -116,21 +118,43 @@ class ReplicaServer:
             data_parallel_rank=self.rank,
         )
 
-    async def generate(self, request: GenerateRequest) -> GenerateResult:
+    def _admit(self, request: GenerateRequest) -> asyncio.Queue[RequestOutput]:
+        """Hand a request to the engine; its outputs arrive on the returned queue."""
         if self._wake is None:
             raise RuntimeError(f"replica {self.replica_id} is not started")
-        params = SamplingParams(max_tokens=request.max_tokens)
         self.engine.add_request(
             request.request_id,
             request.prompt_token_ids,
-            params,
+            SamplingParams(max_tokens=request.max_tokens),
             lora_request=lora_request_for(request.lora_name, self.config.model.lora_names),
             cache_salt=request.cache_salt,
         )
-        future: asyncio.Future[RequestOutput] = asyncio.get_running_loop().create_future()
-        self._waiters[request.request_id] = future
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._outputs[request.request_id] = queue
         self._wake.set()
-        out = await future
+        return queue
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        queue = self._admit(request)
+        while not (out := await queue.get()).finished:
+            pass
+        return self._result(out)
+
+    async def generate_stream(
+        self, request: GenerateRequest
+    ) -> AsyncIterator[StreamChunk | GenerateResult]:
+        """Call with num_returns="streaming": a StreamChunk per step that produced
+        tokens (the last one included), then the GenerateResult."""
+        queue = self._admit(request)
+        while True:
+            out = await queue.get()
+            if out.new_token_ids:
+                yield StreamChunk(out.request_id, out.new_token_ids)
+            if out.finished:
+                yield self._result(out)
+                return
+
+    def _result(self, out: RequestOutput) -> GenerateResult:
         m = out.metrics
         assert m.first_token_time is not None and m.finish_time is not None
         return GenerateResult(
@@ -159,10 +183,11 @@ class ReplicaServer:
                 self._publisher.publish(result.events)
             await asyncio.sleep(result.duration)
             for out in result.outputs:
-                if out.finished:
-                    future = self._waiters.pop(out.request_id, None)
-                    if future is not None and not future.done():
-                        future.set_result(out)
+                queue = self._outputs.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)
+                    if out.finished:
+                        del self._outputs[out.request_id]
 
     def snapshot(self) -> Snapshot:
         """Every cached block as one batch, valid up to the publisher's next seq."""
@@ -185,7 +210,7 @@ class ReplicaServer:
             "replica_id": self.replica_id,
             "pid": os.getpid(),
             "steps": self.steps,
-            "in_flight": len(self._waiters),
+            "in_flight": len(self._outputs),
             "events_published": stats.published if stats else 0,
             "events_dropped": stats.dropped_queue_full if stats else 0,
         }

@@ -82,6 +82,13 @@ class GenerateResult(msgspec.Struct, frozen=True):
     num_preemptions: int = 0
 
 
+class StreamChunk(msgspec.Struct, frozen=True):
+    """Tokens a streaming request produced in one engine step (before it finished)."""
+
+    request_id: str
+    new_token_ids: list[int]
+
+
 class LoadReport(msgspec.Struct, frozen=True):
     queued_prefill_tokens: int
     running_seqs: int

@@ -6,7 +6,7 @@ import asyncio
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import aiohttp
@@ -61,6 +61,37 @@ class KVRouteClient:
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            raise KVRouteError(exc.code, _message(exc.read())) from None
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        max_tokens: int = 16,
+        *,
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Yield server-sent chunks: token deltas, then the final chunk with usage."""
+        body = {**_body(prompt, max_tokens, lora_name, cache_salt), "stream": True}
+        request = urllib.request.Request(
+            f"{self.base_url}/v1/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                for raw in response:
+                    line = raw.decode().strip()
+                    if not line.startswith("data: "):
+                        continue
+                    data = line.removeprefix("data: ")
+                    if data == "[DONE]":
+                        return
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise KVRouteError(503, chunk["error"]["message"])
+                    yield chunk
         except urllib.error.HTTPError as exc:
             raise KVRouteError(exc.code, _message(exc.read())) from None
 

@@ -6,6 +6,7 @@ Every bad input is a 400 whose message names the problem; no live replica is a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import TYPE_CHECKING, Any
@@ -13,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from replicas.api import InvalidRequestError
+from replicas.api import InvalidRequestError, StreamChunk
 
 if TYPE_CHECKING:
-    from router.service import CompletionInput, RouterService
+    from router.service import CompletionInput, RoutedResult, RouterService
 
 
 def _error(status: int, message: str, kind: str) -> web.Response:
@@ -48,9 +49,11 @@ def parse_completion(body: Any) -> CompletionInput:
     for key in ("lora_name", "cache_salt", "request_id"):
         if body.get(key) is not None and not isinstance(body[key], str):
             raise InvalidRequestError(f"`{key}` must be a string")
-    if body.get("stream"):
-        raise InvalidRequestError("streaming is not supported yet; send stream=false")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidRequestError("`stream` must be true or false")
     return CompletionInput(
+        stream=stream,
         text=text,
         token_ids=token_ids,
         max_tokens=max_tokens,
@@ -69,44 +72,91 @@ def build_app(service: RouterService) -> web.Application:
         except (json.JSONDecodeError, UnicodeDecodeError):
             return _error(400, "the request body is not valid JSON", "invalid_request_error")
         try:
-            routed = await service.generate(parse_completion(body))
+            parsed = parse_completion(body)
+            if parsed.stream:
+                return await stream_completion(request, parsed)
+            routed = await service.generate(parsed)
         except InvalidRequestError as exc:
             return _error(400, str(exc), "invalid_request_error")
         except NoReplicaError as exc:
             return _error(503, str(exc), "service_unavailable")
+        return web.json_response(completion_body(routed))
+
+    def completion_body(routed: RoutedResult) -> dict[str, Any]:
         result = routed.result
         completion_tokens = len(result.output_token_ids)
-        return web.json_response(
-            {
-                "id": result.request_id,
-                "object": "text_completion",
-                "created": int(time.time()),
-                "model": service.config.model.name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "text": routed.text,
-                        "token_ids": result.output_token_ids,
-                        "finish_reason": result.finish_reason,
+        return {
+            "id": result.request_id,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": service.config.model.name,
+            "choices": [
+                {
+                    "index": 0,
+                    "text": routed.text,
+                    "token_ids": result.output_token_ids,
+                    "finish_reason": result.finish_reason,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": result.num_prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": result.num_prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": result.num_cached_tokens},
+            },
+            "kvroute": {
+                "replica_id": result.replica_id,
+                "predicted_hit_tokens": routed.predicted_hit_tokens,
+                "routing_s": routed.routing_s,
+                "queue_s": result.queue_s,
+                "ttft_s": result.ttft_s,
+                "latency_s": result.latency_s,
+                "attempts": routed.attempts,
+            },
+        }
+
+    async def stream_completion(
+        request: web.Request, parsed: CompletionInput
+    ) -> web.StreamResponse:
+        """Server-sent events: one chunk per engine step with its new tokens, a
+        final chunk with finish_reason, usage and routing details, then [DONE].
+        Errors raised before the first chunk become ordinary 400/503 replies."""
+        async with contextlib.aclosing(service.generate_stream(parsed)) as items:
+            first = await anext(items)
+            response = web.StreamResponse(
+                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            )
+            await response.prepare(request)
+            item: StreamChunk | RoutedResult | None = first
+            while item is not None:
+                if isinstance(item, StreamChunk):
+                    chunk = {
+                        "id": item.request_id,
+                        "object": "text_completion",
+                        "model": service.config.model.name,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "text": service.tokenizer.decode(item.new_token_ids),
+                                "token_ids": item.new_token_ids,
+                                "finish_reason": None,
+                            }
+                        ],
                     }
-                ],
-                "usage": {
-                    "prompt_tokens": result.num_prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": result.num_prompt_tokens + completion_tokens,
-                    "prompt_tokens_details": {"cached_tokens": result.num_cached_tokens},
-                },
-                "kvroute": {
-                    "replica_id": result.replica_id,
-                    "predicted_hit_tokens": routed.predicted_hit_tokens,
-                    "routing_s": routed.routing_s,
-                    "queue_s": result.queue_s,
-                    "ttft_s": result.ttft_s,
-                    "latency_s": result.latency_s,
-                    "attempts": routed.attempts,
-                },
-            }
-        )
+                else:
+                    chunk = completion_body(item)
+                    chunk["choices"][0]["text"] = ""
+                    chunk["choices"][0]["token_ids"] = []
+                await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                try:
+                    item = await anext(items, None)
+                except NoReplicaError as exc:
+                    error = {"error": {"message": str(exc), "type": "service_unavailable"}}
+                    await response.write(b"data: " + json.dumps(error).encode() + b"\n\n")
+                    break
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        return response
 
     async def metrics(request: web.Request) -> web.Response:
         response = web.Response(body=service.render_metrics())

@@ -22,6 +22,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,7 @@ from replicas.api import (
     InvalidRequestError,
     LoadReport,
     ReplicaInfo,
+    StreamChunk,
     lora_request_for,
     validate_generate,
 )
@@ -89,6 +91,7 @@ class CompletionInput:
     lora_name: str | None = None
     cache_salt: str | None = None
     request_id: str | None = None
+    stream: bool = False
 
 
 @dataclass
@@ -270,59 +273,93 @@ class RouterService:
         )
 
     async def generate(self, body: CompletionInput) -> RoutedResult:
-        """Route, dispatch and, if the chosen replica dies, retry elsewhere."""
+        """Route and dispatch; if the chosen replica dies, retry elsewhere."""
+        routed = None
+        async for item in self._attempts(body, stream=False):
+            routed = item  # exactly one item; run the generator to its end
+        assert isinstance(routed, RoutedResult)
+        return routed
+
+    async def generate_stream(
+        self, body: CompletionInput
+    ) -> AsyncIterator[StreamChunk | RoutedResult]:
+        """Route and stream: a StreamChunk per engine step, then the RoutedResult.
+        A replica that dies before the first chunk is retried elsewhere; one that
+        dies mid-stream ends the stream with NoReplicaError."""
+        async for item in self._attempts(body, stream=True):
+            yield item
+
+    async def _attempts(
+        self, body: CompletionInput, stream: bool
+    ) -> AsyncIterator[StreamChunk | RoutedResult]:
         request = self.prepare(body)
         if not self.replicas:
             raise NoReplicaError("no replica is available")
+        wire = GenerateRequest(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            max_tokens=body.max_tokens,
+            lora_name=body.lora_name,
+            cache_salt=body.cache_salt,
+        )
         tried: set[str] = set()
-        attempts = 0
-        for attempts in range(1, self.config.router.max_retries + 2):
+        for attempt in range(1, self.config.router.max_retries + 2):
             started = time.perf_counter()
             replica_id, hit = self._choose(request, tried)
             routing_s = time.perf_counter() - started
             self.metrics.routing_seconds.observe(routing_s)
             state = self.replicas[replica_id]
-            uncached = request.num_tokens - hit
-            state.pending_prefill += uncached
+            state.pending_prefill += request.num_tokens - hit
             state.pending_seqs += 1
             state.in_flight += 1
+            streamed = False
             try:
-                result = await state.handle.generate.remote(
-                    GenerateRequest(
-                        request_id=request.request_id,
-                        prompt_token_ids=request.prompt_token_ids,
-                        max_tokens=body.max_tokens,
-                        lora_name=body.lora_name,
-                        cache_salt=body.cache_salt,
-                    )
-                )
+                if stream:
+                    calls = state.handle.generate_stream.options(num_returns="streaming")
+                    async for ref in calls.remote(wire):
+                        item = await ref
+                        if isinstance(item, StreamChunk):
+                            streamed = True
+                            yield item
+                        else:
+                            yield self._record(state, item, hit, routing_s, attempt)
+                else:
+                    result = await state.handle.generate.remote(wire)
+                    yield self._record(state, result, hit, routing_s, attempt)
+                return
             except ACTOR_GONE:
                 self._replica_died(replica_id)
+                if streamed:
+                    self.metrics.requests.labels("failed").inc()
+                    raise NoReplicaError(f"replica {replica_id} died mid-stream") from None
                 tried.add(replica_id)
                 self.metrics.retries.inc()
-                continue
             except InvalidRequestError:
                 self.index.drop_predictions(replica_id, request)
                 raise
             finally:
                 state.in_flight -= 1
-            state.requests += 1
-            state.prompt_tokens += result.num_prompt_tokens
-            state.cached_tokens += result.num_cached_tokens
-            self.metrics.requests.labels("ok").inc()
-            self.metrics.prompt_tokens.inc(result.num_prompt_tokens)
-            self.metrics.cached_tokens.inc(result.num_cached_tokens)
-            self.metrics.predicted_tokens.inc(hit)
-            self.metrics.ttft_seconds.observe(result.ttft_s)
-            return RoutedResult(
-                result=result,
-                text=self.tokenizer.decode(result.output_token_ids),
-                predicted_hit_tokens=hit,
-                routing_s=routing_s,
-                attempts=attempts,
-            )
         self.metrics.requests.labels("failed").inc()
         raise NoReplicaError(f"every replica tried ({sorted(tried)}) died during the request")
+
+    def _record(
+        self, state: ReplicaState, result: GenerateResult, hit: int, routing_s: float, attempt: int
+    ) -> RoutedResult:
+        state.requests += 1
+        state.prompt_tokens += result.num_prompt_tokens
+        state.cached_tokens += result.num_cached_tokens
+        self.metrics.requests.labels("ok").inc()
+        self.metrics.prompt_tokens.inc(result.num_prompt_tokens)
+        self.metrics.cached_tokens.inc(result.num_cached_tokens)
+        self.metrics.predicted_tokens.inc(hit)
+        self.metrics.ttft_seconds.observe(result.ttft_s)
+        return RoutedResult(
+            result=result,
+            text=self.tokenizer.decode(result.output_token_ids),
+            predicted_hit_tokens=hit,
+            routing_s=routing_s,
+            attempts=attempt,
+        )
 
     def _choose(self, request: Request, tried: set[str]) -> tuple[str, int]:
         loads = {rid: s.load() for rid, s in self.replicas.items() if rid not in tried}

@@ -79,7 +79,8 @@ def test_different_cache_salts_never_share(deployment: Deployment) -> None:
     same = client.generate(prompt, max_tokens=1, cache_salt="tenant-a")
     other = client.generate(prompt, max_tokens=1, cache_salt="tenant-b")
     plain = client.generate(prompt, max_tokens=1)
-    assert same["usage"]["prompt_tokens_details"]["cached_tokens"] == 320
+    routes = [r["kvroute"] for r in (salted, same, other, plain)]
+    assert same["usage"]["prompt_tokens_details"]["cached_tokens"] == 320, routes
     assert other["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert other["kvroute"]["predicted_hit_tokens"] == 0
     assert plain["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
@@ -147,6 +148,24 @@ def test_text_prompt_and_known_lora_through_the_python_client(deployment: Deploy
     assert result["choices"][0]["finish_reason"] == "length"
     with pytest.raises(KVRouteError, match="HTTP 400: unknown LoRA adapter 'other'"):
         client.generate("hi", lora_name="other")
+
+
+def test_streaming_delivers_every_token_then_usage(deployment: Deployment) -> None:
+    client = deployment.client()
+    prompt = _tokens(9, 100)
+    chunks = list(client.stream(prompt, max_tokens=5))
+    *deltas, final = chunks
+    streamed = [t for chunk in deltas for t in chunk["choices"][0]["token_ids"]]
+    assert len(streamed) == 5
+    assert all(chunk["choices"][0]["finish_reason"] is None for chunk in deltas)
+    assert final["choices"][0]["finish_reason"] == "length"
+    assert final["usage"]["completion_tokens"] == 5
+    assert final["usage"]["prompt_tokens"] == 100
+    replay = client.generate(prompt, max_tokens=5)
+    assert replay["kvroute"]["replica_id"] == final["kvroute"]["replica_id"]
+    assert replay["choices"][0]["token_ids"] != [] and len(replay["choices"][0]["token_ids"]) == 5
+    with pytest.raises(KVRouteError, match="HTTP 400: token id 99999"):
+        list(client.stream([1, 99_999]))
 
 
 def test_metrics_endpoint_exposes_routing_and_stream_counters(deployment: Deployment) -> None:
