@@ -9,7 +9,7 @@ cluster and the bundled workload.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import yaml
@@ -52,39 +52,59 @@ class WorkloadConfig(Struct):
     seed: int = 0
 
 
-class Config(Struct):
-    cluster: ClusterConfig = ClusterConfig()
+class DeploymentSections(Struct):
+    """The sections that describe replicas and the router, shared by the
+    cluster config and the benchmark config."""
+
     model: ModelConfig = ModelConfig()
     hashing: HashingConfig = HashingConfig()
     replicas: ReplicasConfig = ReplicasConfig()
     events: EventsConfig = EventsConfig()
     router: RouterConfig = RouterConfig()
-    workload: WorkloadConfig = WorkloadConfig()
 
-    def replica_settings(self) -> ReplicaSettings:
+    def replica_settings(self, namespace: str = "kvroute") -> ReplicaSettings:
         return ReplicaSettings(
             model=self.model,
             hashing=self.hashing,
             replicas=self.replicas,
             events=self.events,
-            namespace=self.cluster.namespace,
+            namespace=namespace,
         )
+
+
+class Config(DeploymentSections):
+    cluster: ClusterConfig = ClusterConfig()
+    workload: WorkloadConfig = WorkloadConfig()
+
+    def replica_settings(self, namespace: str | None = None) -> ReplicaSettings:
+        return super().replica_settings(namespace or self.cluster.namespace)
+
+
+T = TypeVar("T", bound=DeploymentSections)
 
 
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file and key."""
 
 
-def parse_config(data: dict[str, Any], source: str = "<config>") -> Config:
+def parse_config(
+    data: dict[str, Any],
+    source: str = "<config>",
+    kind: type[T] = Config,  # type: ignore[assignment]
+) -> T:
     try:
-        config = msgspec.convert(data, Config)
+        config = msgspec.convert(data, kind)
         config.model.kv_cache_config()
     except (msgspec.ValidationError, ValueError) as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return config
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(
+    path: str | Path,
+    kind: type[T] = Config,  # type: ignore[assignment]
+) -> T:
+    """Read a YAML config of `kind` (the cluster config by default)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -94,4 +114,4 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return parse_config(data, str(path))
+    return parse_config(data, str(path), kind)

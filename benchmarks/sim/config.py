@@ -6,19 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import msgspec
-import yaml
-
 from benchmarks.sim.simulator import SimConfig
 from replicas.config import (
-    EventsConfig,
-    HashingConfig,
-    ModelConfig,
-    ReplicasConfig,
-    ReplicaSettings,
     Struct,
 )
-from router.config import ConfigError, RouterConfig
+from router.config import DeploymentSections, load_config
 
 
 class SimulationSection(Struct):
@@ -29,18 +21,11 @@ class SimulationSection(Struct):
     seed: int = 0
 
 
-class BenchConfig(Struct):
-    model: ModelConfig = ModelConfig()
-    hashing: HashingConfig = HashingConfig()
-    replicas: ReplicasConfig = ReplicasConfig()
-    events: EventsConfig = EventsConfig()
-    router: RouterConfig = RouterConfig()
+class BenchConfig(DeploymentSections):
     simulation: SimulationSection = SimulationSection()
 
     def sim_config(self, policy: str, replicas: int | None = None, **options: Any) -> SimConfig:
-        settings = ReplicaSettings(
-            model=self.model, hashing=self.hashing, replicas=self.replicas, events=self.events
-        )
+        settings = self.replica_settings()
         sim = self.simulation
         return SimConfig(
             settings=settings,
@@ -70,11 +55,4 @@ class BenchConfig(Struct):
 
 
 def load_bench_config(path: str | Path) -> BenchConfig:
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-        return msgspec.convert(data, BenchConfig)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except (yaml.YAMLError, msgspec.ValidationError) as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    return load_config(path, BenchConfig)
