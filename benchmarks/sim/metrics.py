@@ -21,6 +21,7 @@ class RunMetrics:
     workload: str
     policy: str
     requests: int
+    rejected: int
     hit_rate: float
     predicted_rate: float
     ttft_mean: float
@@ -54,6 +55,7 @@ def summarize(result: SimResult) -> RunMetrics:
         workload=result.workload,
         policy=result.config.policy,
         requests=len(records),
+        rejected=len(result.rejected),
         hit_rate=sum(r.cached_tokens for r in records) / prompt if prompt else 0.0,
         predicted_rate=sum(r.predicted_tokens for r in records) / prompt if prompt else 0.0,
         ttft_mean=statistics.mean(ttfts) if ttfts else 0.0,

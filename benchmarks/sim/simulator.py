@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from events.kv_events import KVEventDecoder, KVEventEncoder
 from events.sequencer import RecoveryConfig, ResyncReason, SourceSequencer, SourceStats
+from replicas.api import InvalidRequestError, validate_generate
 from replicas.clock import VirtualClock
 from replicas.config import ReplicaSettings
 from replicas.engine import Engine, RequestOutput
@@ -100,6 +101,7 @@ class SimResult:
     sim_time_s: float
     wall_time_s: float
     duplication: float
+    rejected: list[str] = field(default_factory=list)
 
     @property
     def requests_per_wall_s(self) -> float:
@@ -197,6 +199,9 @@ class Simulator:
         self.encoder = KVEventEncoder()
         self.decoder = KVEventDecoder()
         self.records: list[RequestRecord] = []
+        self.rejected: list[str] = []
+        self._bar: tqdm | None = None
+        self.limits = first.limits
         self.replica_records = {rid: ReplicaRecord(rid) for rid in self.engines}
         self._heap: list[tuple[float, int, int, Any]] = []
         self._arrivals: list[tuple[float, int, SimRequest]] = []
@@ -231,7 +236,7 @@ class Simulator:
             else:
                 self._followers.setdefault(request.after, []).append(request)
         total = len(self.workload.requests)
-        bar = tqdm(
+        self._bar = bar = tqdm(
             total=total,
             desc=f"{self.workload.name}/{self.config.policy}",
             unit="req",
@@ -290,6 +295,7 @@ class Simulator:
             sim_time_s=self.clock.now(),
             wall_time_s=time.perf_counter() - started,
             duplication=self._duplication(),
+            rejected=self.rejected,
         )
 
     def _loads(self) -> dict[str, ReplicaLoad]:
@@ -304,6 +310,15 @@ class Simulator:
     def _arrive(self, sim_request: SimRequest) -> None:
         tokens = sim_request.token_ids()
         request = Request(sim_request.request_id, tokens, None, block_hasher=self.hasher)
+        try:
+            validate_generate(tokens, sim_request.max_tokens, None, self.limits)
+        except InvalidRequestError:
+            # The router answers 400; like a client, the workload moves on.
+            self.rejected.append(sim_request.request_id)
+            if self._bar is not None:
+                self._bar.update()
+            self._release_followers(sim_request.request_id, self.clock.now())
+            return
         replica_id, predicted = self.routing.choose(request, self._loads())
         engine = self.engines[replica_id]
         engine.add_request(
@@ -355,9 +370,12 @@ class Simulator:
         rec = self.replica_records[replica_id]
         rec.requests += 1
         rec.prefill_tokens += out.num_prompt_tokens - out.num_cached_tokens
-        for follower in self._followers.pop(out.request_id, ()):
-            self._add_arrival(metrics.finish_time + follower.think_s, follower)
+        self._release_followers(out.request_id, metrics.finish_time)
         return record
+
+    def _release_followers(self, request_id: str, finished_at: float) -> None:
+        for follower in self._followers.pop(request_id, ()):
+            self._add_arrival(finished_at + follower.think_s, follower)
 
     def _duplication(self) -> float:
         """Mean number of replicas caching each distinct (hash, group) block."""
