@@ -344,7 +344,13 @@ class Engine:
             return None
         for tracked in running:
             req = tracked.request
-            if req.num_tokens - req.num_computed_tokens != 1 or tracked.stop_token_ids:
+            # Decoding means: one token left to compute and it is an output token
+            # (a prefill chunk can also leave exactly one prompt token).
+            if (
+                req.num_tokens - req.num_computed_tokens != 1
+                or req.num_output_tokens == 0
+                or tracked.stop_token_ids
+            ):
                 return None
         start = self.clock.now()
         n = len(running)

@@ -120,6 +120,11 @@ class CostWeights:
     prefill_s_per_token: float = 1e-4
     decode_s_per_seq: float = 2e-3
     kv_usage_s: float = 0.0
+    # Weight of the replica's queued prefill relative to this prompt's own
+    # uncached tokens. Below 1, the router keeps a prompt with its prefix a
+    # little longer under load: a miss also duplicates the prefix and evicts
+    # other hits, a cost the current request's TTFT does not show.
+    queue_weight: float = 1.0
 
 
 class KVAware:
@@ -133,10 +138,15 @@ class KVAware:
     name = "kv_aware"
 
     def __init__(
-        self, weights: CostWeights | None = None, temperature: float = 0.0, seed: int = 0
+        self,
+        weights: CostWeights | dict[str, float] | None = None,
+        temperature: float = 0.0,
+        seed: int = 0,
     ) -> None:
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if isinstance(weights, dict):
+            weights = CostWeights(**weights)
         self.weights = weights or CostWeights()
         self.temperature = temperature
         self._rng = random.Random(seed)
@@ -146,7 +156,7 @@ class KVAware:
         uncached = request.num_tokens - candidate.hit_tokens
         load = candidate.load
         return (
-            w.prefill_s_per_token * (uncached + load.queued_prefill_tokens)
+            w.prefill_s_per_token * (uncached + w.queue_weight * load.queued_prefill_tokens)
             + w.decode_s_per_seq * load.running_seqs
             + w.kv_usage_s * load.kv_usage
         )

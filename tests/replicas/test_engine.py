@@ -240,3 +240,15 @@ def test_fused_decode_stops_at_the_deadline() -> None:
     result = engine.step(max_decode_steps=64, deadline=clock.now() + 0.05)
     assert result.num_scheduled_tokens == 4
     assert result.duration == pytest.approx(4 * 0.011)
+
+
+def test_fused_decode_waits_for_a_prefill_with_one_token_left() -> None:
+    clock = VirtualClock()
+    engine = _engine(clock=clock, max_num_batched_tokens=32)
+    # 33 tokens in 32-token chunks: the second step has one prompt token left.
+    engine.add_request("a", list(range(33)), SamplingParams(max_tokens=10))
+    clock.advance_to(engine.step().duration)
+    result = engine.step(max_decode_steps=64)
+    assert result.num_scheduled_tokens == 1
+    (out,) = result.outputs
+    assert out.metrics.first_token_time == pytest.approx(clock.now() + result.duration)
