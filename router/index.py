@@ -191,19 +191,21 @@ class KVIndex:
     def remove(self, replica_id: str) -> None:
         """Forget a replica and everything it held (e.g. it died)."""
         entry = self._require(replica_id)
-        self._clear_bit(entry.bit)
+        self._clear_bit(entry.bit, predictions=True)
         del self._replicas[replica_id]
         self._free_bits.append(entry.bit)
         self._rebuild_lookups()
 
     def reset(self, replica_id: str) -> None:
-        """Forget a replica's blocks but keep it registered (before a resync)."""
-        self._clear_bit(self._require(replica_id).bit)
+        """Forget a replica's confirmed blocks but keep it registered (before a
+        resync). Its predictions stay: they describe requests still in flight."""
+        self._clear_bit(self._require(replica_id).bit, predictions=False)
 
-    def _clear_bit(self, bit: int) -> None:
+    def _clear_bit(self, bit: int, predictions: bool) -> None:
         """O(index size): a full sweep, acceptable for deaths and resyncs."""
         keep = ~(1 << bit)
-        for table in (*self._groups, *self._predicted):
+        tables = (*self._groups, *self._predicted) if predictions else self._groups
+        for table in tables:
             emptied = []
             for key, mask in table.items():
                 if mask >> bit & 1:
@@ -263,7 +265,7 @@ class KVIndex:
                     self._remove(entry.bit, group, event.block_hashes)
             elif kind is AllBlocksCleared:
                 self.stats.cleared += 1
-                self._clear_bit(entry.bit)
+                self._clear_bit(entry.bit, predictions=False)
 
     def _group_of(self, entry: ReplicaEntry, event: BlockStored | BlockRemoved) -> int | None:
         group = event.group_idx

@@ -423,6 +423,11 @@ class RouterService:
                 m.event_counters.labels(replica_id, counter).set(getattr(stream, counter))
         return m.render()
 
+    def predict_hits(self, body: CompletionInput) -> dict[str, int]:
+        """Per replica, the prompt tokens it would serve from cache, as known from
+        applied events only (no predictions): what `kvroute status` can't show."""
+        return self.index.predict(self.prepare(body))
+
     def set_policy(self, name: str, **options: Any) -> None:
         """Switch the routing policy (e.g. to replay a workload under a baseline)."""
         self.policy = make_policy(name, **options)

@@ -17,6 +17,7 @@ import pytest
 import ray
 
 from router.client import KVRouteClient, KVRouteError
+from router.service import CompletionInput
 from tests.cluster.conftest import Deployment
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -29,17 +30,16 @@ def _tokens(seed: int, n: int) -> list[int]:
     return [rng.randrange(32_000) for _ in range(n)]
 
 
-def _wait_indexed(
-    deployment: Deployment, replica_id: str, at_least: int, timeout_s: float = 10.0
+def _wait_hit(
+    deployment: Deployment, replica_id: str, tokens: list[int], hit: int, **kwargs: object
 ) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = ray.get(deployment.router.status.remote())
-        blocks = {r["replica_id"]: r["indexed_blocks"] for r in status["replicas"]}
-        if blocks.get(replica_id, 0) >= at_least:
-            return
+    """Wait until the router's index (events only) shows `hit` cached tokens of
+    `tokens` on `replica_id`: the events of the request that cached them landed."""
+    body = CompletionInput(token_ids=tokens, max_tokens=1, **kwargs)  # type: ignore[arg-type]
+    deadline = time.monotonic() + 30
+    while (hits := ray.get(deployment.router.predict_hits.remote(body)))[replica_id] != hit:
+        assert time.monotonic() < deadline, f"{replica_id} never showed {hit}: {hits}"
         time.sleep(0.05)
-    raise AssertionError(f"{replica_id} never had {at_least} indexed blocks: {blocks}")
 
 
 def test_launch_from_default_config_registers_every_replica_on_both_nodes(
@@ -61,7 +61,7 @@ def test_shared_prefix_prompts_land_on_one_replica_with_cached_tokens(
     first = client.generate(system + _tokens(2, 30), max_tokens=2)
     home = first["kvroute"]["replica_id"]
     assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
-    _wait_indexed(deployment, home, 40)
+    _wait_hit(deployment, home, [*system, 1], 640)
     for i in range(3):
         result = client.generate(system + _tokens(10 + i, 30), max_tokens=2)
         assert result["kvroute"]["replica_id"] == home
@@ -75,7 +75,7 @@ def test_different_cache_salts_never_share(deployment: Deployment) -> None:
     client = deployment.client()
     prompt = _tokens(3, 20 * BLOCK + 5)
     salted = client.generate(prompt, max_tokens=1, cache_salt="tenant-a")
-    _wait_indexed(deployment, salted["kvroute"]["replica_id"], 20)
+    _wait_hit(deployment, salted["kvroute"]["replica_id"], prompt, 320, cache_salt="tenant-a")
     same = client.generate(prompt, max_tokens=1, cache_salt="tenant-a")
     other = client.generate(prompt, max_tokens=1, cache_salt="tenant-b")
     plain = client.generate(prompt, max_tokens=1)
@@ -161,6 +161,7 @@ def test_streaming_delivers_every_token_then_usage(deployment: Deployment) -> No
     assert final["choices"][0]["finish_reason"] == "length"
     assert final["usage"]["completion_tokens"] == 5
     assert final["usage"]["prompt_tokens"] == 100
+    _wait_hit(deployment, final["kvroute"]["replica_id"], prompt, 96)
     replay = client.generate(prompt, max_tokens=5)
     assert replay["kvroute"]["replica_id"] == final["kvroute"]["replica_id"]
     assert replay["choices"][0]["token_ids"] != [] and len(replay["choices"][0]["token_ids"]) == 5
@@ -219,7 +220,7 @@ def test_router_restart_rebuilds_the_index_from_snapshots(deployment: Deployment
     client = deployment.client()
     system = _tokens(7, 30 * BLOCK)
     home = client.generate([*system, 1, 2, 3], max_tokens=1)["kvroute"]["replica_id"]
-    _wait_indexed(deployment, home, 30)
+    _wait_hit(deployment, home, [*system, 4], 480)
     before = {r["replica_id"]: r["indexed_blocks"] for r in client.status()["replicas"]}
     old_instance = ray.get(deployment.router.instance_id.remote())
     ray.kill(deployment.router, no_restart=False)

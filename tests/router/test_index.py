@@ -281,3 +281,16 @@ def test_hybrid_prediction_uses_the_window_rules() -> None:
     assert index.predict(probe)["h"] == 24
     shorter = _request(index, list(range(17)))
     assert index.predict(shorter)["h"] == 0
+
+
+def test_reset_keeps_predictions_of_requests_in_flight() -> None:
+    index = _index("a", "b")
+    request = _request(index, list(range(21)))
+    index.add_prediction("a", request)
+    index.apply("a", KVEventBatch(ts=0.0, events=[_stored([1, 2])]))
+    index.reset("a")
+    index.apply("a", KVEventBatch(ts=0.0, events=[AllBlocksCleared()]))
+    assert index.replica_block_count("a") == 0
+    assert index.predict(request, include_predicted=True)["a"] == 20
+    index.remove("a")
+    assert index.num_predicted() == 0
