@@ -239,17 +239,21 @@ class RouterService:
         self.subscriber.resynced(replica_id, snapshot.next_seq)
 
     async def _poll_loads(self) -> None:
+        """Refresh every replica's load each `load_poll_s`, all at once, so one slow
+        replica delays no other's report."""
         interval = self.config.router.load_poll_s
         while True:
             await asyncio.sleep(interval)
-            for replica_id, state in list(self.replicas.items()):
-                try:
-                    state.polled = await asyncio.wait_for(state.handle.load.remote(), timeout=5.0)
-                    state.pending_prefill = state.pending_seqs = 0
-                except ACTOR_GONE:
-                    self._replica_died(replica_id)
-                except (TimeoutError, GetTimeoutError):
-                    logger.warning("replica %s did not report its load in 5 s", replica_id)
+            await asyncio.gather(*(self._poll(rid, s) for rid, s in list(self.replicas.items())))
+
+    async def _poll(self, replica_id: str, state: ReplicaState) -> None:
+        try:
+            state.polled = await asyncio.wait_for(state.handle.load.remote(), timeout=5.0)
+            state.pending_prefill = state.pending_seqs = 0
+        except ACTOR_GONE:
+            self._replica_died(replica_id)
+        except (TimeoutError, GetTimeoutError):
+            logger.warning("replica %s did not report its load in 5 s", replica_id)
 
     # -------------------------------------------------------------- routing
 
@@ -338,7 +342,11 @@ class RouterService:
                 self.index.drop_predictions(replica_id, request)
                 raise
             finally:
+                # Until the next poll, the router's own count stands in for the
+                # replica's queue: a request that ended leaves it either way.
                 state.in_flight -= 1
+                state.pending_prefill = max(0, state.pending_prefill - (request.num_tokens - hit))
+                state.pending_seqs = max(0, state.pending_seqs - 1)
         self.metrics.requests.labels("failed").inc()
         raise NoReplicaError(f"every replica tried ({sorted(tried)}) died during the request")
 
