@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.sim.metrics import summarize
-from benchmarks.sim.simulator import SimConfig, Simulator
+from benchmarks.sim.simulator import SimConfig, SimResult, Simulator
 from benchmarks.sim.workload import ContentBlock, PromptSpec, SimRequest, Workload
 from replicas.config import (
     CostConfig,
@@ -35,13 +35,11 @@ def tenant_workload(tenants: int = 6, rounds: int = 50) -> Workload:
     return Workload("tenants", requests)
 
 
-def run(policy: str, drop_rate: float = 0.0, seed: int = 0) -> tuple[Simulator, list]:
+def run(policy: str, drop_rate: float = 0.0, seed: int = 0) -> SimResult:
     config = SimConfig(
         settings=SETTINGS, replicas=2, policy=policy, event_drop_rate=drop_rate, seed=seed
     )
-    sim = Simulator(config, tenant_workload())
-    result = sim.run(progress=False)
-    return sim, result
+    return Simulator(config, tenant_workload()).run(progress=False)
 
 
 def test_every_request_after_a_tenants_first_hits_its_system_prompt() -> None:
