@@ -107,7 +107,8 @@ class KVIndex:
         self._groups: list[dict[int, int]] = []
         self._extra_copies: dict[tuple[int, int, int], int] = {}
         self._predicted: list[dict[int, int]] = []
-        self._expiry: list[tuple[float, int, int, int]] = []
+        self._expiry: list[tuple[float, int, int, int, list[int]]] = []
+        self._expiry_order = 0
         self._deadline: dict[tuple[int, int, int], float] = {}
         self._hashers: dict[int, RequestBlockHasher] = {}
         # Derived from _replicas on every register/remove, so predict() does no
@@ -458,19 +459,26 @@ class KVIndex:
         flag = 1 << entry.bit
         hashes = self.block_hashes(request, entry.hash_block_size)
         expires = self.clock() + self.prediction_ttl_s
+        deadline = self._deadline
         added = 0
         for group, block_size in enumerate(entry.group_block_sizes):
             scale = block_size // entry.hash_block_size
             predicted = self._predicted[group]
             confirmed = self._groups[group]
+            keys = []
             for i in range(scale - 1, len(hashes), scale):
                 key = event_hash(hashes[i])
                 if confirmed.get(key, 0) & flag:
                     continue
                 predicted[key] = predicted.get(key, 0) | flag
-                self._deadline[(entry.bit, group, key)] = expires
-                heapq.heappush(self._expiry, (expires, entry.bit, group, key))
-                added += 1
+                deadline[(entry.bit, group, key)] = expires
+                keys.append(key)
+            if keys:
+                # One heap entry per request and group, not per block: a long
+                # prompt predicts hundreds of blocks.
+                self._expiry_order += 1
+                heapq.heappush(self._expiry, (expires, self._expiry_order, entry.bit, group, keys))
+                added += len(keys)
         self.stats.predictions_added += added
         return added
 
@@ -487,20 +495,22 @@ class KVIndex:
     def _expire_predictions(self) -> None:
         now = self.clock()
         expiry = self._expiry
+        deadline = self._deadline
         while expiry and expiry[0][0] <= now:
-            expires, bit, group, key = heapq.heappop(expiry)
-            if self._deadline.get((bit, group, key)) != expires:
-                continue  # refreshed by a later prediction, or already retired
-            del self._deadline[(bit, group, key)]
+            expires, _, bit, group, keys = heapq.heappop(expiry)
             predicted = self._predicted[group]
-            mask = predicted.get(key, 0)
             flag = 1 << bit
-            if mask & flag:
-                self.stats.predictions_expired += 1
-                if mask == flag:
-                    del predicted[key]
-                else:
-                    predicted[key] = mask & ~flag
+            for key in keys:
+                if deadline.get((bit, group, key)) != expires:
+                    continue  # refreshed by a later prediction, or already expired
+                del deadline[(bit, group, key)]
+                mask = predicted.get(key, 0)
+                if mask & flag:
+                    self.stats.predictions_expired += 1
+                    if mask == flag:
+                        del predicted[key]
+                    else:
+                        predicted[key] = mask & ~flag
 
     def num_predicted(self) -> int:
         self._expire_predictions()
