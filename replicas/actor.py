@@ -128,6 +128,7 @@ class ReplicaServer:
             SamplingParams(max_tokens=request.max_tokens),
             lora_request=lora_request_for(request.lora_name, self.config.model.lora_names),
             cache_salt=request.cache_salt,
+            reuse_hint_tokens=request.reuse_hint_tokens,
         )
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._outputs[request.request_id] = queue

@@ -68,6 +68,9 @@ class GenerateRequest(msgspec.Struct, frozen=True):
     max_tokens: int
     lora_name: str | None = None
     cache_salt: str | None = None
+    # The router's eviction hint: leading prompt tokens it has seen before
+    # (used by replicas running segmented LRU, ignored by LRU ones).
+    reuse_hint_tokens: int = 0
 
 
 class GenerateResult(msgspec.Struct, frozen=True):

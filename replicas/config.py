@@ -122,6 +122,10 @@ class ReplicasConfig(Struct):
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     retention_interval: int | None = None
+    # None: vLLM's LRU eviction. A fraction: segmented LRU, where blocks that were
+    # hit (or that the router hints it has seen before) are protected and the
+    # rest, at least this share of the free queue, are evicted first.
+    probation_fraction: float | None = None
     seed: int = 0
     cost: CostConfig = CostConfig()
     num_cpus: float = 0.25  # Ray CPUs reserved per replica actor

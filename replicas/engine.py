@@ -165,6 +165,7 @@ class Engine:
         mm_features: list[MultiModalFeatureSpec] | None = None,
         arrival_time: float | None = None,
         block_hashes: list[BlockHash] | None = None,
+        reuse_hint_tokens: int = 0,
     ) -> Request:
         if request_id in self._tracked:
             raise InvalidRequestError(f"request id {request_id!r} is already in flight")
@@ -178,6 +179,7 @@ class Engine:
             mm_features=mm_features,
             block_hasher=self.hasher,
             block_hashes=block_hashes,
+            reuse_hint_tokens=reuse_hint_tokens,
         )
         max_tokens = min(
             sampling_params.max_tokens or 1, self.config.max_model_len - len(prompt_token_ids)

@@ -30,6 +30,7 @@ def build_engine(
         enable_kv_cache_events=events,
         max_num_batched_tokens=replicas.max_num_batched_tokens,
         prefix_cache_retention_interval=replicas.retention_interval,
+        probation_fraction=replicas.probation_fraction,
     )
     cost = replicas.cost
     executor = SimulatedExecutor(

@@ -131,6 +131,7 @@ class Request:
         priority: int = 0,
         block_hasher: Callable[[Request], list[BlockHash]] | None = None,
         block_hashes: list[BlockHash] | None = None,
+        reuse_hint_tokens: int = 0,
     ) -> None:
         self.request_id = request_id
         self.sampling_params = sampling_params
@@ -144,6 +145,9 @@ class Request:
         self.lora_request = lora_request
         self.cache_salt = cache_salt
         self.priority = priority
+        # Leading prompt tokens the router saw in earlier prompts: an eviction
+        # hint, used only by segmented-LRU block pools.
+        self.reuse_hint_tokens = reuse_hint_tokens
         self.status = RequestStatus.WAITING
         self.prompt_token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(self.prompt_token_ids)

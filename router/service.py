@@ -48,6 +48,7 @@ from router.config import Config
 from router.index import KVIndex
 from router.metrics import RouterMetrics
 from router.policy import ReplicaLoad, make_policy
+from router.reuse import ReuseTracker
 from router.routing import NoReplicaError, RoutingCore
 from router.tokenizer import load_tokenizer
 
@@ -114,6 +115,11 @@ class RouterService:
             prediction_ttl_s=config.router.prediction_ttl_s,
         )
         self.policy = make_policy(config.router.policy, **config.router.policy_options)
+        self.reuse = ReuseTracker.for_cluster(
+            config.router.reuse_memory,
+            config.model.num_blocks * config.replicas.count,
+            config.model.hash_block_size,
+        )
         self.tokenizer = load_tokenizer(config.model.tokenizer)
         self.limits = None
         self.metrics = RouterMetrics()
@@ -305,6 +311,9 @@ class RouterService:
             max_tokens=body.max_tokens,
             lora_name=body.lora_name,
             cache_salt=body.cache_salt,
+            reuse_hint_tokens=(
+                self.reuse.observe(request.block_hashes) if self.reuse is not None else 0
+            ),
         )
         tried: set[str] = set()
         for attempt in range(1, self.config.router.max_retries + 2):

@@ -34,6 +34,7 @@ class BenchConfig(DeploymentSections):
             policy_options=options
             or (self.router.policy_options if policy == self.router.policy else {}),
             prediction_ttl_s=self.router.prediction_ttl_s,
+            reuse_memory=self.router.reuse_memory,
             event_delay_s=sim.event_delay_s,
             event_drop_rate=sim.event_drop_rate,
             replay_delay_s=sim.replay_delay_s,
@@ -50,8 +51,20 @@ class BenchConfig(DeploymentSections):
             f"step {c.step_base_s * 1e3:.1f} ms + {c.decode_s_per_seq * 1e3:.2f} ms/seq; "
             f"max_num_seqs {r.max_num_seqs}, batch {r.max_num_batched_tokens} tokens; "
             f"events delayed {self.simulation.event_delay_s * 1e3:.0f} ms, "
-            f"drop rate {self.simulation.event_drop_rate:.1%}; hash {self.hashing.algo}"
+            f"drop rate {self.simulation.event_drop_rate:.1%}; hash {self.hashing.algo}; "
+            f"eviction {self._eviction()}"
         )
+
+    def _eviction(self) -> str:
+        fraction = self.replicas.probation_fraction
+        if fraction is None:
+            return "LRU"
+        hints = (
+            f"router reuse hints over {self.router.reuse_memory:g}x the cluster cache"
+            if self.router.reuse_memory
+            else "no router hints"
+        )
+        return f"segmented LRU (probation {fraction:.0%}, {hints})"
 
 
 def load_bench_config(path: str | Path) -> BenchConfig:

@@ -35,6 +35,7 @@ from replicas.factory import build_engine
 from replicas.request import Request, SamplingParams
 from router.index import KVIndex
 from router.policy import ReplicaLoad, make_policy
+from router.reuse import ReuseTracker
 from router.routing import RoutingCore
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ class SimConfig:
     policy_options: dict[str, Any] = field(default_factory=dict)
     use_predictions: bool = True
     prediction_ttl_s: float = 2.0
+    reuse_memory: float = 0.0
     event_delay_s: float = 0.005
     event_drop_rate: float = 0.0
     replay_delay_s: float = 0.01
@@ -195,6 +197,9 @@ class Simulator:
             make_policy(config.policy, **config.policy_options),
             use_predictions=config.use_predictions,
         )
+        self.reuse = ReuseTracker.for_cluster(
+            config.reuse_memory, settings.model.num_blocks * config.replicas, self.hasher.block_size
+        )
         self.streams = {rid: _Stream(self, rid) for rid in self.engines}
         self.encoder = KVEventEncoder()
         self.decoder = KVEventDecoder()
@@ -320,6 +325,7 @@ class Simulator:
             self._release_followers(sim_request.request_id, self.clock.now())
             return
         replica_id, predicted = self.routing.choose(request, self._loads())
+        reuse_hint = self.reuse.observe(request.block_hashes) if self.reuse is not None else 0
         engine = self.engines[replica_id]
         engine.add_request(
             sim_request.request_id,
@@ -327,6 +333,7 @@ class Simulator:
             SamplingParams(max_tokens=sim_request.max_tokens),
             arrival_time=self.clock.now(),
             block_hashes=request.block_hashes,
+            reuse_hint_tokens=reuse_hint,
         )
         self._pending[sim_request.request_id] = predicted
         if replica_id not in self._stepping:

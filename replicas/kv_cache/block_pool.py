@@ -116,12 +116,15 @@ class BlockPool:
         self.enable_kv_cache_events = enable_kv_cache_events
         self.use_int_event_hashes = use_int_event_hashes
         self.blocks: list[KVCacheBlock] = [KVCacheBlock(i) for i in range(num_gpu_blocks)]
-        self.free_block_queue = FreeKVCacheBlockQueue(self.blocks)
+        self.free_block_queue = self._make_free_queue(self.blocks)
         self.cached_block_hash_to_block = BlockHashToBlockMap()
         self.null_block = self.free_block_queue.popleft()
         self.null_block.is_null = True
         self.kv_event_queue: list[KVCacheEvent] = []
         self._group_suffix: dict[int, bytes] = {}
+
+    def _make_free_queue(self, blocks: list[KVCacheBlock]) -> FreeKVCacheBlockQueue:
+        return FreeKVCacheBlockQueue(blocks)
 
     def _suffix(self, group_id: int) -> bytes:
         """The 4 bytes that turn a block hash into its `(hash, group)` key."""

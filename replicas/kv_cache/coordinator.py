@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from math import lcm
 
-from replicas.kv_cache.block_pool import BlockPool
+from replicas.kv_cache.segmented import make_block_pool
 from replicas.kv_cache.single_type import (
     CachedBlockLookup,
     SingleTypeKVCacheManager,
@@ -207,18 +207,20 @@ class KVCacheCoordinator:
         max_num_batched_tokens: int,
         retention_interval: int | None,
         use_int_event_hashes: bool,
+        probation_fraction: float | None = None,
     ) -> None:
         self.kv_cache_config = kv_cache_config
         self.max_model_len = max_model_len
         self.enable_caching = enable_caching
         self.hash_block_size = hash_block_size
         self.scheduler_block_size = scheduler_block_size
-        self.block_pool = BlockPool(
+        self.block_pool = make_block_pool(
             kv_cache_config.num_blocks,
             enable_caching=enable_caching,
             hash_block_size=hash_block_size,
             enable_kv_cache_events=enable_kv_cache_events,
             use_int_event_hashes=use_int_event_hashes,
+            probation_fraction=probation_fraction,
         )
         self.eagle_group_ids = eagle_group_ids(kv_cache_config, use_eagle)
         managers: list[SingleTypeKVCacheManager] = []
@@ -367,6 +369,7 @@ def get_kv_cache_coordinator(
     max_num_batched_tokens: int | None,
     retention_interval: int | None,
     use_int_event_hashes: bool,
+    probation_fraction: float | None = None,
 ) -> KVCacheCoordinator:
     """Pick the coordinator for a config, after checking its block sizes agree."""
     if scheduler_block_size is None:
@@ -394,6 +397,7 @@ def get_kv_cache_coordinator(
         max_num_batched_tokens=max_num_batched_tokens or max_model_len,
         retention_interval=retention_interval,
         use_int_event_hashes=use_int_event_hashes,
+        probation_fraction=probation_fraction,
     )
     if not enable_caching:
         return KVCacheCoordinatorNoPrefixCache(kv_cache_config, **kwargs)  # type: ignore[arg-type]

@@ -108,6 +108,7 @@ class KVCacheManager:
         max_num_batched_tokens: int | None = None,
         prefix_cache_retention_interval: int | None = None,
         use_int_event_hashes: bool = True,
+        probation_fraction: float | None = None,
         dcp_world_size: int = 1,
         pcp_world_size: int = 1,
     ) -> None:
@@ -134,6 +135,7 @@ class KVCacheManager:
             max_num_batched_tokens=max_num_batched_tokens,
             retention_interval=resolve_retention_interval(prefix_cache_retention_interval),
             use_int_event_hashes=use_int_event_hashes,
+            probation_fraction=probation_fraction,
         )
         self.block_pool: BlockPool = self.coordinator.block_pool
         self.num_kv_cache_groups = len(kv_cache_config.kv_cache_groups)

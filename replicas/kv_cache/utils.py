@@ -101,6 +101,8 @@ class KVCacheBlock:
     prev_free_block: KVCacheBlock | None = None
     next_free_block: KVCacheBlock | None = None
     is_null: bool = False
+    # Segmented-LRU eviction only (`segmented.py`): protected when freed.
+    reused: bool = False
 
     @property
     def block_hash(self) -> BlockHashWithGroupId | None:

@@ -17,6 +17,7 @@ import pytest
 
 from events.kv_events import BlockRemoved
 from replicas.kv_cache.manager import KVCacheManager
+from replicas.kv_cache.segmented import SegmentedFreeBlockQueue
 from replicas.kv_cache.specs import KVCacheSpec
 from replicas.kv_cache.utils import BlockHashListWithBlockSize, make_block_hash_with_group_id
 from replicas.request import Request
@@ -66,6 +67,13 @@ def _check_books(mgr: KVCacheManager, live: list[Request]) -> None:
     free_ids = {b.block_id for b in pool.free_block_queue.get_all_free_blocks()}
     assert free_ids == {b.block_id for b in pool.blocks[1:] if b.ref_cnt == 0}
     assert pool.get_num_free_blocks() == len(free_ids)
+    queue = pool.free_block_queue
+    if isinstance(queue, SegmentedFreeBlockQueue):
+        free = queue.get_all_free_blocks()
+        protected = [b.reused for b in free]
+        assert queue.num_protected == sum(protected)
+        # Probation blocks, then protected ones: the sentinel splits them.
+        assert protected == sorted(protected)
     cached = 0
     for key, entry in pool.cached_block_hash_to_block._cache.items():
         blocks = [entry] if not isinstance(entry, dict) else list(entry.values())
@@ -86,10 +94,19 @@ def _check_hit(mgr: KVCacheManager, req: Request, hit: int, hit_blocks: tuple) -
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("seed", range(4))
-def test_caching_changes_which_blocks_never_how_many(name: str, seed: int) -> None:
+@pytest.mark.parametrize("probation_fraction", [None, 0.5], ids=["lru", "slru"])
+def test_caching_changes_which_blocks_never_how_many(
+    name: str, seed: int, probation_fraction: float | None
+) -> None:
     specs = CONFIGS[name]
     rng = random.Random(seed)
-    on = manager(120, *specs, enable_kv_cache_events=True, log_stats=True)
+    on = manager(
+        120,
+        *specs,
+        enable_kv_cache_events=True,
+        log_stats=True,
+        probation_fraction=probation_fraction,
+    )
     off = manager(120, *specs, enable_caching=False)
     block_size = min(s.block_size for s in specs)
     live: list[Live] = []
@@ -105,6 +122,7 @@ def test_caching_changes_which_blocks_never_how_many(name: str, seed: int) -> No
                 request(f"{step}", prompt, block_size),
                 rng.randrange(0, 12),
             )
+            pair.on.reuse_hint_tokens = rng.choice((0, len(prompt) // 2, len(prompt)))
             hit_blocks, hit = on.get_computed_blocks(pair.on)
             _check_hit(on, pair.on, hit, hit_blocks.blocks)
             got_on = on.allocate_slots(pair.on, len(prompt) - hit, hit, hit_blocks)

@@ -1,0 +1,127 @@
+"""Segmented-LRU eviction: reused blocks outlive one-off blocks, hints protect."""
+
+from __future__ import annotations
+
+import pytest
+
+from replicas.kv_cache.segmented import SegmentedFreeBlockQueue
+from replicas.kv_cache.utils import KVCacheBlock
+from tests.replicas.conftest import full, manager, request
+
+
+def _empty_queue(
+    num_blocks: int, probation_fraction: float
+) -> tuple[SegmentedFreeBlockQueue, list[KVCacheBlock]]:
+    blocks = [KVCacheBlock(i) for i in range(num_blocks)]
+    queue = SegmentedFreeBlockQueue(blocks, probation_fraction)
+    queue.popleft_n(num_blocks)
+    return queue, blocks
+
+
+def _ids(queue: SegmentedFreeBlockQueue) -> list[int]:
+    return [b.block_id for b in queue.get_all_free_blocks()]
+
+
+def _free(queue: SegmentedFreeBlockQueue, blocks: list, reused: set[int]) -> None:
+    for block in blocks:
+        block.reused = block.block_id in reused
+    queue.append_n(blocks)
+
+
+def test_one_off_blocks_are_evicted_before_reused_ones_even_when_newer() -> None:
+    queue, b = _empty_queue(6, 0.5)
+    _free(queue, [b[1], b[2], b[3], b[4]], reused={1, 2})
+    assert _ids(queue) == [3, 4, 1, 2]
+    assert queue.num_free_blocks == 4 and queue.num_protected == 2
+    assert [x.block_id for x in queue.popleft_n(3)] == [3, 4, 1]
+    assert queue.num_free_blocks == 1 and queue.num_protected == 1
+
+
+def test_protected_overflow_is_demoted_to_the_mru_end_of_probation() -> None:
+    queue, b = _empty_queue(6, 0.5)
+    _free(queue, [b[1], b[2], b[3], b[4]], reused={1, 2, 3})
+    # 4 free blocks allow 2 protected: the oldest protected one, b1, is demoted.
+    assert _ids(queue) == [4, 1, 2, 3]
+    assert [x.reused for x in queue.get_all_free_blocks()] == [False, False, True, True]
+    assert queue.num_protected == 2
+
+
+def test_eviction_runs_past_the_sentinel_when_probation_is_empty() -> None:
+    queue, b = _empty_queue(6, 0.25)
+    _free(queue, [b[1], b[2]], reused={1, 2})
+    assert _ids(queue) == [1, 2] and queue.num_protected == 1
+    assert [x.block_id for x in queue.popleft_n(2)] == [1, 2]
+    assert queue.num_free_blocks == 0 and queue.num_protected == 0
+    assert not b[1].reused and not b[2].reused
+    _free(queue, [b[3]], reused=set())
+    _free(queue, [b[4]], reused={4})
+    assert _ids(queue) == [3, 4]
+    assert queue.popleft().block_id == 3
+
+
+def test_a_hit_on_a_protected_block_takes_it_out_of_the_count() -> None:
+    queue, b = _empty_queue(6, 0.5)
+    _free(queue, [b[1], b[2]], reused={2})
+    queue.remove(b[2])
+    assert _ids(queue) == [1] and queue.num_protected == 0 and queue.num_free_blocks == 1
+
+
+def test_scratch_blocks_go_to_the_head_unprotected() -> None:
+    queue, b = _empty_queue(6, 0.5)
+    _free(queue, [b[1], b[2]], reused={2})
+    b[5].reused = True
+    queue.prepend_n([b[5]])
+    assert _ids(queue) == [5, 1, 2] and not b[5].reused and queue.num_protected == 1
+
+
+def test_probation_fraction_outside_zero_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="probation_fraction"):
+        SegmentedFreeBlockQueue([KVCacheBlock(0)], 0.0)
+
+
+def test_router_hint_protects_blocks_on_their_first_use() -> None:
+    mgr = manager(20, full(4), probation_fraction=0.5)
+    req = request("a", list(range(17)), 4)
+    req.reuse_hint_tokens = 8
+    hit_blocks, hit = mgr.get_computed_blocks(req)
+    assert hit == 0
+    mgr.allocate_slots(req, 17, hit, hit_blocks)
+    req.num_computed_tokens = 17
+    ids = mgr.get_block_ids("a")[0]
+    mgr.free(req)
+    pool = mgr.block_pool
+    protected = [i for i in ids if pool.blocks[i].reused]
+    assert protected == ids[:2]
+    # Free order is deepest first within each segment; the hinted prefix is last.
+    assert [b.block_id for b in pool.free_block_queue.get_all_free_blocks()][-2:] == [
+        ids[1],
+        ids[0],
+    ]
+
+
+def test_a_cache_hit_protects_the_blocks_it_reused() -> None:
+    mgr = manager(20, full(4), probation_fraction=0.5)
+    first = request("a", list(range(17)), 4)
+    mgr.allocate_slots(first, 17)
+    first.num_computed_tokens = 17
+    ids = mgr.get_block_ids("a")[0]
+    mgr.free(first)
+    assert not any(mgr.block_pool.blocks[i].reused for i in ids)
+    second = request("b", [*range(13), 99, 98], 4)
+    hit_blocks, hit = mgr.get_computed_blocks(second)
+    assert hit == 12
+    mgr.allocate_slots(second, 15 - hit, hit, hit_blocks)
+    assert [mgr.block_pool.blocks[i].reused for i in ids] == [True, True, True, False, False]
+
+
+def test_lru_pool_ignores_hints() -> None:
+    mgr = manager(20, full(4))
+    req = request("a", list(range(17)), 4)
+    req.reuse_hint_tokens = 16
+    mgr.allocate_slots(req, 17)
+    req.num_computed_tokens = 17
+    ids = mgr.get_block_ids("a")[0]
+    mgr.free(req)
+    free = [b.block_id for b in mgr.block_pool.free_block_queue.get_all_free_blocks()]
+    assert free[-5:] == ids[::-1]
+    assert not any(mgr.block_pool.blocks[i].reused for i in ids)
