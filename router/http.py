@@ -107,6 +107,7 @@ def build_app(service: RouterService) -> web.Application:
             "kvroute": {
                 "replica_id": result.replica_id,
                 "predicted_hit_tokens": routed.predicted_hit_tokens,
+                "reuse_hint_tokens": routed.reuse_hint_tokens,
                 "routing_s": routed.routing_s,
                 "queue_s": result.queue_s,
                 "ttft_s": result.ttft_s,

@@ -100,6 +100,7 @@ class RoutedResult:
     result: GenerateResult
     text: str
     predicted_hit_tokens: int
+    reuse_hint_tokens: int
     routing_s: float
     attempts: int
 
@@ -335,10 +336,10 @@ class RouterService:
                             streamed = True
                             yield item
                         else:
-                            yield self._record(state, item, hit, routing_s, attempt)
+                            yield self._record(state, item, wire, hit, routing_s, attempt)
                 else:
                     result = await state.handle.generate.remote(wire)
-                    yield self._record(state, result, hit, routing_s, attempt)
+                    yield self._record(state, result, wire, hit, routing_s, attempt)
                 return
             except ACTOR_GONE:
                 self._replica_died(replica_id)
@@ -360,7 +361,13 @@ class RouterService:
         raise NoReplicaError(f"every replica tried ({sorted(tried)}) died during the request")
 
     def _record(
-        self, state: ReplicaState, result: GenerateResult, hit: int, routing_s: float, attempt: int
+        self,
+        state: ReplicaState,
+        result: GenerateResult,
+        wire: GenerateRequest,
+        hit: int,
+        routing_s: float,
+        attempt: int,
     ) -> RoutedResult:
         state.requests += 1
         state.prompt_tokens += result.num_prompt_tokens
@@ -374,6 +381,7 @@ class RouterService:
             result=result,
             text=self.tokenizer.decode(result.output_token_ids),
             predicted_hit_tokens=hit,
+            reuse_hint_tokens=wire.reuse_hint_tokens,
             routing_s=routing_s,
             attempts=attempt,
         )

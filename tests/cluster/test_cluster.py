@@ -68,6 +68,8 @@ def test_shared_prefix_prompts_land_on_one_replica_with_cached_tokens(
         # The 640-token system prompt is 40 full blocks, all cached.
         assert result["usage"]["prompt_tokens_details"]["cached_tokens"] == 640
         assert result["kvroute"]["predicted_hit_tokens"] == 640
+        # The router saw the system prompt before: the replica protects it.
+        assert result["kvroute"]["reuse_hint_tokens"] == 640
         assert result["usage"]["prompt_tokens"] == 670
 
 
