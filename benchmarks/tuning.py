@@ -1,10 +1,12 @@
-"""Policy tuning: one workload, several policy variants, side by side.
+"""Policy tuning: one workload, several router/replica variants, side by side.
 
-A variant is `policy` or `policy:queue_weight` (kv_aware's weight of queued
-prefill relative to the prompt's own uncached tokens).
+A variant is `policy[:queue_weight[:probation_fraction[:reuse_memory]]]`: kv_aware's
+weight of queued prefill relative to the prompt's own uncached tokens, then the
+replicas' segmented-LRU probation fraction and the router's reuse-hint memory
+(empty fields keep the config's value; `lru` as the fraction means plain LRU).
 
-Run: python -m benchmarks.tuning --trace synthetic --speed 1.5 --limit 2000 \
-         kv_aware:1.0 kv_aware:0.5 kv_aware:0.25 prefix_only
+Run: python -m benchmarks.tuning --trace conversation --speed 1.5 --limit 4000 \
+         kv_aware:0.5 kv_aware:0.3 kv_aware:0.15 kv_aware:0.15:0.6:0 kv_aware:0.15:0.6:2
 """
 
 from __future__ import annotations
@@ -12,12 +14,29 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks.sim.config import load_bench_config
+import msgspec
+
+from benchmarks.sim.bounds import pooled_lru_hit_rate
+from benchmarks.sim.config import BenchConfig, load_bench_config
 from benchmarks.sim.metrics import summarize
 from benchmarks.sim.simulator import Simulator
 from benchmarks.sim.traces import load_mooncake
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def variant_config(config: BenchConfig, variant: str) -> tuple[BenchConfig, str, dict]:
+    """The config, policy and policy options a variant string describes."""
+    policy, weight, fraction, memory = [*variant.split(":"), "", "", ""][:4]
+    replicas, router = config.replicas, config.router
+    if fraction:
+        replicas = msgspec.structs.replace(
+            replicas, probation_fraction=None if fraction == "lru" else float(fraction)
+        )
+    if memory:
+        router = msgspec.structs.replace(router, reuse_memory=float(memory))
+    options = {"weights": {"queue_weight": float(weight)}} if weight else {}
+    return msgspec.structs.replace(config, replicas=replicas, router=router), policy, options
 
 
 def main() -> None:
@@ -30,21 +49,25 @@ def main() -> None:
     args = parser.parse_args()
     config = load_bench_config(args.config)
     workload = load_mooncake(args.trace, speed=args.speed, limit=args.limit)
-    print(f"{args.trace} at {args.speed:g}x, first {args.limit} requests; {config.describe()}\n")
+    bound = pooled_lru_hit_rate(
+        workload, config.model.block_size, config.model.num_blocks * config.replicas.count
+    ).rate
+    print(f"{args.trace} at {args.speed:g}x, first {args.limit} requests; {config.describe()}")
+    print(f"pooled-LRU bound: {bound:.2%}\n")
     header = (
-        f"{'variant':<16} {'hit':>6} {'TTFT p50':>8} {'p90':>6} {'p99':>6} {'mean':>6} "
-        f"{'imbalance':>9} {'dup':>5}"
+        f"{'variant':<22} {'hit':>6} {'/ LRU':>6} {'TTFT p50':>8} {'p90':>6} {'p99':>6} "
+        f"{'mean':>6} {'imbalance':>9} {'dup':>5}"
     )
     print(header)
     print("-" * len(header))
     for variant in args.variants:
-        policy, _, weight = variant.partition(":")
-        options = {"weights": {"queue_weight": float(weight)}} if weight else {}
-        result = Simulator(config.sim_config(policy, **options), workload).run(progress=False)
+        variant_cfg, policy, options = variant_config(config, variant)
+        result = Simulator(variant_cfg.sim_config(policy, **options), workload).run(progress=False)
         m = summarize(result)
         print(
-            f"{variant:<16} {m.hit_rate:>6.1%} {m.ttft_p50:>8.2f} {m.ttft_p90:>6.2f} "
-            f"{m.ttft_p99:>6.2f} {m.ttft_mean:>6.2f} {m.imbalance:>9.2f} {m.duplication:>5.2f}",
+            f"{variant:<22} {m.hit_rate:>6.1%} {m.hit_rate / bound:>6.1%} {m.ttft_p50:>8.2f} "
+            f"{m.ttft_p90:>6.2f} {m.ttft_p99:>6.2f} {m.ttft_mean:>6.2f} {m.imbalance:>9.2f} "
+            f"{m.duplication:>5.2f}",
             flush=True,
         )
 
