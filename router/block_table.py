@@ -194,8 +194,9 @@ def _prefix_and(
     first: bool,
 ) -> np.intp:
     """Row j of `out` becomes `alive` (if `first`, else row j itself) AND the
-    masks of keys 0..j, each or'ed with the extra table's. Stops at the first
-    all-zero row and returns its index (the number of live rows)."""
+    masks of keys 0..j, each or'ed with the extra table's. An empty `alive`
+    stands for every replica. Stops at the first all-zero row and returns its
+    index (the number of live rows)."""
     width = out.shape[1]
     running = np.full(width, ~_ZERO)
     for j in range(batch.size):
@@ -215,7 +216,12 @@ def _prefix_and(
             if extra_entry >= 0 and w < extra_masks.shape[1]:
                 mask |= extra_masks[extra_entry, w]
             running[w] &= mask
-            row = running[w] & (alive[w] if first else out[j, w])
+            if not first:
+                row = running[w] & out[j, w]
+            elif alive.size:
+                row = running[w] & alive[w]
+            else:
+                row = running[w]
             out[j, w] = row
             live = live or row != _ZERO
         if not live:
@@ -263,6 +269,8 @@ def mask_ints(masks: np.ndarray) -> list[int]:
     """Rows of mask words (word 0 lowest) as Python ints. Only the span of
     words that are non-zero in some row is converted, so a wide table whose
     rows hold few replicas converts like a narrow one."""
+    if masks.shape[1] == 1:
+        return masks[:, 0].tolist()
     used = np.flatnonzero(masks.any(axis=0))
     if not used.size:
         return [0] * masks.shape[0]
@@ -351,8 +359,9 @@ class BlockTable:
         first: bool,
     ) -> int:
         """Prefix-AND of the keys' masks (each or'ed with `extra`'s) into `out`:
-        row j = (`alive` if `first`, else row j) AND masks of keys 0..j. Stops at
-        the first all-zero row; returns the number of live rows before it."""
+        row j = (`alive` if `first`, else row j) AND masks of keys 0..j, where
+        an empty `alive` stands for every replica. Stops at the first all-zero
+        row; returns the number of live rows before it."""
         other = self if extra is None else extra
         return _prefix_and(
             self._slots,

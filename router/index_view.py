@@ -22,7 +22,10 @@ from router.block_table import BlockTable, mask_ints
 # Stand-ins for physical blocks: the hit rules only count blocks.
 HIT = KVCacheBlock(block_id=-1)
 NULL = KVCacheBlock(block_id=-1, is_null=True)
-ALL_BITS = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+# `alive` before the first block: every replica.
+EVERYONE = np.empty(0, np.uint64)
 
 
 class _Run:
@@ -32,9 +35,9 @@ class _Run:
 
     __slots__ = ("alive", "runs")
 
-    def __init__(self, width: int) -> None:
+    def __init__(self) -> None:
         self.runs: list[int] = []
-        self.alive: np.ndarray | None = np.full(width, ALL_BITS)
+        self.alive: np.ndarray | None = EVERYONE
 
 
 class PromptMasks:
@@ -121,15 +124,16 @@ class PromptMasks:
         least `max_blocks` - 1 unless nobody is left or the prompt ends (it may
         run further). One compiled scan per group, which stops where nobody is
         left; memoised per prompt and extended if a later call asks for more."""
-        run = self._runs.get(tuple(group_ids))
+        memo_key = tuple(group_ids)
+        run = self._runs.get(memo_key)
         if run is None:
-            run = _Run(self._width)
-            self._runs[tuple(group_ids)] = run
+            run = self._runs[memo_key] = _Run()
         runs = run.runs
-        limit = min(max_blocks, len(self._group_keys(group_ids[0])))
+        keys = self._group_keys(group_ids[0])
+        limit = min(max_blocks, len(keys))
         if len(runs) < limit and run.alive is not None:
             start = len(runs)
-            keys = self._group_keys(group_ids[0])[start:limit]
+            keys = keys[start:limit]
             out = np.empty((keys.size, self._width), np.uint64)
             live = keys.size
             extra = self._extra
