@@ -26,12 +26,18 @@ a per-key probe loop in Python ~250 ns per probe.
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
 from numba import njit
 
 EMPTY = -1
 DELETED = -2
-MIN_CAPACITY = 8
+# Small tables churn (a replica storing and evicting a few blocks per batch):
+# a floor of 4 KB of slots and no shrinking below 4,096 entries keep them
+# from rebuilding on every batch.
+MIN_CAPACITY = 1 << 10
+SHRINK_ABOVE = 1 << 12
 # A store reserves room for its whole batch before the kernel runs; chunking
 # bounds the over-reservation when most keys already exist.
 CHUNK = 1 << 14
@@ -284,6 +290,21 @@ def mask_ints(masks: np.ndarray) -> list[int]:
     return [int.from_bytes(raw[i : i + step], "little") << shift for i in range(0, len(raw), step)]
 
 
+@cache
+def warm_up() -> None:
+    """Compile every kernel now, or load it from numba's on-disk cache: a cold
+    compile takes seconds, which belongs at startup, not in the first request."""
+    table, extra = BlockTable(), BlockTable()
+    keys = np.arange(1, 4, dtype=np.uint64)
+    extra.store(keys.copy(), 0)
+    table.store(keys.copy(), 0)
+    out = np.zeros((keys.size, 1), np.uint64)
+    table.lookup_into(keys, out)
+    table.prefix_and(keys, extra, np.empty(0, np.uint64), out, True)
+    table.discard(keys[:1], 0)
+    table.clear_bit(0)
+
+
 class BlockTable:
     """uint64 key -> replica bitmask, with batch operations only."""
 
@@ -425,7 +446,7 @@ class BlockTable:
 
     def _shrink(self) -> None:
         size = self._size
-        if size < self._keys.size // 4 and self._keys.size > 64:
+        if size < self._keys.size // 4 and self._keys.size > SHRINK_ABOVE:
             self._resize_entries(max(size + size // 4, 16))
         if size * 8 < self._slots.size and self._slots.size > MIN_CAPACITY:
             self._rehash(size)
