@@ -45,7 +45,7 @@ from replicas.kv_cache.coordinator import (
 from replicas.kv_cache.specs import KVCacheConfig
 from replicas.kv_cache.utils import BlockHash, RequestBlockHasher
 from replicas.request import Request
-from router.block_table import BlockTable
+from router.block_table import BlockTable, warm_up
 from router.index_view import PromptMasks, ReplicaView
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,17 @@ def event_keys(block_hashes: Sequence[bytes]) -> np.ndarray:
     return np.array([event_hash(h) for h in block_hashes], np.uint64)
 
 
+class _EventRun:
+    """Keys of consecutive events of one kind and group, and each event's count."""
+
+    __slots__ = ("keys", "kind", "sizes")
+
+    def __init__(self, kind: type) -> None:
+        self.kind = kind
+        self.keys: list[int] = []
+        self.sizes: list[int] = []
+
+
 class KVIndex:
     """Which replica caches which block, for every registered replica."""
 
@@ -123,6 +134,7 @@ class KVIndex:
         self.hash_seed = hash_seed
         self.hash_fn = get_hash_fn_by_name(hash_algo)
         self.none_hash = BlockHash(self.hash_fn(hash_seed))
+        warm_up()
         self.prediction_ttl_s = prediction_ttl_s
         self.clock = clock
         self.stats = IndexStats()
@@ -271,38 +283,57 @@ class KVIndex:
         self.stats.batches += 1
         # Consecutive events of one kind and group become one table call. Runs
         # of different groups touch different tables, so they commute.
-        runs: dict[int, tuple[type, list[int]]] = {}
+        runs: dict[int, _EventRun] = {}
         for event in batch.events:
             kind = type(event)
             if kind is BlockStored or kind is BlockRemoved:
                 group = self._group_of(entry, event)
                 if group is None:
                     continue
-                keys = self._keys(event.block_hashes)
-                if keys is None:
-                    continue
+                keys = event.block_hashes
+                # Ints are range-checked when the run becomes an array.
+                if not _INT_ONLY.issuperset(map(type, keys)):
+                    keys = self._keys(keys)
+                    if keys is None:
+                        continue
                 run = runs.get(group)
-                if run is None or run[0] is not kind:
+                if run is None or run.kind is not kind:
                     if run is not None:
-                        self._flush(entry.bit, group, *run)
-                    run = runs[group] = (kind, [])
-                run[1].extend(keys)
+                        self._flush(entry.bit, group, run)
+                    run = runs[group] = _EventRun(kind)
+                run.keys.extend(keys)
+                run.sizes.append(len(keys))
             elif kind is AllBlocksCleared:
                 self._flush_all(entry.bit, runs)
                 self.stats.cleared += 1
                 self._clear_bit(entry.bit, predictions=False)
         self._flush_all(entry.bit, runs)
 
-    def _flush_all(self, bit: int, runs: dict[int, tuple[type, list[int]]]) -> None:
+    def _flush_all(self, bit: int, runs: dict[int, _EventRun]) -> None:
         for group, run in runs.items():
-            self._flush(bit, group, *run)
+            self._flush(bit, group, run)
         runs.clear()
 
-    def _flush(self, bit: int, group: int, kind: type, keys: list[int]) -> None:
-        if kind is BlockStored:
-            self._store(bit, group, keys)
+    def _flush(self, bit: int, group: int, run: _EventRun) -> None:
+        try:
+            batch = np.array(run.keys, np.uint64)
+        except OverflowError:
+            batch = np.array(self._in_range(run), np.uint64)
+        if run.kind is BlockStored:
+            self._store(bit, group, batch)
         else:
-            self._remove(bit, group, keys)
+            self._remove(bit, group, batch)
+
+    def _in_range(self, run: _EventRun) -> list[int]:
+        """The run's keys without the events holding an int outside uint64."""
+        keys: list[int] = []
+        start = 0
+        for size in run.sizes:
+            event_keys = self._keys(run.keys[start : start + size])
+            if event_keys is not None:
+                keys.extend(event_keys)
+            start += size
+        return keys
 
     def _group_of(self, entry: ReplicaEntry, event: BlockStored | BlockRemoved) -> int | None:
         group = event.group_idx
@@ -345,13 +376,8 @@ class KVIndex:
             return None
         return group
 
-    def _keys(self, block_hashes: Sequence[int | bytes]) -> Sequence[int] | None:
-        """The event's keys, or None (counted) if any hash is malformed. The
-        common all-int event is checked with C-level passes only."""
-        if _INT_ONLY.issuperset(map(type, block_hashes)) and (
-            not block_hashes or (min(block_hashes) >= 0 and max(block_hashes) <= UINT64_MAX)
-        ):
-            return block_hashes
+    def _keys(self, block_hashes: Sequence[int | bytes]) -> list[int] | None:
+        """The event's keys, or None (counted) if any hash is malformed."""
         keys = []
         for h in block_hashes:
             if type(h) is int and 0 <= h <= UINT64_MAX:
@@ -364,8 +390,8 @@ class KVIndex:
                 return None
         return keys
 
-    def _store(self, bit: int, group: int, keys: list[int]) -> None:
-        batch = np.array(keys, np.uint64)
+    def _store(self, bit: int, group: int, batch: np.ndarray) -> None:
+        stored = batch.size
         predicted = self._predicted[group]
         if len(predicted):
             self.stats.predictions_confirmed += predicted.discard(batch, bit)
@@ -374,10 +400,10 @@ class KVIndex:
             extra = self._extra_copies.setdefault((bit, group), {})
             for key in held.tolist():
                 extra[key] = extra.get(key, 0) + 1
-        self.stats.stored_blocks += len(keys)
+        self.stats.stored_blocks += stored
 
-    def _remove(self, bit: int, group: int, keys: list[int]) -> None:
-        batch = np.array(keys, np.uint64)
+    def _remove(self, bit: int, group: int, batch: np.ndarray) -> None:
+        removed = batch.size
         predicted = self._predicted[group]
         if len(predicted):
             predicted.discard(batch, bit)
@@ -386,7 +412,7 @@ class KVIndex:
             # A removed second copy leaves the bit set. Copies only go down
             # within a run, so deciding them before the table call is exact.
             single = []
-            for key in keys:
+            for key in batch.tolist():
                 copies = extra.get(key)
                 if copies is None:
                     single.append(key)
@@ -399,7 +425,7 @@ class KVIndex:
             batch = np.array(single, np.uint64)
         cleared = self._groups[group].discard(batch, bit)
         self.stats.removed_unknown += batch.size - cleared
-        self.stats.removed_blocks += len(keys)
+        self.stats.removed_blocks += removed
 
     def _log_once(self, kind: str, message: str, *args: object) -> None:
         if kind not in self.stats.dropped_kinds:
