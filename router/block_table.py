@@ -271,13 +271,14 @@ def _bit(bit: int) -> tuple[int, np.uint64]:
     return bit >> 6, _FLAGS[bit & 63]
 
 
-def mask_ints(masks: np.ndarray) -> list[int]:
-    """Rows of mask words (word 0 lowest) as Python ints. Only the span of
-    words that are non-zero in some row is converted, so a wide table whose
-    rows hold few replicas converts like a narrow one."""
+def mask_ints(masks: np.ndarray, span_row: np.ndarray | None = None) -> list[int]:
+    """Rows of mask words (word 0 lowest) as Python ints. Only the words that
+    are non-zero in some row are converted (or in `span_row`, if every row is
+    a subset of it), so a wide table whose rows hold few replicas converts
+    like a narrow one."""
     if masks.shape[1] == 1:
         return masks[:, 0].tolist()
-    used = np.flatnonzero(masks.any(axis=0))
+    used = np.flatnonzero(masks.any(axis=0) if span_row is None else span_row)
     if not used.size:
         return [0] * masks.shape[0]
     low, high = int(used[0]), int(used[-1]) + 1

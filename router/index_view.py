@@ -141,7 +141,8 @@ class PromptMasks:
                 live = self._tables[group].prefix_and(
                     keys[:live], None if extra is None else extra[group], run.alive, out, i == 0
                 )
-            runs.extend(mask_ints(out[:live]))
+            # Every row is a subset of the first: its words bound the span.
+            runs.extend(mask_ints(out[:live], span_row=out[0]))
             run.alive = out[live - 1].copy() if live == keys.size else None
         return runs
 

@@ -187,6 +187,10 @@ def test_mask_ints_converts_only_the_words_in_use() -> None:
     assert mask_ints(words[:, :2]) == [5 << 64, 1 << 64, 0]
     assert mask_ints(np.zeros((2, 4), np.uint64)) == [0, 0]
     assert mask_ints(np.array([[3], [2**63]], np.uint64)) == [3, 2**63]
+    # Rows that are subsets of a span row (a prefix scan) convert by its words.
+    scan = np.array([[0, 7, 4, 0], [0, 3, 0, 0], [0, 1, 0, 0]], np.uint64)
+    assert mask_ints(scan, span_row=scan[0]) == [7 << 64 | 4 << 128, 3 << 64, 1 << 64]
+    assert mask_ints(scan[1:], span_row=scan[1]) == [3 << 64, 1 << 64]
 
 
 KEY_POOL = [*COLLIDING[:12], 0, 1, 2, 2**63, 2**64 - 1, 0xDEADBEEF]
