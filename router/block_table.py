@@ -2,7 +2,7 @@
 
 Why not a `dict[int, int]`: each entry costs a Python int key object plus the
 dict's own slot, about 78 B at 1M entries. Here an entry costs its key (8 B),
-its mask (8 B per 64 replica bits) and 6-12 B of slot array.
+its mask (8 B per 64 replica bits) and 6-16 B of slot array.
 
 Layout, after CPython's compact dict:
 - `slots`: int32[capacity], a power of two. A slot is EMPTY, DELETED (a
@@ -16,10 +16,11 @@ Layout, after CPython's compact dict:
 - Replica bit b is bit b % 64 of word b // 64. `width` grows when a bit past
   64 * width is stored, and never shrinks.
 
-Slots are rebuilt, dropping tombstones, at twice the needed size when live plus
-tombstones would pass 2/3 of capacity; entry arrays grow by 1.25x and shrink
-when three quarters are unused. numpy allocates every array in Python (so
-tracemalloc sees them); the numba kernels only read and write them in place.
+Slots are rebuilt, dropping tombstones, at twice the needed size (at least
+MIN_CAPACITY) when live plus tombstones would pass 2/3 of capacity; entry
+arrays grow by 1.25x in place and, above SHRINK_ABOVE, shrink when three
+quarters are unused. numpy allocates every array in Python (so tracemalloc
+sees them); the numba kernels only read and write them in place.
 Every kernel takes a whole batch of keys: a numba call costs ~1 us to dispatch,
 a per-key probe loop in Python ~250 ns per probe.
 """

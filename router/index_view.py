@@ -1,11 +1,12 @@
 """A replica's cache as the index knows it, shaped as the block manager's lookup.
 
 `PromptMasks` answers, for one prompt, which replicas hold each of its blocks:
-it looks the prompt's event keys up in each group's `BlockTable` in batches
-(one compiled call per group and chunk, predictions or'ed in) and keeps the
-results for the whole prediction. `ReplicaView` reads one replica's bit out of
-those masks and presents it as a `CachedBlockLookup`, so the replica's own
-`PrefixHitFinder` runs unchanged.
+it looks the prompt's event keys up in each group's `BlockTable` with one
+compiled call per group (predictions or'ed in) - a prefix scan that stops
+where nobody holds the prefix for full-attention groups, the whole prompt for
+window and state groups - and keeps the results for the whole prediction.
+`ReplicaView` reads one replica's bit out of those masks and presents it as a
+`CachedBlockLookup`, so the replica's own `PrefixHitFinder` runs unchanged.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from router.block_table import BlockTable, mask_ints
 # Stand-ins for physical blocks: the hit rules only count blocks.
 HIT = KVCacheBlock(block_id=-1)
 NULL = KVCacheBlock(block_id=-1, is_null=True)
-
-
 # `alive` before the first block: every replica.
 EVERYONE = np.empty(0, np.uint64)
 
@@ -86,18 +85,14 @@ class PromptMasks:
             self._keys[scale] = keys
         return keys
 
-    def _lookup(self, group: int, start: int, stop: int) -> np.ndarray:
-        keys = self._group_keys(group)[start:stop]
-        out = np.zeros((keys.size, self._width), np.uint64)
-        self._tables[group].lookup_into(keys, out)
-        if self._extra is not None:
-            self._extra[group].lookup_into(keys, out)
-        return out
-
     def _all_blocks(self, group: int) -> np.ndarray:
         masks = self._all.get(group)
         if masks is None:
-            masks = self._lookup(group, 0, len(self._group_keys(group)))
+            keys = self._group_keys(group)
+            masks = np.zeros((keys.size, self._width), np.uint64)
+            self._tables[group].lookup_into(keys, masks)
+            if self._extra is not None:
+                self._extra[group].lookup_into(keys, masks)
             self._all[group] = masks
         return masks
 
