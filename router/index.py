@@ -1,9 +1,15 @@
 """The router's global block index, and exact per-replica hit prediction.
 
-Layout: one dict per KV cache group index, mapping a block's event hash (the
-low 64 bits of the engine's hash, as BlockStored carries it) to a bitmask of
-the replicas holding it. A lookup is one dict probe per (block, group) no
-matter how many replicas exist; replicas are bits.
+Layout: one `BlockTable` per KV cache group index, mapping a block's event
+hash (the low 64 bits of the engine's hash, as BlockStored carries it) to a
+bitmask of the replicas holding it: a compact open-addressing table of uint64
+keys and mask words (8 B per 64 replicas) whose probe loops are compiled by
+numba. A lookup is one probe per (block, group) no matter how many replicas
+exist; replicas are bits. The table is only ever called with batches: `apply`
+gathers consecutive events of one kind and group into one call; `predict`
+scans a prompt's keys in one call per prefix-closed group, stopping where no
+replica holds the prefix any more, and looks a window or state group's keys up
+in one call for the whole prompt.
 
 Invariants:
 - A replica registers before any of its events are applied; its hash
@@ -11,8 +17,9 @@ Invariants:
 - A bit is set iff the replica caches that (hash, group) at least once; the
   rare second copy of a hash on one replica is counted in `_extra_copies`, so
   a BlockRemoved of one copy does not clear the bit.
-- Predicted entries live apart from confirmed ones and expire by TTL; a
-  BlockStored or BlockRemoved for the same block retires the prediction.
+- Predicted entries live in a second table per group, apart from confirmed
+  ones, and expire by TTL; a BlockStored or BlockRemoved for the same block
+  retires the prediction.
 - Prediction runs the replica's own hit rules (`PrefixHitFinder`) against a
   view of this index, so it equals the replica's `get_computed_blocks`.
 """
@@ -24,6 +31,9 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
+
+import numpy as np
 
 from events.hashing import get_hash_fn_by_name
 from events.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
@@ -35,11 +45,13 @@ from replicas.kv_cache.coordinator import (
 from replicas.kv_cache.specs import KVCacheConfig
 from replicas.kv_cache.utils import BlockHash, RequestBlockHasher
 from replicas.request import Request
+from router.block_table import BlockTable, warm_up
 from router.index_view import PromptMasks, ReplicaView
 
 logger = logging.getLogger(__name__)
 
 UINT64_MAX = (1 << 64) - 1
+_INT_ONLY = frozenset({int})
 
 
 @dataclass
@@ -54,7 +66,6 @@ class ReplicaEntry:
     group_kinds: list[str]
     group_block_sizes: list[int]
     signature: tuple
-    flag: int = 0
 
 
 @dataclass
@@ -81,6 +92,31 @@ def event_hash(block_hash: bytes) -> int:
     return int.from_bytes(block_hash[-8:], "big")
 
 
+def event_keys(block_hashes: Sequence[bytes]) -> np.ndarray:
+    """`event_hash` of every hash, as uint64. The index's hashes all come from
+    one hash function, whose digests share a width, so one strided view of the
+    joined bytes reads every key."""
+    count = len(block_hashes)
+    if not count:
+        return np.empty(0, np.uint64)
+    width = len(block_hashes[0])
+    joined = b"".join(block_hashes)
+    if width >= 8 and len(joined) == width * count:
+        return np.ndarray((count,), ">u8", joined, width - 8, (width,)).astype(np.uint64)
+    return np.array([event_hash(h) for h in block_hashes], np.uint64)
+
+
+class _EventRun:
+    """Keys of consecutive events of one kind and group, and each event's count."""
+
+    __slots__ = ("keys", "kind", "sizes")
+
+    def __init__(self, kind: type) -> None:
+        self.kind = kind
+        self.keys: list[int] = []
+        self.sizes: list[int] = []
+
+
 class KVIndex:
     """Which replica caches which block, for every registered replica."""
 
@@ -98,15 +134,17 @@ class KVIndex:
         self.hash_seed = hash_seed
         self.hash_fn = get_hash_fn_by_name(hash_algo)
         self.none_hash = BlockHash(self.hash_fn(hash_seed))
+        warm_up()
         self.prediction_ttl_s = prediction_ttl_s
         self.clock = clock
         self.stats = IndexStats()
         self._replicas: dict[str, ReplicaEntry] = {}
         self._free_bits: list[int] = []
         self._next_bit = 0
-        self._groups: list[dict[int, int]] = []
-        self._extra_copies: dict[tuple[int, int, int], int] = {}
-        self._predicted: list[dict[int, int]] = []
+        self._groups: list[BlockTable] = []
+        # (bit, group) -> key -> copies beyond the first
+        self._extra_copies: dict[tuple[int, int], dict[int, int]] = {}
+        self._predicted: list[BlockTable] = []
         self._expiry: list[tuple[float, int, int, int, list[int]]] = []
         self._expiry_order = 0
         self._deadline: dict[tuple[int, int, int], float] = {}
@@ -156,8 +194,8 @@ class KVIndex:
         )
         bit = self._free_bits.pop() if self._free_bits else self._take_new_bit()
         while len(self._groups) < len(groups):
-            self._groups.append({})
-            self._predicted.append({})
+            self._groups.append(BlockTable())
+            self._predicted.append(BlockTable())
         signature = (
             tuple((g.kv_cache_spec, g.is_eagle_group) for g in groups),
             hash_block_size,
@@ -173,7 +211,6 @@ class KVIndex:
             group_kinds=[g.kv_cache_spec.kind.value for g in groups],
             group_block_sizes=[g.kv_cache_spec.block_size for g in groups],
             signature=signature,
-            flag=1 << bit,
         )
         self._rebuild_lookups()
 
@@ -203,20 +240,10 @@ class KVIndex:
         self._clear_bit(self._require(replica_id).bit, predictions=False)
 
     def _clear_bit(self, bit: int, predictions: bool) -> None:
-        """O(index size): a full sweep, acceptable for deaths and resyncs."""
-        keep = ~(1 << bit)
+        """O(index size): a compiled sweep, acceptable for deaths and resyncs."""
         tables = (*self._groups, *self._predicted) if predictions else self._groups
         for table in tables:
-            emptied = []
-            for key, mask in table.items():
-                if mask >> bit & 1:
-                    mask &= keep
-                    if mask:
-                        table[key] = mask
-                    else:
-                        emptied.append(key)
-            for key in emptied:
-                del table[key]
+            table.clear_bit(bit)
         for dup in [k for k in self._extra_copies if k[0] == bit]:
             del self._extra_copies[dup]
 
@@ -240,7 +267,7 @@ class KVIndex:
     def replica_block_count(self, replica_id: str) -> int:
         """Indexed (hash, group) entries held by one replica."""
         bit = self._require(replica_id).bit
-        return sum(1 for t in self._groups for mask in t.values() if mask >> bit & 1)
+        return sum(t.count_bit(bit) for t in self._groups)
 
     # ------------------------------------------------------------------ events
 
@@ -254,19 +281,59 @@ class KVIndex:
             self._log_once("unknown_replica", "dropping events of unknown replica %r", replica_id)
             return
         self.stats.batches += 1
+        # Consecutive events of one kind and group become one table call. Runs
+        # of different groups touch different tables, so they commute.
+        runs: dict[int, _EventRun] = {}
         for event in batch.events:
             kind = type(event)
-            if kind is BlockStored:
+            if kind is BlockStored or kind is BlockRemoved:
                 group = self._group_of(entry, event)
-                if group is not None:
-                    self._store(entry, group, event.block_hashes)
-            elif kind is BlockRemoved:
-                group = self._group_of(entry, event)
-                if group is not None:
-                    self._remove(entry.bit, group, event.block_hashes)
+                if group is None:
+                    continue
+                keys = event.block_hashes
+                # Ints are range-checked when the run becomes an array.
+                if not _INT_ONLY.issuperset(map(type, keys)):
+                    keys = self._keys(keys)
+                    if keys is None:
+                        continue
+                run = runs.get(group)
+                if run is None or run.kind is not kind:
+                    if run is not None:
+                        self._flush(entry.bit, group, run)
+                    run = runs[group] = _EventRun(kind)
+                run.keys.extend(keys)
+                run.sizes.append(len(keys))
             elif kind is AllBlocksCleared:
+                self._flush_all(entry.bit, runs)
                 self.stats.cleared += 1
                 self._clear_bit(entry.bit, predictions=False)
+        self._flush_all(entry.bit, runs)
+
+    def _flush_all(self, bit: int, runs: dict[int, _EventRun]) -> None:
+        for group, run in runs.items():
+            self._flush(bit, group, run)
+        runs.clear()
+
+    def _flush(self, bit: int, group: int, run: _EventRun) -> None:
+        try:
+            batch = np.array(run.keys, np.uint64)
+        except OverflowError:
+            batch = np.array(self._in_range(run), np.uint64)
+        if run.kind is BlockStored:
+            self._store(bit, group, batch)
+        else:
+            self._remove(bit, group, batch)
+
+    def _in_range(self, run: _EventRun) -> list[int]:
+        """The run's keys without the events holding an int outside uint64."""
+        keys: list[int] = []
+        start = 0
+        for size in run.sizes:
+            event_keys = self._keys(run.keys[start : start + size])
+            if event_keys is not None:
+                keys.extend(event_keys)
+            start += size
+        return keys
 
     def _group_of(self, entry: ReplicaEntry, event: BlockStored | BlockRemoved) -> int | None:
         group = event.group_idx
@@ -310,6 +377,7 @@ class KVIndex:
         return group
 
     def _keys(self, block_hashes: Sequence[int | bytes]) -> list[int] | None:
+        """The event's keys, or None (counted) if any hash is malformed."""
         keys = []
         for h in block_hashes:
             if type(h) is int and 0 <= h <= UINT64_MAX:
@@ -322,64 +390,42 @@ class KVIndex:
                 return None
         return keys
 
-    def _store(self, entry: ReplicaEntry, group: int, block_hashes: Sequence[int | bytes]) -> None:
-        keys = self._keys(block_hashes)
-        if keys is None:
-            return
-        bit = entry.bit
-        flag = entry.flag  # one shared int object: single-holder entries cost no mask
-        table = self._groups[group]
+    def _store(self, bit: int, group: int, batch: np.ndarray) -> None:
+        stored = batch.size
         predicted = self._predicted[group]
-        get = table.get
-        for key in keys:
-            mask = get(key, 0)
-            if mask & flag:
-                dup = (bit, group, key)
-                self._extra_copies[dup] = self._extra_copies.get(dup, 0) + 1
-            else:
-                table[key] = mask | flag if mask else flag
-            if predicted:
-                self._retire_prediction(predicted, key, flag, confirmed=True)
-        self.stats.stored_blocks += len(keys)
+        if len(predicted):
+            self.stats.predictions_confirmed += predicted.discard(batch, bit)
+        held = self._groups[group].store(batch, bit)
+        if held.size:
+            extra = self._extra_copies.setdefault((bit, group), {})
+            for key in held.tolist():
+                extra[key] = extra.get(key, 0) + 1
+        self.stats.stored_blocks += stored
 
-    def _remove(self, bit: int, group: int, block_hashes: Sequence[int | bytes]) -> None:
-        keys = self._keys(block_hashes)
-        if keys is None:
-            return
-        flag = 1 << bit
-        table = self._groups[group]
+    def _remove(self, bit: int, group: int, batch: np.ndarray) -> None:
+        removed = batch.size
         predicted = self._predicted[group]
-        for key in keys:
-            mask = table.get(key, 0)
-            if not mask & flag:
-                self.stats.removed_unknown += 1
-            else:
-                dup = (bit, group, key)
-                extra = self._extra_copies.get(dup)
-                if extra:
-                    if extra == 1:
-                        del self._extra_copies[dup]
-                    else:
-                        self._extra_copies[dup] = extra - 1
-                elif mask == flag:
-                    del table[key]
+        if len(predicted):
+            predicted.discard(batch, bit)
+        extra = self._extra_copies.get((bit, group))
+        if extra:
+            # A removed second copy leaves the bit set. Copies only go down
+            # within a run, so deciding them before the table call is exact.
+            single = []
+            for key in batch.tolist():
+                copies = extra.get(key)
+                if copies is None:
+                    single.append(key)
+                elif copies == 1:
+                    del extra[key]
                 else:
-                    table[key] = mask & ~flag
-            if predicted:
-                self._retire_prediction(predicted, key, flag, confirmed=False)
-        self.stats.removed_blocks += len(keys)
-
-    def _retire_prediction(
-        self, predicted: dict[int, int], key: int, flag: int, confirmed: bool
-    ) -> None:
-        mask = predicted.get(key, 0)
-        if mask & flag:
-            if mask == flag:
-                del predicted[key]
-            else:
-                predicted[key] = mask & ~flag
-            if confirmed:
-                self.stats.predictions_confirmed += 1
+                    extra[key] = copies - 1
+            if not extra:
+                del self._extra_copies[(bit, group)]
+            batch = np.array(single, np.uint64)
+        cleared = self._groups[group].discard(batch, bit)
+        self.stats.removed_unknown += batch.size - cleared
+        self.stats.removed_blocks += removed
 
     def _log_once(self, kind: str, message: str, *args: object) -> None:
         if kind not in self.stats.dropped_kinds:
@@ -427,16 +473,18 @@ class KVIndex:
         tables = self._groups
         extra = self._predicted if include_predicted else None
         result = self._zeros.copy()
-        hashes_cache: dict[int, list[BlockHash]] = {}
+        keys_cache: dict[int, tuple[list[BlockHash], np.ndarray]] = {}
         by_bit = self._by_bit
         for entries in self._by_signature.values():
             first = entries[0]
-            hashes = hashes_cache.get(first.hash_block_size)
-            if hashes is None:
+            cached = keys_cache.get(first.hash_block_size)
+            if cached is None:
                 hashes = self.block_hashes(request, first.hash_block_size)
-                hashes_cache[first.hash_block_size] = hashes
-            masks = PromptMasks(tables, extra)
-            candidates = masks.candidates(first.finder, hashes, max_length)
+                cached = keys_cache[first.hash_block_size] = (hashes, event_keys(hashes))
+            hashes, keys = cached
+            scales = [size // first.hash_block_size for size in first.group_block_sizes]
+            masks = PromptMasks(tables, extra, keys, scales)
+            candidates = masks.candidates(first.finder, max_length)
             # Visit only the candidates' bits: replicas holding nothing cost nothing.
             while candidates > 0:
                 low = candidates & -candidates
@@ -451,46 +499,44 @@ class KVIndex:
 
     # ------------------------------------------------------------ predictions
 
+    def _group_keys(self, entry: ReplicaEntry, request: Request) -> list[tuple[int, np.ndarray]]:
+        """(group, event keys of the prompt's blocks in that group) for each group."""
+        small = event_keys(self.block_hashes(request, entry.hash_block_size))
+        return [
+            (group, np.ascontiguousarray(small[scale - 1 :: scale]))
+            for group, scale in enumerate(
+                size // entry.hash_block_size for size in entry.group_block_sizes
+            )
+        ]
+
     def add_prediction(self, replica_id: str, request: Request) -> int:
         """Record that `replica_id` will cache this prompt's blocks (they are
         treated as held until confirmed, removed, failed or expired). Returns
         the number of (hash, group) entries predicted."""
         entry = self._require(replica_id)
-        flag = 1 << entry.bit
-        hashes = self.block_hashes(request, entry.hash_block_size)
+        bit = entry.bit
         expires = self.clock() + self.prediction_ttl_s
-        deadline = self._deadline
         added = 0
-        for group, block_size in enumerate(entry.group_block_sizes):
-            scale = block_size // entry.hash_block_size
-            predicted = self._predicted[group]
-            confirmed = self._groups[group]
-            keys = []
-            for i in range(scale - 1, len(hashes), scale):
-                key = event_hash(hashes[i])
-                if confirmed.get(key, 0) & flag:
-                    continue
-                predicted[key] = predicted.get(key, 0) | flag
-                deadline[(entry.bit, group, key)] = expires
-                keys.append(key)
-            if keys:
-                # One heap entry per request and group, not per block: a long
-                # prompt predicts hundreds of blocks.
-                self._expiry_order += 1
-                heapq.heappush(self._expiry, (expires, self._expiry_order, entry.bit, group, keys))
-                added += len(keys)
+        for group, keys in self._group_keys(entry, request):
+            fresh = keys[~self._groups[group].holding(keys, bit)]
+            if not fresh.size:
+                continue
+            new_keys = fresh.tolist()
+            self._predicted[group].store(fresh, bit)
+            self._deadline.update(zip(zip(repeat(bit), repeat(group), new_keys), repeat(expires)))
+            # One heap entry per request and group, not per block: a long
+            # prompt predicts hundreds of blocks.
+            self._expiry_order += 1
+            heapq.heappush(self._expiry, (expires, self._expiry_order, bit, group, new_keys))
+            added += len(new_keys)
         self.stats.predictions_added += added
         return added
 
     def drop_predictions(self, replica_id: str, request: Request) -> None:
         """Retire a failed request's predictions at once."""
         entry = self._require(replica_id)
-        flag = 1 << entry.bit
-        hashes = self.block_hashes(request, entry.hash_block_size)
-        for group, block_size in enumerate(entry.group_block_sizes):
-            scale = block_size // entry.hash_block_size
-            for i in range(scale - 1, len(hashes), scale):
-                self._retire_prediction(self._predicted[group], event_hash(hashes[i]), flag, False)
+        for group, keys in self._group_keys(entry, request):
+            self._predicted[group].discard(keys, entry.bit)
 
     def _expire_predictions(self) -> None:
         now = self.clock()
@@ -498,19 +544,15 @@ class KVIndex:
         deadline = self._deadline
         while expiry and expiry[0][0] <= now:
             expires, _, bit, group, keys = heapq.heappop(expiry)
-            predicted = self._predicted[group]
-            flag = 1 << bit
+            due = []
             for key in keys:
                 if deadline.get((bit, group, key)) != expires:
                     continue  # refreshed by a later prediction, or already expired
                 del deadline[(bit, group, key)]
-                mask = predicted.get(key, 0)
-                if mask & flag:
-                    self.stats.predictions_expired += 1
-                    if mask == flag:
-                        del predicted[key]
-                    else:
-                        predicted[key] = mask & ~flag
+                due.append(key)
+            if due:
+                expired = self._predicted[group].discard(np.array(due, np.uint64), bit)
+                self.stats.predictions_expired += expired
 
     def num_predicted(self) -> int:
         self._expire_predictions()

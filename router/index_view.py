@@ -1,7 +1,10 @@
 """A replica's cache as the index knows it, shaped as the block manager's lookup.
 
-`PromptMasks` answers, for one prompt, which replicas hold each of its blocks
-(one dict probe per block and group, memoised for the whole prediction);
+`PromptMasks` answers, for one prompt, which replicas hold each of its blocks:
+it looks the prompt's event keys up in each group's `BlockTable` with one
+compiled call per group (predictions or'ed in) - a prefix scan that stops
+where nobody holds the prefix for full-attention groups, the whole prompt for
+window and state groups - and keeps the results for the whole prediction.
 `ReplicaView` reads one replica's bit out of those masks and presents it as a
 `CachedBlockLookup`, so the replica's own `PrefixHitFinder` runs unchanged.
 """
@@ -11,51 +14,97 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Sequence
 
+import numpy as np
+
 from replicas.kv_cache.coordinator import PrefixHitFinder
-from replicas.kv_cache.utils import BlockHash, BlockHashListWithBlockSize, KVCacheBlock
+from replicas.kv_cache.utils import BlockHash, KVCacheBlock
+from router.block_table import BlockTable, mask_ints
 
 # Stand-ins for physical blocks: the hit rules only count blocks.
 HIT = KVCacheBlock(block_id=-1)
 NULL = KVCacheBlock(block_id=-1, is_null=True)
+# `alive` before the first block: every replica.
+EVERYONE = np.empty(0, np.uint64)
 
 
-def _scale(block_hashes: Sequence[BlockHash]) -> int:
-    return block_hashes.scale if isinstance(block_hashes, BlockHashListWithBlockSize) else 1
+class _Run:
+    """A prefix scan in progress: `runs[i]` is the mask of replicas holding
+    blocks 0..i in every group; `alive` is the last one as words, None once
+    nobody is left."""
 
+    __slots__ = ("alive", "runs")
 
-def _small_hashes(block_hashes: Sequence[BlockHash]) -> tuple[Sequence[BlockHash], int]:
-    """The hash-block-size hashes behind a list, and how many make one block.
-
-    A larger block's event key is the low 64 bits of its last small hash, so
-    keys can be read without building the concatenated hashes.
-    """
-    if isinstance(block_hashes, BlockHashListWithBlockSize):
-        return block_hashes.block_hashes, block_hashes.scale
-    return block_hashes, 1
+    def __init__(self) -> None:
+        self.runs: list[int] = []
+        self.alive: np.ndarray | None = EVERYONE
 
 
 class PromptMasks:
-    """Replica bitmasks per prompt block, confirmed entries or'ed with predictions."""
+    """Replica bitmasks per prompt block, confirmed entries or'ed with predictions.
 
-    __slots__ = ("_extra", "_memo", "_runs", "_tables")
+    `small_keys` are the event keys of the prompt's hash-block-size hashes;
+    `scales[g]` is how many of them make one block of group g, whose event key
+    is that of its last small hash.
+    """
 
-    def __init__(self, tables: list[dict[int, int]], extra: list[dict[int, int]] | None) -> None:
+    __slots__ = (
+        "_all",
+        "_by_key",
+        "_extra",
+        "_keys",
+        "_runs",
+        "_scales",
+        "_small",
+        "_tables",
+        "_width",
+    )
+
+    def __init__(
+        self,
+        tables: list[BlockTable],
+        extra: list[BlockTable] | None,
+        small_keys: np.ndarray,
+        scales: Sequence[int],
+    ) -> None:
         self._tables = tables
         self._extra = extra
-        self._memo: dict[tuple[int, bytes], int] = {}
-        # (group ids, scale) -> masks of replicas still holding every block so far
-        self._runs: dict[tuple[tuple[int, ...], int], list[int]] = {}
+        self._small = small_keys
+        self._scales = scales
+        self._keys: dict[int, np.ndarray] = {}
+        self._all: dict[int, np.ndarray] = {}
+        self._by_key: dict[int, dict[int, int]] = {}
+        self._runs: dict[tuple[int, ...], _Run] = {}
+        # One word count for every group, so masks of different groups combine.
+        self._width = max(table.width for table in (*tables, *(extra or ())))
+
+    def _group_keys(self, group: int) -> np.ndarray:
+        scale = self._scales[group]
+        keys = self._keys.get(scale)
+        if keys is None:
+            keys = np.ascontiguousarray(self._small[scale - 1 :: scale])
+            self._keys[scale] = keys
+        return keys
+
+    def _all_blocks(self, group: int) -> np.ndarray:
+        masks = self._all.get(group)
+        if masks is None:
+            keys = self._group_keys(group)
+            masks = np.zeros((keys.size, self._width), np.uint64)
+            self._tables[group].lookup_into(keys, masks)
+            if self._extra is not None:
+                self._extra[group].lookup_into(keys, masks)
+            self._all[group] = masks
+        return masks
 
     def mask(self, group: int, block_hash: bytes) -> int:
-        memo_key = (group, block_hash)
-        mask = self._memo.get(memo_key)
-        if mask is None:
-            key = int.from_bytes(block_hash[-8:], "big")
-            mask = self._tables[group].get(key, 0)
-            if self._extra is not None:
-                mask |= self._extra[group].get(key, 0)
-            self._memo[memo_key] = mask
-        return mask
+        by_key = self._by_key.get(group)
+        if by_key is None:
+            masks = self._all_blocks(group)
+            held = np.flatnonzero(masks.any(axis=1))
+            keys = self._group_keys(group)[held].tolist()
+            by_key = dict(zip(keys, mask_ints(masks[held]), strict=True))
+            self._by_key[group] = by_key
+        return by_key.get(int.from_bytes(block_hash[-8:], "big"), 0)
 
     def all_groups_mask(self, group_ids: Sequence[int], block_hash: bytes) -> int:
         mask = -1
@@ -65,51 +114,46 @@ class PromptMasks:
                 return 0
         return mask
 
-    def alive_runs(
-        self, group_ids: Sequence[int], block_hashes: Sequence[BlockHash], max_blocks: int
-    ) -> list[int]:
-        """`runs[i]`: replicas holding blocks 0..i in every group; computed once
-        per prompt in a single left-to-right pass that stops when nobody is left."""
-        memo_key = (tuple(group_ids), _scale(block_hashes))
-        runs = self._runs.get(memo_key)
-        if runs is None:
-            runs = []
-            self._runs[memo_key] = runs
-        limit = min(max_blocks, len(block_hashes))
-        alive = runs[-1] if runs else -1
-        if len(group_ids) == 1 and self._extra is None:
-            # The common case, one prefix-closed group: probe the table
-            # directly with each block's event key (no memo, no concatenation).
-            get = self._tables[group_ids[0]].get
-            small, scale = _small_hashes(block_hashes)
-            i = len(runs)
-            while i < limit and alive:
-                alive &= get(int.from_bytes(small[(i + 1) * scale - 1][-8:], "big"), 0)
-                runs.append(alive)
-                i += 1
-            return runs
-        while len(runs) < limit and alive:
-            alive &= self.all_groups_mask(group_ids, block_hashes[len(runs)])
-            runs.append(alive)
+    def alive_runs(self, group_ids: Sequence[int], max_blocks: int) -> list[int]:
+        """`runs[i]`: replicas holding blocks 0..i in every group, for i up to at
+        least `max_blocks` - 1 unless nobody is left or the prompt ends (it may
+        run further). One compiled scan per group, which stops where nobody is
+        left; memoised per prompt and extended if a later call asks for more."""
+        memo_key = tuple(group_ids)
+        run = self._runs.get(memo_key)
+        if run is None:
+            run = self._runs[memo_key] = _Run()
+        runs = run.runs
+        keys = self._group_keys(group_ids[0])
+        limit = min(max_blocks, len(keys))
+        if len(runs) < limit and run.alive is not None:
+            start = len(runs)
+            keys = keys[start:limit]
+            out = np.empty((keys.size, self._width), np.uint64)
+            live = keys.size
+            extra = self._extra
+            for i, group in enumerate(group_ids):
+                live = self._tables[group].prefix_and(
+                    keys[:live], None if extra is None else extra[group], run.alive, out, i == 0
+                )
+            # Every row is a subset of the first: its words bound the span.
+            runs.extend(mask_ints(out[:live], span_row=out[0]))
+            run.alive = out[live - 1].copy() if live == keys.size else None
         return runs
 
-    def candidates(
-        self, finder: PrefixHitFinder, block_hashes: Sequence[BlockHash], max_length: int
-    ) -> int:
+    def candidates(self, finder: PrefixHitFinder, max_length: int) -> int:
         """Replicas whose hit can be non-zero: with a prefix-closed group, those
         holding the first block in it; otherwise any replica holding any block."""
         first = finder.spec_groups[0]
-        hashes = finder._hashes_for(first.spec, block_hashes)
         if first.manager_cls.downward_closed:
-            runs = self.alive_runs(first.group_ids, hashes, max_length // first.spec.block_size)
+            runs = self.alive_runs(first.group_ids, max_length // first.spec.block_size)
             return runs[0] if runs else 0
-        found = 0
+        found = np.zeros((1, self._width), np.uint64)
         for group in finder.spec_groups:
-            hashes = finder._hashes_for(group.spec, block_hashes)
-            for i in range(min(max_length // group.spec.block_size, len(hashes))):
-                for group_id in group.group_ids:
-                    found |= self.mask(group_id, hashes[i])
-        return found
+            limit = max_length // group.spec.block_size
+            for group_id in group.group_ids:
+                found |= np.bitwise_or.reduce(self._all_blocks(group_id)[:limit], axis=0)
+        return mask_ints(found)[0]
 
 
 class ReplicaView:
@@ -133,9 +177,11 @@ class ReplicaView:
     def get_cached_prefix(
         self, block_hashes: Sequence[BlockHash], max_blocks: int, kv_cache_group_ids: Sequence[int]
     ) -> tuple[list[KVCacheBlock], ...]:
-        runs = self._masks.alive_runs(kv_cache_group_ids, block_hashes, max_blocks)
+        del block_hashes  # the masks are keyed by the prompt already
+        runs = self._masks.alive_runs(kv_cache_group_ids, max_blocks)
         flag = 1 << self._bit
         # Bits only ever drop out of `runs`, so the run length is a bisection.
-        length = bisect_left(runs, True, key=lambda alive: not alive & flag)
-        length = min(length, max_blocks)
+        length = bisect_left(
+            runs, True, hi=min(max_blocks, len(runs)), key=lambda alive: not alive & flag
+        )
         return tuple([HIT] * length for _ in kv_cache_group_ids)

@@ -170,6 +170,26 @@ def test_events_of_unknown_replicas_groups_and_bad_hashes_are_counted_and_droppe
     assert len(index) == 0
 
 
+def test_a_malformed_event_inside_a_run_drops_only_that_event() -> None:
+    index = _index("a")
+    removed = BlockRemoved(block_hashes=[2, 99, -1], medium="GPU", group_idx=0)
+    events = [
+        _stored([1, 2]),
+        _stored([3, -4]),
+        _stored([5]),
+        _stored([1 << 64, 6]),
+        _stored([7.0]),  # type: ignore[list-item]
+        _stored([True]),
+        BlockRemoved(block_hashes=[2, 99], medium="GPU", group_idx=0),
+        removed,
+    ]
+    index.apply("a", KVEventBatch(ts=0.0, events=events))
+    stats = index.stats
+    assert (stats.bad_hash, stats.stored_blocks, stats.removed_blocks) == (5, 3, 2)
+    assert (stats.removed_unknown, len(index)) == (1, 2)
+    assert index.predict(_request(index, list(range(9))))["a"] == 0
+
+
 def test_a_second_copy_of_a_block_survives_one_removal() -> None:
     index = _index("a")
     index.apply("a", KVEventBatch(ts=0.0, events=[_stored([11]), _stored([11])]))
