@@ -147,7 +147,8 @@ class KVIndex:
         self._predicted: list[BlockTable] = []
         self._expiry: list[tuple[float, int, int, int, list[int]]] = []
         self._expiry_order = 0
-        self._deadline: dict[tuple[int, int, int], float] = {}
+        # (bit, group) -> event key -> the deadline of its latest prediction
+        self._deadline: dict[tuple[int, int], dict[int, float]] = {}
         self._hashers: dict[int, RequestBlockHasher] = {}
         # Derived from _replicas on every register/remove, so predict() does no
         # per-replica work for replicas that hold nothing.
@@ -523,7 +524,8 @@ class KVIndex:
                 continue
             new_keys = fresh.tolist()
             self._predicted[group].store(fresh, bit)
-            self._deadline.update(zip(zip(repeat(bit), repeat(group), new_keys), repeat(expires)))
+            deadlines = self._deadline.setdefault((bit, group), {})
+            deadlines.update(zip(new_keys, repeat(expires)))
             # One heap entry per request and group, not per block: a long
             # prompt predicts hundreds of blocks.
             self._expiry_order += 1
@@ -541,14 +543,14 @@ class KVIndex:
     def _expire_predictions(self) -> None:
         now = self.clock()
         expiry = self._expiry
-        deadline = self._deadline
         while expiry and expiry[0][0] <= now:
             expires, _, bit, group, keys = heapq.heappop(expiry)
+            deadline = self._deadline.get((bit, group), {})
             due = []
             for key in keys:
-                if deadline.get((bit, group, key)) != expires:
+                if deadline.get(key) != expires:
                     continue  # refreshed by a later prediction, or already expired
-                del deadline[(bit, group, key)]
+                del deadline[key]
                 due.append(key)
             if due:
                 expired = self._predicted[group].discard(np.array(due, np.uint64), bit)
