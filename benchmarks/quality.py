@@ -139,8 +139,14 @@ def plot(name: str, results: list[dict[str, Any]], bounds: dict[str, float], out
     ttft_ax.set_yscale("log")
     hit_ax.legend(fontsize=7)
     ttft_ax.legend(fontsize=7)
+    return save_figure(fig, out / f"{name}.png")
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write a matplotlib figure as a PNG and free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    path = out / f"{name}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -80,3 +80,44 @@ def test_a_seed_reproduces_the_run() -> None:
     assert [(r.replica_id, r.first_token_s) for r in first.records] == [
         (r.replica_id, r.first_token_s) for r in again.records
     ]
+
+
+def _prefix_then_floods() -> Workload:
+    """A 64-token prefix asked three times, each time after three one-off
+    prompts that together outgrow a 16-block cache; one request per second."""
+    prompts = []
+    for visit in range(3):
+        prompts.append((ContentBlock("prefix", 64), ContentBlock(f"question-{visit}", 32)))
+        prompts += [(ContentBlock(f"one-off-{visit}-{k}", 96),) for k in range(3)]
+    requests = [
+        SimRequest(f"r{i}", PromptSpec(blocks), max_tokens=1, arrival_s=float(i))
+        for i, blocks in enumerate(prompts)
+    ]
+    return Workload("prefix-then-floods", requests)
+
+
+@pytest.mark.parametrize(
+    ("probation_fraction", "reuse_memory", "prefix_hits"),
+    [(None, 0.0, [0, 0, 0]), (0.6, 0.0, [0, 0, 0]), (0.6, 4.0, [0, 0, 64])],
+    ids=["lru", "segmented-lru", "segmented-lru+router-hints"],
+)
+def test_router_reuse_hints_keep_a_returning_prefix_through_a_flood(
+    probation_fraction: float | None, reuse_memory: float, prefix_hits: list[int]
+) -> None:
+    settings = ReplicaSettings(
+        model=ModelConfig(
+            block_size=16, num_blocks=17, groups=[GroupConfig(kind="full_attention")]
+        ),
+        hashing=HashingConfig(algo="xxhash", seed="sim-test"),
+        replicas=ReplicasConfig(probation_fraction=probation_fraction),
+        events=EventsConfig(),
+    )
+    config = SimConfig(settings=settings, replicas=1, reuse_memory=reuse_memory)
+    result = Simulator(config, _prefix_then_floods()).run(progress=False)
+    records = {r.request_id: r for r in result.records}
+    # The prefix's second visit is a miss everywhere (the first flood evicted
+    # it), but only the router knows it was seen before: its hint protects the
+    # recomputed prefix from the second flood, so the third visit hits.
+    assert [records[f"r{4 * visit}"].cached_tokens for visit in range(3)] == prefix_hits
+    assert sum(r.cached_tokens for r in result.records) == sum(prefix_hits)
+    assert [r.predicted_tokens for r in result.records] == [r.cached_tokens for r in result.records]
