@@ -68,9 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     config = load_bench_config(args.config)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python -m benchmarks.eviction " + shlex.join(argv or sys.argv[1:])
-    lines = ["# Eviction hints: kv_aware past the pooled-LRU bound", "", f"`{command}`", ""]
-    lines += [f"Parameters: {config.describe()}", ""]
+    command = " ".join(["python -m benchmarks.eviction", shlex.join(argv or sys.argv[1:])])
+    lines = ["# Eviction hints: kv_aware past the pooled-LRU bound", "", f"`{command.strip()}`", ""]
+    lines += [
+        f"Parameters: {config.describe()}. Each row overrides the replicas' eviction "
+        "(`replicas.probation_fraction`: none, 0.6, 0.6) and the router's hint memory "
+        "(`router.reuse_memory`: 0, 0, 2x the cluster cache).",
+        "",
+    ]
     builders = workload_builders(args.limit)
     results: dict[str, dict] = {}
     for name in args.workloads.split(","):
