@@ -9,6 +9,7 @@ engine (to refuse anything that slipped through).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Annotated
 
 import msgspec
 
@@ -70,7 +71,7 @@ class GenerateRequest(msgspec.Struct, frozen=True):
     cache_salt: str | None = None
     # The router's eviction hint: leading prompt tokens it has seen before
     # (used by replicas running segmented LRU, ignored by LRU ones).
-    reuse_hint_tokens: int = 0
+    reuse_hint_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class GenerateResult(msgspec.Struct, frozen=True):

@@ -7,7 +7,7 @@ offending path. The router's cluster config embeds these sections and hands a
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 import torch
@@ -125,7 +125,7 @@ class ReplicasConfig(Struct):
     # None: vLLM's LRU eviction. A fraction: segmented LRU, where blocks that were
     # hit (or that the router hints it has seen before) are protected and the
     # rest, at least this share of the free queue, are evicted first.
-    probation_fraction: float | None = None
+    probation_fraction: Annotated[float, msgspec.Meta(gt=0, lt=1)] | None = None
     seed: int = 0
     cost: CostConfig = CostConfig()
     num_cpus: float = 0.25  # Ray CPUs reserved per replica actor

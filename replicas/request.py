@@ -147,6 +147,8 @@ class Request:
         self.priority = priority
         # Leading prompt tokens the router saw in earlier prompts: an eviction
         # hint, used only by segmented-LRU block pools.
+        if reuse_hint_tokens < 0:
+            raise ValueError(f"reuse_hint_tokens must be >= 0, got {reuse_hint_tokens}")
         self.reuse_hint_tokens = reuse_hint_tokens
         self.status = RequestStatus.WAITING
         self.prompt_token_ids = list(prompt_token_ids)

@@ -2,7 +2,8 @@
 
 Why not a `dict[int, int]`: each entry costs a Python int key object plus the
 dict's own slot, about 78 B at 1M entries. Here an entry costs its key (8 B),
-its mask (8 B per 64 replica bits) and 6-16 B of slot array.
+its mask (8 B per 64 replica bits) and 6-16 B of slot array (up to ~32 B after
+many deletes: slots shrink only below 1/8 load).
 
 Layout, after CPython's compact dict:
 - `slots`: int32[capacity], a power of two. A slot is EMPTY, DELETED (a
@@ -35,8 +36,8 @@ from numba import njit
 EMPTY = -1
 DELETED = -2
 # Small tables churn (a replica storing and evicting a few blocks per batch):
-# a floor of 4 KB of slots and no shrinking below 4,096 entries keep them
-# from rebuilding on every batch.
+# a floor of 4 KB of slots, and entry arrays of up to 4,096 entries that never
+# shrink, keep them from rebuilding on every batch.
 MIN_CAPACITY = 1 << 10
 SHRINK_ABOVE = 1 << 12
 # A store reserves room for its whole batch before the kernel runs; chunking

@@ -28,8 +28,8 @@ class RouterConfig(Struct):
     policy: str = "kv_aware"
     policy_options: dict[str, Any] = msgspec.field(default_factory=dict)
     prediction_ttl_s: float = 2.0
-    # Eviction hints: remember the prompt blocks of this many cluster-caches' worth
-    # of blocks (0: no hints). Only replicas with `probation_fraction` use them.
+    # Eviction hints: remember this many times (replicas x model.num_blocks) prompt
+    # blocks (0: no hints). Only replicas with `probation_fraction` use them.
     reuse_memory: float = 0.0
     http_host: str = "127.0.0.1"
     http_port: int = 8000

@@ -6,7 +6,8 @@ bitmask of the replicas holding it: a compact open-addressing table of uint64
 keys and mask words (8 B per 64 replicas) whose probe loops are compiled by
 numba. A lookup is one probe per (block, group) no matter how many replicas
 exist; replicas are bits. The table is only ever called with batches: `apply`
-gathers consecutive events of one kind and group into one call; `predict`
+gathers each group's consecutive events of one kind (groups are independent,
+so interleaved groups still batch) into one call; `predict`
 scans a prompt's keys in one call per prefix-closed group, stopping where no
 replica holds the prefix any more, and looks a window or state group's keys up
 in one call for the whole prompt.

@@ -11,8 +11,9 @@ splits the free queue in two, inside one linked list:
   sees every prompt, so it remembers blocks no single replica still holds).
 - Freed blocks go to the MRU end of their segment; eviction takes probation
   first, deepest block first, exactly as LRU orders a single request's blocks.
-- Protected free blocks are capped at `1 - probation_fraction` of the free
-  queue; the overflow (protected LRU end) is demoted to probation's MRU end.
+- Whenever blocks are freed, protected free blocks are capped at
+  `1 - probation_fraction` of the free queue; the overflow (protected LRU
+  end) is demoted to probation's MRU end.
 
 Unlinking is segment-agnostic (both segments are one list), so a hit pulling a
 block out of the middle stays O(1). With this module unused, the block pool is
@@ -36,8 +37,8 @@ class SegmentedFreeBlockQueue(FreeKVCacheBlockQueue):
     """
 
     def __init__(self, blocks: list[KVCacheBlock], probation_fraction: float) -> None:
-        if not 0.0 < probation_fraction <= 1.0:
-            raise ValueError(f"probation_fraction must be in (0, 1], got {probation_fraction}")
+        if not 0.0 < probation_fraction < 1.0:
+            raise ValueError(f"probation_fraction must be in (0, 1), got {probation_fraction}")
         for block in blocks:
             block.reused = False
         super().__init__(blocks)
@@ -117,7 +118,8 @@ class SegmentedFreeBlockQueue(FreeKVCacheBlockQueue):
         super().prepend_n(blocks)
 
     def _demote_overflow(self) -> None:
-        limit = int((1.0 - self.probation_fraction) * self.num_free_blocks)
+        # The epsilon keeps e.g. (1 - 0.9) * 10 from truncating to 0.
+        limit = int((1.0 - self.probation_fraction) * self.num_free_blocks + 1e-9)
         mid = self.mid
         while self.num_protected > limit:
             block = mid.next_free_block
@@ -135,6 +137,24 @@ class SegmentedFreeBlockQueue(FreeKVCacheBlockQueue):
             nxt.prev_free_block = mid
             block.reused = False
             self.num_protected -= 1
+
+    def unprotect(self, block: KVCacheBlock) -> None:
+        """Move a free block to the head: it holds nothing worth keeping."""
+        self.remove(block)
+        self.prepend_n((block,))
+
+    def unprotect_all(self) -> None:
+        """Make every free block probation (the cache was cleared)."""
+        for block in self.get_all_free_blocks():
+            block.reused = False
+        self.num_protected = 0
+        tail = self.fake_free_list_tail
+        if tail.prev_free_block is not self.mid:
+            prev_block, next_block = self.mid.prev_free_block, self.mid.next_free_block
+            assert prev_block is not None and next_block is not None
+            prev_block.next_free_block = next_block
+            next_block.prev_free_block = prev_block
+            self._link_before(tail, self.mid)
 
     def get_all_free_blocks(self) -> list[KVCacheBlock]:
         return [b for b in super().get_all_free_blocks() if b is not self.mid]
@@ -164,6 +184,26 @@ class SegmentedBlockPool(BlockPool):
 
     def _make_free_queue(self, blocks: list[KVCacheBlock]) -> FreeKVCacheBlockQueue:
         return SegmentedFreeBlockQueue(blocks, self.probation_fraction)
+
+    @property
+    def _queue(self) -> SegmentedFreeBlockQueue:
+        queue = self.free_block_queue
+        assert isinstance(queue, SegmentedFreeBlockQueue)
+        return queue
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every hash; the emptied blocks lose their protection too."""
+        if not super().reset_prefix_cache():
+            return False
+        self._queue.unprotect_all()
+        return True
+
+    def evict_blocks(self, block_ids: Iterable[int]) -> None:
+        """Evict free cached blocks; emptied, they go to the head of the queue."""
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            if block.ref_cnt == 0 and self._maybe_evict_cached_block(block):
+                self._queue.unprotect(block)
 
     def touch(self, blocks: Iterable[KVCacheBlock]) -> None:
         """A hit: take a reference, and mark the block for protection."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from replicas.kv_cache.manager import KVCacheManager
 from replicas.kv_cache.segmented import SegmentedFreeBlockQueue
 from replicas.kv_cache.utils import KVCacheBlock
 from tests.replicas.conftest import full, manager, request
@@ -26,6 +27,17 @@ def _free(queue: SegmentedFreeBlockQueue, blocks: list, reused: set[int]) -> Non
     for block in blocks:
         block.reused = block.block_id in reused
     queue.append_n(blocks)
+
+
+def _serve(mgr: KVCacheManager, request_id: str, tokens: list[int], hint: int = 0) -> list[int]:
+    """Prefill a request in one step, free it, and return its block ids."""
+    req = request(request_id, tokens, 4, reuse_hint_tokens=hint)
+    hit_blocks, hit = mgr.get_computed_blocks(req)
+    mgr.allocate_slots(req, len(tokens) - hit, hit, hit_blocks)
+    req.num_computed_tokens = len(tokens)
+    ids = mgr.get_block_ids(request_id)[0]
+    mgr.free(req)
+    return ids
 
 
 def test_one_off_blocks_are_evicted_before_reused_ones_even_when_newer() -> None:
@@ -74,21 +86,51 @@ def test_scratch_blocks_go_to_the_head_unprotected() -> None:
     assert _ids(queue) == [5, 1, 2] and not b[5].reused and queue.num_protected == 1
 
 
-def test_probation_fraction_outside_zero_one_is_refused() -> None:
+@pytest.mark.parametrize("fraction", [0.0, 1.0, 1.5])
+def test_probation_fraction_outside_zero_one_is_refused(fraction: float) -> None:
     with pytest.raises(ValueError, match="probation_fraction"):
-        SegmentedFreeBlockQueue([KVCacheBlock(0)], 0.0)
+        SegmentedFreeBlockQueue([KVCacheBlock(0)], fraction)
+
+
+def test_the_protected_cap_does_not_lose_a_block_to_float_rounding() -> None:
+    queue, b = _empty_queue(12, 0.9)
+    _free(queue, b[:10], reused={0, 1})
+    # (1 - 0.9) * 10 is 0.9999999999999998: one protected block must still fit.
+    assert queue.num_protected == 1
+    assert _ids(queue) == [2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+
+
+def test_a_prefix_cache_reset_leaves_no_empty_block_protected() -> None:
+    mgr = manager(12, full(4), probation_fraction=0.5)
+    _serve(mgr, "a", list(range(9)), hint=8)
+    assert mgr.block_pool.free_block_queue.num_protected == 2
+    assert mgr.reset_prefix_cache()
+    queue = mgr.block_pool.free_block_queue
+    assert queue.num_protected == 0
+    assert not any(b.reused for b in queue.get_all_free_blocks())
+    # The sentinel is at the tail again: a fresh unhinted request's blocks,
+    # freed, are evicted after every empty block.
+    ids = _serve(mgr, "b", list(range(100, 109)))
+    assert [b.block_id for b in queue.get_all_free_blocks()][-3:] == ids[::-1]
+
+
+def test_an_evicted_free_block_moves_to_the_head_unprotected() -> None:
+    mgr = manager(12, full(4), probation_fraction=0.5)
+    ids = _serve(mgr, "a", list(range(9)), hint=8)
+    mgr.block_pool.evict_blocks([ids[1]])
+    queue = mgr.block_pool.free_block_queue
+    assert queue.get_all_free_blocks()[0].block_id == ids[1]
+    assert queue.num_protected == 1 and not mgr.block_pool.blocks[ids[1]].reused
+
+
+def test_a_negative_reuse_hint_is_refused() -> None:
+    with pytest.raises(ValueError, match="reuse_hint_tokens"):
+        request("a", [1, 2, 3], 4, reuse_hint_tokens=-4)
 
 
 def test_router_hint_protects_blocks_on_their_first_use() -> None:
     mgr = manager(20, full(4), probation_fraction=0.5)
-    req = request("a", list(range(17)), 4)
-    req.reuse_hint_tokens = 8
-    hit_blocks, hit = mgr.get_computed_blocks(req)
-    assert hit == 0
-    mgr.allocate_slots(req, 17, hit, hit_blocks)
-    req.num_computed_tokens = 17
-    ids = mgr.get_block_ids("a")[0]
-    mgr.free(req)
+    ids = _serve(mgr, "a", list(range(17)), hint=8)
     pool = mgr.block_pool
     protected = [i for i in ids if pool.blocks[i].reused]
     assert protected == ids[:2]
@@ -101,11 +143,7 @@ def test_router_hint_protects_blocks_on_their_first_use() -> None:
 
 def test_a_cache_hit_protects_the_blocks_it_reused() -> None:
     mgr = manager(20, full(4), probation_fraction=0.5)
-    first = request("a", list(range(17)), 4)
-    mgr.allocate_slots(first, 17)
-    first.num_computed_tokens = 17
-    ids = mgr.get_block_ids("a")[0]
-    mgr.free(first)
+    ids = _serve(mgr, "a", list(range(17)))
     assert not any(mgr.block_pool.blocks[i].reused for i in ids)
     second = request("b", [*range(13), 99, 98], 4)
     hit_blocks, hit = mgr.get_computed_blocks(second)
@@ -116,12 +154,7 @@ def test_a_cache_hit_protects_the_blocks_it_reused() -> None:
 
 def test_lru_pool_ignores_hints() -> None:
     mgr = manager(20, full(4))
-    req = request("a", list(range(17)), 4)
-    req.reuse_hint_tokens = 16
-    mgr.allocate_slots(req, 17)
-    req.num_computed_tokens = 17
-    ids = mgr.get_block_ids("a")[0]
-    mgr.free(req)
+    ids = _serve(mgr, "a", list(range(17)), hint=16)
     free = [b.block_id for b in mgr.block_pool.free_block_queue.get_all_free_blocks()]
     assert free[-5:] == ids[::-1]
     assert not any(mgr.block_pool.blocks[i].reused for i in ids)

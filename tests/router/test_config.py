@@ -40,6 +40,10 @@ def test_default_config_is_a_local_hybrid_cluster_of_four() -> None:
             "unknown dtype 'fp7'",
         ),
         ({"hashing": {"algo": "md5"}}, r"at `\$.hashing.algo`"),
+        (
+            {"replicas": {"probation_fraction": 1.0}},
+            r"Expected `float` < 1.0 - at `\$.replicas.probation_fraction`",
+        ),
     ],
 )
 def test_bad_configs_name_the_problem(data: dict, message: str) -> None:
