@@ -36,8 +36,22 @@ class EventBatch(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     data_parallel_rank: int | None = None
 
 
+def _hashable(value: Any) -> Any:
+    """`value` with every list turned into a tuple, recursively, so it can be hashed."""
+    if isinstance(value, list | tuple):
+        return tuple(_hashable(item) for item in value)
+    return value
+
+
 class KVCacheEvent(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
-    """Base of all KV cache events; the tag is the subclass name."""
+    """Base of all KV cache events; the tag is the subclass name.
+
+    Events hash like vLLM's, over every field (its event aggregator counts equal
+    events across workers by putting them in dicts); equal events hash equally.
+    """
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, _hashable(astuple(self))))
 
 
 class BlockStored(KVCacheEvent):

@@ -118,7 +118,7 @@ class Request:
     def __init__(
         self,
         request_id: str,
-        prompt_token_ids: Sequence[int],
+        prompt_token_ids: Sequence[int] | None,
         sampling_params: SamplingParams | None,
         pooling_params: Any = None,
         *,
@@ -151,10 +151,22 @@ class Request:
             raise ValueError(f"reuse_hint_tokens must be >= 0, got {reuse_hint_tokens}")
         self.reuse_hint_tokens = reuse_hint_tokens
         self.status = RequestStatus.WAITING
-        self.prompt_token_ids = list(prompt_token_ids)
-        self.num_prompt_tokens = len(self.prompt_token_ids)
+        # A prompt given only as embeddings has no token ids; like vLLM, its positions
+        # count as token 0 and its blocks are told apart by the embeddings' digest.
+        if prompt_token_ids is None:
+            if prompt_embeds is None:
+                raise ValueError("a request needs prompt_token_ids or prompt_embeds")
+            self.prompt_token_ids: list[int] | None = None
+            self.num_prompt_tokens = len(prompt_embeds)
+        else:
+            self.prompt_token_ids = list(prompt_token_ids)
+            self.num_prompt_tokens = len(self.prompt_token_ids)
         self._output_token_ids: list[int] = []
-        self._all_token_ids: list[int] = list(self.prompt_token_ids)
+        self._all_token_ids: list[int] = (
+            list(self.prompt_token_ids)
+            if self.prompt_token_ids is not None
+            else [0] * self.num_prompt_tokens
+        )
         self.spec_token_ids: list[int] = []
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1

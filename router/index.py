@@ -445,9 +445,11 @@ class KVIndex:
         return hasher
 
     def block_hashes(self, request: Request, hash_block_size: int) -> list[BlockHash]:
-        """The request's prompt hashes at `hash_block_size`, reusing its own if
-        they were made by this index's hasher."""
-        if request._block_hasher is self._hashers.get(hash_block_size):
+        """The request's prompt hashes at `hash_block_size`, reusing its own only if
+        its hasher computes what this index's hasher computes; a request built
+        without a hasher, or with another function, seed or size, is hashed here."""
+        own = self.hasher(hash_block_size)
+        if own.computes_same_hashes_as(request._block_hasher):
             return request.block_hashes
         clone = Request(
             request.request_id,
@@ -457,7 +459,7 @@ class KVIndex:
             mm_features=request.mm_features,
             lora_request=request.lora_request,
             cache_salt=request.cache_salt,
-            block_hasher=self.hasher(hash_block_size),
+            block_hasher=own,
         )
         return clone.block_hashes
 

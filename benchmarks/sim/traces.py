@@ -1,4 +1,4 @@
-"""Mooncake (FAST'25) request traces, read in place from ../shared/traces.
+"""Mooncake (FAST'25) request traces, shipped gzip-compressed in `benchmarks/data/traces/`.
 
 Each line is one request: `timestamp` (ms from the start), `input_length`, `output_length`,
 `hash_ids`: one id per 512-token block of the prompt, prefix-chained, the last id covering
@@ -9,8 +9,10 @@ input_length - 512 * (n - 1) tokens, a prefix of what the same id holds elsewher
 
 from __future__ import annotations
 
+import gzip
 import math
 from pathlib import Path
+from typing import BinaryIO
 
 import msgspec
 
@@ -22,10 +24,10 @@ from benchmarks.sim.workload import (
     Workload,
 )
 
-TRACE_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "traces"
+TRACE_DIR = Path(__file__).resolve().parents[1] / "data" / "traces"
 TRACE_FILES = {
-    "conversation": "conversation_trace.jsonl",
-    "synthetic": "synthetic_trace.jsonl",
+    "conversation": "conversation_trace.jsonl.gz",
+    "synthetic": "synthetic_trace.jsonl.gz",
 }
 
 
@@ -39,7 +41,8 @@ class MooncakeRecord(msgspec.Struct):
 
 
 def trace_path(name_or_path: str | Path) -> Path:
-    """A trace's file: a known name ("conversation", "synthetic") under TRACE_DIR, or a path."""
+    """A trace's file: a known name ("conversation", "synthetic") under TRACE_DIR, or a path
+    to a `.jsonl` or `.jsonl.gz` file."""
     if isinstance(name_or_path, str) and name_or_path in TRACE_FILES:
         path = (TRACE_DIR / TRACE_FILES[name_or_path]).resolve()
     else:
@@ -70,10 +73,10 @@ def load_mooncake(
     if limit is not None and limit < 0:
         raise ValueError(f"limit {limit} must not be negative")
     path = trace_path(name_or_path)
-    name = path.name.removesuffix(".jsonl").removesuffix("_trace")
+    name = path.name.removesuffix(".gz").removesuffix(".jsonl").removesuffix("_trace")
     decoder = msgspec.json.Decoder(MooncakeRecord)
     requests: list[SimRequest] = []
-    with path.open("rb") as lines:
+    with _open_lines(path) as lines:
         for line_number, line in enumerate(lines, start=1):
             if limit is not None and len(requests) >= limit:
                 break
@@ -98,6 +101,13 @@ def load_mooncake(
         description=f"Mooncake {name} trace from {path} at {speed:g}x speed",
         vocab_size=vocab_size,
     )
+
+
+def _open_lines(path: Path) -> BinaryIO:
+    """The file's bytes, decompressed when its name ends in `.gz`."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return path.open("rb")
 
 
 def _prompt(record: MooncakeRecord, block_tokens: int, vocab_size: int) -> PromptSpec:

@@ -270,10 +270,7 @@ class BlockPool:
         """Take `num_blocks` from the head of the free queue, evicting their cached
         content; each comes back with `ref_cnt == 1`."""
         if num_blocks > self.free_block_queue.num_free_blocks:
-            raise ValueError(
-                f"cannot get {num_blocks} free blocks: only "
-                f"{self.free_block_queue.num_free_blocks} are free"
-            )
+            raise ValueError(f"Cannot get {num_blocks} free blocks from the pool")
         blocks = self.free_block_queue.popleft_n(num_blocks)
         if self.enable_caching:
             evict = self._maybe_evict_cached_block

@@ -58,7 +58,7 @@ class SegmentedFreeBlockQueue(FreeKVCacheBlockQueue):
 
     def popleft(self) -> KVCacheBlock:
         if self.num_free_blocks == 0:
-            raise ValueError("no free blocks available")
+            raise ValueError("No free blocks available")
         return self.popleft_n(1)[0]
 
     def popleft_n(self, n: int) -> list[KVCacheBlock]:

@@ -91,9 +91,24 @@ class AttentionSpec(KVCacheSpec):
 
 @dataclass(frozen=True, kw_only=True)
 class FullAttentionSpec(AttentionSpec):
-    """Every token attends to the whole prefix, so a hit needs every prefix block."""
+    """Every token attends to the whole prefix, so a hit needs every prefix block.
+
+    `sliding_window` and `attention_chunk_size` are vLLM's fields for layers that the
+    model computes with a window or in chunks while the cache manager still keeps
+    every block (hybrid allocation off): they are recorded, and the hit rules stay
+    those of full attention.
+    """
 
     head_size_v: int | None = None
+    sliding_window: int | None = None
+    attention_chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("sliding_window", "attention_chunk_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive when set, got {value}")
 
     @property
     def real_page_size_bytes(self) -> int:

@@ -21,6 +21,8 @@ from events.hashing import HashFn, event_hash_from_bytes, sha256_cbor
 from events.kv_events import ExternalBlockHash
 
 if TYPE_CHECKING:
+    import torch
+
     from replicas.request import Request
 
 logger = logging.getLogger(__name__)
@@ -146,7 +148,7 @@ class FreeKVCacheBlockQueue:
     def popleft(self) -> KVCacheBlock:
         first = self.fake_free_list_head.next_free_block
         if first is None or first is self.fake_free_list_tail:
-            raise ValueError("no free blocks available")
+            raise ValueError("No free blocks available")
         self._unlink(first)
         return first
 
@@ -256,6 +258,15 @@ def _mm_extra_keys(
     return keys, idx
 
 
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's memory as bytes, as vLLM hashes it: viewed as uint8, which works for
+    every dtype, bfloat16 included (numpy has no bfloat16). torch is imported here, not
+    at the top, so that the router's light paths never load it."""
+    import torch
+
+    return tensor.flatten().contiguous().view(torch.uint8).numpy().data
+
+
 def generate_block_hash_extra_keys(
     request: Request, start_token_idx: int, end_token_idx: int, start_mm_idx: int
 ) -> tuple[tuple[Any, ...] | None, int]:
@@ -270,7 +281,7 @@ def generate_block_hash_extra_keys(
         keys.append(request.cache_salt)
     if request.prompt_embeds is not None:
         block_embeds = request.prompt_embeds[start_token_idx:end_token_idx]
-        keys.append(hashlib.sha256(block_embeds.contiguous().numpy().tobytes()).digest())
+        keys.append(hashlib.sha256(_raw_bytes(block_embeds)).digest())
     return (tuple(keys) if keys else None), next_mm_idx
 
 
@@ -293,6 +304,17 @@ class RequestBlockHasher:
         self.block_size = block_size
         self.hash_fn = hash_fn
         self.none_hash = none_hash
+
+    def computes_same_hashes_as(self, other: object) -> bool:
+        """True when `other` turns every request into the same hashes as this hasher:
+        same block size, same function and same chain root (an unpinned root is the
+        process-wide NONE_HASH as it is now)."""
+        return (
+            isinstance(other, RequestBlockHasher)
+            and other.block_size == self.block_size
+            and other.hash_fn is self.hash_fn
+            and (other.none_hash or NONE_HASH) == (self.none_hash or NONE_HASH)
+        )
 
     def __call__(self, request: Request) -> list[BlockHash]:
         block_size = self.block_size

@@ -58,7 +58,7 @@ def test_free_queue_refuses_impossible_operations() -> None:
     with pytest.raises(RuntimeError, match="not free"):
         queue.remove(taken)
     queue.popleft()
-    with pytest.raises(ValueError, match="no free blocks"):
+    with pytest.raises(ValueError, match=r"^No free blocks available$"):
         queue.popleft()
 
 
@@ -134,7 +134,7 @@ def test_eviction_under_pressure_emits_one_removal_per_cached_block() -> None:
 
 def test_get_new_blocks_beyond_free_count_is_an_error() -> None:
     pool = BlockPool(3, enable_caching=True, hash_block_size=4)
-    with pytest.raises(ValueError, match="cannot get 3 free blocks: only 2 are free"):
+    with pytest.raises(ValueError, match=r"^Cannot get 3 free blocks from the pool$"):
         pool.get_new_blocks(3)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -43,6 +44,15 @@ def test_equal_hash_ids_give_equal_tokens(small_trace: Path) -> None:
     assert first[:512] == second == third[:512]
     assert first[512:1000] == third[512:1000]
     assert first[:488] != first[512:1000]
+
+
+def test_gzip_trace_loads_like_the_plain_file(small_trace: Path, tmp_path: Path) -> None:
+    packed = tmp_path / "tiny_trace.jsonl.gz"
+    packed.write_bytes(gzip.compress(small_trace.read_bytes()))
+    plain, unpacked = load_mooncake(small_trace), load_mooncake(packed)
+    assert unpacked.name == "tiny"
+    assert [r.token_ids() for r in unpacked.requests] == [r.token_ids() for r in plain.requests]
+    assert [r.arrival_s for r in unpacked.requests] == [0.0, 1.5, 3.0]
 
 
 def test_speed_compresses_arrivals_and_limit_keeps_the_first_requests(small_trace: Path) -> None:
@@ -95,9 +105,10 @@ def test_non_positive_speed_is_refused(small_trace: Path) -> None:
         load_mooncake(small_trace, speed=0)
 
 
-def test_known_names_resolve_to_the_shared_traces_folder() -> None:
-    assert trace_path("conversation") == (TRACE_DIR / "conversation_trace.jsonl").resolve()
+def test_known_names_resolve_to_the_bundled_compressed_traces() -> None:
+    assert trace_path("conversation") == (TRACE_DIR / "conversation_trace.jsonl.gz").resolve()
     assert trace_path("conversation").parent.name == "traces"
+    assert trace_path("conversation").parent.parent.name == "data"
 
 
 def test_real_conversation_trace_has_12031_requests_and_its_first_record() -> None:
@@ -119,5 +130,7 @@ def test_missing_named_trace_error_names_the_traces_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("benchmarks.sim.traces.TRACE_DIR", tmp_path)
-    with pytest.raises(FileNotFoundError, match=f"looked for {tmp_path}/conversation_trace.jsonl"):
+    with pytest.raises(
+        FileNotFoundError, match=f"looked for {tmp_path}/conversation_trace.jsonl.gz"
+    ):
         load_mooncake("conversation")
