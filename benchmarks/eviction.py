@@ -22,6 +22,7 @@ from benchmarks.sim.config import load_bench_config
 from benchmarks.sim.metrics import summarize
 from benchmarks.sim.simulator import Simulator
 from benchmarks.tuning import variant_config
+from configs import CONFIG_DIR
 
 # (label, tuning variant: policy:queue_weight:probation_fraction:reuse_memory)
 VARIANTS = (
@@ -59,7 +60,7 @@ def plot(results: dict[str, dict], out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "bench.yaml"))
+    parser.add_argument("--config", default=str(CONFIG_DIR / "bench.yaml"))
     parser.add_argument("--workloads", default="conversation,synthetic")
     parser.add_argument("--speed", type=float, default=1.5)
     parser.add_argument("--limit", type=int, default=None, help="only the first N requests")

@@ -33,6 +33,7 @@ from benchmarks.sim.metrics import RunMetrics, summarize
 from benchmarks.sim.simulator import Simulator
 from benchmarks.sim.traces import load_mooncake
 from benchmarks.sim.workload import Workload
+from configs import CONFIG_DIR
 
 POLICIES = ("kv_aware", "round_robin", "random", "least_loaded", "prefix_only", "sglang_like")
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,7 +155,7 @@ def save_figure(fig: Any, path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "bench.yaml"))
+    parser.add_argument("--config", default=str(CONFIG_DIR / "bench.yaml"))
     parser.add_argument("--workloads", default="conversation,synthetic")
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--speeds", default="1.5")
@@ -165,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     config = load_bench_config(args.config)
-    replicas = args.replicas or config.replicas.count
+    if args.replicas:
+        config = config.with_replicas(args.replicas)
+    replicas = config.replicas.count
     policies = [p for p in args.policies.split(",") if p]
     speeds = [float(s) for s in args.speeds.split(",") if s]
     builders = workload_builders(args.limit)

@@ -12,7 +12,6 @@ Run: python -m benchmarks.tuning --trace conversation --speed 1.5 --limit 4000 \
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import msgspec
 
@@ -21,8 +20,7 @@ from benchmarks.sim.config import BenchConfig, load_bench_config
 from benchmarks.sim.metrics import summarize
 from benchmarks.sim.simulator import Simulator
 from benchmarks.sim.traces import load_mooncake
-
-ROOT = Path(__file__).resolve().parent.parent
+from configs import CONFIG_DIR
 
 
 def variant_config(config: BenchConfig, variant: str) -> tuple[BenchConfig, str, dict]:
@@ -45,7 +43,7 @@ def main() -> None:
     parser.add_argument("--trace", default="synthetic")
     parser.add_argument("--speed", type=float, default=1.5)
     parser.add_argument("--limit", type=int, default=2000)
-    parser.add_argument("--config", default=str(ROOT / "configs" / "bench.yaml"))
+    parser.add_argument("--config", default=str(CONFIG_DIR / "bench.yaml"))
     args = parser.parse_args()
     config = load_bench_config(args.config)
     workload = load_mooncake(args.trace, speed=args.speed, limit=args.limit)

@@ -1,9 +1,15 @@
 """`kvroute`: launch a cluster, submit prompts, inspect it, replay a workload.
 
-kvroute run CONFIG            launch, replay the bundled workload, report, stop
-kvroute up CONFIG             launch and serve until Ctrl-C
+kvroute run [CONFIG]          launch, replay the bundled workload, report, stop
+kvroute up [--config CONFIG]  launch and serve until Ctrl-C
 kvroute submit PROMPT ...     send prompts to a running router
 kvroute status                replicas, index size, hit rate
+kvroute config [NAME]         print a bundled config (copy it out to edit it)
+kvroute bench                 simulate the policies on a trace
+
+CONFIG is a YAML path or a bundled config's name (default: `default`). Heavy modules
+(ray, torch, numba, the benchmarks) are imported only by the commands that use them,
+so `--help`, `submit` and `status` start in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -14,20 +20,36 @@ import json
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import msgspec
-import ray
+from configs import bundled_config_names, resolve_config
+from router.client import KVRouteClient, KVRouteError, RouterUnreachableError
+from router.logs import DEFAULT_LOG_LEVEL, LOG_LEVELS, configure_logging
 
-from router.client import KVRouteClient, KVRouteError
-from router.config import Config, ConfigError, load_config
-from router.report import RunSummary, format_report, summarize
-from router.workload import shared_prefix_workload
+if TYPE_CHECKING:
+    from router.config import Config
+    from router.report import RunSummary
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_CONFIG = "default"
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as one line, exit status 2."""
+
+
+def _load(name_or_path: str) -> Config:
+    from router.config import ConfigError, load_config
+
+    try:
+        return load_config(resolve_config(name_or_path))
+    except (FileNotFoundError, ConfigError) as exc:
+        raise CommandError(str(exc)) from None
 
 
 def _with_port(config: Config, port: int | None) -> Config:
+    import msgspec
+
     if port is None:
         return config
     return msgspec.structs.replace(
@@ -37,6 +59,11 @@ def _with_port(config: Config, port: int | None) -> Config:
 
 def _replay(cluster: Any, config: Config, policy: str) -> RunSummary:
     """Replay the workload under `policy` on cold caches; summarize it."""
+    import ray
+
+    from router.report import summarize
+    from router.workload import shared_prefix_workload
+
     ray.get(cluster.router.set_policy.remote(policy))
     if not all(ray.get([r.reset_prefix_cache.remote() for r in cluster.replicas])):
         raise RuntimeError("a replica was still busy and could not reset its prefix cache")
@@ -56,11 +83,14 @@ def _replay(cluster: Any, config: Config, policy: str) -> RunSummary:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from router.launch import start_cluster
+    import ray
 
-    config = _with_port(load_config(args.config), 0)
+    from router.launch import start_cluster
+    from router.report import format_report
+
+    config = _with_port(_load(args.config), 0)
     print(f"launching {config.replicas.count} replicas from {args.config} ...", file=sys.stderr)
-    cluster = start_cluster(config)
+    cluster = start_cluster(config, log_level=args.log_level)
     try:
         w = config.workload
         summaries = [_replay(cluster, config, policy) for policy in ("kv_aware", "round_robin")]
@@ -93,8 +123,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from router.launch import start_cluster
 
-    config = _with_port(load_config(args.config), args.port)
-    cluster = start_cluster(config)
+    config = _with_port(_load(args.config_option or args.config), args.port)
+    cluster = start_cluster(config, log_level=args.log_level)
     print(f"kvroute is serving {config.replicas.count} replicas at {cluster.url} (Ctrl-C stops)")
     stop = {"now": False}
 
@@ -122,23 +152,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not prompts:
         print("nothing to submit: give prompts or --file", file=sys.stderr)
         return 2
-    try:
-        if len(prompts) == 1:
-            results = [
-                client.generate(
-                    prompts[0],
-                    args.max_tokens,
-                    lora_name=args.lora_name,
-                    cache_salt=args.cache_salt,
-                )
-            ]
-        else:
-            results = asyncio.run(
-                client.agenerate_batch(prompts, args.max_tokens, concurrency=args.concurrency)
+    options = {"lora_name": args.lora_name, "cache_salt": args.cache_salt}
+    if len(prompts) == 1:
+        results = [client.generate(prompts[0], args.max_tokens, **options)]
+    else:
+        results = asyncio.run(
+            client.agenerate_batch(
+                prompts, args.max_tokens, concurrency=args.concurrency, **options
             )
-    except KVRouteError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        )
     for result in results:
         meta = result["kvroute"]
         cached = result["usage"]["prompt_tokens_details"]["cached_tokens"]
@@ -152,11 +174,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    try:
-        status = KVRouteClient(args.url).status()
-    except (KVRouteError, OSError) as exc:
-        print(f"error: cannot reach the router at {args.url}: {exc}", file=sys.stderr)
-        return 1
+    status = KVRouteClient(args.url).status()
     print(
         f"policy {status['policy']}, {status['index_entries']} indexed entries, "
         f"{status['predicted_entries']} predicted, dropped {status['index_dropped']}"
@@ -177,33 +195,58 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Simulate every policy on a trace or workload (benchmarks/quality.py)."""
-    from benchmarks.quality import main as quality_main
-
+    try:
+        from benchmarks.quality import main as quality_main
+    except ImportError as exc:
+        raise CommandError(
+            f"kvroute bench needs the benchmark extra: pip install 'kvroute[bench]' ({exc})"
+        ) from None
     argv = [
         f"--workloads={args.trace}",
         f"--speeds={args.speed}",
         f"--policies={args.policies}",
         f"--out={args.out}",
+        f"--config={resolve_config(args.config)}",
     ]
     if args.replicas:
         argv.append(f"--replicas={args.replicas}")
     if args.limit:
         argv.append(f"--limit={args.limit}")
-    if args.config:
-        argv.append(f"--config={args.config}")
     return quality_main(argv)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print a bundled config, or list them; `kvroute config default > my.yaml` copies one."""
+    if args.name is None:
+        for name in bundled_config_names():
+            print(name)
+        return 0
+    try:
+        sys.stdout.write(resolve_config(args.name).read_text())
+    except FileNotFoundError as exc:
+        raise CommandError(str(exc)) from None
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvroute", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="launch, replay the bundled workload, print a report")
-    run.add_argument("config")
+    run.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="path or bundled name")
     run.set_defaults(func=cmd_run)
     up = sub.add_parser("up", help="launch a cluster and serve until Ctrl-C")
-    up.add_argument("config")
+    up.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="path or bundled name")
+    up.add_argument("--config", dest="config_option", help="the same as the positional CONFIG")
     up.add_argument("--port", type=int, help="HTTP port (default: router.http_port)")
     up.set_defaults(func=cmd_up)
+    for launcher in (run, up):
+        launcher.add_argument(
+            "--log-level",
+            default=DEFAULT_LOG_LEVEL,
+            type=str.upper,
+            choices=LOG_LEVELS,
+            help="what the router and replicas print here (default: WARNING)",
+        )
     submit = sub.add_parser("submit", help="send prompts to a running router")
     submit.add_argument("prompt", nargs="*")
     submit.add_argument("--file", help="one prompt per line")
@@ -217,28 +260,38 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="replicas, index size, hit rate")
     status.add_argument("--url", default=DEFAULT_URL)
     status.set_defaults(func=cmd_status)
+    config = sub.add_parser("config", help="print a bundled config, or list them")
+    config.add_argument("name", nargs="?", help="a bundled config's name; none lists them")
+    config.set_defaults(func=cmd_config)
     bench = sub.add_parser("bench", help="simulate policies on a trace against bounds")
     bench.add_argument("--trace", default="conversation", help="comma-separated workloads")
-    bench.add_argument("--replicas", type=int)
+    bench.add_argument("--replicas", type=int, help="default: replicas.count in the config")
     bench.add_argument("--speed", default="1.5", help="comma-separated trace speeds")
     bench.add_argument(
         "--policies",
         default="kv_aware,round_robin,random,least_loaded,prefix_only,sglang_like",
     )
     bench.add_argument("--limit", type=int, help="only the first N requests")
-    bench.add_argument("--config", help="benchmark parameters (default configs/bench.yaml)")
-    bench.add_argument("--out", default="benchmarks/results")
+    bench.add_argument("--config", default="bench", help="benchmark parameters: path or name")
+    bench.add_argument("--out", default="kvroute-bench", help="results folder (created)")
     bench.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging(getattr(args, "log_level", DEFAULT_LOG_LEVEL))
     try:
         return int(args.func(args))
-    except ConfigError as exc:
+    except CommandError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RouterUnreachableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KVRouteError as exc:
+        print(f"error: the router answered {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Python client for the router's HTTP API (sync, async, and batches)."""
+"""Python client for the router's HTTP API (sync, async, and batches).
+
+aiohttp and tqdm are imported by the async methods only, so that `kvroute submit`
+and `kvroute status` start fast.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,10 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
-from tqdm import tqdm
+if TYPE_CHECKING:
+    import aiohttp
 
 
 class KVRouteError(RuntimeError):
@@ -20,6 +24,14 @@ class KVRouteError(RuntimeError):
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
         self.message = message
+
+
+class RouterUnreachableError(ConnectionError):
+    """Nothing answered at the router's URL (not running, wrong address, or refused)."""
+
+    def __init__(self, url: str, reason: object) -> None:
+        super().__init__(f"no kvroute router answers at {url} ({reason})")
+        self.url = url
 
 
 def _body(
@@ -58,11 +70,19 @@ class KVRouteClient:
             data=data,
             headers={"Content-Type": "application/json"},
         )
+        with self._open(request) as response:
+            return json.loads(response.read())
+
+    def _open(self, request: urllib.request.Request | str) -> Any:
+        """The response to `request`; an HTTP error status raises KVRouteError, and a
+        router that does not answer raises RouterUnreachableError naming the URL."""
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                return json.loads(response.read())
+            return urllib.request.urlopen(request, timeout=self.timeout_s)
         except urllib.error.HTTPError as exc:
             raise KVRouteError(exc.code, _message(exc.read())) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            raise RouterUnreachableError(self.base_url, reason) from None
 
     def stream(
         self,
@@ -79,30 +99,22 @@ class KVRouteClient:
             data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"},
         )
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                for raw in response:
-                    line = raw.decode().strip()
-                    if not line.startswith("data: "):
-                        continue
-                    data = line.removeprefix("data: ")
-                    if data == "[DONE]":
-                        return
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        raise KVRouteError(503, chunk["error"]["message"])
-                    yield chunk
-        except urllib.error.HTTPError as exc:
-            raise KVRouteError(exc.code, _message(exc.read())) from None
+        with self._open(request) as response:
+            for raw in response:
+                line = raw.decode().strip()
+                if not line.startswith("data: "):
+                    continue
+                data = line.removeprefix("data: ")
+                if data == "[DONE]":
+                    return
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise KVRouteError(503, chunk["error"]["message"])
+                yield chunk
 
     def get_json(self, path: str) -> dict[str, Any]:
-        try:
-            with urllib.request.urlopen(
-                f"{self.base_url}{path}", timeout=self.timeout_s
-            ) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            raise KVRouteError(exc.code, _message(exc.read())) from None
+        with self._open(f"{self.base_url}{path}") as response:
+            return json.loads(response.read())
 
     def status(self) -> dict[str, Any]:
         return self.get_json("/status")
@@ -116,20 +128,25 @@ class KVRouteClient:
         cache_salt: str | None = None,
         session: aiohttp.ClientSession | None = None,
     ) -> dict[str, Any]:
+        import aiohttp
+
         if session is None:
             async with aiohttp.ClientSession() as own:
                 return await self.agenerate(
                     prompt, max_tokens, lora_name=lora_name, cache_salt=cache_salt, session=own
                 )
-        async with session.post(
-            f"{self.base_url}/v1/completions",
-            json=_body(prompt, max_tokens, lora_name, cache_salt),
-            timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-        ) as response:
-            payload = await response.read()
-            if response.status != 200:
-                raise KVRouteError(response.status, _message(payload))
-            return json.loads(payload)
+        try:
+            async with session.post(
+                f"{self.base_url}/v1/completions",
+                json=_body(prompt, max_tokens, lora_name, cache_salt),
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+            ) as response:
+                payload = await response.read()
+                if response.status != 200:
+                    raise KVRouteError(response.status, _message(payload))
+                return json.loads(payload)
+        except aiohttp.ClientConnectionError as exc:
+            raise RouterUnreachableError(self.base_url, exc) from None
 
     async def agenerate_batch(
         self,
@@ -137,27 +154,40 @@ class KVRouteClient:
         max_tokens: int = 16,
         *,
         concurrency: int = 16,
+        lora_name: str | None = None,
+        cache_salt: str | None = None,
         cache_salts: Sequence[str | None] | None = None,
         progress: bool = True,
     ) -> list[dict[str, Any]]:
-        """Submit many prompts with at most `concurrency` in flight; results in order."""
+        """Submit many prompts with at most `concurrency` in flight; results in order.
+
+        `lora_name` applies to every prompt; the salt is `cache_salts[i]` when given,
+        else `cache_salt` for all."""
+        import aiohttp
+        from tqdm import tqdm
+
         semaphore = asyncio.Semaphore(concurrency)
         results: list[dict[str, Any]] = [{} for _ in prompts]
-        salts = cache_salts or [None] * len(prompts)
-        bar = tqdm(total=len(prompts), desc="requests", unit="req", disable=not progress)
-        async with aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=concurrency)
-        ) as session:
+        salts = cache_salts or [cache_salt] * len(prompts)
+        if len(salts) != len(prompts):
+            raise ValueError(f"{len(salts)} cache salts for {len(prompts)} prompts")
+        with tqdm(total=len(prompts), desc="requests", unit="req", disable=not progress) as bar:
+            async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=concurrency)
+            ) as session:
 
-            async def one(i: int) -> None:
-                async with semaphore:
-                    results[i] = await self.agenerate(
-                        prompts[i], max_tokens, cache_salt=salts[i], session=session
-                    )
-                    bar.update()
+                async def one(i: int) -> None:
+                    async with semaphore:
+                        results[i] = await self.agenerate(
+                            prompts[i],
+                            max_tokens,
+                            lora_name=lora_name,
+                            cache_salt=salts[i],
+                            session=session,
+                        )
+                        bar.update()
 
-            await asyncio.gather(*(one(i) for i in range(len(prompts))))
-        bar.close()
+                await asyncio.gather(*(one(i) for i in range(len(prompts))))
         return results
 
     def generate_batch(

@@ -14,6 +14,7 @@ import ray
 
 from replicas.actor import ReplicaServer
 from router.config import Config
+from router.logs import DEFAULT_LOG_LEVEL, ray_runtime_env
 from router.service import RouterService, replica_actor_name
 
 logger = logging.getLogger(__name__)
@@ -40,20 +41,23 @@ class Cluster:
             ray.shutdown()
 
 
-def init_ray(config: Config) -> bool:
-    """Connect to `cluster.address`, or start an embedded local Ray. True if started here."""
+def init_ray(config: Config, log_level: str = DEFAULT_LOG_LEVEL) -> bool:
+    """Connect to `cluster.address`, or start an embedded local Ray. True if started here.
+
+    Workers log at `log_level`, and their lines are shown in this process's terminal.
+    """
     if ray.is_initialized():
         return False
     cluster = config.cluster
+    common: dict[str, Any] = {
+        "namespace": cluster.namespace,
+        "log_to_driver": True,
+        "runtime_env": ray_runtime_env(log_level),
+    }
     if cluster.address:
-        ray.init(address=cluster.address, namespace=cluster.namespace, log_to_driver=False)
+        ray.init(address=cluster.address, **common)
     else:
-        ray.init(
-            num_cpus=cluster.num_cpus,
-            namespace=cluster.namespace,
-            include_dashboard=False,
-            log_to_driver=False,
-        )
+        ray.init(num_cpus=cluster.num_cpus, include_dashboard=False, **common)
     return True
 
 
@@ -82,8 +86,8 @@ def start_replica(config: Config, index: int, **options: Any) -> Any:
     return handle
 
 
-def start_cluster(config: Config, http: bool = True) -> Cluster:
-    owns_ray = init_ray(config)
+def start_cluster(config: Config, http: bool = True, log_level: str = DEFAULT_LOG_LEVEL) -> Cluster:
+    owns_ray = init_ray(config, log_level)
     router, url = start_router(config, http)
     replicas = [start_replica(config, i) for i in range(config.replicas.count)]
     return Cluster(config, router, replicas, url, owns_ray)

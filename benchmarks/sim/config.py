@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from benchmarks.sim.simulator import SimConfig
 from replicas.config import (
     Struct,
@@ -40,6 +42,14 @@ class BenchConfig(DeploymentSections):
             replay_delay_s=sim.replay_delay_s,
             max_decode_steps=sim.max_decode_steps,
             seed=sim.seed,
+        )
+
+    def with_replicas(self, count: int) -> BenchConfig:
+        """The same parameters for `count` replicas, so every report states the count run."""
+        if count < 1:
+            raise ValueError(f"replicas must be >= 1, got {count}")
+        return msgspec.structs.replace(
+            self, replicas=msgspec.structs.replace(self.replicas, count=count)
         )
 
     def describe(self) -> str:

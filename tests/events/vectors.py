@@ -1,4 +1,4 @@
-"""Golden bytes from ../shared/VECTORS.md (measured against vLLM 0.23.0 and 0.24+)."""
+"""Golden bytes from docs/vectors.md (measured against vLLM 0.23.0 and 0.24+)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from replicas.request import (
     SamplingParams,
 )
 
-# (NONE_HASH, block0, block0 as event int, block1) per function, seed "0" (VECTORS.md).
+# (NONE_HASH, block0, block0 as event int, block1) per function, seed "0" (docs/vectors.md).
 VECTORS = {
     "sha256": (
         "1973e23848344dc43a988a9b478663803cfffe1243480253f9a3cf004b14aa7c",
