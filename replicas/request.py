@@ -12,10 +12,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from replicas.kv_cache.prompt import HashedPrompt, PromptKeys
+
 if TYPE_CHECKING:
     import torch
 
-    from replicas.kv_cache.utils import BlockHash
+    from replicas.kv_cache.utils import BlockHash, RequestBlockHasher
 
 
 @dataclass(frozen=True)
@@ -204,6 +206,30 @@ class Request:
     @property
     def output_token_ids(self) -> list[int]:
         return self._output_token_ids
+
+    @property
+    def lora_name(self) -> str | None:
+        """The LoRA adapter's name, which enters every block hash."""
+        return self.lora_request.lora_name if self.lora_request is not None else None
+
+    @property
+    def prompt_keys(self) -> PromptKeys:
+        """What a prefill of this request hashes: its tokens so far and its extra keys."""
+        return PromptKeys(
+            tuple(self._all_token_ids),
+            lora_name=self.lora_name,
+            cache_salt=self.cache_salt,
+            mm_features=tuple(self.mm_features),
+            prompt_embeds=self.prompt_embeds,
+            skip_prefix_cache=self.wants_prompt_logprobs,
+        )
+
+    def hashed_prompt(self, hasher: RequestBlockHasher) -> HashedPrompt:
+        """The request's keys with their hashes: its own when `hasher` computes the
+        same ones (no second hashing), else hashed by `hasher`."""
+        if hasher.computes_same_hashes_as(self._block_hasher):
+            return HashedPrompt(self.prompt_keys, hasher, tuple(self.block_hashes))
+        return self.prompt_keys.hashed_prompt(hasher)
 
     @property
     def wants_prompt_logprobs(self) -> bool:

@@ -51,6 +51,17 @@ class RoutingPolicy(Protocol):
 
     def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> str: ...
 
+    def forget(self, replica_id: str) -> None:
+        """Drop what the policy keeps about a replica that left."""
+        ...
+
+
+class StatelessPolicy:
+    """A policy that keeps nothing per replica, so there is nothing to forget."""
+
+    def forget(self, replica_id: str) -> None:
+        del replica_id
+
 
 def _require(candidates: Sequence[Candidate]) -> None:
     if not candidates:
@@ -61,7 +72,7 @@ def _load_key(c: Candidate) -> tuple[int, int]:
     return (c.load.queued_prefill_tokens, c.load.running_seqs)
 
 
-class RoundRobin:
+class RoundRobin(StatelessPolicy):
     """Each replica in turn, ignoring cache and load."""
 
     name = "round_robin"
@@ -76,7 +87,7 @@ class RoundRobin:
         return choice.replica_id
 
 
-class RandomChoice:
+class RandomChoice(StatelessPolicy):
     name = "random"
 
     def __init__(self, seed: int = 0) -> None:
@@ -87,7 +98,7 @@ class RandomChoice:
         return self._rng.choice(candidates).replica_id
 
 
-class LeastLoaded:
+class LeastLoaded(StatelessPolicy):
     """Fewest queued prefill tokens, then fewest running sequences."""
 
     name = "least_loaded"
@@ -97,7 +108,7 @@ class LeastLoaded:
         return min(candidates, key=_load_key).replica_id
 
 
-class PrefixOnly:
+class PrefixOnly(StatelessPolicy):
     """Longest predicted hit, load ignored (ties: least loaded)."""
 
     name = "prefix_only"
@@ -127,7 +138,7 @@ class CostWeights:
     queue_weight: float = 1.0
 
 
-class KVAware:
+class KVAware(StatelessPolicy):
     """Lowest estimated TTFT: uncached prefill + queued prefill + decode load.
 
     Ties go to the less loaded replica, then to a seeded random pick. With a

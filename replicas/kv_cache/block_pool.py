@@ -24,6 +24,7 @@ from events.kv_events import (
     ExternalBlockHash,
     KVCacheEvent,
 )
+from replicas.kv_cache.prompt import has_extra_keys
 from replicas.kv_cache.utils import (
     GROUP_ID_BYTES,
     BlockHash,
@@ -382,15 +383,6 @@ class BlockPool:
         return events
 
 
-def _has_extra_keys(request: Request) -> bool:
-    return bool(
-        request.lora_request
-        or request.mm_features
-        or request.cache_salt
-        or request.prompt_embeds is not None
-    )
-
-
 def _event_extra_keys(
     request: Request, positions: Sequence[int], block_size: int
 ) -> list[tuple[Any, ...] | None] | None:
@@ -401,7 +393,7 @@ def _event_extra_keys(
     """
     if not positions:
         return None
-    if not _has_extra_keys(request):
+    if not has_extra_keys(request):
         return [None] * len(positions)
     keys: list[tuple[Any, ...] | None] = []
     mm_idx = 0

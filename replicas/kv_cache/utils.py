@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING, Any, NewType, overload
 
 from events.hashing import HashFn, event_hash_from_bytes, sha256_cbor
 from events.kv_events import ExternalBlockHash
+from replicas.kv_cache.prompt import HashSource, has_extra_keys
 
 if TYPE_CHECKING:
     import torch
 
+    from replicas.kv_cache.prompt import PromptKeys
     from replicas.request import Request
 
 logger = logging.getLogger(__name__)
@@ -227,7 +229,7 @@ class FreeKVCacheBlockQueue:
 
 
 def _mm_extra_keys(
-    request: Request, start: int, end: int, start_mm_idx: int
+    source: HashSource, start: int, end: int, start_mm_idx: int
 ) -> tuple[list[Any], int]:
     """`(identifier, offset - start)` for each multimodal item overlapping [start, end).
 
@@ -235,7 +237,7 @@ def _mm_extra_keys(
     starts. A negative start index counts from the last item (used when hashing
     blocks appended after the prompt).
     """
-    features = request.mm_features
+    features = source.mm_features
     keys: list[Any] = []
     if not features:
         return keys, start_mm_idx
@@ -268,14 +270,14 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 def generate_block_hash_extra_keys(
-    request: Request, start_token_idx: int, end_token_idx: int, start_mm_idx: int
+    request: HashSource, start_token_idx: int, end_token_idx: int, start_mm_idx: int
 ) -> tuple[tuple[Any, ...] | None, int]:
     """Extra keys of one block, in the order LoRA name, multimodal items, cache
     salt (first block only), prompt-embedding digest; None when there are none."""
     mm_keys, next_mm_idx = _mm_extra_keys(request, start_token_idx, end_token_idx, start_mm_idx)
     keys: list[Any] = []
-    if request.lora_request is not None:
-        keys.append(request.lora_request.lora_name)
+    if request.lora_name is not None:
+        keys.append(request.lora_name)
     keys.extend(mm_keys)
     if start_token_idx == 0 and request.cache_salt:
         keys.append(request.cache_salt)
@@ -317,28 +319,35 @@ class RequestBlockHasher:
         )
 
     def __call__(self, request: Request) -> list[BlockHash]:
+        """The hashes of `request`'s full blocks beyond those it already has."""
+        return self.hash_new_blocks(request, request.all_token_ids, request.block_hashes)
+
+    def prompt_hashes(self, keys: PromptKeys) -> list[BlockHash]:
+        """The hashes of every full block of a prompt."""
+        return self.hash_new_blocks(keys, keys.token_ids, ())
+
+    def hash_new_blocks(
+        self, source: HashSource, token_ids: Sequence[int], done: Sequence[BlockHash]
+    ) -> list[BlockHash]:
+        """Hashes of the full blocks of `token_ids` after the `len(done)` already hashed,
+        chained from `done[-1]` (or the root), with `source`'s extra keys. The one place
+        a block hash is computed, for replicas and router alike."""
         block_size = self.block_size
-        start = len(request.block_hashes) * block_size
-        num_tokens = request.num_tokens
+        start = len(done) * block_size
+        num_tokens = len(token_ids)
         if start + block_size > num_tokens:
             return []
         mm_idx = -1 if start > 0 else 0
-        parent = request.block_hashes[-1] if request.block_hashes else self.none_hash
-        tokens = request.all_token_ids
-        plain = not (
-            request.lora_request
-            or request.mm_features
-            or request.cache_salt
-            or request.prompt_embeds is not None
-        )
+        parent = done[-1] if done else self.none_hash
+        plain = not has_extra_keys(source)
         hash_fn = self.hash_fn
         new_hashes: list[BlockHash] = []
         while start + block_size <= num_tokens:
             end = start + block_size
             extra_keys = None
             if not plain:
-                extra_keys, mm_idx = generate_block_hash_extra_keys(request, start, end, mm_idx)
-            parent = hash_block_tokens(hash_fn, parent, tokens[start:end], extra_keys)
+                extra_keys, mm_idx = generate_block_hash_extra_keys(source, start, end, mm_idx)
+            parent = hash_block_tokens(hash_fn, parent, token_ids[start:end], extra_keys)
             new_hashes.append(parent)
             start = end
         return new_hashes
