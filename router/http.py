@@ -15,52 +15,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from replicas.api import InvalidRequestError, StreamChunk
+from router.protocol import CompletionInput, parse_completion
 
 if TYPE_CHECKING:
-    from router.service import CompletionInput, RoutedResult, RouterService
+    from router.service import RoutedResult, RouterService
 
 
 def _error(status: int, message: str, kind: str) -> web.Response:
     return web.json_response({"error": {"message": message, "type": kind}}, status=status)
-
-
-def parse_completion(body: Any) -> CompletionInput:
-    """Validate the JSON shape of a /v1/completions body."""
-    from router.service import CompletionInput
-
-    if not isinstance(body, dict):
-        raise InvalidRequestError("the request body must be a JSON object")
-    prompt = body.get("prompt")
-    text: str | None = None
-    token_ids: list[int] | None = None
-    if isinstance(prompt, str):
-        text = prompt
-    elif isinstance(prompt, list) and all(type(t) is int for t in prompt):
-        token_ids = prompt
-    elif isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        return parse_completion({**body, "prompt": prompt[0]})
-    else:
-        raise InvalidRequestError("`prompt` must be a string or a list of token ids")
-    max_tokens = body.get("max_tokens", 16)
-    if type(max_tokens) is not int:
-        raise InvalidRequestError("`max_tokens` must be an integer")
-    if max_tokens < 1:
-        raise InvalidRequestError("max_tokens must be at least 1")
-    for key in ("lora_name", "cache_salt", "request_id"):
-        if body.get(key) is not None and not isinstance(body[key], str):
-            raise InvalidRequestError(f"`{key}` must be a string")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise InvalidRequestError("`stream` must be true or false")
-    return CompletionInput(
-        stream=stream,
-        text=text,
-        token_ids=token_ids,
-        max_tokens=max_tokens,
-        lora_name=body.get("lora_name"),
-        cache_salt=body.get("cache_salt"),
-        request_id=body.get("request_id"),
-    )
 
 
 def build_app(service: RouterService) -> web.Application:

@@ -48,6 +48,7 @@ from router.config import Config
 from router.index import KVIndex
 from router.metrics import RouterMetrics
 from router.policy import ReplicaLoad, make_policy
+from router.protocol import CompletionInput
 from router.reuse import ReuseTracker
 from router.routing import NoReplicaError, RoutingCore
 from router.tokenizer import load_tokenizer
@@ -80,19 +81,6 @@ class ReplicaState:
             running_seqs=polled.running_seqs + polled.waiting_seqs + self.pending_seqs,
             kv_usage=polled.kv_usage,
         )
-
-
-@dataclass
-class CompletionInput:
-    """A parsed completion request; exactly one of `text` / `token_ids`."""
-
-    text: str | None = None
-    token_ids: list[int] | None = None
-    max_tokens: int = 16
-    lora_name: str | None = None
-    cache_salt: str | None = None
-    request_id: str | None = None
-    stream: bool = False
 
 
 @dataclass

@@ -58,6 +58,26 @@ def test_injected_drops_end_with_every_batch_exactly_once_in_order(
     assert stats.replayed >= 6
 
 
+def test_a_source_repairs_a_dozen_gaps_in_its_life_without_a_resync(
+    make_scripted: MakeScripted, make_subscriber: MakeSubscriber, transport: Transport
+) -> None:
+    # More gaps than replay attempts per gap: the budget is renewed by each repair.
+    publisher = make_scripted(transport)
+    subscriber, collector = make_subscriber(recovery=RecoveryConfig(idle_probe_s=None))
+    subscriber.add_source(spec_for("r0", publisher))
+    publisher.wait_subscribed()
+    for gap in range(12):
+        seqs = range(3 * gap, 3 * gap + 3)
+        for seq in seqs:
+            publisher.publish_batch(seq, live=seq != seqs[1])
+        collector.wait_seqs("r0", seqs.stop)
+        wait_exact(subscriber, "r0")
+    assert collector.seqs("r0") == list(range(36))
+    stats = wait_exact(subscriber, "r0")
+    assert (stats.state, stats.batches, stats.gaps, stats.resyncs) == (SourceState.EXACT, 36, 12, 0)
+    assert collector.resyncs == []
+
+
 def test_a_gap_without_a_replay_endpoint_asks_for_a_resync(
     make_scripted: MakeScripted, make_subscriber: MakeSubscriber
 ) -> None:

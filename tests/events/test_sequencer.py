@@ -301,3 +301,42 @@ def test_a_live_batch_whose_bytes_differ_from_the_replayed_one_means_a_restart()
     sequencer.on_live(0, b"p0 of the new process", 1.1)
     assert port.resyncs == [ResyncReason.PUBLISHER_RESTARTED]
     assert sequencer.state is SourceState.DEGRADED
+
+
+def test_every_repaired_gap_gets_a_fresh_replay_budget() -> None:
+    # Ten gaps on one source, each repaired by its first replay: the attempt
+    # budget (3) is per gap, not per source lifetime.
+    sequencer, port = make()
+    live(sequencer, 0)
+    for gap in range(10):
+        skipped, after = 1 + 3 * gap, 2 + 3 * gap
+        live(sequencer, after + 1, now=float(gap))
+        assert port.requests[-1] == skipped
+        replay(sequencer, skipped, after, after + 1, now=float(gap))
+        assert sequencer.state is SourceState.EXACT
+    assert port.delivered == list(range(31))
+    assert port.requests == [1 + 3 * gap for gap in range(10)]
+    assert port.resyncs == []
+    stats = sequencer.snapshot()
+    assert (stats.gaps, stats.replays, stats.resyncs) == (10, 10, 0)
+
+
+def test_a_gap_repaired_on_its_last_attempt_leaves_the_next_gap_all_its_attempts() -> None:
+    # Every gap needs all three attempts (two time out): still no resync.
+    sequencer, port = make()
+    live(sequencer, 0)
+    now = 0.0
+    for gap in range(10):
+        skipped = 1 + 2 * gap
+        live(sequencer, skipped + 1, now=now)
+        sequencer.tick(now + 5.0)
+        sequencer.tick(now + 10.0)
+        assert port.requests[-3:] == [skipped] * 3
+        replay(sequencer, skipped, skipped + 1, now=now + 10.0)
+        assert sequencer.state is SourceState.EXACT
+        now += 20.0
+    assert port.delivered == list(range(21))
+    assert port.resyncs == []
+    assert port.cancels == 20
+    stats = sequencer.snapshot()
+    assert (stats.gaps, stats.replays, stats.resyncs) == (10, 30, 0)

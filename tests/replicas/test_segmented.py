@@ -7,6 +7,7 @@ import pytest
 from replicas.kv_cache.manager import KVCacheManager
 from replicas.kv_cache.segmented import SegmentedFreeBlockQueue
 from replicas.kv_cache.utils import KVCacheBlock
+from replicas.request import Request
 from tests.replicas.conftest import full, manager, request
 
 
@@ -158,3 +159,37 @@ def test_lru_pool_ignores_hints() -> None:
     free = [b.block_id for b in mgr.block_pool.free_block_queue.get_all_free_blocks()]
     assert free[-5:] == ids[::-1]
     assert not any(mgr.block_pool.blocks[i].reused for i in ids)
+
+
+def _start(mgr: KVCacheManager, request_id: str, tokens: list[int]) -> tuple[Request, int]:
+    """Prefill a request in one step and keep it running; returns it and its hit."""
+    req = request(request_id, tokens, 4)
+    hit_blocks, hit = mgr.get_computed_blocks(req)
+    assert mgr.allocate_slots(req, len(tokens) - hit, hit, hit_blocks) is not None
+    req.num_computed_tokens = len(tokens)
+    return req, hit
+
+
+def test_a_hit_on_blocks_another_running_request_holds_protects_them() -> None:
+    # The commonest hit under load: the blocks are still in use, not in the free queue.
+    mgr = manager(20, full(4), probation_fraction=0.5)
+    pool = mgr.block_pool
+    first, _ = _start(mgr, "a", list(range(17)))
+    ids = mgr.get_block_ids("a")[0]
+    assert [pool.blocks[i].ref_cnt for i in ids] == [1, 1, 1, 1, 1]
+    second, hit = _start(mgr, "b", [*range(13), 99, 98])
+    assert hit == 12
+    assert [pool.blocks[i].ref_cnt for i in ids] == [2, 2, 2, 1, 1]
+    assert [pool.blocks[i].reused for i in ids] == [True, True, True, False, False]
+    mgr.free(first)
+    mgr.free(second)
+    assert pool.free_block_queue.num_protected == 3
+    # A newer one-off request, then one that needs every probation block: LRU
+    # would evict the shared prefix (older than the newer one-off blocks),
+    # segmented LRU keeps it.
+    _serve(mgr, "c", [200 + t for t in range(8)])
+    big, _ = _start(mgr, "d", [300 + t for t in range(61)])
+    assert len(mgr.get_block_ids("d")[0]) == 16
+    mgr.free(big)
+    _, again = _start(mgr, "e", [*range(13), 77])
+    assert again == 12
