@@ -31,7 +31,7 @@ from replicas.api import GenerateRequest
 from replicas.config import CostConfig
 from router.config import load_config
 from router.launch import start_cluster
-from router.service import CompletionInput
+from router.protocol import CompletionInput
 
 
 class Relay:

@@ -9,25 +9,21 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from replicas.api import InvalidRequestError, StreamChunk
-from router.protocol import CompletionInput, parse_completion
-
-if TYPE_CHECKING:
-    from router.service import RoutedResult, RouterService
+from router.core import NoReplicaError
+from router.protocol import CompletionBackend, CompletionInput, RoutedResult, parse_completion
 
 
 def _error(status: int, message: str, kind: str) -> web.Response:
     return web.json_response({"error": {"message": message, "type": kind}}, status=status)
 
 
-def build_app(service: RouterService) -> web.Application:
-    from router.routing import NoReplicaError
-
+def build_app(service: CompletionBackend) -> web.Application:
     async def completions(request: web.Request) -> web.Response:
         try:
             body = await request.json()
@@ -51,7 +47,7 @@ def build_app(service: RouterService) -> web.Application:
             "id": result.request_id,
             "object": "text_completion",
             "created": int(time.time()),
-            "model": service.config.model.name,
+            "model": service.model_name,
             "choices": [
                 {
                     "index": 0,
@@ -96,11 +92,11 @@ def build_app(service: RouterService) -> web.Application:
                     chunk = {
                         "id": item.request_id,
                         "object": "text_completion",
-                        "model": service.config.model.name,
+                        "model": service.model_name,
                         "choices": [
                             {
                                 "index": 0,
-                                "text": service.tokenizer.decode(item.new_token_ids),
+                                "text": service.decode(item.new_token_ids),
                                 "token_ids": item.new_token_ids,
                                 "finish_reason": None,
                             }
@@ -127,7 +123,7 @@ def build_app(service: RouterService) -> web.Application:
         return response
 
     async def health(request: web.Request) -> web.Response:
-        live = len(service.replicas)
+        live = service.live_replicas()
         return web.json_response(
             {"status": "ok" if live else "no_replicas", "replicas": live},
             status=200 if live else 503,
@@ -148,7 +144,7 @@ def build_app(service: RouterService) -> web.Application:
     return app
 
 
-async def start_http_server(service: RouterService, host: str, port: int) -> str:
+async def start_http_server(service: CompletionBackend, host: str, port: int) -> str:
     """Serve on host:port (port 0 picks a free one); returns the base URL."""
     runner = web.AppRunner(build_app(service), access_log=None)
     await runner.setup()

@@ -9,10 +9,11 @@ limits, by `replicas.api.validate_generate`.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from replicas.api import InvalidRequestError
+from replicas.api import GenerateResult, InvalidRequestError, StreamChunk
 
 DEFAULT_MAX_TOKENS = 16
 # Optional string fields: absent and null both mean "not given".
@@ -30,6 +31,38 @@ class CompletionInput:
     cache_salt: str | None = None
     request_id: str | None = None
     stream: bool = False
+
+
+@dataclass
+class RoutedResult:
+    """A finished completion with what routing decided for it."""
+
+    result: GenerateResult
+    text: str
+    predicted_hit_tokens: int
+    reuse_hint_tokens: int
+    routing_s: float
+    attempts: int
+
+
+class CompletionBackend(Protocol):
+    """What the HTTP face needs from the router behind it."""
+
+    model_name: str
+
+    def decode(self, token_ids: list[int]) -> str: ...
+
+    async def generate(self, body: CompletionInput) -> RoutedResult: ...
+
+    def generate_stream(
+        self, body: CompletionInput
+    ) -> AsyncIterator[StreamChunk | RoutedResult]: ...
+
+    def live_replicas(self) -> int: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def render_metrics(self) -> bytes: ...
 
 
 def parse_completion(body: Any) -> CompletionInput:

@@ -21,7 +21,6 @@ import asyncio
 import logging
 import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,17 +39,20 @@ from replicas.api import (
     LoadReport,
     ReplicaInfo,
     StreamChunk,
-    lora_request_for,
-    validate_generate,
 )
-from replicas.request import Request
+from replicas.kv_cache.prompt import PromptKeys
 from router.config import Config
-from router.index import KVIndex
+from router.core import (
+    Decision,
+    NoReplicaError,
+    PreparedPrompt,
+    Registration,
+    Router,
+    RouterSettings,
+)
 from router.metrics import RouterMetrics
 from router.policy import ReplicaLoad, make_policy
-from router.protocol import CompletionInput
-from router.reuse import ReuseTracker
-from router.routing import NoReplicaError, RoutingCore
+from router.protocol import CompletionInput, RoutedResult
 from router.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -63,34 +65,38 @@ def replica_actor_name(index: int) -> str:
 
 
 @dataclass
-class ReplicaState:
+class ReplicaLink:
+    """How the service reaches one replica, and what its last poll said."""
+
     info: ReplicaInfo
     handle: Any
     polled: LoadReport = field(default_factory=lambda: LoadReport(0, 0, 0, 0.0, 0))
-    pending_prefill: int = 0
-    pending_seqs: int = 0
-    in_flight: int = 0
-    requests: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-
-    def load(self) -> ReplicaLoad:
-        polled = self.polled
-        return ReplicaLoad(
-            queued_prefill_tokens=polled.queued_prefill_tokens + self.pending_prefill,
-            running_seqs=polled.running_seqs + polled.waiting_seqs + self.pending_seqs,
-            kv_usage=polled.kv_usage,
-        )
 
 
-@dataclass
-class RoutedResult:
-    result: GenerateResult
-    text: str
-    predicted_hit_tokens: int
-    reuse_hint_tokens: int
-    routing_s: float
-    attempts: int
+def registration_of(info: ReplicaInfo) -> Registration:
+    return Registration(
+        replica_id=info.replica_id,
+        kv_cache_config=info.kv_cache_config,
+        hash_block_size=info.hash_block_size,
+        scheduler_block_size=info.scheduler_block_size,
+        use_eagle=info.use_eagle,
+        hash_algo=info.hash_algo,
+        hash_seed=info.hash_seed,
+        limits=info.limits,
+        retention_interval=info.retention_interval,
+    )
+
+
+def router_settings(config: Config) -> RouterSettings:
+    return RouterSettings(
+        hash_algo=config.hashing.algo,
+        hash_seed=config.hashing.seed,
+        hash_block_size=config.model.hash_block_size,
+        prediction_ttl_s=config.router.prediction_ttl_s,
+        reuse_memory=config.router.reuse_memory,
+        cluster_blocks=config.model.num_blocks * config.replicas.count,
+        max_retries=config.router.max_retries,
+    )
 
 
 class RouterService:
@@ -98,21 +104,12 @@ class RouterService:
 
     def __init__(self, config: Config, serve_http: bool = True) -> None:
         self.config = config
-        self.index = KVIndex(
-            config.hashing.algo,
-            config.hashing.seed,
-            prediction_ttl_s=config.router.prediction_ttl_s,
-        )
-        self.policy = make_policy(config.router.policy, **config.router.policy_options)
-        self.reuse = ReuseTracker.for_cluster(
-            config.router.reuse_memory,
-            config.model.num_blocks * config.replicas.count,
-            config.model.hash_block_size,
-        )
+        self.model_name = config.model.name
+        policy = make_policy(config.router.policy, **config.router.policy_options)
+        self.core = Router(router_settings(config), policy)
         self.tokenizer = load_tokenizer(config.model.tokenizer)
-        self.limits = None
         self.metrics = RouterMetrics()
-        self.replicas: dict[str, ReplicaState] = {}
+        self.replicas: dict[str, ReplicaLink] = {}
         self.started_at = time.time()
         self.http_url: str | None = None
         self._loop = asyncio.get_running_loop()
@@ -169,17 +166,8 @@ class RouterService:
         self._admit(info, handle, start_seq=0)
 
     def _admit(self, info: ReplicaInfo, handle: Any, start_seq: int | None) -> None:
-        self.index.register(
-            info.replica_id,
-            info.kv_cache_config,
-            hash_block_size=info.hash_block_size,
-            scheduler_block_size=info.scheduler_block_size,
-            use_eagle=info.use_eagle,
-            hash_algo=info.hash_algo,
-            hash_seed=info.hash_seed,
-            prefix_cache_retention_interval=info.retention_interval,
-        )
-        self.replicas[info.replica_id] = ReplicaState(info, handle)
+        self.core.register(registration_of(info))
+        self.replicas[info.replica_id] = ReplicaLink(info, handle)
         self.subscriber.add_source(
             SourceSpec(
                 name=info.replica_id,
@@ -190,15 +178,11 @@ class RouterService:
         )
 
     def _replica_died(self, replica_id: str) -> None:
-        state = self.replicas.pop(replica_id, None)
-        if state is None:
+        if self.replicas.pop(replica_id, None) is None:
             return
         logger.warning("replica %s died; removing it from the index", replica_id)
-        self.index.remove(replica_id)
+        self.core.remove(replica_id)
         self.subscriber.remove_source(replica_id)
-        forget = getattr(self.policy, "forget", None)
-        if forget is not None:
-            forget(replica_id)
 
     async def shutdown(self) -> None:
         for task in self._tasks:
@@ -212,7 +196,7 @@ class RouterService:
 
     def _apply(self, source: str, batch: KVEventBatch) -> None:
         if source in self.replicas:
-            self.index.apply(source, batch)
+            self.core.apply(source, batch)
 
     def _on_resync_thread(self, source: str, reason: ResyncReason) -> None:
         logger.warning("event stream of %s needs a resync (%s)", source, reason.value)
@@ -229,8 +213,7 @@ class RouterService:
         except ACTOR_GONE:
             self._replica_died(replica_id)
             return
-        self.index.reset(replica_id)
-        self.index.apply(replica_id, snapshot.batch)
+        self.core.resync(replica_id, snapshot.batch)
         self.subscriber.resynced(replica_id, snapshot.next_seq)
 
     async def _poll_loads(self) -> None:
@@ -241,10 +224,18 @@ class RouterService:
             await asyncio.sleep(interval)
             await asyncio.gather(*(self._poll(rid, s) for rid, s in list(self.replicas.items())))
 
-    async def _poll(self, replica_id: str, state: ReplicaState) -> None:
+    async def _poll(self, replica_id: str, link: ReplicaLink) -> None:
         try:
-            state.polled = await asyncio.wait_for(state.handle.load.remote(), timeout=5.0)
-            state.pending_prefill = state.pending_seqs = 0
+            polled = await asyncio.wait_for(link.handle.load.remote(), timeout=5.0)
+            link.polled = polled
+            self.core.report_load(
+                replica_id,
+                ReplicaLoad(
+                    queued_prefill_tokens=polled.queued_prefill_tokens,
+                    running_seqs=polled.running_seqs + polled.waiting_seqs,
+                    kv_usage=polled.kv_usage,
+                ),
+            )
         except ACTOR_GONE:
             self._replica_died(replica_id)
         except (TimeoutError, GetTimeoutError):
@@ -252,24 +243,16 @@ class RouterService:
 
     # -------------------------------------------------------------- routing
 
-    def prepare(self, body: CompletionInput) -> Request:
-        """Tokenize and validate; raises InvalidRequestError naming the problem."""
-        model = self.config.model
+    def prompt_keys(self, body: CompletionInput) -> PromptKeys:
+        """The body's prompt, tokenized, with the keys its block hashes depend on."""
         tokens = (
             body.token_ids if body.token_ids is not None else self.tokenizer.encode(body.text or "")
         )
-        limits_source = next(iter(self.replicas.values()), None)
-        limits = limits_source.info.limits if limits_source else None
-        if limits is not None:
-            validate_generate(tokens, body.max_tokens, body.lora_name, limits)
-        return Request(
-            body.request_id or f"cmpl-{uuid.uuid4().hex[:16]}",
-            tokens,
-            None,
-            lora_request=lora_request_for(body.lora_name, model.lora_names),
-            cache_salt=body.cache_salt,
-            block_hasher=self.index.hasher(model.hash_block_size),
-        )
+        return PromptKeys(tuple(tokens), lora_name=body.lora_name, cache_salt=body.cache_salt)
+
+    def prepare(self, body: CompletionInput) -> PreparedPrompt:
+        """Tokenize, validate and hash; raises InvalidRequestError naming the problem."""
+        return self.core.prepare(self.prompt_keys(body), body.max_tokens, body.request_id)
 
     async def generate(self, body: CompletionInput) -> RoutedResult:
         """Route and dispatch; if the chosen replica dies, retry elsewhere."""
@@ -291,125 +274,117 @@ class RouterService:
     async def _attempts(
         self, body: CompletionInput, stream: bool
     ) -> AsyncIterator[StreamChunk | RoutedResult]:
-        request = self.prepare(body)
-        if not self.replicas:
-            raise NoReplicaError("no replica is available")
+        prepared = self.prepare(body)
         wire = GenerateRequest(
-            request_id=request.request_id,
-            prompt_token_ids=request.prompt_token_ids,
-            max_tokens=body.max_tokens,
+            request_id=prepared.request_id,
+            prompt_token_ids=list(prepared.token_ids),
+            max_tokens=prepared.max_tokens,
             lora_name=body.lora_name,
             cache_salt=body.cache_salt,
-            reuse_hint_tokens=(
-                self.reuse.observe(request.block_hashes) if self.reuse is not None else 0
-            ),
+            reuse_hint_tokens=prepared.reuse_hint_tokens,
         )
         tried: set[str] = set()
-        for attempt in range(1, self.config.router.max_retries + 2):
-            started = time.perf_counter()
-            replica_id, hit = self._choose(request, tried)
-            routing_s = time.perf_counter() - started
-            self.metrics.routing_seconds.observe(routing_s)
-            state = self.replicas[replica_id]
-            state.pending_prefill += request.num_tokens - hit
-            state.pending_seqs += 1
-            state.in_flight += 1
-            streamed = False
+        while True:
+            decision = self.core.choose(prepared, tried)
+            self.metrics.routing_seconds.observe(decision.routing_s)
+            handle = self.replicas[decision.replica_id].handle
+            streamed = ended = refused = False
             try:
                 if stream:
-                    calls = state.handle.generate_stream.options(num_returns="streaming")
+                    calls = handle.generate_stream.options(num_returns="streaming")
                     async for ref in calls.remote(wire):
                         item = await ref
                         if isinstance(item, StreamChunk):
                             streamed = True
                             yield item
                         else:
-                            yield self._record(state, item, wire, hit, routing_s, attempt)
+                            ended = True
+                            yield self._finished(decision, item, prepared)
                 else:
-                    result = await state.handle.generate.remote(wire)
-                    yield self._record(state, result, wire, hit, routing_s, attempt)
+                    result = await handle.generate.remote(wire)
+                    ended = True
+                    yield self._finished(decision, result, prepared)
                 return
             except ACTOR_GONE:
-                self._replica_died(replica_id)
-                if streamed:
+                ended = True
+                self.core.release(decision, prepared, refused=False)
+                self._replica_died(decision.replica_id)
+                tried.add(decision.replica_id)
+                if streamed or not self.core.may_retry(len(tried)):
                     self.metrics.requests.labels("failed").inc()
-                    raise NoReplicaError(f"replica {replica_id} died mid-stream") from None
-                tried.add(replica_id)
+                    if streamed:
+                        raise NoReplicaError(
+                            f"replica {decision.replica_id} died mid-stream"
+                        ) from None
+                    raise NoReplicaError(
+                        f"every replica tried ({sorted(tried)}) died during the request"
+                    ) from None
                 self.metrics.retries.inc()
             except InvalidRequestError:
-                self.index.drop_predictions(replica_id, request)
+                refused = True
                 raise
             finally:
-                # Until the next poll, the router's own count stands in for the
-                # replica's queue: a request that ended leaves it either way.
-                state.in_flight -= 1
-                state.pending_prefill = max(0, state.pending_prefill - (request.num_tokens - hit))
-                state.pending_seqs = max(0, state.pending_seqs - 1)
-        self.metrics.requests.labels("failed").inc()
-        raise NoReplicaError(f"every replica tried ({sorted(tried)}) died during the request")
+                # Refused, cancelled (the client left) or failed otherwise: the
+                # attempt still leaves the pending count, exactly once.
+                if not ended:
+                    self.core.release(decision, prepared, refused=refused)
 
-    def _record(
-        self,
-        state: ReplicaState,
-        result: GenerateResult,
-        wire: GenerateRequest,
-        hit: int,
-        routing_s: float,
-        attempt: int,
+    def _finished(
+        self, decision: Decision, result: GenerateResult, prepared: PreparedPrompt
     ) -> RoutedResult:
-        state.requests += 1
-        state.prompt_tokens += result.num_prompt_tokens
-        state.cached_tokens += result.num_cached_tokens
+        self.core.finish(decision, result.num_prompt_tokens, result.num_cached_tokens)
         self.metrics.requests.labels("ok").inc()
         self.metrics.prompt_tokens.inc(result.num_prompt_tokens)
         self.metrics.cached_tokens.inc(result.num_cached_tokens)
-        self.metrics.predicted_tokens.inc(hit)
+        self.metrics.predicted_tokens.inc(decision.predicted_hit_tokens)
         self.metrics.ttft_seconds.observe(result.ttft_s)
         return RoutedResult(
             result=result,
             text=self.tokenizer.decode(result.output_token_ids),
-            predicted_hit_tokens=hit,
-            reuse_hint_tokens=wire.reuse_hint_tokens,
-            routing_s=routing_s,
-            attempts=attempt,
+            predicted_hit_tokens=decision.predicted_hit_tokens,
+            reuse_hint_tokens=prepared.reuse_hint_tokens,
+            routing_s=decision.routing_s,
+            attempts=decision.attempt,
         )
 
-    def _choose(self, request: Request, tried: set[str]) -> tuple[str, int]:
-        loads = {rid: s.load() for rid, s in self.replicas.items() if rid not in tried}
-        return RoutingCore(self.index, self.policy).choose(request, loads)
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids)
+
+    def live_replicas(self) -> int:
+        return len(self.replicas)
 
     # ---------------------------------------------------------------- status
 
     def status(self) -> dict[str, Any]:
+        index = self.core.index
         replicas = []
-        for replica_id, state in sorted(self.replicas.items()):
+        for replica_id, link in sorted(self.replicas.items()):
             stream = self.subscriber.stats(replica_id)
+            served = self.core.replicas[replica_id]
             replicas.append(
                 {
                     "replica_id": replica_id,
-                    "node_id": state.info.node_id,
+                    "node_id": link.info.node_id,
                     "state": stream.state.value,
-                    "indexed_blocks": self.index.replica_block_count(replica_id),
-                    "cached_blocks": state.polled.num_cached_blocks,
-                    "queued_prefill_tokens": state.polled.queued_prefill_tokens,
-                    "running_seqs": state.polled.running_seqs,
-                    "kv_usage": round(state.polled.kv_usage, 4),
-                    "in_flight": state.in_flight,
-                    "requests": state.requests,
-                    "hit_rate": round(state.cached_tokens / state.prompt_tokens, 4)
-                    if state.prompt_tokens
-                    else 0.0,
+                    "indexed_blocks": index.replica_block_count(replica_id),
+                    "cached_blocks": link.polled.num_cached_blocks,
+                    "queued_prefill_tokens": link.polled.queued_prefill_tokens,
+                    "running_seqs": link.polled.running_seqs,
+                    "kv_usage": round(link.polled.kv_usage, 4),
+                    "in_flight": served.in_flight,
+                    "requests": served.requests,
+                    "hit_rate": round(served.hit_rate, 4),
                     "batches": stream.batches,
                     "gaps": stream.gaps,
                     "resyncs": stream.resyncs,
                     "malformed": stream.malformed,
                 }
             )
-        stats = self.index.stats
+        stats = index.stats
         return {
-            "policy": self.policy.name,
-            "index_entries": len(self.index),
-            "predicted_entries": self.index.num_predicted(),
+            "policy": self.core.policy.name,
+            "index_entries": len(index),
+            "predicted_entries": index.num_predicted(),
             "index_dropped": {
                 "unknown_replica": stats.unknown_replica,
                 "unknown_group": stats.unknown_group,
@@ -421,8 +396,9 @@ class RouterService:
 
     def render_metrics(self) -> bytes:
         m = self.metrics
-        m.index_entries.set(len(self.index))
-        stats = self.index.stats
+        index = self.core.index
+        m.index_entries.set(len(index))
+        stats = index.stats
         for reason in ("unknown_replica", "unknown_group", "mismatched_group", "bad_hash"):
             m.index_drops.labels(reason).set(getattr(stats, reason))
         for replica_id in self.replicas:
@@ -431,7 +407,7 @@ class RouterService:
                 m.replica_state.labels(replica_id, state).set(
                     1 if stream.state.value == state else 0
                 )
-            m.replica_blocks.labels(replica_id).set(self.index.replica_block_count(replica_id))
+            m.replica_blocks.labels(replica_id).set(index.replica_block_count(replica_id))
             for counter in ("batches", "events", "gaps", "replays", "resyncs", "malformed"):
                 m.event_counters.labels(replica_id, counter).set(getattr(stream, counter))
         return m.render()
@@ -439,11 +415,13 @@ class RouterService:
     def predict_hits(self, body: CompletionInput) -> dict[str, int]:
         """Per replica, the prompt tokens it would serve from cache, as known from
         applied events only (no predictions): what `kvroute status` can't show."""
-        return self.index.predict(self.prepare(body))
+        keys = self.prompt_keys(body)
+        self.core.validate(keys, body.max_tokens)
+        return self.core.index.predict(keys)
 
     def set_policy(self, name: str, **options: Any) -> None:
         """Switch the routing policy (e.g. to replay a workload under a baseline)."""
-        self.policy = make_policy(name, **options)
+        self.core.set_policy(make_policy(name, **options))
 
     # ------------------------------------------------------------- for tests
 

@@ -1,8 +1,9 @@
 """A discrete-event simulator: N real engines and the real router, in virtual time.
 
 Everything that decides a result is production code: engines (`build_engine`:
-scheduler, KVCacheManager, cost-model executor), the router's `RoutingCore`
-(KVIndex with predictions, policies), the event codec, and each source's
+scheduler, KVCacheManager, cost-model executor), the router's core (`Router`:
+registration, validation, hashing, reuse hints, KVIndex with predictions,
+policies), the event codec, and each source's
 `SourceSequencer` (gap detection, replay, resync). Only the clock, the
 network and the Ray calls are simulated:
 - a step of duration d started at t delivers its tokens at t + d;
@@ -27,16 +28,15 @@ from tqdm import tqdm
 
 from events.kv_events import KVEventDecoder, KVEventEncoder
 from events.sequencer import RecoveryConfig, ResyncReason, SourceSequencer, SourceStats
-from replicas.api import InvalidRequestError, validate_generate
+from replicas.api import InvalidRequestError
 from replicas.clock import VirtualClock
 from replicas.config import ReplicaSettings
 from replicas.engine import Engine, RequestOutput
 from replicas.factory import build_engine
-from replicas.request import Request, SamplingParams
-from router.index import KVIndex
+from replicas.kv_cache.prompt import PromptKeys
+from replicas.request import SamplingParams
+from router.core import Registration, Router, RouterSettings
 from router.policy import ReplicaLoad, make_policy
-from router.reuse import ReuseTracker
-from router.routing import RoutingCore
 
 if TYPE_CHECKING:
     from benchmarks.sim.workload import SimRequest, Workload
@@ -134,7 +134,7 @@ class _Stream:
 
     # SequencerPort
     def deliver(self, seq: int, payload: bytes, replayed: bool) -> None:
-        self.sim.index.apply(self.replica_id, self.sim.decoder.decode(payload))
+        self.sim.router.apply(self.replica_id, self.sim.decoder.decode(payload))
 
     def request_replay(self, start_seq: int) -> None:
         self.replay_token += 1
@@ -157,9 +157,7 @@ class _Stream:
         self.sequencer.on_replay_end(now)
 
     def rebuild(self, engine: Engine, now: float) -> None:
-        index = self.sim.index
-        index.reset(self.replica_id)
-        index.apply(self.replica_id, engine.snapshot_batch())
+        self.sim.router.resync(self.replica_id, engine.snapshot_batch())
         self.sequencer.resynced(self.next_seq, now)
 
 
@@ -174,39 +172,38 @@ class Simulator:
             f"r{i}": build_engine(settings, self.clock, seed_offset=i)
             for i in range(config.replicas)
         }
-        self.index = KVIndex(
-            settings.hashing.algo,
-            settings.hashing.seed,
-            prediction_ttl_s=config.prediction_ttl_s,
-            clock=self.clock.now,
-        )
-        first = next(iter(self.engines.values()))
-        for replica_id, engine in self.engines.items():
-            self.index.register(
-                replica_id,
-                engine.kv_cache.kv_cache_config,
-                hash_block_size=settings.model.hash_block_size,
-                scheduler_block_size=engine.kv_cache.coordinator.scheduler_block_size,
-                use_eagle=settings.model.use_eagle,
+        self.router = Router(
+            RouterSettings(
                 hash_algo=settings.hashing.algo,
                 hash_seed=settings.hashing.seed,
-            )
-        self.hasher = self.index.hasher(first.hasher.block_size)
-        self.routing = RoutingCore(
-            self.index,
+                hash_block_size=settings.model.hash_block_size,
+                prediction_ttl_s=config.prediction_ttl_s,
+                use_predictions=config.use_predictions,
+                reuse_memory=config.reuse_memory,
+                cluster_blocks=settings.model.num_blocks * config.replicas,
+            ),
             make_policy(config.policy, **config.policy_options),
-            use_predictions=config.use_predictions,
+            clock=self.clock.now,
         )
-        self.reuse = ReuseTracker.for_cluster(
-            config.reuse_memory, settings.model.num_blocks * config.replicas, self.hasher.block_size
-        )
+        for replica_id, engine in self.engines.items():
+            self.router.register(
+                Registration(
+                    replica_id=replica_id,
+                    kv_cache_config=engine.kv_cache.kv_cache_config,
+                    hash_block_size=settings.model.hash_block_size,
+                    scheduler_block_size=engine.kv_cache.coordinator.scheduler_block_size,
+                    use_eagle=settings.model.use_eagle,
+                    hash_algo=settings.hashing.algo,
+                    hash_seed=settings.hashing.seed,
+                    limits=engine.limits,
+                )
+            )
         self.streams = {rid: _Stream(self, rid) for rid in self.engines}
         self.encoder = KVEventEncoder()
         self.decoder = KVEventDecoder()
         self.records: list[RequestRecord] = []
         self.rejected: list[str] = []
         self._bar: tqdm | None = None
-        self.limits = first.limits
         self.replica_records = {rid: ReplicaRecord(rid) for rid in self.engines}
         self._heap: list[tuple[float, int, int, Any]] = []
         self._arrivals: list[tuple[float, int, SimRequest]] = []
@@ -303,20 +300,21 @@ class Simulator:
             rejected=self.rejected,
         )
 
-    def _loads(self) -> dict[str, ReplicaLoad]:
-        loads = {}
+    def _report_loads(self) -> None:
+        """Routing sees exact engine loads: every engine reports before each choice."""
         for replica_id, engine in self.engines.items():
             load = engine.load()
-            loads[replica_id] = ReplicaLoad(
-                load.queued_prefill_tokens, load.running_seqs + load.waiting_seqs, load.kv_usage
+            self.router.report_load(
+                replica_id,
+                ReplicaLoad(
+                    load.queued_prefill_tokens, load.running_seqs + load.waiting_seqs, load.kv_usage
+                ),
             )
-        return loads
 
     def _arrive(self, sim_request: SimRequest) -> None:
-        tokens = sim_request.token_ids()
-        request = Request(sim_request.request_id, tokens, None, block_hasher=self.hasher)
+        keys = PromptKeys(tuple(sim_request.token_ids()))
         try:
-            validate_generate(tokens, sim_request.max_tokens, None, self.limits)
+            prepared = self.router.prepare(keys, sim_request.max_tokens, sim_request.request_id)
         except InvalidRequestError:
             # The router answers 400; like a client, the workload moves on.
             self.rejected.append(sim_request.request_id)
@@ -324,18 +322,19 @@ class Simulator:
                 self._bar.update()
             self._release_followers(sim_request.request_id, self.clock.now())
             return
-        replica_id, predicted = self.routing.choose(request, self._loads())
-        reuse_hint = self.reuse.observe(request.block_hashes) if self.reuse is not None else 0
+        self._report_loads()
+        decision = self.router.choose(prepared)
+        replica_id = decision.replica_id
         engine = self.engines[replica_id]
         engine.add_request(
             sim_request.request_id,
-            tokens,
+            list(prepared.token_ids),
             SamplingParams(max_tokens=sim_request.max_tokens),
             arrival_time=self.clock.now(),
-            block_hashes=request.block_hashes,
-            reuse_hint_tokens=reuse_hint,
+            block_hashes=list(prepared.prompt.block_hashes),
+            reuse_hint_tokens=prepared.reuse_hint_tokens,
         )
-        self._pending[sim_request.request_id] = predicted
+        self._pending[sim_request.request_id] = decision.predicted_hit_tokens
         if replica_id not in self._stepping:
             self._stepping.add(replica_id)
             self.schedule(0.0, STEP, replica_id)

@@ -17,7 +17,7 @@ import pytest
 import ray
 
 from router.client import KVRouteClient, KVRouteError
-from router.service import CompletionInput
+from router.protocol import CompletionInput
 from tests.cluster.conftest import Deployment
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

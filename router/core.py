@@ -1,0 +1,306 @@
+"""The router's core, free of I/O: registration, load, preparation, choice, retries.
+
+The Ray/HTTP service and the simulator are shells around one `Router`: they feed
+it registrations, event batches and load reports, and carry out its decisions.
+Every routing rule has exactly one definition, here, so a simulated result is the
+live router's behaviour.
+
+A request's life in the core:
+1. `prepare` validates the prompt against the model's limits, hashes it once
+   (`HashedPrompt`) and takes its reuse hint;
+2. `choose` predicts every candidate's hit, asks the policy, records the
+   prediction and counts the request as pending on the chosen replica;
+3. the shell dispatches; then `finish` (success) or `release` (failure) ends the
+   attempt. After a replica died, the shell may retry on one not tried yet while
+   `may_retry` says so: at most `1 + max_retries` attempts in all.
+
+Invariants:
+- A replica is routable only between its `register` and its `remove`.
+- Pending load is the router's own count of requests dispatched since the
+  replica's last load report; a report replaces it, and every attempt adds
+  exactly what its `finish` or `release` takes away.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from events.kv_events import KVEventBatch
+from replicas.api import InvalidRequestError, ModelLimits, validate_generate
+from replicas.kv_cache.prompt import HashedPrompt, PromptKeys
+from replicas.kv_cache.specs import KVCacheConfig
+from router.index import KVIndex
+from router.policy import Candidate, ReplicaLoad, RouteRequest, RoutingPolicy
+from router.reuse import ReuseTracker
+
+
+class NoReplicaError(RuntimeError):
+    """No live replica can take the request (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """What the core needs from the cluster config."""
+
+    hash_algo: str
+    hash_seed: str
+    hash_block_size: int
+    prediction_ttl_s: float = 2.0
+    use_predictions: bool = True
+    # Remember this many times the cluster's KV blocks of prompt prefixes (0: off).
+    reuse_memory: float = 0.0
+    cluster_blocks: int = 0
+    max_retries: int = 2
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What a replica tells the router about itself before it publishes."""
+
+    replica_id: str
+    kv_cache_config: KVCacheConfig
+    hash_block_size: int
+    scheduler_block_size: int
+    use_eagle: bool
+    hash_algo: str
+    hash_seed: str
+    limits: ModelLimits
+    retention_interval: int | None = None
+
+
+@dataclass
+class ReplicaState:
+    """The core's view of one replica: its last report, the router's own pending
+    count since, and what it served."""
+
+    registration: Registration
+    reported: ReplicaLoad = field(default_factory=ReplicaLoad)
+    pending_prefill: int = 0
+    pending_seqs: int = 0
+    in_flight: int = 0
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+    def load(self) -> ReplicaLoad:
+        reported = self.reported
+        return ReplicaLoad(
+            queued_prefill_tokens=reported.queued_prefill_tokens + self.pending_prefill,
+            running_seqs=reported.running_seqs + self.pending_seqs,
+            kv_usage=reported.kv_usage,
+        )
+
+    @property
+    def hit_rate(self) -> float:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A validated, hashed request, ready to route (and to retry)."""
+
+    request_id: str
+    prompt: HashedPrompt
+    max_tokens: int
+    reuse_hint_tokens: int
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        return self.prompt.keys.token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prompt.num_tokens
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One attempt: where the request goes, the hit predicted there, and the
+    uncached tokens it adds to that replica's pending prefill."""
+
+    replica_id: str
+    predicted_hit_tokens: int
+    uncached_tokens: int
+    attempt: int
+    routing_s: float
+
+
+class Router:
+    def __init__(
+        self,
+        settings: RouterSettings,
+        policy: RoutingPolicy,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.index = KVIndex(
+            settings.hash_algo,
+            settings.hash_seed,
+            prediction_ttl_s=settings.prediction_ttl_s,
+            clock=clock,
+        )
+        self.hasher = self.index.hasher(settings.hash_block_size)
+        self.reuse = ReuseTracker.for_cluster(
+            settings.reuse_memory, settings.cluster_blocks, settings.hash_block_size
+        )
+        self.replicas: dict[str, ReplicaState] = {}
+
+    # ------------------------------------------------------------ replicas
+
+    def register(self, registration: Registration) -> None:
+        """Admit a replica; refused (ValueError) on a hash mismatch or a taken id."""
+        self.index.register(
+            registration.replica_id,
+            registration.kv_cache_config,
+            hash_block_size=registration.hash_block_size,
+            scheduler_block_size=registration.scheduler_block_size,
+            use_eagle=registration.use_eagle,
+            hash_algo=registration.hash_algo,
+            hash_seed=registration.hash_seed,
+            prefix_cache_retention_interval=registration.retention_interval,
+        )
+        self.replicas[registration.replica_id] = ReplicaState(registration)
+
+    def remove(self, replica_id: str) -> bool:
+        """Forget a replica (it died or left); False if it was not registered."""
+        if self.replicas.pop(replica_id, None) is None:
+            return False
+        self.index.remove(replica_id)
+        self.policy.forget(replica_id)
+        return True
+
+    def apply(self, replica_id: str, batch: KVEventBatch) -> None:
+        """Apply a replica's event batch (a batch of an unknown replica is counted
+        and dropped by the index)."""
+        self.index.apply(replica_id, batch)
+
+    def resync(self, replica_id: str, snapshot: KVEventBatch) -> None:
+        """Replace what the index knows of a replica by a full snapshot of its cache."""
+        self.index.reset(replica_id)
+        self.index.apply(replica_id, snapshot)
+
+    def report_load(self, replica_id: str, load: ReplicaLoad) -> None:
+        """A replica's own load report; it already counts what was pending."""
+        state = self.replicas.get(replica_id)
+        if state is not None:
+            state.reported = load
+            state.pending_prefill = state.pending_seqs = 0
+
+    def set_policy(self, policy: RoutingPolicy) -> None:
+        self.policy = policy
+
+    def loads(self) -> dict[str, ReplicaLoad]:
+        return {rid: state.load() for rid, state in self.replicas.items()}
+
+    # ------------------------------------------------------------- requests
+
+    @property
+    def limits(self) -> ModelLimits | None:
+        """The model's limits, from the first replica registered: every replica of a
+        cluster serves the same model."""
+        first = next(iter(self.replicas.values()), None)
+        return first.registration.limits if first is not None else None
+
+    def validate(self, keys: PromptKeys, max_tokens: int) -> None:
+        """Raise InvalidRequestError naming what the model cannot serve."""
+        limits = self.limits
+        if limits is not None:
+            validate_generate(keys.token_ids, max_tokens, keys.lora_name, limits)
+
+    def prepare(
+        self,
+        keys: PromptKeys,
+        max_tokens: int,
+        request_id: str | None = None,
+        block_hashes: HashedPrompt | None = None,
+    ) -> PreparedPrompt:
+        """Validate and hash a request; raises InvalidRequestError naming the problem.
+
+        `block_hashes` may carry the prompt's hashes made elsewhere (the simulator's
+        workload); they are reused only if made with the router's own hasher."""
+        self.validate(keys, max_tokens)
+        hashed = (block_hashes or keys).hashed_prompt(self.hasher)
+        hint = self.reuse.observe(hashed.block_hashes) if self.reuse is not None else 0
+        return PreparedPrompt(
+            request_id=request_id or f"cmpl-{uuid.uuid4().hex[:16]}",
+            prompt=hashed,
+            max_tokens=max_tokens,
+            reuse_hint_tokens=hint,
+        )
+
+    def may_retry(self, attempts_made: int) -> bool:
+        """Whether a request that failed `attempts_made` times may try once more."""
+        return attempts_made < self.settings.max_retries + 1
+
+    def choose(
+        self, prepared: PreparedPrompt, exclude: set[str] | frozenset[str] = frozenset()
+    ) -> Decision:
+        """The replica for `prepared` among those not in `exclude`, counted as pending
+        there. Raises NoReplicaError when none is left."""
+        started = time.perf_counter()
+        loads = {rid: state.load() for rid, state in self.replicas.items() if rid not in exclude}
+        if not loads:
+            raise NoReplicaError("no replica is available")
+        replica_id, hit = self._pick(prepared.prompt, loads)
+        state = self.replicas[replica_id]
+        uncached = prepared.num_tokens - hit
+        state.pending_prefill += uncached
+        state.pending_seqs += 1
+        state.in_flight += 1
+        return Decision(
+            replica_id=replica_id,
+            predicted_hit_tokens=hit,
+            uncached_tokens=uncached,
+            attempt=len(exclude) + 1,
+            routing_s=time.perf_counter() - started,
+        )
+
+    def _pick(self, prompt: HashedPrompt, loads: Mapping[str, ReplicaLoad]) -> tuple[str, int]:
+        use_predictions = self.settings.use_predictions
+        hits = self.index.predict(prompt, include_predicted=use_predictions)
+        candidates = [Candidate(rid, hits.get(rid, 0), load) for rid, load in loads.items()]
+        choice = self.policy.choose(
+            RouteRequest(prompt.num_tokens, prompt.block_hashes), candidates
+        )
+        if use_predictions:
+            self.index.add_prediction(choice, prompt)
+        return choice, hits.get(choice, 0)
+
+    def finish(self, decision: Decision, num_prompt_tokens: int, num_cached_tokens: int) -> None:
+        """The attempt succeeded: it leaves the pending count, and its tokens count."""
+        state = self._end(decision)
+        if state is not None:
+            state.requests += 1
+            state.prompt_tokens += num_prompt_tokens
+            state.cached_tokens += num_cached_tokens
+
+    def release(self, decision: Decision, prepared: PreparedPrompt, *, refused: bool) -> None:
+        """The attempt failed. A replica that refused the request will not cache its
+        blocks, so their predictions go at once; a dead one's went with it."""
+        self._end(decision)
+        if refused and decision.replica_id in self.replicas:
+            self.index.drop_predictions(decision.replica_id, prepared.prompt)
+
+    def _end(self, decision: Decision) -> ReplicaState | None:
+        state = self.replicas.get(decision.replica_id)
+        if state is not None:
+            state.in_flight -= 1
+            state.pending_prefill = max(0, state.pending_prefill - decision.uncached_tokens)
+            state.pending_seqs = max(0, state.pending_seqs - 1)
+        return state
+
+
+__all__ = [
+    "Decision",
+    "InvalidRequestError",
+    "NoReplicaError",
+    "PreparedPrompt",
+    "Registration",
+    "ReplicaState",
+    "Router",
+    "RouterSettings",
+]

@@ -1,0 +1,204 @@
+"""The transport-free router core: registration, preparation, choice, load, retries."""
+
+from __future__ import annotations
+
+import pytest
+
+from events.kv_events import KVEventBatch
+from replicas.api import InvalidRequestError, ModelLimits
+from replicas.kv_cache.manager import KVCacheManager
+from replicas.kv_cache.prompt import PromptKeys
+from replicas.request import Request, SamplingParams
+from router.core import NoReplicaError, Registration, Router, RouterSettings
+from router.policy import ReplicaLoad, SGLangLike, make_policy
+from tests.replicas.conftest import config, full
+
+ALGO, SEED = "sha256", "seed"
+LIMITS = ModelLimits(max_model_len=64, vocab_size=100, lora_names=("bot",))
+PROMPT = tuple(range(1, 18))  # 4 full blocks of 4 tokens and one more
+
+
+def settings(**changes: object) -> RouterSettings:
+    fields: dict[str, object] = {"hash_algo": ALGO, "hash_seed": SEED, "hash_block_size": 4}
+    fields.update(changes)
+    return RouterSettings(**fields)  # type: ignore[arg-type]
+
+
+def registration(replica_id: str, **changes: object) -> Registration:
+    fields: dict[str, object] = {
+        "replica_id": replica_id,
+        "kv_cache_config": config(64, full(4)),
+        "hash_block_size": 4,
+        "scheduler_block_size": 4,
+        "use_eagle": False,
+        "hash_algo": ALGO,
+        "hash_seed": SEED,
+        "limits": LIMITS,
+    }
+    fields.update(changes)
+    return Registration(**fields)  # type: ignore[arg-type]
+
+
+def router(*replicas: str, policy: str = "kv_aware", **changes: object) -> Router:
+    core = Router(settings(**changes), make_policy(policy))
+    for replica_id in replicas:
+        core.register(registration(replica_id))
+    return core
+
+
+def serve(core: Router, replica_id: str, tokens: tuple[int, ...]) -> None:
+    """Prefill `tokens` on a real block manager and feed its events to the core."""
+    manager = KVCacheManager(
+        config(64, full(4)), max_model_len=1024, hash_block_size=4, enable_kv_cache_events=True
+    )
+    request = Request("served", tokens, SamplingParams(max_tokens=1), block_hasher=core.hasher)
+    assert manager.allocate_slots(request, request.num_tokens) is not None
+    core.apply(replica_id, KVEventBatch(ts=0.0, events=manager.take_events()))
+
+
+def test_prepare_hashes_once_and_choose_goes_to_the_replica_holding_the_prefix() -> None:
+    core = router("a", "b", use_predictions=False)
+    serve(core, "b", PROMPT)
+    prepared = core.prepare(PromptKeys(PROMPT), max_tokens=4, request_id="r1")
+    assert (prepared.request_id, prepared.num_tokens, len(prepared.prompt.block_hashes)) == (
+        "r1",
+        17,
+        4,
+    )
+    decision = core.choose(prepared)
+    assert (decision.replica_id, decision.predicted_hit_tokens, decision.uncached_tokens) == (
+        "b",
+        16,
+        1,
+    )
+    assert decision.attempt == 1
+
+
+def test_a_choice_is_pending_load_until_it_finishes() -> None:
+    core = router("a", "b", policy="least_loaded")
+    prepared = core.prepare(PromptKeys(PROMPT), max_tokens=4)
+    decision = core.choose(prepared)
+    assert core.loads()[decision.replica_id] == ReplicaLoad(17, 1, 0.0)
+    core.finish(decision, num_prompt_tokens=17, num_cached_tokens=8)
+    state = core.replicas[decision.replica_id]
+    assert core.loads()[decision.replica_id] == ReplicaLoad(0, 0, 0.0)
+    assert (state.in_flight, state.requests, state.prompt_tokens, state.hit_rate) == (
+        0,
+        1,
+        17,
+        8 / 17,
+    )
+
+
+def test_a_load_report_replaces_the_pending_count() -> None:
+    core = router("a", policy="least_loaded")
+    core.choose(core.prepare(PromptKeys(PROMPT), max_tokens=4))
+    core.report_load("a", ReplicaLoad(100, 3, 0.5))
+    assert core.loads() == {"a": ReplicaLoad(100, 3, 0.5)}
+
+
+def test_choose_excludes_tried_replicas_and_fails_when_none_is_left() -> None:
+    core = router("a", "b", policy="round_robin")
+    prepared = core.prepare(PromptKeys(PROMPT), max_tokens=4)
+    first = core.choose(prepared)
+    core.release(first, prepared, refused=False)
+    second = core.choose(prepared, {first.replica_id})
+    assert second.replica_id != first.replica_id
+    assert second.attempt == 2
+    with pytest.raises(NoReplicaError, match="no replica is available"):
+        core.choose(prepared, {"a", "b"})
+
+
+def test_may_retry_allows_one_attempt_plus_max_retries() -> None:
+    core = router("a", max_retries=2)
+    assert [core.may_retry(n) for n in range(5)] == [True, True, True, False, False]
+
+
+def test_a_refused_request_drops_its_predictions_at_once() -> None:
+    core = router("a", "b")
+    prepared = core.prepare(PromptKeys(PROMPT), max_tokens=4)
+    decision = core.choose(prepared)
+    assert core.index.num_predicted() == 4
+    core.release(decision, prepared, refused=True)
+    assert core.index.num_predicted() == 0
+    assert core.loads()[decision.replica_id] == ReplicaLoad(0, 0, 0.0)
+
+
+def test_predictions_keep_a_burst_of_one_prefix_together() -> None:
+    """No event has arrived yet; the first choice's prediction draws the rest."""
+    core = router("a", "b", "c")
+    chosen = []
+    for _ in range(4):
+        for replica_id in core.replicas:
+            core.report_load(replica_id, ReplicaLoad())
+        chosen.append(core.choose(core.prepare(PromptKeys(PROMPT), max_tokens=1)))
+    assert len({d.replica_id for d in chosen}) == 1
+    assert [d.predicted_hit_tokens for d in chosen] == [0, 16, 16, 16]
+
+
+def test_without_predictions_a_burst_spreads_by_load() -> None:
+    core = router("a", "b", "c", use_predictions=False)
+    chosen = {core.choose(core.prepare(PromptKeys(PROMPT), 1)).replica_id for _ in range(3)}
+    assert chosen == {"a", "b", "c"}
+
+
+@pytest.mark.parametrize(
+    ("keys", "max_tokens", "message"),
+    [
+        (PromptKeys(()), 4, "prompt is empty"),
+        (PromptKeys(tuple(range(64))), 4, "prompt has 64 tokens; max_model_len is 64"),
+        (PromptKeys((1, 100)), 4, r"token id 100 is outside the vocabulary \[0, 100\)"),
+        (PromptKeys(PROMPT, lora_name="nope"), 4, "unknown LoRA adapter 'nope'"),
+        (PromptKeys(PROMPT), 0, "max_tokens must be at least 1"),
+    ],
+)
+def test_prepare_refuses_what_the_model_cannot_serve(
+    keys: PromptKeys, max_tokens: int, message: str
+) -> None:
+    core = router("a")
+    with pytest.raises(InvalidRequestError, match=message):
+        core.prepare(keys, max_tokens)
+    assert core.reuse is None or len(core.reuse) == 0
+
+
+def test_lora_and_salt_enter_the_prompt_hashes() -> None:
+    core = router("a")
+    plain = core.prepare(PromptKeys(PROMPT), 1).prompt.block_hashes
+    lora = core.prepare(PromptKeys(PROMPT, lora_name="bot"), 1).prompt.block_hashes
+    salted = core.prepare(PromptKeys(PROMPT, cache_salt="t1"), 1).prompt.block_hashes
+    assert len({plain[0], lora[0], salted[0]}) == 3
+
+
+def test_reuse_hint_counts_the_tokens_seen_in_earlier_prompts() -> None:
+    core = router("a", reuse_memory=2.0, cluster_blocks=64)
+    assert core.prepare(PromptKeys(PROMPT), 1).reuse_hint_tokens == 0
+    assert core.prepare(PromptKeys(PROMPT[:9] + (99,) * 8), 1).reuse_hint_tokens == 8
+
+
+def test_remove_forgets_the_replica_in_the_index_and_the_policy() -> None:
+    policy = SGLangLike()
+    core = Router(settings(), policy)
+    core.register(registration("a"))
+    core.register(registration("b"))
+    prepared = core.prepare(PromptKeys(PROMPT), 1)
+    chosen = core.choose(prepared).replica_id
+    assert core.remove(chosen) is True
+    assert core.remove(chosen) is False
+    assert chosen not in core.replicas and chosen not in core.index.replica_ids
+    assert chosen not in policy._trees
+    other = core.choose(prepared)
+    assert other.replica_id != chosen
+
+
+def test_a_replica_with_another_hash_seed_is_refused_at_registration() -> None:
+    core = router("a")
+    with pytest.raises(ValueError, match="seed 'other'"):
+        core.register(registration("b", hash_seed="other"))
+    assert list(core.replicas) == ["a"]
+
+
+def test_resync_replaces_what_the_index_knew() -> None:
+    core = router("a", "b", use_predictions=False)
+    serve(core, "a", PROMPT)
+    core.resync("a", KVEventBatch(ts=0.0, events=[]))
+    assert core.index.predict(PromptKeys(PROMPT)) == {"a": 0, "b": 0}
