@@ -22,6 +22,7 @@ from replicas.config import (
     ReplicaSettings,
     Struct,
 )
+from router.policy import check_policy
 
 
 class RouterConfig(Struct):
@@ -35,6 +36,9 @@ class RouterConfig(Struct):
     http_port: int = 8000
     max_retries: int = 3
     load_poll_s: float = 0.05
+
+    def __post_init__(self) -> None:
+        check_policy(self.policy, self.policy_options)
 
 
 class ClusterConfig(Struct):

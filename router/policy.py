@@ -13,7 +13,9 @@ import random
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import Annotated, Any, ClassVar, Protocol
+
+import msgspec
 
 from replicas.kv_cache.utils import BlockHash
 
@@ -262,13 +264,68 @@ POLICIES: dict[str, type] = {
     for cls in (KVAware, RoundRobin, RandomChoice, LeastLoaded, PrefixOnly, SGLangLike)
 }
 
+# --- Options: one typed struct per policy, so a config is checked when it loads.
 
-def make_policy(name: str, **options: object) -> RoutingPolicy:
-    """Build a policy by its config name, with a clear error for unknown names."""
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class _Options(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Base of policy options: unknown keys and wrong types are errors."""
+
+
+class NoOptions(_Options):
+    """The policy takes no options."""
+
+
+class CostWeightsOptions(_Options):
+    prefill_s_per_token: NonNegative = CostWeights.prefill_s_per_token
+    decode_s_per_seq: NonNegative = CostWeights.decode_s_per_seq
+    kv_usage_s: NonNegative = CostWeights.kv_usage_s
+    queue_weight: NonNegative = CostWeights.queue_weight
+
+
+class KVAwareOptions(_Options):
+    weights: CostWeightsOptions = CostWeightsOptions()
+    temperature: NonNegative = 0.0
+    seed: int = 0
+
+
+class RandomOptions(_Options):
+    seed: int = 0
+
+
+class SGLangLikeOptions(_Options):
+    balance_abs: Annotated[int, msgspec.Meta(ge=0)] = 32
+    balance_rel: Annotated[float, msgspec.Meta(ge=1)] = 1.5
+    match_threshold: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5
+    max_tree_blocks: Annotated[int, msgspec.Meta(ge=1)] = 1 << 20
+
+
+POLICY_OPTIONS: dict[str, type[_Options]] = {
+    "kv_aware": KVAwareOptions,
+    "round_robin": NoOptions,
+    "random": RandomOptions,
+    "least_loaded": NoOptions,
+    "prefix_only": NoOptions,
+    "sglang_like": SGLangLikeOptions,
+}
+
+
+def check_policy(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The policy's options, typed and with defaults filled in; ValueError naming
+    the policy or the option otherwise."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown routing policy {name!r}; expected one of: {', '.join(POLICIES)}")
     try:
-        cls = POLICIES[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown routing policy {name!r}; expected one of: {', '.join(POLICIES)}"
-        ) from None
-    return cls(**options)
+        typed = msgspec.convert(options, POLICY_OPTIONS[name])
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"policy {name!r} options: {exc}") from None
+    return msgspec.to_builtins(typed)
+
+
+def make_policy(name: str, **options: Any) -> RoutingPolicy:
+    """Build a policy by its config name; its options are checked first."""
+    checked = check_policy(name, options)
+    if name == "kv_aware":
+        checked["weights"] = CostWeights(**checked["weights"])
+    return POLICIES[name](**checked)

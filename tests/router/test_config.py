@@ -62,3 +62,41 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     listed.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(listed)
+
+
+@pytest.mark.parametrize(
+    ("router", "message"),
+    [
+        ({"policy": "best"}, r"unknown routing policy 'best'; expected one of: kv_aware"),
+        (
+            {"policy": "kv_aware", "policy_options": {"weights": {"queue_weigth": 1}}},
+            r"policy 'kv_aware' options: Object contains unknown field `queue_weigth`",
+        ),
+        (
+            {"policy": "kv_aware", "policy_options": {"temperature": -1}},
+            r"policy 'kv_aware' options: Expected `float` >= 0.0 - at `\$.temperature`",
+        ),
+        (
+            {"policy": "sglang_like", "policy_options": {"match_threshold": 2}},
+            r"Expected `float` <= 1.0 - at `\$.match_threshold`",
+        ),
+        (
+            {"policy": "round_robin", "policy_options": {"seed": 1}},
+            r"policy 'round_robin' options: Object contains unknown field `seed`",
+        ),
+    ],
+)
+def test_policy_options_are_checked_when_the_config_loads(router: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"router": router}, "x.yaml")
+
+
+def test_bench_config_policy_options_load_typed() -> None:
+    from benchmarks.sim.config import load_bench_config
+    from router.policy import KVAware, make_policy
+
+    config = load_bench_config(CONFIGS / "bench.yaml")
+    policy = make_policy(config.router.policy, **config.router.policy_options)
+    assert isinstance(policy, KVAware)
+    assert policy.weights.queue_weight == 0.15
+    assert policy.weights.prefill_s_per_token == 1e-4
