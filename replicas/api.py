@@ -19,7 +19,12 @@ from replicas.request import LoRARequest
 
 
 class InvalidRequestError(ValueError):
-    """A request that cannot be served; the message names the problem."""
+    """A request that cannot be served; the message names the problem, and `param`
+    the request field at fault when there is one (OpenAI's error `param`)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ModelLimits(msgspec.Struct, frozen=True):
@@ -36,21 +41,30 @@ def validate_generate(
 ) -> None:
     """Raise `InvalidRequestError` naming what is wrong with a request."""
     if not prompt_token_ids:
-        raise InvalidRequestError("prompt is empty")
+        raise InvalidRequestError("prompt is empty", "prompt")
     if len(prompt_token_ids) >= limits.max_model_len:
         raise InvalidRequestError(
             f"prompt has {len(prompt_token_ids)} tokens; max_model_len is "
-            f"{limits.max_model_len} and at least one token must be generated"
+            f"{limits.max_model_len} and at least one token must be generated",
+            "prompt",
         )
     vocab = limits.vocab_size
     # min/max run in C: a per-token Python check costs ~1.7 ms per 12k-token prompt.
     if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
         bad = next(t for t in prompt_token_ids if not 0 <= t < vocab)
-        raise InvalidRequestError(f"token id {bad!r} is outside the vocabulary [0, {vocab})")
+        raise InvalidRequestError(
+            f"token id {bad!r} is outside the vocabulary [0, {vocab})", "prompt"
+        )
     if lora_name is not None and lora_name not in limits.lora_names:
-        raise InvalidRequestError(f"unknown LoRA adapter {lora_name!r}")
+        raise InvalidRequestError(f"unknown LoRA adapter {lora_name!r}", "model")
     if max_tokens is None or max_tokens < 1:
-        raise InvalidRequestError("max_tokens must be at least 1")
+        raise InvalidRequestError("max_tokens must be at least 1", "max_tokens")
+    if len(prompt_token_ids) + max_tokens > limits.max_model_len:
+        raise InvalidRequestError(
+            f"the prompt's {len(prompt_token_ids)} tokens plus max_tokens {max_tokens} exceed "
+            f"the model's context of {limits.max_model_len} tokens",
+            "max_tokens",
+        )
 
 
 def lora_request_for(name: str | None, lora_names: Sequence[str]) -> LoRARequest | None:
@@ -63,12 +77,29 @@ def lora_request_for(name: str | None, lora_names: Sequence[str]) -> LoRARequest
     return LoRARequest(name, list(lora_names).index(name) + 1)
 
 
+class SamplingOptions(msgspec.Struct, frozen=True):
+    """How a replica picks each output token (OpenAI's parameters of that name).
+
+    temperature 0 is greedy; top_p 1 and top_k 0 are off; a `seed` gives the request
+    its own generator, so the same request gives the same tokens however it is
+    batched. Generation stops at `stop_token_ids` and, unless `ignore_eos`, at EOS.
+    """
+
+    temperature: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
+    top_k: Annotated[int, msgspec.Meta(ge=0)] = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
 class GenerateRequest(msgspec.Struct, frozen=True):
     request_id: str
     prompt_token_ids: list[int]
     max_tokens: int
     lora_name: str | None = None
     cache_salt: str | None = None
+    sampling: SamplingOptions = SamplingOptions()
     # The router's eviction hint: leading prompt tokens it has seen before
     # (used by replicas running segmented LRU, ignored by LRU ones).
     reuse_hint_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0

@@ -92,8 +92,13 @@ class KVRouteClient:
         lora_name: str | None = None,
         cache_salt: str | None = None,
     ) -> Iterator[dict[str, Any]]:
-        """Yield server-sent chunks: token deltas, then the final chunk with usage."""
-        body = {**_body(prompt, max_tokens, lora_name, cache_salt), "stream": True}
+        """Yield server-sent chunks: text deltas, each choice's finishing chunk, then
+        (OpenAI's `include_usage`) a last chunk with no choices and the usage."""
+        body = {
+            **_body(prompt, max_tokens, lora_name, cache_salt),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         request = urllib.request.Request(
             f"{self.base_url}/v1/completions",
             data=json.dumps(body).encode(),

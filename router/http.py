@@ -1,121 +1,151 @@
-"""The router's HTTP face: OpenAI-style completions, Prometheus metrics, health.
+"""The router's HTTP face: OpenAI-compatible completions, chat and models; metrics; health.
 
-Every bad input is a 400 whose message names the problem; no live replica is a
-503. A failing request never disturbs the others: each is its own task.
+Every error, unknown routes included, is OpenAI's envelope
+`{"error": {"message", "type", "param", "code"}}`: a bad field is a 400 naming it,
+an unknown model a 404, no live replica a 503. Messages never carry internals
+(tracebacks, addresses, actor ids): an unexpected failure is logged here with its
+request id and answered with a plain 500. Each response echoes `X-Request-Id`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import time
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from replicas.api import InvalidRequestError, StreamChunk
+from replicas.api import InvalidRequestError
 from router.core import NoReplicaError
-from router.protocol import CompletionBackend, CompletionInput, RoutedResult, parse_completion
+from router.openai_api import FrontDoor
+from router.protocol import (
+    CompletionBackend,
+    ModelNotFoundError,
+    parse_chat,
+    parse_completions,
+)
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "X-Request-Id"
+REQUEST_ID = web.RequestKey("request_id", str)
+MAX_BODY_BYTES = 64 * 1024 * 1024
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _error(status: int, message: str, kind: str) -> web.Response:
-    return web.json_response({"error": {"message": message, "type": kind}}, status=status)
+def error_body(
+    message: str, kind: str, param: str | None = None, code: str | int | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def build_app(service: CompletionBackend) -> web.Application:
-    async def completions(request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return _error(400, "the request body is not valid JSON", "invalid_request_error")
-        try:
-            parsed = parse_completion(body)
-            if parsed.stream:
-                return await stream_completion(request, parsed)
-            routed = await service.generate(parsed)
-        except InvalidRequestError as exc:
-            return _error(400, str(exc), "invalid_request_error")
-        except NoReplicaError as exc:
-            return _error(503, str(exc), "service_unavailable")
-        return web.json_response(completion_body(routed))
+def error_response(
+    status: int, message: str, kind: str, param: str | None = None, code: str | None = None
+) -> web.Response:
+    return web.json_response(error_body(message, kind, param, code), status=status)
 
-    def completion_body(routed: RoutedResult) -> dict[str, Any]:
-        result = routed.result
-        completion_tokens = len(result.output_token_ids)
-        return {
-            "id": result.request_id,
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": service.model_name,
-            "choices": [
-                {
-                    "index": 0,
-                    "text": routed.text,
-                    "token_ids": result.output_token_ids,
-                    "finish_reason": result.finish_reason,
-                }
-            ],
-            "usage": {
-                "prompt_tokens": result.num_prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": result.num_prompt_tokens + completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": result.num_cached_tokens},
-            },
-            "kvroute": {
-                "replica_id": result.replica_id,
-                "predicted_hit_tokens": routed.predicted_hit_tokens,
-                "reuse_hint_tokens": routed.reuse_hint_tokens,
-                "routing_s": routed.routing_s,
-                "queue_s": result.queue_s,
-                "ttft_s": result.ttft_s,
-                "latency_s": result.latency_s,
-                "attempts": routed.attempts,
-            },
-        }
 
-    async def stream_completion(
-        request: web.Request, parsed: CompletionInput
-    ) -> web.StreamResponse:
-        """Server-sent events: one chunk per engine step with its new tokens, a
-        final chunk with finish_reason, usage and routing details, then [DONE].
-        Errors raised before the first chunk become ordinary 400/503 replies."""
-        async with contextlib.aclosing(service.generate_stream(parsed)) as items:
-            first = await anext(items)
-            response = web.StreamResponse(
-                headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-            )
-            await response.prepare(request)
-            item: StreamChunk | RoutedResult | None = first
-            while item is not None:
-                if isinstance(item, StreamChunk):
-                    chunk = {
-                        "id": item.request_id,
-                        "object": "text_completion",
-                        "model": service.model_name,
-                        "choices": [
-                            {
-                                "index": 0,
-                                "text": service.decode(item.new_token_ids),
-                                "token_ids": item.new_token_ids,
-                                "finish_reason": None,
-                            }
-                        ],
-                    }
-                else:
-                    chunk = completion_body(item)
-                    chunk["choices"][0]["text"] = ""
-                    chunk["choices"][0]["token_ids"] = []
-                await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-                try:
-                    item = await anext(items, None)
-                except NoReplicaError as exc:
-                    error = {"error": {"message": str(exc), "type": "service_unavailable"}}
-                    await response.write(b"data: " + json.dumps(error).encode() + b"\n\n")
-                    break
-            await response.write(b"data: [DONE]\n\n")
-            await response.write_eof()
-        return response
+def _known_error(exc: Exception) -> web.Response | None:
+    """The reply to an error a request can cause, or None for an internal failure."""
+    if isinstance(exc, ModelNotFoundError):
+        return error_response(404, str(exc), "invalid_request_error", "model", "model_not_found")
+    if isinstance(exc, InvalidRequestError):
+        return error_response(400, str(exc), "invalid_request_error", exc.param)
+    if isinstance(exc, NoReplicaError):
+        return error_response(503, str(exc), "service_unavailable", None, "no_replica")
+    return None
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request ids in and out, and OpenAI's error envelope for every failure."""
+    request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        kind = "invalid_request_error" if exc.status < 500 else "server_error"
+        message = "no such route" if exc.status == 404 else exc.reason
+        response = error_response(exc.status, f"{message}: {request.method} {request.path}", kind)
+    except Exception as exc:
+        known = _known_error(exc)
+        if known is None:
+            logger.exception("request %s failed", request_id)
+            known = error_response(500, "internal error", "server_error")
+        response = known
+    if not response.prepared:
+        response.headers[REQUEST_ID_HEADER] = request_id
+    return response
+
+
+async def _json(request: web.Request) -> Any:
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidRequestError("the request body is not valid JSON") from None
+
+
+async def _sse(request: web.Request, chunks: AsyncIterator[dict[str, Any]]) -> web.StreamResponse:
+    """Server-sent events. The first chunk is awaited before the response starts, so an
+    error before any output is an ordinary error reply; a later one is an error event."""
+    async with contextlib.aclosing(chunks):
+        first = await anext(chunks)
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                REQUEST_ID_HEADER: request[REQUEST_ID],
+            }
+        )
+        await response.prepare(request)
+        chunk: dict[str, Any] | None = first
+        while chunk is not None:
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            try:
+                chunk = await anext(chunks, None)
+            except Exception as exc:
+                await response.write(b"data: " + json.dumps(_stream_error(request, exc)).encode())
+                await response.write(b"\n\n")
+                break
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+    return response
+
+
+def _stream_error(request: web.Request, exc: Exception) -> dict[str, Any]:
+    """The error event that ends a stream already under way."""
+    known = _known_error(exc)
+    if known is None or known.text is None:
+        logger.exception("stream %s failed", request[REQUEST_ID], exc_info=exc)
+        return error_body("internal error", "server_error")
+    return json.loads(known.text)
+
+
+def build_app(service: CompletionBackend, fingerprint: str = "kvroute") -> web.Application:
+    front = FrontDoor(service, fingerprint)
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        call = parse_completions(await _json(request))
+        units = front.completions_units(call)
+        if call.params.stream:
+            return await _sse(request, front.completion_chunks(call, units))
+        outputs = await front.collect(units)
+        return web.json_response(front.completion_body(call, units, outputs))
+
+    async def chat_completions(request: web.Request) -> web.StreamResponse:
+        call = parse_chat(await _json(request))
+        units = front.chat_units(call)
+        if call.params.stream:
+            return await _sse(request, front.chat_chunks(call, units))
+        outputs = await front.collect(units)
+        return web.json_response(front.chat_body(call, outputs))
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": service.models()})
 
     async def metrics(request: web.Request) -> web.Response:
         response = web.Response(body=service.render_metrics())
@@ -132,10 +162,12 @@ def build_app(service: CompletionBackend) -> web.Application:
     async def status(request: web.Request) -> web.Response:
         return web.json_response(service.status())
 
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[openai_errors])
     app.add_routes(
         [
             web.post("/v1/completions", completions),
+            web.post("/v1/chat/completions", chat_completions),
+            web.get("/v1/models", models),
             web.get("/metrics", metrics),
             web.get("/health", health),
             web.get("/status", status),
@@ -144,9 +176,11 @@ def build_app(service: CompletionBackend) -> web.Application:
     return app
 
 
-async def start_http_server(service: CompletionBackend, host: str, port: int) -> str:
+async def start_http_server(
+    service: CompletionBackend, host: str, port: int, fingerprint: str = "kvroute"
+) -> str:
     """Serve on host:port (port 0 picks a free one); returns the base URL."""
-    runner = web.AppRunner(build_app(service), access_log=None)
+    runner = web.AppRunner(build_app(service, fingerprint), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -18,13 +18,17 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import msgspec
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 
@@ -41,6 +45,7 @@ from replicas.api import (
     StreamChunk,
 )
 from replicas.kv_cache.prompt import PromptKeys
+from router.chat import ChatTemplate
 from router.config import Config
 from router.core import (
     Decision,
@@ -52,7 +57,7 @@ from router.core import (
 )
 from router.metrics import RouterMetrics
 from router.policy import ReplicaLoad, make_policy
-from router.protocol import CompletionInput, RoutedResult
+from router.protocol import CompletionInput, ModelNotFoundError, RoutedResult
 from router.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -108,6 +113,11 @@ class RouterService:
         policy = make_policy(config.router.policy, **config.router.policy_options)
         self.core = Router(router_settings(config), policy)
         self.tokenizer = load_tokenizer(config.model.tokenizer)
+        tokenizer_dir = Path(config.model.tokenizer).parent if config.model.tokenizer else None
+        self.chat_template = ChatTemplate.for_model(tokenizer_dir)
+        # OpenAI's system_fingerprint: changes whenever the served model's config does.
+        model_digest = hashlib.sha256(msgspec.json.encode(config.model)).hexdigest()
+        self.fingerprint = f"fp_{model_digest[:12]}"
         self.metrics = RouterMetrics()
         self.replicas: dict[str, ReplicaLink] = {}
         self.started_at = time.time()
@@ -131,7 +141,10 @@ class RouterService:
             from router.http import start_http_server
 
             self.http_url = await start_http_server(
-                self, self.config.router.http_host, self.config.router.http_port
+                self,
+                self.config.router.http_host,
+                self.config.router.http_port,
+                fingerprint=self.fingerprint,
             )
         self._tasks.append(self._loop.create_task(self._poll_loads()))
 
@@ -251,8 +264,47 @@ class RouterService:
         return PromptKeys(tuple(tokens), lora_name=body.lora_name, cache_salt=body.cache_salt)
 
     def prepare(self, body: CompletionInput) -> PreparedPrompt:
-        """Tokenize, validate and hash; raises InvalidRequestError naming the problem."""
-        return self.core.prepare(self.prompt_keys(body), body.max_tokens, body.request_id)
+        """Tokenize, validate and hash; raises InvalidRequestError naming the problem.
+        Every dispatch gets its own internal id: a client's id never reaches a replica."""
+        keys = self.prompt_keys(body)
+        max_tokens = body.max_tokens
+        if max_tokens is None:
+            limits = self.core.limits
+            context = limits.max_model_len if limits is not None else keys.num_tokens + 1
+            max_tokens = max(1, context - keys.num_tokens)
+        return self.core.prepare(keys, max_tokens, f"kv-{uuid.uuid4().hex}")
+
+    def resolve_model(self, model: str | None) -> str | None:
+        """The LoRA adapter `model` names (None for the base model); ModelNotFoundError
+        for a name this cluster does not serve."""
+        if model is None or model == self.model_name:
+            return None
+        if model in self.config.model.lora_names:
+            return model
+        raise ModelNotFoundError(model)
+
+    def models(self) -> list[dict[str, Any]]:
+        """The served model and its LoRA adapters, as /v1/models lists them."""
+        created = int(self.started_at)
+        base = {
+            "id": self.model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "kvroute",
+            "root": self.model_name,
+            "parent": None,
+            "max_model_len": self.config.model.max_model_len,
+        }
+        adapters = [
+            {**base, "id": name, "root": name, "parent": self.model_name}
+            for name in self.config.model.lora_names
+        ]
+        return [base, *adapters]
+
+    def render_chat(self, messages: tuple[dict[str, Any], ...]) -> list[int]:
+        """A conversation as the prompt token ids the model expects."""
+        text = self.chat_template.render(messages)
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     async def generate(self, body: CompletionInput) -> RoutedResult:
         """Route and dispatch; if the chosen replica dies, retry elsewhere."""
@@ -282,6 +334,7 @@ class RouterService:
             lora_name=body.lora_name,
             cache_salt=body.cache_salt,
             reuse_hint_tokens=prepared.reuse_hint_tokens,
+            sampling=body.sampling,
         )
         tried: set[str] = set()
         while True:

@@ -12,7 +12,7 @@ from typing import Protocol
 
 
 class Tokenizer(Protocol):
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
     def decode(self, token_ids: list[int]) -> str: ...
 
@@ -21,7 +21,7 @@ class ByteTokenizer:
     """UTF-8 bytes as tokens. Ids beyond 255 (the simulated model's samples)
     decode as their low byte, so any output renders as text."""
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode("utf-8"))
 
     def decode(self, token_ids: list[int]) -> str:
@@ -40,8 +40,10 @@ class HFTokenizer:
             raise ValueError(f"model.tokenizer: no such file {path}")
         self._tokenizer = _Tokenizer.from_file(str(path))
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tokenizer.encode(text).ids)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; a rendered chat template already holds its special
+        tokens, so it is encoded with `add_special_tokens=False`."""
+        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, token_ids: list[int]) -> str:
         return str(self._tokenizer.decode(token_ids))

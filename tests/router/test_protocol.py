@@ -1,4 +1,4 @@
-"""HTTP request parsing: every field of a /v1/completions body and each wrong type."""
+"""OpenAI request parsing: every field of completions and chat bodies, and each wrong type."""
 
 from __future__ import annotations
 
@@ -9,79 +9,108 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from replicas.api import InvalidRequestError
+from replicas.api import InvalidRequestError, SamplingOptions
 from router.http import build_app
-from router.protocol import CompletionInput, parse_completion
+from router.protocol import (
+    CompletionInput,
+    GenerationParams,
+    parse_chat,
+    parse_completions,
+    single_completion,
+)
 
 
-def test_a_text_prompt_with_no_other_fields_gets_the_defaults() -> None:
-    assert parse_completion({"prompt": "Hello"}) == CompletionInput(
-        text="Hello",
-        token_ids=None,
-        max_tokens=16,
-        lora_name=None,
-        cache_salt=None,
-        request_id=None,
-        stream=False,
+def test_a_text_prompt_with_no_other_fields_gets_openais_defaults() -> None:
+    assert single_completion({"prompt": "Hello"}) == CompletionInput(
+        text="Hello", token_ids=None, max_tokens=16, stream=False, sampling=SamplingOptions()
     )
 
 
 def test_every_field_is_carried_over() -> None:
     body = {
+        "model": "tiny",
         "prompt": [1, 2, 3],
         "max_tokens": 8,
+        "temperature": 0,
+        "top_p": 0.5,
+        "top_k": 7,
+        "seed": 11,
+        "stop": ["END"],
+        "stop_token_ids": [2],
+        "ignore_eos": True,
         "lora_name": "adapter",
         "cache_salt": "tenant-1",
         "request_id": "req-7",
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
-    assert parse_completion(body) == CompletionInput(
-        text=None,
-        token_ids=[1, 2, 3],
+    call = parse_completions(body)
+    assert call.params == GenerationParams(
+        model="tiny",
         max_tokens=8,
+        sampling=SamplingOptions(
+            temperature=0.0, top_p=0.5, top_k=7, seed=11, stop_token_ids=(2,), ignore_eos=True
+        ),
+        stop=("END",),
+        n=1,
+        stream=True,
+        include_usage=True,
         lora_name="adapter",
         cache_salt="tenant-1",
         request_id="req-7",
-        stream=True,
+    )
+    assert call.prompts == ([1, 2, 3],)
+
+
+def test_null_optional_fields_mean_not_given() -> None:
+    body = {"prompt": "x", "lora_name": None, "max_tokens": None, "stop": None, "seed": None}
+    params = parse_completions(body).params
+    assert (params.lora_name, params.max_tokens, params.stop, params.sampling.seed) == (
+        None,
+        16,
+        (),
+        None,
     )
 
 
-def test_null_optional_strings_mean_not_given() -> None:
-    body = {"prompt": "x", "lora_name": None, "cache_salt": None, "request_id": None}
-    parsed = parse_completion(body)
-    assert (parsed.lora_name, parsed.cache_salt, parsed.request_id) == (None, None, None)
-
-
-def test_unknown_fields_are_ignored() -> None:
-    assert parse_completion({"prompt": "x", "temperature": 0.7, "n": 1}) == CompletionInput(
-        text="x"
+def test_fields_the_server_does_not_know_are_ignored() -> None:
+    assert single_completion({"prompt": "x", "user": "u1", "metadata": {"a": 1}}) == (
+        CompletionInput(text="x")
     )
 
 
 @pytest.mark.parametrize(
-    ("prompt", "text", "token_ids"),
+    ("prompt", "prompts"),
     [
-        ("", "", None),
-        ([], None, []),
-        (["one text"], "one text", None),
-        ([[4, 5]], None, [4, 5]),
+        ("", ("",)),
+        ([], ([],)),
+        ([4, 5], ([4, 5],)),
+        (["one", "two"], ("one", "two")),
+        ([[4, 5], [6]], ([4, 5], [6])),
+        (["text", [7]], ("text", [7])),
     ],
-    ids=["empty-text", "empty-ids", "batch-of-one-text", "batch-of-one-ids"],
+    ids=["empty-text", "empty-ids", "ids", "texts", "id-lists", "mixed"],
 )
-def test_prompt_forms(prompt: Any, text: str | None, token_ids: list[int] | None) -> None:
-    parsed = parse_completion({"prompt": prompt, "max_tokens": 3})
-    assert (parsed.text, parsed.token_ids, parsed.max_tokens) == (text, token_ids, 3)
+def test_prompt_forms_a_batch_or_one(prompt: Any, prompts: tuple[Any, ...]) -> None:
+    assert parse_completions({"prompt": prompt}).prompts == prompts
 
 
-def test_a_batch_of_one_keeps_the_other_fields() -> None:
-    parsed = parse_completion({"prompt": [[9]], "max_tokens": 2, "cache_salt": "s", "stream": True})
-    assert parsed == CompletionInput(token_ids=[9], max_tokens=2, cache_salt="s", stream=True)
+def test_max_completion_tokens_stands_for_max_tokens_and_chat_defaults_to_the_context() -> None:
+    assert parse_completions({"prompt": "x", "max_completion_tokens": 5}).params.max_tokens == 5
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    assert parse_chat(chat).params.max_tokens is None
+    assert parse_chat({**chat, "max_tokens": 3}).params.max_tokens == 3
+
+
+def test_choices_of_a_seeded_request_get_consecutive_seeds() -> None:
+    params = parse_completions({"prompt": "x", "n": 3, "seed": 40}).params
+    assert [params.inputs("x", j, None).sampling.seed for j in range(3)] == [40, 41, 42]
 
 
 @pytest.mark.parametrize("body", [None, [], "prompt", 3, True], ids=repr)
 def test_a_body_that_is_not_an_object_is_refused(body: Any) -> None:
     with pytest.raises(InvalidRequestError, match=r"^the request body must be a JSON object$"):
-        parse_completion(body)
+        parse_completions(body)
 
 
 @pytest.mark.parametrize(
@@ -96,8 +125,7 @@ def test_a_body_that_is_not_an_object_is_refused(body: Any) -> None:
         [1, 2.0],
         [True, 1],
         [1, None],
-        ["a", "b"],
-        [[1], [2]],
+        [[1], []],
         [[1, "x"]],
         [None],
         [{"text": "x"}],
@@ -105,93 +133,171 @@ def test_a_body_that_is_not_an_object_is_refused(body: Any) -> None:
     ids=repr,
 )
 def test_a_prompt_that_is_neither_text_nor_token_ids_is_refused(prompt: Any) -> None:
-    with pytest.raises(
-        InvalidRequestError, match=r"^`prompt` must be a string or a list of token ids$"
-    ):
-        parse_completion({"prompt": prompt})
+    with pytest.raises(InvalidRequestError, match=r"^`prompt` must be a string, a list of token"):
+        parse_completions({"prompt": prompt})
 
 
-def test_a_missing_prompt_is_refused() -> None:
-    with pytest.raises(InvalidRequestError, match=r"^`prompt` must be a string"):
-        parse_completion({"max_tokens": 4})
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("max_tokens", "8", "`max_tokens` must be an integer"),
+        ("max_tokens", 2.5, "`max_tokens` must be an integer"),
+        ("max_tokens", True, "`max_tokens` must be an integer"),
+        ("max_tokens", 0, "`max_tokens` must be at least 1, got 0"),
+        ("n", 0, "`n` must be at least 1, got 0"),
+        ("n", 17, "`n` must be at most 16, got 17"),
+        ("temperature", "hot", "`temperature` must be a number"),
+        ("temperature", 2.5, r"`temperature` must be in \[0, 2\], got 2.5"),
+        ("top_p", 0, r"`top_p` must be in \(0, 1\], got 0"),
+        ("top_k", -2, "`top_k` must be at least 0, got -2"),
+        ("seed", 1.5, "`seed` must be an integer"),
+        ("stop", 5, "`stop` must be a non-empty string or a list of them"),
+        ("stop", ["a", ""], "`stop` must be a non-empty string or a list of them"),
+        ("stop", ["a", "b", "c", "d", "e"], "`stop` takes at most 4 sequences"),
+        ("stop_token_ids", [1, "2"], "`stop_token_ids` must be a list of token ids"),
+        ("stream", "yes", "`stream` must be true or false"),
+        ("ignore_eos", 1, "`ignore_eos` must be true or false"),
+        ("echo", "no", "`echo` must be true or false"),
+        ("model", 3, "`model` must be a string"),
+        ("cache_salt", ["a"], "`cache_salt` must be a string"),
+        ("stream_options", {"include_usage": True}, "`stream_options` must be an object, and"),
+        ("logprobs", 2, "`logprobs` is not supported by this server"),
+        ("presence_penalty", 0.5, "`presence_penalty` is not supported by this server"),
+        ("logit_bias", {"1": 5}, "`logit_bias` is not supported by this server"),
+        ("suffix", "end", "`suffix` is not supported by this server"),
+        ("best_of", 3, "`best_of` is not supported by this server"),
+    ],
+)
+def test_a_bad_or_unsupported_field_is_refused_naming_it(
+    field: str, value: Any, message: str
+) -> None:
+    with pytest.raises(InvalidRequestError, match=f"^{message}") as caught:
+        parse_completions({"prompt": "x", field: value})
+    assert caught.value.param == field
 
 
-@pytest.mark.parametrize("max_tokens", ["8", 2.5, 8.0, True, False, None, [8], {"n": 8}], ids=repr)
-def test_max_tokens_of_the_wrong_type_is_refused(max_tokens: Any) -> None:
-    with pytest.raises(InvalidRequestError, match=r"^`max_tokens` must be an integer$"):
-        parse_completion({"prompt": "x", "max_tokens": max_tokens})
+@pytest.mark.parametrize(
+    ("field", "off"),
+    [("logprobs", None), ("logprobs", 0), ("presence_penalty", 0), ("best_of", 1), ("top_k", -1)],
+)
+def test_a_parameter_at_its_off_value_is_accepted(field: str, off: Any) -> None:
+    assert parse_completions({"prompt": "x", field: off}).prompts == ("x",)
 
 
-@pytest.mark.parametrize("max_tokens", [0, -1])
-def test_max_tokens_below_one_is_refused(max_tokens: int) -> None:
-    with pytest.raises(InvalidRequestError, match=r"^max_tokens must be at least 1$"):
-        parse_completion({"prompt": "x", "max_tokens": max_tokens})
+def test_chat_messages_take_text_parts_and_refuse_everything_else() -> None:
+    call = parse_chat(
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                },
+                {"role": "assistant", "content": None},
+            ]
+        }
+    )
+    assert call.messages == (
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "ab"},
+        {"role": "assistant", "content": ""},
+    )
 
 
-def test_max_tokens_of_one_is_accepted() -> None:
-    assert parse_completion({"prompt": "x", "max_tokens": 1}).max_tokens == 1
-
-
-@pytest.mark.parametrize("key", ["lora_name", "cache_salt", "request_id"])
-@pytest.mark.parametrize("value", [1, 2.5, True, ["a"], {"a": 1}], ids=repr)
-def test_an_optional_string_field_of_another_type_is_refused(key: str, value: Any) -> None:
-    with pytest.raises(InvalidRequestError, match=f"^`{key}` must be a string$"):
-        parse_completion({"prompt": "x", key: value})
-
-
-@pytest.mark.parametrize("stream", ["true", 1, 0, None, [True]], ids=repr)
-def test_stream_that_is_not_a_boolean_is_refused(stream: Any) -> None:
-    with pytest.raises(InvalidRequestError, match=r"^`stream` must be true or false$"):
-        parse_completion({"prompt": "x", "stream": stream})
-
-
-def test_stream_false_is_accepted() -> None:
-    assert parse_completion({"prompt": "x", "stream": False}).stream is False
+@pytest.mark.parametrize(
+    ("messages", "message"),
+    [
+        ([], "`messages` must be a non-empty list"),
+        ("hi", "`messages` must be a non-empty list"),
+        (["hi"], r"`messages\[0\]` must be an object"),
+        ([{"role": "king", "content": "x"}], r"`messages\[0\].role` must be"),
+        ([{"role": "user", "content": 5}], r"`messages\[0\].content` must be a string"),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+            r"`messages\[0\].content` parts must be text",
+        ),
+    ],
+)
+def test_bad_chat_messages_are_refused(messages: Any, message: str) -> None:
+    with pytest.raises(InvalidRequestError, match=f"^{message}"):
+        parse_chat({"messages": messages})
 
 
 class _NoService:
-    """A service that must not be reached: every body here is refused first."""
+    """A backend that must not be reached: every request here is refused first."""
+
+    model_name = "tiny"
 
     def __getattr__(self, name: str) -> Any:
         raise AssertionError(f"the service was asked for {name!r}")
 
 
-async def _post(raw: bytes) -> tuple[int, Any]:
+async def _call(method: str, path: str, raw: bytes = b"") -> tuple[int, Any, str]:
     async with TestClient(TestServer(build_app(_NoService()))) as client:  # type: ignore[arg-type]
-        response = await client.post("/v1/completions", data=raw)
-        return response.status, await response.json()
+        response = await client.request(method, path, data=raw)
+        return response.status, await response.json(), response.headers["X-Request-Id"]
 
 
 @pytest.mark.parametrize(
-    ("body", "message"),
+    ("path", "body", "message", "param"),
     [
-        ({"prompt": "x", "max_tokens": "8"}, "`max_tokens` must be an integer"),
-        ({"prompt": "x", "max_tokens": 2.5}, "`max_tokens` must be an integer"),
-        ({"prompt": "x", "max_tokens": True}, "`max_tokens` must be an integer"),
-        ({"prompt": 5}, "`prompt` must be a string or a list of token ids"),
-        ({"prompt": "x", "stream": "yes"}, "`stream` must be true or false"),
-        ([1, 2], "the request body must be a JSON object"),
+        (
+            "/v1/completions",
+            {"prompt": "x", "max_tokens": "8"},
+            "`max_tokens` must be an integer",
+            "max_tokens",
+        ),
+        (
+            "/v1/completions",
+            {"prompt": 5},
+            "`prompt` must be a string, a list of token ids, or a list of either",
+            "prompt",
+        ),
+        ("/v1/completions", [1, 2], "the request body must be a JSON object", None),
+        (
+            "/v1/chat/completions",
+            {"messages": []},
+            "`messages` must be a non-empty list",
+            "messages",
+        ),
     ],
-    ids=["max_tokens-str", "max_tokens-float", "max_tokens-bool", "prompt", "stream", "array"],
 )
-def test_the_http_endpoint_answers_a_bad_field_with_a_400_naming_it(
-    body: Any, message: str
+def test_the_http_endpoints_answer_a_bad_field_with_openais_400(
+    path: str, body: Any, message: str, param: str | None
 ) -> None:
-    status, reply = asyncio.run(_post(json.dumps(body).encode()))
-    assert (status, reply) == (
-        400,
-        {"error": {"message": message, "type": "invalid_request_error"}},
-    )
-
-
-def test_the_http_endpoint_answers_a_body_that_is_not_json_with_a_400() -> None:
-    status, reply = asyncio.run(_post(b"{not json"))
+    status, reply, _ = asyncio.run(_call("POST", path, json.dumps(body).encode()))
     assert (status, reply) == (
         400,
         {
             "error": {
-                "message": "the request body is not valid JSON",
+                "message": message,
                 "type": "invalid_request_error",
+                "param": param,
+                "code": None,
             }
         },
     )
+
+
+def test_a_body_that_is_not_json_is_a_400() -> None:
+    status, reply, _ = asyncio.run(_call("POST", "/v1/completions", b"{not json"))
+    assert (status, reply["error"]["message"]) == (400, "the request body is not valid JSON")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "message"),
+    [
+        ("GET", "/v1/embeddings", 404, "no such route: GET /v1/embeddings"),
+        ("GET", "/v1/completions", 405, "Method Not Allowed: GET /v1/completions"),
+    ],
+)
+def test_unknown_routes_answer_in_openais_error_envelope(
+    method: str, path: str, status: int, message: str
+) -> None:
+    got, reply, request_id = asyncio.run(_call(method, path))
+    assert (got, reply["error"]["message"], reply["error"]["type"]) == (
+        status,
+        message,
+        "invalid_request_error",
+    )
+    assert len(request_id) == 32

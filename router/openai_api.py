@@ -1,0 +1,306 @@
+"""The OpenAI endpoints' logic: a call becomes dispatch units, their outputs a response.
+
+A completions call with P prompts and `n` choices is P x n units; unit (p, j) is
+choice index p * n + j, as OpenAI numbers them. Units run concurrently through the
+backend (each is routed on its own, so a batch spreads over replicas by cache and
+load). Text is assembled by `TextAssembler`, which applies `stop` strings.
+
+Usage counts each prompt once (its first choice's prompt and cached tokens) and
+every choice's completion tokens; streamed chunks carry `usage` only when the
+client asked with `stream_options.include_usage`, exactly as OpenAI does: null on
+every chunk, then one last chunk with no choices and the totals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from replicas.api import StreamChunk
+from router.detokenize import TextAssembler
+from router.protocol import (
+    ChatCall,
+    CompletionBackend,
+    CompletionInput,
+    CompletionsCall,
+    GenerationParams,
+    RoutedResult,
+)
+
+
+@dataclass
+class UnitOutput:
+    """One choice's progress: text so far, and its routed result once finished."""
+
+    index: int
+    prompt_index: int
+    delta: str = ""
+    text: str = ""
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    routed: RoutedResult | None = None
+    first: bool = True
+
+
+@dataclass
+class _Units:
+    inputs: list[CompletionInput]
+    prompt_of: list[int]
+    echo: list[str] = field(default_factory=list)
+
+
+def _kvroute_section(routed: RoutedResult) -> dict[str, Any]:
+    result = routed.result
+    return {
+        "replica_id": result.replica_id,
+        "predicted_hit_tokens": routed.predicted_hit_tokens,
+        "reuse_hint_tokens": routed.reuse_hint_tokens,
+        "routing_s": routed.routing_s,
+        "queue_s": result.queue_s,
+        "ttft_s": result.ttft_s,
+        "latency_s": result.latency_s,
+        "attempts": routed.attempts,
+    }
+
+
+class FrontDoor:
+    def __init__(self, backend: CompletionBackend, fingerprint: str) -> None:
+        self.backend = backend
+        self.fingerprint = fingerprint
+
+    # ------------------------------------------------------------ expansion
+
+    def _units(self, prompts: list[str | list[int]], params: GenerationParams) -> _Units:
+        lora_name = self.backend.resolve_model(params.model)
+        if params.lora_name is not None:
+            lora_name = params.lora_name
+        inputs, prompt_of = [], []
+        for p, prompt in enumerate(prompts):
+            for j in range(params.n):
+                inputs.append(params.inputs(prompt, j, lora_name))
+                prompt_of.append(p)
+        return _Units(inputs, prompt_of)
+
+    def completions_units(self, call: CompletionsCall) -> _Units:
+        units = self._units(list(call.prompts), call.params)
+        if call.echo:
+            units.echo = [
+                p if isinstance(p, str) else self.backend.decode(list(p))
+                for p in (call.prompts[i] for i in units.prompt_of)
+            ]
+        return units
+
+    def chat_units(self, call: ChatCall) -> _Units:
+        tokens = self.backend.render_chat(call.messages)
+        return self._units([tokens], call.params)
+
+    # ------------------------------------------------------------- running
+
+    async def _run(
+        self, index: int, unit: CompletionInput, prompt_index: int, stream: bool
+    ) -> AsyncIterator[UnitOutput]:
+        """One unit's outputs: text deltas (when streaming or stopping on strings),
+        then a last output with its routed result."""
+        out = UnitOutput(index, prompt_index)
+        if not stream and not unit.stop:
+            routed = await self.backend.generate(unit)
+            out.text = out.delta = routed.text
+            out.completion_tokens = len(routed.result.output_token_ids)
+            out.finish_reason = routed.result.finish_reason
+            out.routed = routed
+            yield out
+            return
+        assembler = TextAssembler(self.backend.decode, unit.stop)
+        items = self.backend.generate_stream(unit)
+        async with contextlib.aclosing(items):
+            async for item in items:
+                if isinstance(item, StreamChunk):
+                    if assembler.stopped:
+                        continue
+                    out.completion_tokens += len(item.new_token_ids)
+                    delta = assembler.add(item.new_token_ids, False)
+                    if assembler.stopped:
+                        out.finish_reason = "stop"
+                    if delta and stream:
+                        out.delta = delta
+                        yield out
+                        out.first = False
+                    continue
+                tail = assembler.add([], True)
+                out.text = assembler.text
+                out.delta = tail if stream else out.text
+                if not assembler.stopped:
+                    out.finish_reason = item.result.finish_reason
+                    out.completion_tokens = len(item.result.output_token_ids)
+                out.routed = item
+                yield out
+
+    async def collect(self, units: _Units) -> list[UnitOutput]:
+        """Every unit to its end, concurrently; the first failure cancels the rest."""
+
+        async def one(i: int) -> UnitOutput:
+            outputs = [o async for o in self._run(i, units.inputs[i], units.prompt_of[i], False)]
+            return outputs[-1]
+
+        tasks = [asyncio.ensure_future(one(i)) for i in range(len(units.inputs))]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def merged(self, units: _Units) -> AsyncIterator[UnitOutput]:
+        """Every unit's outputs as they come, interleaved; cancelled together."""
+        queue: asyncio.Queue[UnitOutput | BaseException | None] = asyncio.Queue()
+
+        async def pump(i: int) -> None:
+            try:
+                async for out in self._run(i, units.inputs[i], units.prompt_of[i], True):
+                    await queue.put(dataclasses.replace(out))  # a copy: `out` is reused
+            except Exception as exc:
+                await queue.put(exc)
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.ensure_future(pump(i)) for i in range(len(units.inputs))]
+        running = len(tasks)
+        try:
+            while running:
+                item = await queue.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    # ------------------------------------------------------------- bodies
+
+    def _envelope(self, kind: str, request_id: str | None, prefix: str) -> dict[str, Any]:
+        return {
+            "id": request_id or f"{prefix}-{uuid.uuid4().hex}",
+            "object": kind,
+            "created": int(time.time()),
+            "model": self.backend.model_name,
+            "system_fingerprint": self.fingerprint,
+        }
+
+    @staticmethod
+    def usage(outputs: list[UnitOutput]) -> dict[str, Any]:
+        first: dict[int, RoutedResult] = {}
+        for out in sorted(outputs, key=lambda o: o.index):
+            if out.routed is not None:
+                first.setdefault(out.prompt_index, out.routed)
+        prompt = sum(r.result.num_prompt_tokens for r in first.values())
+        cached = sum(r.result.num_cached_tokens for r in first.values())
+        completion = sum(o.completion_tokens for o in outputs)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
+
+    @staticmethod
+    def kvroute(outputs: list[UnitOutput]) -> dict[str, Any]:
+        sections = [_kvroute_section(o.routed) for o in outputs if o.routed is not None]
+        if len(sections) == 1:
+            return sections[0]
+        return {"choices": sections}
+
+    def completion_body(
+        self, call: CompletionsCall, units: _Units, outputs: list[UnitOutput]
+    ) -> dict[str, Any]:
+        outputs = sorted(outputs, key=lambda o: o.index)
+        choices = [
+            {
+                "index": o.index,
+                "text": (units.echo[o.index] if units.echo else "") + o.text,
+                "logprobs": None,
+                "finish_reason": o.finish_reason,
+            }
+            for o in outputs
+        ]
+        return {
+            **self._envelope("text_completion", call.params.request_id, "cmpl"),
+            "choices": choices,
+            "usage": self.usage(outputs),
+            "kvroute": self.kvroute(outputs),
+        }
+
+    def chat_body(self, call: ChatCall, outputs: list[UnitOutput]) -> dict[str, Any]:
+        outputs = sorted(outputs, key=lambda o: o.index)
+        choices = [
+            {
+                "index": o.index,
+                "message": {"role": "assistant", "content": o.text},
+                "logprobs": None,
+                "finish_reason": o.finish_reason,
+            }
+            for o in outputs
+        ]
+        return {
+            **self._envelope("chat.completion", call.params.request_id, "chatcmpl"),
+            "choices": choices,
+            "usage": self.usage(outputs),
+            "kvroute": self.kvroute(outputs),
+        }
+
+    async def completion_chunks(
+        self, call: CompletionsCall, units: _Units
+    ) -> AsyncIterator[dict[str, Any]]:
+        """SSE payloads for a streamed completion, in order."""
+        envelope = self._envelope("text_completion", call.params.request_id, "cmpl")
+        async for chunk in self._chunks(call.params, units, envelope, self._text_choice):
+            yield chunk
+
+    async def chat_chunks(self, call: ChatCall, units: _Units) -> AsyncIterator[dict[str, Any]]:
+        envelope = self._envelope("chat.completion.chunk", call.params.request_id, "chatcmpl")
+        async for chunk in self._chunks(call.params, units, envelope, self._chat_choice):
+            yield chunk
+
+    @staticmethod
+    def _text_choice(out: UnitOutput, units: _Units) -> dict[str, Any]:
+        echo = units.echo[out.index] if units.echo and out.first else ""
+        return {
+            "index": out.index,
+            "text": echo + out.delta,
+            "logprobs": None,
+            "finish_reason": out.finish_reason if out.routed is not None else None,
+        }
+
+    @staticmethod
+    def _chat_choice(out: UnitOutput, units: _Units) -> dict[str, Any]:
+        delta: dict[str, Any] = {"content": out.delta} if out.delta else {}
+        if out.first:
+            delta = {"role": "assistant", **delta}
+        return {
+            "index": out.index,
+            "delta": delta,
+            "logprobs": None,
+            "finish_reason": out.finish_reason if out.routed is not None else None,
+        }
+
+    async def _chunks(
+        self, params: GenerationParams, units: _Units, envelope: dict[str, Any], choice: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        finished: list[UnitOutput] = []
+        async for out in self.merged(units):
+            chunk = {**envelope, "choices": [choice(out, units)]}
+            if out.routed is not None:
+                finished.append(out)
+                chunk["kvroute"] = _kvroute_section(out.routed)
+            if params.include_usage:
+                chunk["usage"] = None
+            yield chunk
+        if params.include_usage:
+            yield {**envelope, "choices": [], "usage": self.usage(finished)}
