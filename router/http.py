@@ -35,6 +35,8 @@ REQUEST_ID_HEADER = "X-Request-Id"
 REQUEST_ID = web.RequestKey("request_id", str)
 MAX_BODY_BYTES = 64 * 1024 * 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+Recorder = Callable[[str, int, "str | None"], None]
 
 
 def error_body(
@@ -49,37 +51,56 @@ def error_response(
     return web.json_response(error_body(message, kind, param, code), status=status)
 
 
-def _known_error(exc: Exception) -> web.Response | None:
-    """The reply to an error a request can cause, or None for an internal failure."""
+def _known_error(exc: Exception) -> tuple[web.Response, str] | None:
+    """The reply to an error a request can cause, with its kind for the metrics; None
+    for an internal failure."""
     if isinstance(exc, ModelNotFoundError):
-        return error_response(404, str(exc), "invalid_request_error", "model", "model_not_found")
+        reply = error_response(404, str(exc), "invalid_request_error", "model", "model_not_found")
+        return reply, "model_not_found"
     if isinstance(exc, InvalidRequestError):
-        return error_response(400, str(exc), "invalid_request_error", exc.param)
+        return error_response(400, str(exc), "invalid_request_error", exc.param), "invalid_request"
     if isinstance(exc, NoReplicaError):
-        return error_response(503, str(exc), "service_unavailable", None, "no_replica")
+        reply = error_response(503, str(exc), "service_unavailable", None, "no_replica")
+        return reply, "no_replica"
     return None
 
 
-@web.middleware
-async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request ids in and out, and OpenAI's error envelope for every failure."""
-    request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-    request[REQUEST_ID] = request_id
-    try:
-        response = await handler(request)
-    except web.HTTPException as exc:
-        kind = "invalid_request_error" if exc.status < 500 else "server_error"
-        message = "no such route" if exc.status == 404 else exc.reason
-        response = error_response(exc.status, f"{message}: {request.method} {request.path}", kind)
-    except Exception as exc:
-        known = _known_error(exc)
-        if known is None:
-            logger.exception("request %s failed", request_id)
-            known = error_response(500, "internal error", "server_error")
-        response = known
-    if not response.prepared:
-        response.headers[REQUEST_ID_HEADER] = request_id
-    return response
+def _endpoint(request: web.Request) -> str:
+    """The route's path pattern (bounded label values), or `unmatched`."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def error_middleware(record: Recorder) -> Middleware:
+    """Request ids in and out, OpenAI's error envelope for every failure, and each
+    response counted by endpoint, status and error kind."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        request[REQUEST_ID] = request_id
+        kind: str | None = None
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            kind = "route" if exc.status in (404, 405) else "http"
+            error_kind = "invalid_request_error" if exc.status < 500 else "server_error"
+            message = "no such route" if exc.status == 404 else exc.reason
+            response = error_response(
+                exc.status, f"{message}: {request.method} {request.path}", error_kind
+            )
+        except Exception as exc:
+            known = _known_error(exc)
+            if known is None:
+                logger.exception("request %s failed", request_id)
+                known = error_response(500, "internal error", "server_error"), "internal"
+            response, kind = known
+        if not response.prepared:
+            response.headers[REQUEST_ID_HEADER] = request_id
+        record(_endpoint(request), response.status, kind)
+        return response
+
+    return middleware
 
 
 async def _json(request: web.Request) -> Any:
@@ -119,10 +140,10 @@ async def _sse(request: web.Request, chunks: AsyncIterator[dict[str, Any]]) -> w
 def _stream_error(request: web.Request, exc: Exception) -> dict[str, Any]:
     """The error event that ends a stream already under way."""
     known = _known_error(exc)
-    if known is None or known.text is None:
+    if known is None or known[0].text is None:
         logger.exception("stream %s failed", request[REQUEST_ID], exc_info=exc)
         return error_body("internal error", "server_error")
-    return json.loads(known.text)
+    return json.loads(known[0].text)
 
 
 def build_app(service: CompletionBackend, fingerprint: str = "kvroute") -> web.Application:
@@ -162,7 +183,9 @@ def build_app(service: CompletionBackend, fingerprint: str = "kvroute") -> web.A
     async def status(request: web.Request) -> web.Response:
         return web.json_response(service.status())
 
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[openai_errors])
+    app = web.Application(
+        client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware(service.record_response)]
+    )
     app.add_routes(
         [
             web.post("/v1/completions", completions),

@@ -160,6 +160,8 @@ class CompletionBackend(Protocol):
 
     def render_metrics(self) -> bytes: ...
 
+    def record_response(self, endpoint: str, status: int, error_kind: str | None) -> None: ...
+
 
 # --- field readers: each raises InvalidRequestError naming its field -----------
 

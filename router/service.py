@@ -55,7 +55,7 @@ from router.core import (
     Router,
     RouterSettings,
 )
-from router.metrics import RouterMetrics
+from router.metrics import ReplicaView, RouterMetrics, ScrapeView
 from router.policy import ReplicaLoad, make_policy
 from router.protocol import CompletionInput, ModelNotFoundError, RoutedResult
 from router.tokenizer import load_tokenizer
@@ -67,6 +67,35 @@ ACTOR_GONE = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 def replica_actor_name(index: int) -> str:
     return f"replica-{index}"
+
+
+class _TokenClock:
+    """End-to-end TTFT and inter-token latency of one request, as the router sees them."""
+
+    def __init__(self, metrics: RouterMetrics, arrived: float) -> None:
+        self.metrics = metrics
+        self.arrived = arrived
+        self.last: float | None = None
+
+    def tokens(self, count: int) -> None:
+        """`count` tokens arrived now (one streamed step)."""
+        now = time.perf_counter()
+        if self.last is None:
+            self.metrics.e2e_ttft_seconds.observe(now - self.arrived)
+            count -= 1
+        elif count:
+            gap = (now - self.last) / count
+            for _ in range(count):
+                self.metrics.inter_token_seconds.observe(gap)
+        self.last = now
+
+    def whole(self, result: GenerateResult) -> None:
+        """A non-streamed result: its first token came `latency - ttft` before the end."""
+        decode_s = max(0.0, result.latency_s - result.ttft_s)
+        self.metrics.e2e_ttft_seconds.observe(time.perf_counter() - self.arrived - decode_s)
+        later = len(result.output_token_ids) - 1
+        for _ in range(later):
+            self.metrics.inter_token_seconds.observe(decode_s / later)
 
 
 @dataclass
@@ -118,7 +147,7 @@ class RouterService:
         # OpenAI's system_fingerprint: changes whenever the served model's config does.
         model_digest = hashlib.sha256(msgspec.json.encode(config.model)).hexdigest()
         self.fingerprint = f"fp_{model_digest[:12]}"
-        self.metrics = RouterMetrics()
+        self.metrics = RouterMetrics(self._scrape_view)
         self.replicas: dict[str, ReplicaLink] = {}
         self.started_at = time.time()
         self.http_url: str | None = None
@@ -336,6 +365,8 @@ class RouterService:
             reuse_hint_tokens=prepared.reuse_hint_tokens,
             sampling=body.sampling,
         )
+        arrived = time.perf_counter()
+        clock = _TokenClock(self.metrics, arrived)
         tried: set[str] = set()
         while True:
             decision = self.core.choose(prepared, tried)
@@ -349,6 +380,7 @@ class RouterService:
                         item = await ref
                         if isinstance(item, StreamChunk):
                             streamed = True
+                            clock.tokens(len(item.new_token_ids))
                             yield item
                         else:
                             ended = True
@@ -356,6 +388,7 @@ class RouterService:
                 else:
                     result = await handle.generate.remote(wire)
                     ended = True
+                    clock.whole(result)
                     yield self._finished(decision, result, prepared)
                 return
             except ACTOR_GONE:
@@ -448,22 +481,42 @@ class RouterService:
         }
 
     def render_metrics(self) -> bytes:
-        m = self.metrics
+        return self.metrics.render()
+
+    def _scrape_view(self) -> ScrapeView:
+        """What /metrics reads at scrape time: stream stats, index size, queue levels."""
         index = self.core.index
-        m.index_entries.set(len(index))
         stats = index.stats
-        for reason in ("unknown_replica", "unknown_group", "mismatched_group", "bad_hash"):
-            m.index_drops.labels(reason).set(getattr(stats, reason))
-        for replica_id in self.replicas:
+        replicas = []
+        for replica_id in sorted(self.replicas):
             stream = self.subscriber.stats(replica_id)
-            for state in ("exact", "recovering", "degraded"):
-                m.replica_state.labels(replica_id, state).set(
-                    1 if stream.state.value == state else 0
+            state = self.core.replicas.get(replica_id)
+            load = state.load() if state is not None else ReplicaLoad()
+            replicas.append(
+                ReplicaView(
+                    replica_id=replica_id,
+                    stream_state=stream.state.value,
+                    stream_counts={
+                        name: getattr(stream, name)
+                        for name in ("batches", "events", "gaps", "replays", "resyncs", "malformed")
+                    },
+                    indexed_blocks=index.replica_block_count(replica_id),
+                    in_flight=state.in_flight if state is not None else 0,
+                    queued_prefill_tokens=load.queued_prefill_tokens,
+                    running_seqs=load.running_seqs,
                 )
-            m.replica_blocks.labels(replica_id).set(index.replica_block_count(replica_id))
-            for counter in ("batches", "events", "gaps", "replays", "resyncs", "malformed"):
-                m.event_counters.labels(replica_id, counter).set(getattr(stream, counter))
-        return m.render()
+            )
+        drops = {
+            reason: getattr(stats, reason)
+            for reason in ("unknown_replica", "unknown_group", "mismatched_group", "bad_hash")
+        }
+        return ScrapeView(index_entries=len(index), index_drops=drops, replicas=replicas)
+
+    def record_response(self, endpoint: str, status: int, error_kind: str | None) -> None:
+        """Count an HTTP response by endpoint and status, and an error by its kind."""
+        self.metrics.http_responses.labels(endpoint, str(status)).inc()
+        if error_kind is not None:
+            self.metrics.errors.labels(error_kind).inc()
 
     def predict_hits(self, body: CompletionInput) -> dict[str, int]:
         """Per replica, the prompt tokens it would serve from cache, as known from

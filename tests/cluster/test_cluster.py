@@ -173,6 +173,9 @@ def test_streaming_delivers_every_token_then_usage(deployment: Deployment) -> No
 
 
 def test_metrics_endpoint_exposes_routing_and_stream_counters(deployment: Deployment) -> None:
+    deployment.client().generate(_tokens(7, 40), max_tokens=2)
+    status, _ = _post(deployment.url, b"{}")
+    assert status == 400
     with urllib.request.urlopen(f"{deployment.url}/metrics", timeout=10) as response:
         text = response.read().decode()
         assert response.headers["Content-Type"].startswith("text/plain")
@@ -181,7 +184,13 @@ def test_metrics_endpoint_exposes_routing_and_stream_counters(deployment: Deploy
         "kvroute_cached_tokens_total",
         "kvroute_routing_seconds_bucket",
         'kvroute_replica_state{replica="replica-0",state="exact"} 1.0',
-        'kvroute_event_stream{counter="batches",replica="replica-1"}',
+        'kvroute_event_stream_total{counter="batches",replica="replica-1"}',
+        'kvroute_http_responses_total{endpoint="/v1/completions",status="200"}',
+        'kvroute_request_errors_total{kind="invalid_request"}',
+        "kvroute_e2e_ttft_seconds_bucket",
+        "kvroute_inter_token_seconds_bucket",
+        'kvroute_replica_in_flight{replica="replica-0"}',
+        'kvroute_index_dropped_total{reason="bad_hash"} 0.0',
         "kvroute_index_entries",
     ):
         assert name in text, name

@@ -224,18 +224,40 @@ def test_bad_chat_messages_are_refused(messages: Any, message: str) -> None:
 
 
 class _NoService:
-    """A backend that must not be reached: every request here is refused first."""
+    """A backend that must not be reached: every request here is refused first. It
+    only counts the responses, as the real one does for its metrics."""
 
     model_name = "tiny"
+
+    def __init__(self) -> None:
+        self.responses: list[tuple[str, int, str | None]] = []
+
+    def record_response(self, endpoint: str, status: int, kind: str | None) -> None:
+        self.responses.append((endpoint, status, kind))
 
     def __getattr__(self, name: str) -> Any:
         raise AssertionError(f"the service was asked for {name!r}")
 
 
-async def _call(method: str, path: str, raw: bytes = b"") -> tuple[int, Any, str]:
-    async with TestClient(TestServer(build_app(_NoService()))) as client:  # type: ignore[arg-type]
+async def _call(
+    method: str, path: str, raw: bytes = b"", service: _NoService | None = None
+) -> tuple[int, Any, str]:
+    backend = service or _NoService()
+    async with TestClient(TestServer(build_app(backend))) as client:  # type: ignore[arg-type]
         response = await client.request(method, path, data=raw)
         return response.status, await response.json(), response.headers["X-Request-Id"]
+
+
+def test_every_response_is_counted_by_endpoint_status_and_error_kind() -> None:
+    service = _NoService()
+    asyncio.run(_call("POST", "/v1/completions", b"{}", service))
+    asyncio.run(_call("POST", "/v1/chat/completions", b"[]", service))
+    asyncio.run(_call("GET", "/nowhere", b"", service))
+    assert service.responses == [
+        ("/v1/completions", 400, "invalid_request"),
+        ("/v1/chat/completions", 400, "invalid_request"),
+        ("unmatched", 404, "route"),
+    ]
 
 
 @pytest.mark.parametrize(
