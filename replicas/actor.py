@@ -4,7 +4,9 @@ Lifecycle: `start()` binds the event sockets, registers with the router (a
 replica registers before it publishes), then starts the engine loop. The loop
 runs one step at a time in the actor's event loop, publishes the step's
 events right away (as vLLM does after scheduling), sleeps the step's
-simulated duration, and resolves the requests that produced tokens. Because
+duration if it was simulated (a torch executor's step already took its time;
+the loop then only yields), and resolves the requests that produced tokens.
+Because
 steps and `snapshot()` share the event loop, a snapshot is always consistent
 with the publisher's next seq.
 """
@@ -182,7 +184,7 @@ class ReplicaServer:
             self.steps += 1
             if result.events is not None:
                 self._publisher.publish(result.events)
-            await asyncio.sleep(result.duration)
+            await asyncio.sleep(0.0 if result.duration_is_real else result.duration)
             for out in result.outputs:
                 queue = self._outputs.get(out.request_id)
                 if queue is not None:

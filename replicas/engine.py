@@ -7,11 +7,14 @@ Each `step()`:
    recompute whenever `allocate_slots` cannot fit one;
 3. admits waiting requests while budget, sequence slots and memory allow
    (the whole prompt must fit, so an admitted request never starves);
-4. asks the executor how long the step takes and what tokens it produced;
+4. has the executor run the step (a real model over the cache manager's
+   blocks, or a cost model) and take the tokens it sampled;
 5. frees finished requests and drains the cache's events into one batch.
 
 Time comes from an injected clock and the step's duration is returned, never
-slept here: the Ray actor sleeps it, the simulator jumps over it.
+slept here. A simulated duration is virtual (`duration_is_real` False): the Ray
+actor sleeps it, the simulator jumps over it. A torch executor's duration is
+the compute time already spent, which nobody sleeps again.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 from events.kv_events import AllBlocksCleared, BlockStored, KVCacheEvent, KVEventBatch
 from replicas.api import InvalidRequestError, ModelLimits, validate_generate
 from replicas.clock import Clock
-from replicas.executor import Executor, StepShape
+from replicas.executor import Executor, ScheduledRequest, SimulatedExecutor, StepShape
 from replicas.kv_cache.manager import KVCacheManager
 from replicas.kv_cache.utils import (
     BlockHash,
@@ -85,6 +88,7 @@ class StepResult:
     outputs: list[RequestOutput]
     events: KVEventBatch | None
     num_preempted: int = 0
+    duration_is_real: bool = False  # True: `duration` already elapsed computing
 
 
 @dataclass(frozen=True)
@@ -284,8 +288,8 @@ class Engine:
             scheduled.append((tracked, num_new))
             budget -= num_new
 
-        # 3. Execute: time the step, advance each request, sample where a
-        #    request's known tokens are all computed.
+        # 3. Execute: run the step, advance each request, take the token of
+        #    each request whose known tokens are now all computed.
         shape = StepShape(
             prefill_tokens=sum(
                 n
@@ -302,7 +306,17 @@ class Engine:
                 for t, n in scheduled
             ),
         )
-        duration = self.executor.step_time(shape)
+        batch = [
+            ScheduledRequest(
+                t.request,
+                t.request.num_computed_tokens,
+                n,
+                sample=t.request.num_computed_tokens + n >= t.request.num_tokens,
+            )
+            for t, n in scheduled
+        ]
+        executed = self.executor.execute(batch, shape)
+        duration = executed.duration
         finish = start + duration
         outputs: list[RequestOutput] = []
         for tracked, num_new in scheduled:
@@ -310,7 +324,7 @@ class Engine:
             req.num_computed_tokens += num_new
             if req.num_computed_tokens < req.num_tokens:
                 continue  # a prefill chunk that did not reach the end
-            token = self.executor.sample(req.request_id, req.num_output_tokens)
+            token = executed.token_ids[req.request_id]
             req.append_output_token_ids(token)
             if tracked.metrics.first_token_time is None:
                 tracked.metrics.first_token_time = finish
@@ -325,7 +339,7 @@ class Engine:
         self.num_steps += 1
         self.num_preemptions += preempted
         events = self.kv_cache.take_events()
-        batch = (
+        events_batch = (
             KVEventBatch(ts=start, events=events, data_parallel_rank=self.data_parallel_rank)
             if events
             else None
@@ -335,14 +349,18 @@ class Engine:
             duration=duration,
             num_scheduled_tokens=sum(n for _, n in scheduled),
             outputs=outputs,
-            events=batch,
+            events=events_batch,
             num_preempted=preempted,
+            duration_is_real=self.executor.measures_time,
         )
 
     def _fused_decode(self, max_steps: int, deadline: float | None) -> StepResult | None:
-        """k decode steps of an all-decoding batch, or None when not applicable."""
+        """k decode steps of an all-decoding batch, or None when not applicable.
+
+        Only a cost-model executor can fuse: its tokens need no computed KV."""
         running = self.running
-        if self.waiting or not running:
+        executor = self.executor
+        if self.waiting or not running or not isinstance(executor, SimulatedExecutor):
             return None
         for tracked in running:
             req = tracked.request
@@ -363,7 +381,7 @@ class Engine:
             # Step j reads what single step j would: each context plus its new token.
             return StepShape(0, n, sum((c + j + 1) // block_size for c in computed))
 
-        one = self.executor.step_time(shape(0))
+        one = executor.step_time(shape(0))
         steps = min(max_steps, min(t.max_tokens - t.request.num_output_tokens for t in running))
         if deadline is not None and one > 0:
             steps = min(steps, max(1, int((deadline - start) / one)))
@@ -373,14 +391,13 @@ class Engine:
         for tracked in running:
             if self.kv_cache.allocate_slots(tracked.request, steps) is None:
                 return None  # memory is short: single steps handle preemption
-        duration = sum(self.executor.step_time(shape(j)) for j in range(steps))
+        duration = sum(executor.step_time(shape(j)) for j in range(steps))
         finish = start + duration
         outputs = []
         for tracked in running:
             req = tracked.request
             tokens = [
-                self.executor.sample(req.request_id, req.num_output_tokens + j)
-                for j in range(steps)
+                executor.sample(req.request_id, req.num_output_tokens + j) for j in range(steps)
             ]
             req.num_computed_tokens += steps
             req.append_output_token_ids(tokens)
