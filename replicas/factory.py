@@ -16,7 +16,7 @@ from replicas.kv_cache.manager import KVCacheManager
 from replicas.kv_cache.specs import KVCacheConfig
 from replicas.kv_cache.utils import BlockHash, RequestBlockHasher
 from replicas.model.config import attention_specs, model_arch
-from replicas.model.kv_memory import kv_cache_tensors, num_blocks_for_budget
+from replicas.model.kv_memory import kv_cache_tensors, sized_model
 from replicas.model.weights import load_model
 
 
@@ -53,18 +53,15 @@ def build_engine(
 
 
 def build_kv_cache_config(config: ReplicaSettings) -> KVCacheConfig:
-    """The model's groups over a pool of `model.num_blocks` blocks, or as many as
-    `replicas.kv_cache_memory` holds; the torch executor's shared K/V tensors
-    and the layers of each group are filled in for it."""
-    model, replicas = config.model, config.replicas
+    """The model's groups over one pool of blocks (`model.num_blocks`, or as many
+    as `replicas.kv_cache_memory` holds); for the torch executor, also the shared
+    K/V tensors and the layers of each group."""
+    model = sized_model(config.model, config.replicas)
     kv_cache_config = model.kv_cache_config()
-    budget = replicas.kv_cache_bytes()
-    if budget is None and replicas.executor == "simulated":
+    if config.replicas.executor == "simulated":
         return kv_cache_config
     arch = model_arch(model)
     spec = attention_specs(model)[0]
-    if budget is not None:
-        kv_cache_config.num_blocks = num_blocks_for_budget(budget, spec, arch)
     kv_cache_config.kv_cache_tensors = kv_cache_tensors(spec, arch, kv_cache_config.num_blocks)
     for g, group in enumerate(kv_cache_config.kv_cache_groups):
         group.layer_names = [

@@ -11,10 +11,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import msgspec
 import torch
 
+from replicas.config import ModelConfig, ReplicasConfig
 from replicas.kv_cache.specs import AttentionSpec, KVCacheTensor
-from replicas.model.config import ModelArch
+from replicas.model.config import ModelArch, attention_specs, model_arch
+
+
+def sized_model(model: ModelConfig, replicas: ReplicasConfig) -> ModelConfig:
+    """`model` with `num_blocks` sized from `replicas.kv_cache_memory`, if set:
+    the router's config and every replica must agree on the pool size."""
+    budget = replicas.kv_cache_bytes()
+    if budget is None:
+        return model
+    num_blocks = num_blocks_for_budget(budget, attention_specs(model)[0], model_arch(model))
+    return msgspec.structs.replace(model, num_blocks=num_blocks)
 
 
 def num_blocks_for_budget(budget_bytes: int, spec: AttentionSpec, arch: ModelArch) -> int:
