@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
+import torch
 
 from events.publisher import PublisherConfig, ZmqEventPublisher
 from replicas.api import (
@@ -59,6 +60,9 @@ class ReplicaServer:
         self.config = config
         self.router_name = router_name
         self.rank = rank
+        if config.replicas.executor == "torch":
+            # Replicas share the node's cores: each computes with its own few threads.
+            torch.set_num_threads(config.replicas.threads)
         self.engine = build_engine(config, RealClock(), seed_offset=rank)
         self._outputs: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._wake: asyncio.Event | None = None
