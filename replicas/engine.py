@@ -208,13 +208,8 @@ class Engine:
         else:
             self.waiting.remove(tracked)
         self.kv_cache.free(tracked.request)
-        self.executor_forget(request_id)
+        self.executor.forget(request_id)
         return True
-
-    def executor_forget(self, request_id: str) -> None:
-        forget = getattr(self.executor, "forget", None)
-        if forget is not None:
-            forget(request_id)
 
     @property
     def has_work(self) -> bool:
@@ -445,7 +440,7 @@ class Engine:
         tracked.request.status = RequestStatus.FINISHED
         self.kv_cache.free(tracked.request)
         self._tracked.pop(tracked.request.request_id, None)
-        self.executor_forget(tracked.request.request_id)
+        self.executor.forget(tracked.request.request_id)
 
     def _output(self, tracked: _Tracked, now: float) -> RequestOutput:
         req = tracked.request
