@@ -173,6 +173,9 @@ def _arch_from_hf(hf: dict[str, Any], model: ModelConfig, specs: list[AttentionS
         )
     except KeyError as exc:
         raise ModelLoadError(f"{model.path}/config.json: missing {exc.args[0]!r}") from None
+    if hf.get("rope_scaling"):
+        raise ModelLoadError(f"{model.path}: rope_scaling is not supported")
+    _check_windows(hf, model, arch)
     if arch.vocab_size != model.vocab_size:
         raise ModelLoadError(
             f"model.vocab_size is {model.vocab_size}, but {model.path} has {arch.vocab_size}"
@@ -183,3 +186,34 @@ def _arch_from_hf(hf: dict[str, Any], model: ModelConfig, specs: list[AttentionS
             f"max_position_embeddings {arch_max_len}"
         )
     return arch
+
+
+def _check_windows(hf: dict[str, Any], model: ModelConfig, arch: ModelArch) -> None:
+    """Every layer must attend as the checkpoint was trained: a sliding-window
+    group over a full-attention layer (or the reverse) is another model. Per-layer
+    kinds come from `layer_types` (Hugging Face's hybrid convention), else one
+    window for all layers (Mistral; Qwen2 with use_sliding_window). A window of
+    at least max_model_len is full attention."""
+    window = hf.get("sliding_window")
+    layer_types = hf.get("layer_types")
+    if layer_types is None:
+        if hf.get("model_type") == "qwen2" and hf.get("use_sliding_window"):
+            raise ModelLoadError(f"{model.path}: Qwen2's max_window_layers is not supported")
+        uniform = hf.get("model_type") == "mistral" or hf.get("use_sliding_window")
+        layer_types = ["sliding_attention" if uniform and window else "full_attention"] * (
+            arch.num_layers
+        )
+    if len(layer_types) != arch.num_layers:
+        raise ModelLoadError(f"{model.path}: layer_types does not list {arch.num_layers} layers")
+
+    def effective(w: int | None) -> int | None:
+        return None if w is None or w >= model.max_model_len else w
+
+    for layer, kind in enumerate(layer_types):
+        trained = effective(window if kind == "sliding_attention" else None)
+        mine = effective(arch.layer_window(layer))
+        if mine != trained:
+            raise ModelLoadError(
+                f"model.groups[{arch.layer_group(layer)}] attends with sliding window {mine}, "
+                f"but layer {layer} of {model.path} was trained with {trained}"
+            )

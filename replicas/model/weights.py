@@ -96,8 +96,20 @@ def load_tokenizer(path: Path, arch: ModelArch) -> Tokenizer | None:
 
 
 def hf_config(arch: ModelArch) -> dict[str, Any]:
-    """A Llama config.json describing `arch`."""
+    """A Llama config.json describing `arch`; a hybrid's windowed layers are
+    listed in `layer_types`, Hugging Face's convention for per-layer attention."""
+    windows = {w for w in arch.group_windows if w is not None}
+    layers: dict[str, Any] = {}
+    if windows:
+        layers["sliding_window"] = windows.pop()
+        if windows:
+            raise ValueError("a Hugging Face config holds one sliding window size")
+        layers["layer_types"] = [
+            "full_attention" if arch.layer_window(i) is None else "sliding_attention"
+            for i in range(arch.num_layers)
+        ]
     return {
+        **layers,
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
         "vocab_size": arch.vocab_size,

@@ -134,3 +134,20 @@ def test_qwen2_checkpoints_carry_attention_biases(checkpoint: Path) -> None:
     plain = engine(settings(hybrid=True))
     prompt = tokens(6, 12)
     assert not torch.allclose(dense_logits(qwen, prompt), dense_logits(plain, prompt))
+
+
+def test_groups_must_attend_as_the_checkpoint_was_trained(checkpoint: Path) -> None:
+    """The saved hybrid lists its windowed layers in layer_types: a model section
+    whose groups attend otherwise is refused, and so is a Mistral-wide window."""
+    with pytest.raises(ModelLoadError, match=r"model.groups\[0\] attends with sliding window None"):
+        engine(settings(hybrid=False, path=str(checkpoint)))  # layers 1, 3 were windowed
+    config_file = checkpoint / "config.json"
+    hf = json.loads(config_file.read_text())
+    assert hf["layer_types"][:2] == ["full_attention", "sliding_attention"]
+    del hf["layer_types"]
+    config_file.write_text(json.dumps({**hf, "model_type": "mistral"}))
+    with pytest.raises(ModelLoadError, match=r"model.groups\[0\] .* layer 0 .* trained with 7"):
+        engine(settings(hybrid=True, path=str(checkpoint)))
+    config_file.write_text(json.dumps({**hf, "rope_scaling": {"type": "linear", "factor": 2.0}}))
+    with pytest.raises(ModelLoadError, match="rope_scaling is not supported"):
+        engine(settings(hybrid=True, path=str(checkpoint)))
