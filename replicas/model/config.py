@@ -84,6 +84,11 @@ def attention_specs(model: ModelConfig) -> list[AttentionSpec]:
                 f"model.groups[{i}] is a {group.kind} group: the torch executor computes "
                 "only full_attention and sliding_window groups"
             )
+        if spec.dtype not in COMPUTE_DTYPES.values():
+            raise ModelLoadError(
+                f"model.groups[{i}] stores K/V as {group.dtype}: the torch executor "
+                f"stores {sorted(COMPUTE_DTYPES)}"
+            )
         specs.append(spec)
     first = specs[0]
     for i, spec in enumerate(specs[1:], start=1):

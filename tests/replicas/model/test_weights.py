@@ -79,6 +79,12 @@ def test_a_group_the_executor_cannot_compute_is_refused_by_name(kind: str) -> No
         engine(config)
 
 
+def test_a_kv_dtype_the_executor_cannot_store_is_refused() -> None:
+    config = _with_group(settings(hybrid=True), 0, dtype="uint8")
+    with pytest.raises(ModelLoadError, match=r"model.groups\[0\] stores K/V as uint8"):
+        engine(config)
+
+
 def test_a_group_whose_kv_shape_differs_from_the_checkpoint_is_refused(checkpoint: Path) -> None:
     config = _with_group(settings(hybrid=True, path=str(checkpoint)), 1, num_kv_heads=4)
     with pytest.raises(ModelLoadError, match=r"model.groups\[1\]"):
