@@ -8,6 +8,7 @@ import pytest
 from replicas.executor import SimulatedExecutor
 from replicas.executor_torch import TorchExecutor
 from replicas.factory import build_kv_cache_config
+from replicas.request import SamplingParams
 from router.config import ConfigError, parse_config
 from tests.replicas.model.helpers import engine, executor, settings
 
@@ -52,12 +53,20 @@ def test_the_router_config_sees_the_pool_size_replicas_will_use() -> None:
         parse_config({**data, "replicas": {"kv_cache_memory": "1KiB"}})
 
 
-def test_config_chooses_the_executor() -> None:
+def test_config_chooses_the_executor_and_whether_step_time_is_real() -> None:
+    """A torch step's duration was spent computing (the actor must not sleep it);
+    a simulated one is virtual time (the actor sleeps it)."""
     config = settings(hybrid=False)
-    assert isinstance(engine(config).executor, TorchExecutor)
+    e = engine(config)
+    assert isinstance(e.executor, TorchExecutor)
+    e.add_request("a", [1, 2, 3], SamplingParams(max_tokens=1))
+    assert e.step().duration_is_real
     simulated = msgspec.structs.replace(
         config, replicas=msgspec.structs.replace(config.replicas, executor="simulated")
     )
     e = engine(simulated)
     assert isinstance(e.executor, SimulatedExecutor)
     assert e.kv_cache.kv_cache_config.kv_cache_tensors == []
+    e.add_request("a", [1, 2, 3], SamplingParams(max_tokens=1))
+    result = e.step()
+    assert not result.duration_is_real and result.duration > 0

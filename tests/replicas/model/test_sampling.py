@@ -28,6 +28,18 @@ def test_same_seed_gives_the_same_tokens_however_the_request_is_batched() -> Non
     assert run(e)["x"].output_token_ids == alone
 
 
+def test_a_preempted_request_keeps_its_sampled_tokens() -> None:
+    """Preemption recomputes the KV of tokens already sampled; it draws nothing again."""
+    alone = _sample_alone()
+    e = engine(settings(hybrid=True, num_blocks=28, chunk=16))
+    for i in range(3):
+        e.add_request(f"other{i}", tokens(60 + i, 10), SamplingParams(max_tokens=14))
+    e.add_request("x", tokens(7, 21), SEEDED)  # the newest: preempted first
+    x = run(e)["x"]
+    assert x.num_preemptions == 1
+    assert x.output_token_ids == alone
+
+
 def test_a_different_seed_gives_different_tokens() -> None:
     e = engine(settings(hybrid=True))
     e.add_request("x", tokens(7, 21), SEEDED)
