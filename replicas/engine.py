@@ -51,6 +51,7 @@ class EngineConfig:
     max_model_len: int = 8192
     vocab_size: int = 32_000
     lora_names: tuple[str, ...] = ()
+    eos_token_ids: tuple[int, ...] = ()  # the model's; stop every request but ignore_eos ones
 
     def __post_init__(self) -> None:
         if min(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len) <= 0:
@@ -189,12 +190,10 @@ class Engine:
             sampling_params.max_tokens or 1, self.config.max_model_len - len(prompt_token_ids)
         )
         now = self.clock.now() if arrival_time is None else arrival_time
-        tracked = _Tracked(
-            request,
-            RequestMetrics(arrival_time=now),
-            max_tokens,
-            frozenset(sampling_params.all_stop_token_ids),
-        )
+        stop = set(sampling_params.all_stop_token_ids)
+        if not sampling_params.ignore_eos:
+            stop.update(self.config.eos_token_ids)
+        tracked = _Tracked(request, RequestMetrics(arrival_time=now), max_tokens, frozenset(stop))
         self._tracked[request_id] = tracked
         self.waiting.append(tracked)
         return request

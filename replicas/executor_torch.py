@@ -49,6 +49,7 @@ class TorchExecutor:
         self.model = loaded.model
         self.arch = loaded.arch
         self.tokenizer = loaded.tokenizer
+        self.eos_token_ids = loaded.eos_token_ids
         self.kv_cache = kv_cache
         self.device = device
         self.spec = attention_specs(model_config)[0]

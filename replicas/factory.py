@@ -38,17 +38,18 @@ def build_engine(
         prefix_cache_retention_interval=replicas.retention_interval,
         probation_fraction=replicas.probation_fraction,
     )
+    executor = build_executor(config, manager, seed=replicas.seed + seed_offset)
     engine_config = EngineConfig(
         max_num_seqs=replicas.max_num_seqs,
         max_num_batched_tokens=replicas.max_num_batched_tokens,
         max_model_len=model.max_model_len,
         vocab_size=model.vocab_size,
         lora_names=tuple(model.lora_names),
+        eos_token_ids=executor.eos_token_ids if isinstance(executor, TorchExecutor) else (),
     )
     hasher = RequestBlockHasher(
         model.hash_block_size, hash_fn, BlockHash(hash_fn(config.hashing.seed))
     )
-    executor = build_executor(config, manager, seed=replicas.seed + seed_offset)
     return Engine(manager, engine_config, executor, clock, hasher)
 
 

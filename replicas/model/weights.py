@@ -30,6 +30,7 @@ class LoadedModel:
     model: CausalLM
     arch: ModelArch
     tokenizer: Tokenizer | None
+    eos_token_ids: tuple[int, ...] = ()
 
 
 def load_model(config: ModelConfig, device: torch.device) -> LoadedModel:
@@ -37,15 +38,17 @@ def load_model(config: ModelConfig, device: torch.device) -> LoadedModel:
     arch = model_arch(config)
     model = CausalLM(arch)
     tokenizer = None
+    eos: tuple[int, ...] = ()
     if config.path is None:
         model.init_random(config.init_seed)
     else:
         load_weights(model, Path(config.path))
         tokenizer = load_tokenizer(Path(config.path), arch)
+        eos = eos_token_ids(Path(config.path))
     model = model.to(device=device, dtype=arch.dtype).eval()
     model.rotary.float()  # position tables stay float32 whatever the model dtype
     model.requires_grad_(False)
-    return LoadedModel(model, arch, tokenizer)
+    return LoadedModel(model, arch, tokenizer, eos)
 
 
 def load_weights(model: CausalLM, path: Path) -> None:
@@ -76,6 +79,16 @@ def load_weights(model: CausalLM, path: Path) -> None:
 
 def _more(names: list[str]) -> str:
     return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+
+
+def eos_token_ids(path: Path) -> tuple[int, ...]:
+    """EOS ids of config.json and generation_config.json (an int or a list each)."""
+    ids: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        file = path / name
+        value = json.loads(file.read_text()).get("eos_token_id") if file.exists() else None
+        ids.update([value] if isinstance(value, int) else value or [])
+    return tuple(sorted(ids))
 
 
 def load_tokenizer(path: Path, arch: ModelArch) -> Tokenizer | None:

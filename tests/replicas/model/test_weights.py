@@ -72,6 +72,22 @@ def test_checkpoint_tokenizer_encodes_prompts_the_model_serves(checkpoint: Path)
     assert len(run(e)["text"].output_token_ids) == 3
 
 
+def test_the_checkpoint_eos_token_stops_requests_unless_ignored(checkpoint: Path) -> None:
+    e = engine(settings(hybrid=True, path=str(checkpoint)))
+    prompt = tokens(9, 11)
+    e.add_request("free", prompt, SamplingParams(max_tokens=6, temperature=0.0))
+    free = run(e)["free"].output_token_ids
+    (checkpoint / "generation_config.json").write_text(json.dumps({"eos_token_id": [free[2]]}))
+    e = engine(settings(hybrid=True, path=str(checkpoint)))
+    e.add_request("eos", prompt, SamplingParams(max_tokens=6, temperature=0.0))
+    ignoring = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    e.add_request("ignoring", prompt, ignoring)
+    outputs = run(e)
+    assert outputs["eos"].finish_reason == "stop"
+    assert outputs["eos"].output_token_ids == free[: free.index(free[2]) + 1]
+    assert outputs["ignoring"].output_token_ids == free
+
+
 @pytest.mark.parametrize("kind", ["mamba", "mla_attention"])
 def test_a_group_the_executor_cannot_compute_is_refused_by_name(kind: str) -> None:
     config = _with_group(settings(hybrid=True), 1, kind=kind)
