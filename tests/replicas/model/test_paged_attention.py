@@ -114,3 +114,26 @@ def test_kv_memory_is_allocated_in_the_groups_dtype(dtype: str) -> None:
     dense = dense_logits(e, PROMPT + outputs["a"].output_token_ids)
     for _, position, row in rec.rows:
         torch.testing.assert_close(row, dense[position], rtol=0, atol=0.1)  # 16-bit K/V
+
+
+def test_window_group_forgets_blocks_and_attention_never_reads_them() -> None:
+    """The window group's table starts with null blocks once a request is past
+    its window; with the null block and every free block poisoned (NaN), the
+    logits still equal dense attention."""
+    e = engine(settings(hybrid=True, chunk=8, poison=True))
+    rec = Recorder()
+    rec.attach(e)
+    ex = executor(e)
+    forward = ex.forward
+    window_tables: list[list[int]] = []
+
+    def spying(batch):  # type: ignore[no-untyped-def]
+        window_tables.extend(e.kv_cache.get_block_ids(s.request.request_id)[1] for s in batch)
+        return forward(batch)
+
+    ex.forward = spying  # type: ignore[method-assign]
+    e.add_request("a", PROMPT, GREEDY)
+    outputs = run(e)
+    null = e.kv_cache.block_pool.null_block.block_id
+    assert window_tables[-1][:5] == [null] * 5
+    _check_against_dense(e, rec, {"a": PROMPT + outputs["a"].output_token_ids})
