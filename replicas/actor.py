@@ -6,9 +6,8 @@ runs one step at a time in the actor's event loop, publishes the step's
 events right away (as vLLM does after scheduling), sleeps the step's
 duration if it was simulated (a torch executor's step already took its time;
 the loop then only yields), and resolves the requests that produced tokens.
-Because
-steps and `snapshot()` share the event loop, a snapshot is always consistent
-with the publisher's next seq.
+Because steps and `snapshot()` share the event loop, a snapshot is always
+consistent with the publisher's next seq.
 """
 
 from __future__ import annotations
