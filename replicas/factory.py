@@ -16,7 +16,7 @@ from replicas.kv_cache.manager import KVCacheManager
 from replicas.kv_cache.specs import KVCacheConfig
 from replicas.kv_cache.utils import BlockHash, RequestBlockHasher
 from replicas.model.config import attention_specs, model_arch
-from replicas.model.kv_memory import kv_cache_tensors, sized_model
+from replicas.model.kv_memory import kv_cache_tensors, resolve_model
 from replicas.model.weights import load_model
 
 
@@ -57,7 +57,7 @@ def build_kv_cache_config(config: ReplicaSettings) -> KVCacheConfig:
     """The model's groups over one pool of blocks (`model.num_blocks`, or as many
     as `replicas.kv_cache_memory` holds); for the torch executor, also the shared
     K/V tensors and the layers of each group."""
-    model = sized_model(config.model, config.replicas)
+    model = resolve_model(config.model, config.replicas)
     kv_cache_config = model.kv_cache_config()
     if config.replicas.executor == "simulated":
         return kv_cache_config

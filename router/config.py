@@ -22,7 +22,7 @@ from replicas.config import (
     ReplicaSettings,
     Struct,
 )
-from replicas.model.kv_memory import sized_model
+from replicas.model.kv_memory import resolve_model
 
 
 class RouterConfig(Struct):
@@ -98,8 +98,8 @@ def parse_config(
 ) -> T:
     try:
         config = msgspec.convert(data, kind)
-        # Pool size from replicas.kv_cache_memory, as every replica will size it.
-        config = msgspec.structs.replace(config, model=sized_model(config.model, config.replicas))
+        # The model as every replica will build it (checked, pool sized).
+        config = msgspec.structs.replace(config, model=resolve_model(config.model, config.replicas))
         config.model.kv_cache_config()
     except (msgspec.ValidationError, ValueError) as exc:
         raise ConfigError(f"{source}: {exc}") from None

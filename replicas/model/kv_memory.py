@@ -19,13 +19,18 @@ from replicas.kv_cache.specs import AttentionSpec, KVCacheTensor
 from replicas.model.config import ModelArch, attention_specs, model_arch
 
 
-def sized_model(model: ModelConfig, replicas: ReplicasConfig) -> ModelConfig:
-    """`model` with `num_blocks` sized from `replicas.kv_cache_memory`, if set:
-    the router's config and every replica must agree on the pool size."""
+def resolve_model(model: ModelConfig, replicas: ReplicasConfig) -> ModelConfig:
+    """The model section as every replica builds it, so that the router's config
+    agrees: checked for the torch executor (a group it cannot compute is an
+    error before any replica starts), `num_blocks` sized from
+    `replicas.kv_cache_memory` if set."""
     budget = replicas.kv_cache_bytes()
+    if replicas.executor == "simulated" and budget is None:
+        return model
+    arch = model_arch(model)
     if budget is None:
         return model
-    num_blocks = num_blocks_for_budget(budget, attention_specs(model)[0], model_arch(model))
+    num_blocks = num_blocks_for_budget(budget, attention_specs(model)[0], arch)
     return msgspec.structs.replace(model, num_blocks=num_blocks)
 
 

@@ -40,7 +40,7 @@ def test_memory_budget_sizes_the_pool_that_the_executor_allocates() -> None:
     assert sum(t.size for t in kv_cache_config.kv_cache_tensors) == allocated
 
 
-def test_the_router_config_sees_the_pool_size_replicas_will_use() -> None:
+def test_the_router_config_sees_the_model_replicas_will_build() -> None:
     data = {
         "model": {"groups": [{"kind": "full_attention", "num_kv_heads": 2, "head_size": 32}]},
         "replicas": {"kv_cache_memory": "1MiB"},
@@ -51,6 +51,10 @@ def test_the_router_config_sees_the_pool_size_replicas_will_use() -> None:
         parse_config({**data, "replicas": {"kv_cache_memory": "1MB"}})
     with pytest.raises(ConfigError, match="holds 0 blocks"):
         parse_config({**data, "replicas": {"kv_cache_memory": "1KiB"}})
+    mamba = {"model": {"groups": [{"kind": "full_attention"}, {"kind": "mamba"}]}}
+    parse_config(mamba)  # the simulated executor models any group
+    with pytest.raises(ConfigError, match=r"model.groups\[1\] is a mamba group"):
+        parse_config({**mamba, "replicas": {"executor": "torch"}})
 
 
 def test_config_chooses_the_executor_and_whether_step_time_is_real() -> None:
