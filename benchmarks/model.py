@@ -19,6 +19,7 @@ Run: python -m benchmarks.model [--config PATH] [--repeats N]
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import time
@@ -167,7 +168,8 @@ def main() -> None:
     print(
         f"model {m.name}: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads, "
         f"{len(m.groups)} KV cache groups, vocab {m.vocab_size}, {m.dtype}; "
-        f"device {bench.executor.device}"
+        f"device {bench.executor.device}; {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.1f} (threads compete with other processes for cores)"
     )
     steps = tqdm(total=5, desc="benchmark", unit="part")
     torch.set_num_threads(1)
