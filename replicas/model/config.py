@@ -76,6 +76,8 @@ class ModelArch:
 def attention_specs(model: ModelConfig) -> list[AttentionSpec]:
     """The groups' specs, refusing kinds the executor cannot compute and
     groups that cannot share one page layout."""
+    if model.use_eagle or any(g.is_eagle_group for g in model.groups):
+        raise ModelLoadError("model.use_eagle: the torch executor runs no EAGLE draft model")
     specs: list[AttentionSpec] = []
     for i, group in enumerate(model.groups):
         spec = group.spec(model.block_size)

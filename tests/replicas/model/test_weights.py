@@ -95,6 +95,15 @@ def test_a_group_the_executor_cannot_compute_is_refused_by_name(kind: str) -> No
         engine(config)
 
 
+def test_an_eagle_model_is_refused() -> None:
+    config = settings(hybrid=False)
+    config = msgspec.structs.replace(
+        config, model=msgspec.structs.replace(config.model, use_eagle=True)
+    )
+    with pytest.raises(ModelLoadError, match="no EAGLE draft model"):
+        engine(config)
+
+
 def test_a_kv_dtype_the_executor_cannot_store_is_refused() -> None:
     config = _with_group(settings(hybrid=True), 0, dtype="uint8")
     with pytest.raises(ModelLoadError, match=r"model.groups\[0\] stores K/V as uint8"):
