@@ -4,9 +4,10 @@ Lifecycle: `start()` binds the event sockets, registers with the router (a
 replica registers before it publishes), then starts the engine loop. The loop
 runs one step at a time in the actor's event loop, publishes the step's
 events right away (as vLLM does after scheduling), sleeps the step's
-simulated duration, and resolves the requests that produced tokens. Because
-steps and `snapshot()` share the event loop, a snapshot is always consistent
-with the publisher's next seq.
+duration if it was simulated (a torch executor's step already took its time;
+the loop then only yields), and resolves the requests that produced tokens.
+Because steps and `snapshot()` share the event loop, a snapshot is always
+consistent with the publisher's next seq.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
+import torch
 
 from events.publisher import PublisherConfig, ZmqEventPublisher
 from replicas.api import (
@@ -57,6 +59,9 @@ class ReplicaServer:
         self.config = config
         self.router_name = router_name
         self.rank = rank
+        if config.replicas.executor == "torch":
+            # Replicas share the node's cores: each computes with its own few threads.
+            torch.set_num_threads(config.replicas.threads)
         self.engine = build_engine(config, RealClock(), seed_offset=rank)
         self._outputs: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._wake: asyncio.Event | None = None
@@ -182,7 +187,7 @@ class ReplicaServer:
             self.steps += 1
             if result.events is not None:
                 self._publisher.publish(result.events)
-            await asyncio.sleep(result.duration)
+            await asyncio.sleep(0.0 if result.duration_is_real else result.duration)
             for out in result.outputs:
                 queue = self._outputs.get(out.request_id)
                 if queue is not None:

@@ -7,6 +7,7 @@ offending path. The router's cluster config embeds these sections and hands a
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 import msgspec
@@ -28,6 +29,20 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "uint8": torch.uint8,
 }
+
+
+_UNITS = {"": 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+def parse_bytes(text: str) -> int:
+    """'256MiB' -> 268435456; units B, KiB, MiB, GiB (or none)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]iB|B)?\s*", text)
+    if match is None:
+        raise ValueError(f"replicas.kv_cache_memory: cannot read {text!r}; write e.g. '256MiB'")
+    size = int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+    if size <= 0:
+        raise ValueError("replicas.kv_cache_memory must be positive")
+    return size
 
 
 class Struct(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -88,6 +103,19 @@ class ModelConfig(Struct):
     use_eagle: bool = False
     lora_names: list[str] = msgspec.field(default_factory=list)
     tokenizer: str | None = None  # path to a Hugging Face tokenizer.json; None: bytes
+    # The torch executor's model. `path`: a local Hugging Face directory
+    # (config.json, *.safetensors of Llama / Qwen2 / Mistral); None: seeded random
+    # weights of the shape below. KV heads and head size come from `groups`, and
+    # layer i attends as group i % len(groups) (full attention or sliding window).
+    path: str | None = None
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_heads: int = 4
+    intermediate_size: int = 384
+    rope_theta: float = 10_000.0
+    rms_norm_eps: float = 1e-5
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # weights and activations
+    init_seed: int = 0
 
     def kv_cache_config(self) -> KVCacheConfig:
         return KVCacheConfig(
@@ -129,6 +157,25 @@ class ReplicasConfig(Struct):
     seed: int = 0
     cost: CostConfig = CostConfig()
     num_cpus: float = 0.25  # Ray CPUs reserved per replica actor
+    # "simulated": the cost model above and pseudo-random tokens (simulator, scale
+    # tests). "torch": the model section's model runs over paged KV memory.
+    executor: Literal["simulated", "torch"] = "simulated"
+    enable_prefix_caching: bool = True
+    device: str = "auto"  # torch executor: "auto" takes CUDA when present, else CPU
+    threads: Annotated[int, msgspec.Meta(ge=1)] = 1  # torch intra-op threads per replica
+    # KV memory per replica, e.g. "256MiB": sizes the block pool from the model's
+    # page size the way vLLM sizes it from free memory; overrides model.num_blocks.
+    kv_cache_memory: str | None = None
+    # Debug: fill blocks nobody may read (free and uncached) with NaN every step,
+    # so a read of stale KV memory poisons the output.
+    poison_free_blocks: bool = False
+
+    def __post_init__(self) -> None:
+        self.kv_cache_bytes()  # a malformed size is a config error
+
+    def kv_cache_bytes(self) -> int | None:
+        """`kv_cache_memory` in bytes (None when unset)."""
+        return None if self.kv_cache_memory is None else parse_bytes(self.kv_cache_memory)
 
 
 class EventsConfig(Struct):

@@ -7,11 +7,14 @@ Each `step()`:
    recompute whenever `allocate_slots` cannot fit one;
 3. admits waiting requests while budget, sequence slots and memory allow
    (the whole prompt must fit, so an admitted request never starves);
-4. asks the executor how long the step takes and what tokens it produced;
+4. has the executor run the step (a real model over the cache manager's
+   blocks, or a cost model) and take the tokens it sampled;
 5. frees finished requests and drains the cache's events into one batch.
 
 Time comes from an injected clock and the step's duration is returned, never
-slept here: the Ray actor sleeps it, the simulator jumps over it.
+slept here. A simulated duration is virtual (`duration_is_real` False): the Ray
+actor sleeps it, the simulator jumps over it. A torch executor's duration is
+the compute time already spent, which nobody sleeps again.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 from events.kv_events import AllBlocksCleared, BlockStored, KVCacheEvent, KVEventBatch
 from replicas.api import InvalidRequestError, ModelLimits, validate_generate
 from replicas.clock import Clock
-from replicas.executor import Executor, StepShape
+from replicas.executor import Executor, ScheduledRequest, SimulatedExecutor, StepShape
 from replicas.kv_cache.manager import KVCacheManager
 from replicas.kv_cache.utils import (
     BlockHash,
@@ -48,6 +51,7 @@ class EngineConfig:
     max_model_len: int = 8192
     vocab_size: int = 32_000
     lora_names: tuple[str, ...] = ()
+    eos_token_ids: tuple[int, ...] = ()  # the model's; stop every request but ignore_eos ones
 
     def __post_init__(self) -> None:
         if min(self.max_num_seqs, self.max_num_batched_tokens, self.max_model_len) <= 0:
@@ -85,6 +89,7 @@ class StepResult:
     outputs: list[RequestOutput]
     events: KVEventBatch | None
     num_preempted: int = 0
+    duration_is_real: bool = False  # True: `duration` already elapsed computing
 
 
 @dataclass(frozen=True)
@@ -185,12 +190,10 @@ class Engine:
             sampling_params.max_tokens or 1, self.config.max_model_len - len(prompt_token_ids)
         )
         now = self.clock.now() if arrival_time is None else arrival_time
-        tracked = _Tracked(
-            request,
-            RequestMetrics(arrival_time=now),
-            max_tokens,
-            frozenset(sampling_params.all_stop_token_ids),
-        )
+        stop = set(sampling_params.all_stop_token_ids)
+        if not sampling_params.ignore_eos:
+            stop.update(self.config.eos_token_ids)
+        tracked = _Tracked(request, RequestMetrics(arrival_time=now), max_tokens, frozenset(stop))
         self._tracked[request_id] = tracked
         self.waiting.append(tracked)
         return request
@@ -204,13 +207,8 @@ class Engine:
         else:
             self.waiting.remove(tracked)
         self.kv_cache.free(tracked.request)
-        self.executor_forget(request_id)
+        self.executor.forget(request_id)
         return True
-
-    def executor_forget(self, request_id: str) -> None:
-        forget = getattr(self.executor, "forget", None)
-        if forget is not None:
-            forget(request_id)
 
     @property
     def has_work(self) -> bool:
@@ -284,8 +282,8 @@ class Engine:
             scheduled.append((tracked, num_new))
             budget -= num_new
 
-        # 3. Execute: time the step, advance each request, sample where a
-        #    request's known tokens are all computed.
+        # 3. Execute: run the step, advance each request, take the token of
+        #    each request whose known tokens are now all computed.
         shape = StepShape(
             prefill_tokens=sum(
                 n
@@ -302,7 +300,17 @@ class Engine:
                 for t, n in scheduled
             ),
         )
-        duration = self.executor.step_time(shape)
+        batch = [
+            ScheduledRequest(
+                t.request,
+                t.request.num_computed_tokens,
+                n,
+                sample=t.request.num_computed_tokens + n >= t.request.num_tokens,
+            )
+            for t, n in scheduled
+        ]
+        executed = self.executor.execute(batch, shape)
+        duration = executed.duration
         finish = start + duration
         outputs: list[RequestOutput] = []
         for tracked, num_new in scheduled:
@@ -310,7 +318,7 @@ class Engine:
             req.num_computed_tokens += num_new
             if req.num_computed_tokens < req.num_tokens:
                 continue  # a prefill chunk that did not reach the end
-            token = self.executor.sample(req.request_id, req.num_output_tokens)
+            token = executed.token_ids[req.request_id]
             req.append_output_token_ids(token)
             if tracked.metrics.first_token_time is None:
                 tracked.metrics.first_token_time = finish
@@ -325,7 +333,7 @@ class Engine:
         self.num_steps += 1
         self.num_preemptions += preempted
         events = self.kv_cache.take_events()
-        batch = (
+        events_batch = (
             KVEventBatch(ts=start, events=events, data_parallel_rank=self.data_parallel_rank)
             if events
             else None
@@ -335,14 +343,18 @@ class Engine:
             duration=duration,
             num_scheduled_tokens=sum(n for _, n in scheduled),
             outputs=outputs,
-            events=batch,
+            events=events_batch,
             num_preempted=preempted,
+            duration_is_real=self.executor.measures_time,
         )
 
     def _fused_decode(self, max_steps: int, deadline: float | None) -> StepResult | None:
-        """k decode steps of an all-decoding batch, or None when not applicable."""
+        """k decode steps of an all-decoding batch, or None when not applicable.
+
+        Only a cost-model executor can fuse: its tokens need no computed KV."""
         running = self.running
-        if self.waiting or not running:
+        executor = self.executor
+        if self.waiting or not running or not isinstance(executor, SimulatedExecutor):
             return None
         for tracked in running:
             req = tracked.request
@@ -363,7 +375,7 @@ class Engine:
             # Step j reads what single step j would: each context plus its new token.
             return StepShape(0, n, sum((c + j + 1) // block_size for c in computed))
 
-        one = self.executor.step_time(shape(0))
+        one = executor.step_time(shape(0))
         steps = min(max_steps, min(t.max_tokens - t.request.num_output_tokens for t in running))
         if deadline is not None and one > 0:
             steps = min(steps, max(1, int((deadline - start) / one)))
@@ -373,14 +385,13 @@ class Engine:
         for tracked in running:
             if self.kv_cache.allocate_slots(tracked.request, steps) is None:
                 return None  # memory is short: single steps handle preemption
-        duration = sum(self.executor.step_time(shape(j)) for j in range(steps))
+        duration = sum(executor.step_time(shape(j)) for j in range(steps))
         finish = start + duration
         outputs = []
         for tracked in running:
             req = tracked.request
             tokens = [
-                self.executor.sample(req.request_id, req.num_output_tokens + j)
-                for j in range(steps)
+                executor.sample(req.request_id, req.num_output_tokens + j) for j in range(steps)
             ]
             req.num_computed_tokens += steps
             req.append_output_token_ids(tokens)
@@ -428,7 +439,7 @@ class Engine:
         tracked.request.status = RequestStatus.FINISHED
         self.kv_cache.free(tracked.request)
         self._tracked.pop(tracked.request.request_id, None)
-        self.executor_forget(tracked.request.request_id)
+        self.executor.forget(tracked.request.request_id)
 
     def _output(self, tracked: _Tracked, now: float) -> RequestOutput:
         req = tracked.request

@@ -1,15 +1,20 @@
-"""Model executors: how long a step takes and which tokens it produces.
+"""Model executors: run one engine step and produce its tokens.
 
-`SimulatedExecutor` is the default: a cost model instead of a GPU, and
-pseudo-random output tokens that depend only on (seed, request id, position),
-so a run is reproducible and independent of batching.
+`SimulatedExecutor`: a cost model instead of a GPU, and pseudo-random output
+tokens that depend only on (seed, request id, position), so a run is
+reproducible and independent of batching; its step duration is virtual time
+the caller must let pass. `replicas.executor_torch.TorchExecutor` runs a real
+model; its duration is compute time already spent (`measures_time`).
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from replicas.request import Request
 
 
 @dataclass(frozen=True)
@@ -19,6 +24,23 @@ class StepShape:
     prefill_tokens: int
     decode_seqs: int
     kv_blocks_read: int
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """One request's share of a step: tokens [num_computed, num_computed + num_new)
+    of `request.all_token_ids`; `sample` when they end its known tokens."""
+
+    request: Request
+    num_computed: int
+    num_new: int
+    sample: bool
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    duration: float
+    token_ids: dict[str, int]  # request id -> sampled token, for requests with `sample`
 
 
 @dataclass(frozen=True)
@@ -51,13 +73,19 @@ class CostModel:
 
 
 class Executor(Protocol):
-    def step_time(self, shape: StepShape) -> float: ...
+    # True: `duration` is wall time the step already took (never sleep it again).
+    # False: virtual time that the caller lets pass (sleeps it, or jumps over it).
+    measures_time: bool
 
-    def sample(self, request_id: str, position: int) -> int: ...
+    def execute(self, batch: Sequence[ScheduledRequest], shape: StepShape) -> StepOutput: ...
+
+    def forget(self, request_id: str) -> None: ...
 
 
 class SimulatedExecutor:
     """Cost-model timing and deterministic tokens in [0, vocab_size)."""
+
+    measures_time = False
 
     def __init__(self, cost: CostModel, vocab_size: int, seed: int = 0) -> None:
         if vocab_size <= 0:
@@ -66,6 +94,14 @@ class SimulatedExecutor:
         self.vocab_size = vocab_size
         self.seed = seed
         self._streams: dict[str, random.Random] = {}
+
+    def execute(self, batch: Sequence[ScheduledRequest], shape: StepShape) -> StepOutput:
+        tokens = {
+            s.request.request_id: self.sample(s.request.request_id, s.request.num_output_tokens)
+            for s in batch
+            if s.sample
+        }
+        return StepOutput(self.step_time(shape), tokens)
 
     def step_time(self, shape: StepShape) -> float:
         return self.cost.step_time(shape)

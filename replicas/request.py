@@ -78,7 +78,9 @@ class SamplingParams:
 
     max_tokens: int | None = 16
     min_tokens: int = 0
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0  # 1: off
+    top_k: int = 0  # 0: off
     seed: int | None = None
     prompt_logprobs: int | None = None
     ignore_eos: bool = False
@@ -88,6 +90,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError("temperature must be >= 0, top_p in (0, 1], top_k >= 0")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
             raise ValueError(f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}")
         self.all_stop_token_ids.update(self.stop_token_ids)

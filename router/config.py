@@ -22,6 +22,7 @@ from replicas.config import (
     ReplicaSettings,
     Struct,
 )
+from replicas.model.kv_memory import resolve_model
 from router.policy import check_policy
 
 
@@ -101,6 +102,8 @@ def parse_config(
 ) -> T:
     try:
         config = msgspec.convert(data, kind)
+        # The model as every replica will build it (checked, pool sized).
+        config = msgspec.structs.replace(config, model=resolve_model(config.model, config.replicas))
         config.model.kv_cache_config()
     except (msgspec.ValidationError, ValueError) as exc:
         raise ConfigError(f"{source}: {exc}") from None

@@ -1,0 +1,160 @@
+"""Llama-family decoder layers: RMSNorm, rotary embeddings, GQA projections, SwiGLU.
+
+Parameter names follow Hugging Face's Llama (`model.layers.0.self_attn.q_proj.weight`,
+...), so a checkpoint's state dict loads as is. Attention itself is a strategy
+passed to `forward` (`Attend`): paged over the block manager's memory when
+serving, dense over the whole sequence as the reference, with the same weights.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from replicas.model.config import ModelArch
+
+
+class Attend(Protocol):
+    """Attention of `layer` for queries q [T, heads, d] and this step's keys and
+    values k, v [T, kv_heads, d] (rotary applied); returns [T, heads, d]."""
+
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 whatever the model dtype, as Hugging Face does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings (rotate-half layout), cached up to max_model_len."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", emb.cos().float(), persistent=False)
+        self.register_buffer("sin", emb.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, d] rotated to `positions` [T]."""
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, arch: ModelArch) -> None:
+        super().__init__()
+        h, d, kvh = arch.hidden_size, arch.head_dim, arch.num_kv_heads
+        self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, kvh, d
+        self.q_proj = nn.Linear(h, arch.num_heads * d, bias=arch.attention_bias)
+        self.k_proj = nn.Linear(h, kvh * d, bias=arch.attention_bias)
+        self.v_proj = nn.Linear(h, kvh * d, bias=arch.attention_bias)
+        self.o_proj = nn.Linear(arch.num_heads * d, h, bias=False)
+
+    def forward(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: Rotary,
+        attend: Attend,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q = rotary(self.q_proj(x).view(t, self.num_heads, self.head_dim), positions)
+        k = rotary(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), positions)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        return self.o_proj(attend(layer, q, k, v).reshape(t, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.self_attn = SelfAttention(arch)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.mlp = MLP(arch.hidden_size, arch.intermediate_size)
+
+
+class Decoder(nn.Module):
+    """Hugging Face's `model.` prefix: embeddings, layers, final norm."""
+
+    def __init__(self, arch: ModelArch) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """The decoder and its LM head, over a flat batch of tokens from many requests."""
+
+    def __init__(self, arch: ModelArch) -> None:
+        super().__init__()
+        self.arch = arch
+        self.model = Decoder(arch)
+        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        if arch.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = Rotary(arch.head_dim, arch.max_model_len, arch.rope_theta)
+
+    def init_random(self, seed: int) -> None:
+        """Seeded weights whose logits spread out (std 1/sqrt(fan_in)), so greedy
+        choices are not near-ties that float rounding could flip."""
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                elif name.endswith("bias"):
+                    param.zero_()
+                else:
+                    std = 1.0 if "embed_tokens" in name else param.shape[-1] ** -0.5
+                    param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attend: Attend,
+        logits_indices: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [len(logits_indices), vocab] (every token when None) of a flat
+        batch: token ids and their positions [T]."""
+        x = self.model.embed_tokens(input_ids)
+        for i, layer in enumerate(self.model.layers):
+            x = x + layer.self_attn(i, layer.input_layernorm(x), positions, self.rotary, attend)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        if logits_indices is not None:
+            x = x[logits_indices]
+        return self.lm_head(self.model.norm(x)).float()

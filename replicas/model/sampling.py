@@ -1,0 +1,62 @@
+"""Per-request sampling: greedy, temperature, top-k, top-p, seeded.
+
+Each request owns a torch.Generator (from its seed, else from the executor's
+seed and its id) and draws exactly one exponential vector per token, so its
+tokens depend on its own logits and seed only, never on what it was batched
+with. A preempted request keeps its generator: recomputing its KV does not
+redraw tokens it already produced.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from replicas.request import SamplingParams
+
+
+class Sampler:
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self._generators: dict[str, torch.Generator] = {}
+
+    def sample(self, request_id: str, params: SamplingParams, logits: torch.Tensor) -> int:
+        """One token from float32 logits [vocab]."""
+        if params.temperature <= 0.0:
+            return int(logits.argmax())
+        logits = _top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+        probs = torch.softmax(logits, dim=-1)
+        noise = torch.empty_like(probs).exponential_(generator=self._generator(request_id, params))
+        # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race).
+        return int((probs / noise).argmax())
+
+    def _generator(self, request_id: str, params: SamplingParams) -> torch.Generator:
+        gen = self._generators.get(request_id)
+        if gen is None:
+            seed = params.seed
+            if seed is None:
+                seed = zlib.crc32(f"{self.seed}:{request_id}".encode())
+            gen = torch.Generator().manual_seed(seed)
+            self._generators[request_id] = gen
+        return gen
+
+    def forget(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Logits with everything outside the top k and the top-p nucleus at -inf
+    (the most likely token always stays)."""
+    if top_k <= 0 and top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(descending=True)
+    drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
+    if top_k > 0:
+        drop[top_k:] = True
+    if top_p < 1.0:
+        probs = sorted_logits.softmax(-1)
+        drop |= probs.cumsum(-1) - probs >= top_p  # the mass before this token
+
+    drop[0] = False
+    return logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))

@@ -1,0 +1,184 @@
+"""Weights and tokenizer load for real from a local Hugging Face directory, and
+bad model input is refused with an error that names the problem."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import msgspec
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+from replicas.config import ReplicaSettings
+from replicas.model.config import ModelLoadError
+from replicas.model.weights import save_checkpoint
+from replicas.request import SamplingParams
+from tests.replicas.model.helpers import (
+    VOCAB,
+    dense_logits,
+    engine,
+    executor,
+    run,
+    settings,
+    tokens,
+)
+
+TEXT = ["the cache keeps the blocks", "a router sends the request", "the block is in the cache"]
+
+
+def _write_tokenizer(path: Path) -> None:
+    """A small BPE tokenizer trained here, saved as tokenizer.json."""
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=64, special_tokens=["[UNK]"], show_progress=False)
+    tokenizer.train_from_iterator(TEXT * 4, trainer)
+    tokenizer.save(str(path / "tokenizer.json"))
+
+
+@pytest.fixture
+def checkpoint(tmp_path: Path) -> Path:
+    """A tiny hybrid model's random weights saved as a Llama checkpoint."""
+    source = engine(settings(hybrid=True))
+    save_checkpoint(executor(source).model, tmp_path)
+    _write_tokenizer(tmp_path)
+    return tmp_path
+
+
+def _with_group(config: ReplicaSettings, index: int, **changes: object) -> ReplicaSettings:
+    groups = list(config.model.groups)
+    groups[index] = msgspec.structs.replace(groups[index], **changes)
+    return msgspec.structs.replace(
+        config, model=msgspec.structs.replace(config.model, groups=groups)
+    )
+
+
+def test_saved_checkpoint_reloads_to_identical_logits(checkpoint: Path) -> None:
+    original = engine(settings(hybrid=True))
+    reloaded = engine(settings(hybrid=True, path=str(checkpoint)))
+    prompt = tokens(5, 40)
+    assert torch.equal(dense_logits(original, prompt), dense_logits(reloaded, prompt))
+
+
+def test_checkpoint_tokenizer_encodes_prompts_the_model_serves(checkpoint: Path) -> None:
+    e = engine(settings(hybrid=True, path=str(checkpoint)))
+    tokenizer = executor(e).tokenizer
+    assert tokenizer is not None
+    ids = tokenizer.encode("the router keeps the cache").ids
+    assert ids and max(ids) < VOCAB
+    e.add_request("text", ids, SamplingParams(max_tokens=3, temperature=0.0))
+    assert len(run(e)["text"].output_token_ids) == 3
+
+
+def test_the_checkpoint_eos_token_stops_requests_unless_ignored(checkpoint: Path) -> None:
+    e = engine(settings(hybrid=True, path=str(checkpoint)))
+    prompt = tokens(9, 11)
+    e.add_request("free", prompt, SamplingParams(max_tokens=6, temperature=0.0))
+    free = run(e)["free"].output_token_ids
+    (checkpoint / "generation_config.json").write_text(json.dumps({"eos_token_id": [free[2]]}))
+    e = engine(settings(hybrid=True, path=str(checkpoint)))
+    e.add_request("eos", prompt, SamplingParams(max_tokens=6, temperature=0.0))
+    ignoring = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    e.add_request("ignoring", prompt, ignoring)
+    outputs = run(e)
+    assert outputs["eos"].finish_reason == "stop"
+    assert outputs["eos"].output_token_ids == free[: free.index(free[2]) + 1]
+    assert outputs["ignoring"].output_token_ids == free
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mla_attention"])
+def test_a_group_the_executor_cannot_compute_is_refused_by_name(kind: str) -> None:
+    config = _with_group(settings(hybrid=True), 1, kind=kind)
+    with pytest.raises(ModelLoadError, match=rf"model.groups\[1\] is a {kind} group"):
+        engine(config)
+
+
+def test_an_eagle_model_is_refused() -> None:
+    config = settings(hybrid=False)
+    config = msgspec.structs.replace(
+        config, model=msgspec.structs.replace(config.model, use_eagle=True)
+    )
+    with pytest.raises(ModelLoadError, match="no EAGLE draft model"):
+        engine(config)
+
+
+def test_a_kv_dtype_the_executor_cannot_store_is_refused() -> None:
+    config = _with_group(settings(hybrid=True), 0, dtype="uint8")
+    with pytest.raises(ModelLoadError, match=r"model.groups\[0\] stores K/V as uint8"):
+        engine(config)
+
+
+def test_a_group_whose_kv_shape_differs_from_the_checkpoint_is_refused(checkpoint: Path) -> None:
+    config = _with_group(settings(hybrid=True, path=str(checkpoint)), 1, num_kv_heads=4)
+    with pytest.raises(ModelLoadError, match=r"model.groups\[1\]"):
+        engine(config)
+
+
+def test_a_missing_weight_is_named(checkpoint: Path) -> None:
+    file = checkpoint / "model.safetensors"
+    state = load_file(str(file))
+    del state["model.layers.2.mlp.up_proj.weight"]
+    save_file(state, str(file))
+    with pytest.raises(ModelLoadError, match=r"missing weight model.layers.2.mlp.up_proj.weight"):
+        engine(settings(hybrid=True, path=str(checkpoint)))
+
+
+def test_a_weight_of_the_wrong_shape_is_named(checkpoint: Path) -> None:
+    file = checkpoint / "model.safetensors"
+    state = load_file(str(file))
+    state["model.layers.0.mlp.down_proj.weight"] = torch.zeros(32, 65)
+    save_file(state, str(file))
+    with pytest.raises(ModelLoadError, match=r"down_proj.weight has shape \(32, 65\)"):
+        engine(settings(hybrid=True, path=str(checkpoint)))
+
+
+def test_a_checkpoint_of_another_vocabulary_or_family_is_refused(checkpoint: Path) -> None:
+    config_file = checkpoint / "config.json"
+    hf = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**hf, "vocab_size": 200}))
+    with pytest.raises(ModelLoadError, match=r"model.vocab_size is 96, but .* has 200"):
+        engine(settings(hybrid=True, path=str(checkpoint)))
+    config_file.write_text(json.dumps({**hf, "model_type": "gpt2"}))
+    with pytest.raises(ModelLoadError, match="model_type 'gpt2'"):
+        engine(settings(hybrid=True, path=str(checkpoint)))
+
+
+def test_qwen2_checkpoints_carry_attention_biases(checkpoint: Path) -> None:
+    """Qwen2 has q/k/v biases: they must be in the file, and they are used."""
+    config_file = checkpoint / "config.json"
+    hf = json.loads(config_file.read_text())
+    del hf["attention_bias"]  # Qwen2 configs do not say it: the family implies it
+    config_file.write_text(json.dumps({**hf, "model_type": "qwen2"}))
+    with pytest.raises(
+        ModelLoadError, match=r"missing weight model.layers.0.self_attn.k_proj.bias"
+    ):
+        engine(settings(hybrid=True, path=str(checkpoint)))
+    file = checkpoint / "model.safetensors"
+    state = load_file(str(file))
+    for layer in range(4):
+        for proj, size in (("q", 32), ("k", 16), ("v", 16)):
+            state[f"model.layers.{layer}.self_attn.{proj}_proj.bias"] = torch.full((size,), 0.5)
+    save_file(state, str(file))
+    qwen = engine(settings(hybrid=True, path=str(checkpoint)))
+    plain = engine(settings(hybrid=True))
+    prompt = tokens(6, 12)
+    assert not torch.allclose(dense_logits(qwen, prompt), dense_logits(plain, prompt))
+
+
+def test_groups_must_attend_as_the_checkpoint_was_trained(checkpoint: Path) -> None:
+    """The saved hybrid lists its windowed layers in layer_types: a model section
+    whose groups attend otherwise is refused, and so is a Mistral-wide window."""
+    with pytest.raises(ModelLoadError, match=r"model.groups\[0\] attends with sliding window None"):
+        engine(settings(hybrid=False, path=str(checkpoint)))  # layers 1, 3 were windowed
+    config_file = checkpoint / "config.json"
+    hf = json.loads(config_file.read_text())
+    assert hf["layer_types"][:2] == ["full_attention", "sliding_attention"]
+    del hf["layer_types"]
+    config_file.write_text(json.dumps({**hf, "model_type": "mistral"}))
+    with pytest.raises(ModelLoadError, match=r"model.groups\[0\] .* layer 0 .* trained with 7"):
+        engine(settings(hybrid=True, path=str(checkpoint)))
+    config_file.write_text(json.dumps({**hf, "rope_scaling": {"type": "linear", "factor": 2.0}}))
+    with pytest.raises(ModelLoadError, match="rope_scaling is not supported"):
+        engine(settings(hybrid=True, path=str(checkpoint)))
