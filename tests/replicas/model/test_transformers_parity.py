@@ -1,6 +1,5 @@
-"""Parity with Hugging Face transformers, when it is installed (it is not a
-dependency, so this is skipped otherwise): the same checkpoint gives the same
-logits in transformers' Llama (full attention) and Qwen2 (per-layer sliding
+"""Parity with Hugging Face transformers (a dev dependency): the same checkpoint gives
+the same logits in transformers' Llama (full attention) and Qwen2 (per-layer sliding
 window from `layer_types`) as in this model."""
 
 from __future__ import annotations
@@ -10,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from replicas.model.weights import save_checkpoint
 from tests.replicas.model.helpers import dense_logits, engine, executor, settings, tokens
-
-transformers = pytest.importorskip("transformers")
 
 
 @pytest.mark.parametrize("hybrid", [False, True], ids=["llama", "qwen2-hybrid"])
