@@ -28,6 +28,7 @@ from replicas.api import (
     GenerateResult,
     LoadReport,
     ReplicaInfo,
+    RequestAbortedError,
     Snapshot,
     StreamChunk,
     lora_request_for,
@@ -63,7 +64,7 @@ class ReplicaServer:
             # Replicas share the node's cores: each computes with its own few threads.
             torch.set_num_threads(config.replicas.threads)
         self.engine = build_engine(config, RealClock(), seed_offset=rank)
-        self._outputs: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._outputs: dict[str, asyncio.Queue[RequestOutput | None]] = {}
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._publisher: ZmqEventPublisher | None = None
@@ -123,27 +124,39 @@ class ReplicaServer:
             data_parallel_rank=self.rank,
         )
 
-    def _admit(self, request: GenerateRequest) -> asyncio.Queue[RequestOutput]:
+    def _admit(self, request: GenerateRequest) -> asyncio.Queue[RequestOutput | None]:
         """Hand a request to the engine; its outputs arrive on the returned queue."""
         if self._wake is None:
             raise RuntimeError(f"replica {self.replica_id} is not started")
+        sampling = request.sampling
         self.engine.add_request(
             request.request_id,
             request.prompt_token_ids,
-            SamplingParams(max_tokens=request.max_tokens),
+            SamplingParams(
+                max_tokens=request.max_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                seed=sampling.seed,
+                stop_token_ids=list(sampling.stop_token_ids),
+                ignore_eos=sampling.ignore_eos,
+            ),
             lora_request=lora_request_for(request.lora_name, self.config.model.lora_names),
             cache_salt=request.cache_salt,
             reuse_hint_tokens=request.reuse_hint_tokens,
         )
-        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        queue: asyncio.Queue[RequestOutput | None] = asyncio.Queue()
         self._outputs[request.request_id] = queue
         self._wake.set()
         return queue
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         queue = self._admit(request)
-        while not (out := await queue.get()).finished:
-            pass
+        try:
+            while not (out := await self._next(queue, request.request_id)).finished:
+                pass
+        finally:
+            self.abort(request.request_id)
         return self._result(out)
 
     async def generate_stream(
@@ -152,13 +165,35 @@ class ReplicaServer:
         """Call with num_returns="streaming": a StreamChunk per step that produced
         tokens (the last one included), then the GenerateResult."""
         queue = self._admit(request)
-        while True:
-            out = await queue.get()
-            if out.new_token_ids:
-                yield StreamChunk(out.request_id, out.new_token_ids)
-            if out.finished:
-                yield self._result(out)
-                return
+        try:
+            while True:
+                out = await self._next(queue, request.request_id)
+                if out.new_token_ids:
+                    yield StreamChunk(out.request_id, out.new_token_ids)
+                if out.finished:
+                    yield self._result(out)
+                    return
+        finally:
+            self.abort(request.request_id)
+
+    @staticmethod
+    async def _next(
+        queue: asyncio.Queue[RequestOutput | None], request_id: str
+    ) -> RequestOutput:
+        out = await queue.get()
+        if out is None:
+            raise RequestAbortedError(f"request {request_id} was aborted")
+        return out
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks (the caller left, or timed out): the
+        engine drops it before its next step, and a `generate` still waiting on it
+        ends with RequestAbortedError. False if it had already finished. Also runs,
+        harmlessly, when `generate` ends or is cancelled."""
+        queue = self._outputs.pop(request_id, None)
+        if queue is not None:
+            queue.put_nowait(None)
+        return self.engine.abort_request(request_id)
 
     def _result(self, out: RequestOutput) -> GenerateResult:
         m = out.metrics
@@ -193,7 +228,7 @@ class ReplicaServer:
                 if queue is not None:
                     queue.put_nowait(out)
                     if out.finished:
-                        del self._outputs[out.request_id]
+                        self._outputs.pop(out.request_id, None)
 
     def snapshot(self) -> Snapshot:
         """Every cached block as one batch, valid up to the publisher's next seq."""
@@ -222,8 +257,14 @@ class ReplicaServer:
         }
 
     def reset_prefix_cache(self) -> bool:
-        """Drop the prefix cache (an AllBlocksCleared event follows); refused while busy."""
-        return self.engine.kv_cache.reset_prefix_cache()
+        """Drop the prefix cache and publish AllBlocksCleared at once, so the router
+        knows before the next request; refused (False) while blocks are in use."""
+        if not self.engine.kv_cache.reset_prefix_cache():
+            return False
+        batch = self.engine.take_event_batch()
+        if batch is not None and self._publisher is not None:
+            self._publisher.publish(batch)
+        return True
 
     def shutdown(self) -> None:
         if self._loop_task is not None:

@@ -27,6 +27,10 @@ class InvalidRequestError(ValueError):
         self.param = param
 
 
+class RequestAbortedError(RuntimeError):
+    """The request was aborted before it finished (its client left or timed out)."""
+
+
 class ModelLimits(msgspec.Struct, frozen=True):
     max_model_len: int
     vocab_size: int

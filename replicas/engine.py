@@ -198,6 +198,18 @@ class Engine:
         self.waiting.append(tracked)
         return request
 
+    def take_event_batch(self, ts: float | None = None) -> KVEventBatch | None:
+        """The cache's events since the last batch, as one batch (None if there are
+        none): after each step, and after a cache reset outside any step."""
+        events = self.kv_cache.take_events()
+        if not events:
+            return None
+        return KVEventBatch(
+            ts=self.clock.now() if ts is None else ts,
+            events=events,
+            data_parallel_rank=self.data_parallel_rank,
+        )
+
     def abort_request(self, request_id: str) -> bool:
         tracked = self._tracked.pop(request_id, None)
         if tracked is None:
@@ -332,12 +344,7 @@ class Engine:
             self._finish(tracked)
         self.num_steps += 1
         self.num_preemptions += preempted
-        events = self.kv_cache.take_events()
-        events_batch = (
-            KVEventBatch(ts=start, events=events, data_parallel_rank=self.data_parallel_rank)
-            if events
-            else None
-        )
+        events_batch = self.take_event_batch(start)
         return StepResult(
             start_time=start,
             duration=duration,
@@ -402,12 +409,7 @@ class Engine:
             running.remove(tracked)
             self._finish(tracked)
         self.num_steps += steps
-        events = self.kv_cache.take_events()
-        batch = (
-            KVEventBatch(ts=start, events=events, data_parallel_rank=self.data_parallel_rank)
-            if events
-            else None
-        )
+        batch = self.take_event_batch(start)
         return StepResult(start, duration, steps * n, outputs, batch)
 
     @property

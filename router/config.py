@@ -9,7 +9,7 @@ cluster and the bundled workload.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 import yaml
@@ -25,18 +25,28 @@ from replicas.config import (
 from replicas.model.kv_memory import resolve_model
 from router.policy import check_policy
 
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
+
 
 class RouterConfig(Struct):
     policy: str = "kv_aware"
     policy_options: dict[str, Any] = msgspec.field(default_factory=dict)
-    prediction_ttl_s: float = 2.0
+    prediction_ttl_s: Positive = 2.0
     # Eviction hints: remember this many times (replicas x model.num_blocks) prompt
     # blocks (0: no hints). Only replicas with `probation_fraction` use them.
-    reuse_memory: float = 0.0
+    reuse_memory: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     http_host: str = "127.0.0.1"
-    http_port: int = 8000
-    max_retries: int = 3
-    load_poll_s: float = 0.05
+    http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
+    max_retries: Annotated[int, msgspec.Meta(ge=0)] = 3
+    load_poll_s: Positive = 0.05
+    # A request that has not finished after this long is aborted on its replica and
+    # answered with a 504; a request may ask for less with `timeout`.
+    request_timeout_s: Positive = 600.0
+    # Admission control: past either limit a replica takes no more requests; with
+    # every replica past it, the router answers 429 with Retry-After.
+    max_requests_per_replica: AtLeastOne = 256
+    max_queued_prefill_tokens: AtLeastOne = 1 << 20
 
     def __post_init__(self) -> None:
         check_policy(self.policy, self.policy_options)

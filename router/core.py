@@ -41,6 +41,19 @@ class NoReplicaError(RuntimeError):
     """No live replica can take the request (HTTP 503)."""
 
 
+class RequestTimeoutError(RuntimeError):
+    """The request did not finish within its deadline; it was aborted (HTTP 504)."""
+
+
+class ReplicasBusyError(RuntimeError):
+    """Every live replica is at its admission limit (HTTP 429, retry after a while):
+    the router sheds load instead of queueing without bound."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 @dataclass(frozen=True)
 class RouterSettings:
     """What the core needs from the cluster config."""
@@ -54,6 +67,11 @@ class RouterSettings:
     reuse_memory: float = 0.0
     cluster_blocks: int = 0
     max_retries: int = 2
+    # Admission: a replica takes no more requests in flight, and no more queued
+    # prefill tokens, than these (None: no limit). An idle replica always admits one.
+    max_requests_per_replica: int | None = None
+    max_queued_prefill_tokens: int | None = None
+    retry_after_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -242,9 +260,19 @@ class Router:
         """The replica for `prepared` among those not in `exclude`, counted as pending
         there. Raises NoReplicaError when none is left."""
         started = time.perf_counter()
-        loads = {rid: state.load() for rid, state in self.replicas.items() if rid not in exclude}
-        if not loads:
+        open_replicas = [rid for rid in self.replicas if rid not in exclude]
+        if not open_replicas:
             raise NoReplicaError("no replica is available")
+        loads = {
+            rid: load
+            for rid in open_replicas
+            if self._admits(self.replicas[rid], load := self.replicas[rid].load(), prepared)
+        }
+        if not loads:
+            raise ReplicasBusyError(
+                f"all {len(open_replicas)} replicas are at their admission limit; retry later",
+                self.settings.retry_after_s,
+            )
         replica_id, hit = self._pick(prepared.prompt, loads)
         state = self.replicas[replica_id]
         uncached = prepared.num_tokens - hit
@@ -258,6 +286,17 @@ class Router:
             attempt=len(exclude) + 1,
             routing_s=time.perf_counter() - started,
         )
+
+    def _admits(self, state: ReplicaState, load: ReplicaLoad, prepared: PreparedPrompt) -> bool:
+        """Whether a replica may take one more request: under both limits, or idle."""
+        if state.in_flight == 0:
+            return True
+        max_requests = self.settings.max_requests_per_replica
+        if max_requests is not None and state.in_flight >= max_requests:
+            return False
+        max_prefill = self.settings.max_queued_prefill_tokens
+        queued = load.queued_prefill_tokens + prepared.num_tokens
+        return max_prefill is None or queued <= max_prefill
 
     def _pick(self, prompt: HashedPrompt, loads: Mapping[str, ReplicaLoad]) -> tuple[str, int]:
         use_predictions = self.settings.use_predictions
@@ -301,6 +340,8 @@ __all__ = [
     "PreparedPrompt",
     "Registration",
     "ReplicaState",
+    "ReplicasBusyError",
+    "RequestTimeoutError",
     "Router",
     "RouterSettings",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -20,7 +21,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from replicas.api import InvalidRequestError
-from router.core import NoReplicaError
+from router.core import NoReplicaError, ReplicasBusyError, RequestTimeoutError
 from router.openai_api import FrontDoor
 from router.protocol import (
     CompletionBackend,
@@ -59,6 +60,12 @@ def _known_error(exc: Exception) -> tuple[web.Response, str] | None:
         return reply, "model_not_found"
     if isinstance(exc, InvalidRequestError):
         return error_response(400, str(exc), "invalid_request_error", exc.param), "invalid_request"
+    if isinstance(exc, ReplicasBusyError):
+        reply = error_response(429, str(exc), "rate_limit_error", None, "replicas_busy")
+        reply.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+        return reply, "overloaded"
+    if isinstance(exc, RequestTimeoutError):
+        return error_response(504, str(exc), "timeout_error", None, "request_timeout"), "timeout"
     if isinstance(exc, NoReplicaError):
         reply = error_response(503, str(exc), "service_unavailable", None, "no_replica")
         return reply, "no_replica"
@@ -203,7 +210,11 @@ async def start_http_server(
     service: CompletionBackend, host: str, port: int, fingerprint: str = "kvroute"
 ) -> str:
     """Serve on host:port (port 0 picks a free one); returns the base URL."""
-    runner = web.AppRunner(build_app(service, fingerprint), access_log=None)
+    # handler_cancellation: a client that disconnects cancels its handler at once, so
+    # its request is aborted on the replica even while it waits for a full response.
+    runner = web.AppRunner(
+        build_app(service, fingerprint), access_log=None, handler_cancellation=True
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

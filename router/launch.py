@@ -57,13 +57,18 @@ def init_ray(config: Config, log_level: str = DEFAULT_LOG_LEVEL) -> bool:
     if cluster.address:
         ray.init(address=cluster.address, **common)
     else:
-        ray.init(num_cpus=cluster.num_cpus, include_dashboard=False, **common)
+        # "local": always a new Ray of our own, never one that happens to run here.
+        ray.init(address="local", num_cpus=cluster.num_cpus, include_dashboard=False, **common)
     return True
 
 
-def start_router(config: Config, http: bool = True) -> tuple[Any, str | None]:
+def start_router(
+    config: Config, http: bool = True, name: str = ROUTER_NAME
+) -> tuple[Any, str | None]:
+    """A router actor; a router not named `ROUTER_NAME` is an extra one, which finds
+    the running replicas by name and follows their event streams like the first."""
     actor = ray.remote(RouterService).options(
-        name=ROUTER_NAME,
+        name=name,
         namespace=config.cluster.namespace,
         max_restarts=-1,
         max_concurrency=10_000,

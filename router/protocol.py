@@ -67,6 +67,8 @@ class CompletionInput:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     # Text generation stops before any of these; the replica is told to stop.
     stop: tuple[str, ...] = ()
+    # Seconds the client allows (kvroute's `timeout` field); the config caps it.
+    timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class GenerationParams:
     lora_name: str | None = None
     cache_salt: str | None = None
     request_id: str | None = None
+    timeout_s: float | None = None
 
     def inputs(
         self, prompt: str | list[int], choice: int, lora_name: str | None
@@ -102,6 +105,7 @@ class GenerationParams:
             stream=self.stream,
             sampling=sampling,
             stop=self.stop,
+            timeout_s=self.timeout_s,
         )
 
 
@@ -260,7 +264,11 @@ def _params(body: dict[str, Any], default_max_tokens: int | None) -> GenerationP
     assert n is not None
     if n > MAX_N:
         raise InvalidRequestError(f"`n` must be at most {MAX_N}, got {n}", "n")
+    timeout = body.get("timeout")
+    if timeout is not None:
+        timeout = _number(body, "timeout", 0.0, lambda v: v > 0, "a positive number of seconds")
     return GenerationParams(
+        timeout_s=timeout,
         model=body.get("model"),
         max_tokens=max_tokens,
         sampling=sampling,

@@ -52,6 +52,7 @@ from router.core import (
     NoReplicaError,
     PreparedPrompt,
     Registration,
+    RequestTimeoutError,
     Router,
     RouterSettings,
 )
@@ -67,6 +68,11 @@ ACTOR_GONE = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 def replica_actor_name(index: int) -> str:
     return f"replica-{index}"
+
+
+async def _within(awaitable: Any, deadline: float) -> Any:
+    """`awaitable`'s result, or TimeoutError once `deadline` (perf_counter) passes."""
+    return await asyncio.wait_for(awaitable, max(0.0, deadline - time.perf_counter()))
 
 
 class _TokenClock:
@@ -130,6 +136,8 @@ def router_settings(config: Config) -> RouterSettings:
         reuse_memory=config.router.reuse_memory,
         cluster_blocks=config.model.num_blocks * config.replicas.count,
         max_retries=config.router.max_retries,
+        max_requests_per_replica=config.router.max_requests_per_replica,
+        max_queued_prefill_tokens=config.router.max_queued_prefill_tokens,
     )
 
 
@@ -367,6 +375,10 @@ class RouterService:
         )
         arrived = time.perf_counter()
         clock = _TokenClock(self.metrics, arrived)
+        allowed = self.config.router.request_timeout_s
+        if body.timeout_s is not None:
+            allowed = min(allowed, body.timeout_s)
+        deadline = arrived + allowed
         tried: set[str] = set()
         while True:
             decision = self.core.choose(prepared, tried)
@@ -376,8 +388,13 @@ class RouterService:
             try:
                 if stream:
                     calls = handle.generate_stream.options(num_returns="streaming")
-                    async for ref in calls.remote(wire):
-                        item = await ref
+                    items = calls.remote(wire)
+                    while True:
+                        try:
+                            ref = await _within(items.__anext__(), deadline)
+                        except StopAsyncIteration:
+                            break
+                        item = await _within(ref, deadline)
                         if isinstance(item, StreamChunk):
                             streamed = True
                             clock.tokens(len(item.new_token_ids))
@@ -386,7 +403,7 @@ class RouterService:
                             ended = True
                             yield self._finished(decision, item, prepared)
                 else:
-                    result = await handle.generate.remote(wire)
+                    result = await _within(handle.generate.remote(wire), deadline)
                     ended = True
                     clock.whole(result)
                     yield self._finished(decision, result, prepared)
@@ -409,11 +426,20 @@ class RouterService:
             except InvalidRequestError:
                 refused = True
                 raise
+            except TimeoutError:
+                self.metrics.requests.labels("timeout").inc()
+                raise RequestTimeoutError(
+                    f"the request did not finish within {allowed:g} s and was aborted"
+                ) from None
             finally:
-                # Refused, cancelled (the client left) or failed otherwise: the
-                # attempt still leaves the pending count, exactly once.
+                # Refused, cancelled (the client left), timed out, or cut short by a
+                # stop string: the attempt leaves the pending count exactly once,
+                # and a replica still working on it is told to stop and free its
+                # blocks.
                 if not ended:
                     self.core.release(decision, prepared, refused=refused)
+                    if not refused:
+                        handle.abort.remote(wire.request_id)
 
     def _finished(
         self, decision: Decision, result: GenerateResult, prepared: PreparedPrompt

@@ -9,7 +9,7 @@ from replicas.api import InvalidRequestError, ModelLimits
 from replicas.kv_cache.manager import KVCacheManager
 from replicas.kv_cache.prompt import PromptKeys
 from replicas.request import Request, SamplingParams
-from router.core import NoReplicaError, Registration, Router, RouterSettings
+from router.core import NoReplicaError, Registration, ReplicasBusyError, Router, RouterSettings
 from router.policy import ReplicaLoad, SGLangLike, make_policy
 from tests.replicas.conftest import config, full
 
@@ -202,3 +202,30 @@ def test_resync_replaces_what_the_index_knew() -> None:
     serve(core, "a", PROMPT)
     core.resync("a", KVEventBatch(ts=0.0, events=[]))
     assert core.index.predict(PromptKeys(PROMPT)) == {"a": 0, "b": 0}
+
+
+def test_a_replica_at_its_request_limit_is_skipped_for_one_under_it() -> None:
+    core = router("a", "b", policy="round_robin", max_requests_per_replica=1)
+    first = core.choose(core.prepare(PromptKeys(PROMPT), 1))
+    second = core.choose(core.prepare(PromptKeys(PROMPT), 1))
+    assert {first.replica_id, second.replica_id} == {"a", "b"}
+
+
+def test_with_every_replica_full_the_core_sheds_load_instead_of_queueing() -> None:
+    core = router("a", "b", max_requests_per_replica=1, retry_after_s=2.0)
+    prepared = core.prepare(PromptKeys(PROMPT), 1)
+    decisions = [core.choose(prepared), core.choose(prepared)]
+    with pytest.raises(ReplicasBusyError, match="all 2 replicas are at their admission limit"):
+        core.choose(prepared)
+    core.finish(decisions[0], 17, 0)
+    assert core.choose(prepared).replica_id == decisions[0].replica_id
+
+
+def test_queued_prefill_tokens_are_bounded_but_an_idle_replica_takes_any_prompt() -> None:
+    core = router("a", max_queued_prefill_tokens=20)
+    prepared = core.prepare(PromptKeys(PROMPT), 1)
+    core.choose(prepared)  # idle: admitted, 17 tokens now queued
+    with pytest.raises(ReplicasBusyError):
+        core.choose(prepared)  # 17 + 17 > 20
+    core.report_load("a", ReplicaLoad(0, 1, 0.0))
+    assert core.choose(prepared).replica_id == "a"  # 0 + 17 <= 20
