@@ -80,7 +80,9 @@ async def measure(args: argparse.Namespace) -> dict[str, list[tuple[float, list[
     )
     config = msgspec.structs.replace(
         config,
-        replicas=msgspec.structs.replace(config.replicas, count=args.replicas, cost=fast),
+        replicas=msgspec.structs.replace(
+            config.replicas, count=args.replicas, cost=fast, executor="simulated"
+        ),
         router=msgspec.structs.replace(config.router, http_port=0),
     )
     cluster = start_cluster(config)

@@ -65,7 +65,8 @@ class TorchExecutor:
             return StepOutput(0.0, {})
         if self.poison_free_blocks:
             self._poison()
-        logits = self.forward(batch)
+        # Sampling runs on the CPU, where each request's generator lives.
+        logits = self.forward(batch).cpu()
         sampled = [s for s in batch if s.sample]
         tokens = {
             s.request.request_id: self.sampler.sample(

@@ -46,17 +46,16 @@ class Sampler:
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Logits with everything outside the top k and the top-p nucleus at -inf
-    (the most likely token always stays)."""
+    """Logits outside the top k, then outside the top-p nucleus of what is left,
+    at -inf (the most likely token always stays)."""
     if top_k <= 0 and top_p >= 1.0:
         return logits
     sorted_logits, order = logits.sort(descending=True)
-    drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
     if top_k > 0:
-        drop[top_k:] = True
+        sorted_logits[top_k:] = float("-inf")
     if top_p < 1.0:
         probs = sorted_logits.softmax(-1)
-        drop |= probs.cumsum(-1) - probs >= top_p  # the mass before this token
-
-    drop[0] = False
-    return logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+        outside = probs.cumsum(-1) - probs >= top_p  # the mass before this token
+        outside[0] = False
+        sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
+    return logits.scatter(0, order, sorted_logits)

@@ -74,3 +74,7 @@ def test_top_k_one_is_greedy_and_top_p_keeps_the_nucleus() -> None:
     assert torch.isfinite(kept).tolist() == [False, True, False, True, False]
     kept = _top_k_top_p(logits, top_k=2, top_p=1.0)
     assert torch.isfinite(kept).tolist() == [False, True, False, True, False]
+    # top-p applies to what top-k left: renormalised, token 1 alone has 0.52 >= 0.5
+    # (over the whole vocabulary it had 0.46 and token 3 stayed, as above).
+    kept = _top_k_top_p(logits, top_k=2, top_p=0.5)
+    assert torch.isfinite(kept).tolist() == [False, True, False, False, False]
