@@ -22,9 +22,11 @@ LONG = 3000  # output tokens: tens of seconds of decoding, never reached in thes
 def _idle(deployment: Deployment) -> list[dict[str, Any]]:
     """Every replica's load; waits (20 s at most) until none has a running request or a
     block in use: whatever was aborted has freed its KV memory."""
+    live = [r["replica_id"] for r in deployment.client().status()["replicas"]]
+    handles = [ray.get_actor(name, namespace="kvroute") for name in live]
     deadline = time.monotonic() + 20
     while True:
-        loads = [ray.get(r.load.remote()) for r in deployment.replicas]
+        loads = [ray.get(h.load.remote()) for h in handles]
         if all(load.running_seqs == 0 and load.kv_usage == 0.0 for load in loads):
             return [msgspec.structs.asdict(load) for load in loads]
         assert time.monotonic() < deadline, f"replicas still busy: {loads}"
@@ -105,14 +107,15 @@ def test_overload_is_a_429_with_retry_after_never_a_hang(deployment: Deployment)
     router, url = start_router(config, name="router-admission-test")
     try:
         assert url is not None
-        ray.get(router.wait_for_replicas.remote(len(deployment.replicas)))
+        live = len(deployment.client().status()["replicas"])
+        ray.get(router.wait_for_replicas.remote(live))
 
         async def fill_then_overflow() -> tuple[list[bytes], tuple[int, dict, dict]]:
             async with aiohttp.ClientSession() as session:
                 body = {"prompt": [4, 5, 6], "max_tokens": LONG, "stream": True}
                 streams = [
                     await session.post(f"{url}/v1/completions", json=body)
-                    for _ in deployment.replicas
+                    for _ in range(live)
                 ]
                 firsts = [await s.content.readline() for s in streams]
                 overflow = await _post(url, {"prompt": [1], "max_tokens": 1})
