@@ -177,9 +177,7 @@ class ReplicaServer:
             self.abort(request.request_id)
 
     @staticmethod
-    async def _next(
-        queue: asyncio.Queue[RequestOutput | None], request_id: str
-    ) -> RequestOutput:
+    async def _next(queue: asyncio.Queue[RequestOutput | None], request_id: str) -> RequestOutput:
         out = await queue.get()
         if out is None:
             raise RequestAbortedError(f"request {request_id} was aborted")

@@ -114,8 +114,7 @@ def test_overload_is_a_429_with_retry_after_never_a_hang(deployment: Deployment)
             async with aiohttp.ClientSession() as session:
                 body = {"prompt": [4, 5, 6], "max_tokens": LONG, "stream": True}
                 streams = [
-                    await session.post(f"{url}/v1/completions", json=body)
-                    for _ in range(live)
+                    await session.post(f"{url}/v1/completions", json=body) for _ in range(live)
                 ]
                 firsts = [await s.content.readline() for s in streams]
                 overflow = await _post(url, {"prompt": [1], "max_tokens": 1})
