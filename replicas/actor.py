@@ -37,6 +37,7 @@ from replicas.clock import RealClock
 from replicas.config import ReplicaSettings
 from replicas.engine import RequestOutput
 from replicas.factory import build_engine
+from replicas.kv_cache.utils import BlockHash
 from replicas.request import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -143,12 +144,22 @@ class ReplicaServer:
             ),
             lora_request=lora_request_for(request.lora_name, self.config.model.lora_names),
             cache_salt=request.cache_salt,
+            block_hashes=self._router_hashes(request),
             reuse_hint_tokens=request.reuse_hint_tokens,
         )
         queue: asyncio.Queue[RequestOutput | None] = asyncio.Queue()
         self._outputs[request.request_id] = queue
         self._wake.set()
         return queue
+
+    def _router_hashes(self, request: GenerateRequest) -> list[BlockHash] | None:
+        """The router's hashes of the prompt when they are at this engine's hash block
+        size and cover only full prompt blocks; else None, and the engine hashes."""
+        size = self.engine.hasher.block_size
+        hashes = request.prompt_block_hashes
+        if request.hash_block_size != size or len(hashes) > len(request.prompt_token_ids) // size:
+            return None
+        return [BlockHash(h) for h in hashes]
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         queue = self._admit(request)

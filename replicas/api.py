@@ -104,6 +104,12 @@ class GenerateRequest(msgspec.Struct, frozen=True):
     lora_name: str | None = None
     cache_salt: str | None = None
     sampling: SamplingOptions = SamplingOptions()
+    # The prompt's block hashes as the router computed them, at `hash_block_size`
+    # tokens per hash (0: none sent). Router and replica hash with one function and
+    # seed (registration refuses a mismatch), so the replica uses them as they are
+    # and a prompt is hashed once on its way through.
+    prompt_block_hashes: list[bytes] = []
+    hash_block_size: int = 0
     # The router's eviction hint: leading prompt tokens it has seen before
     # (used by replicas running segmented LRU, ignored by LRU ones).
     reuse_hint_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0

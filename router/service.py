@@ -372,6 +372,8 @@ class RouterService:
             cache_salt=body.cache_salt,
             reuse_hint_tokens=prepared.reuse_hint_tokens,
             sampling=body.sampling,
+            prompt_block_hashes=list(prepared.prompt.block_hashes),
+            hash_block_size=self.core.hasher.block_size,
         )
         arrived = time.perf_counter()
         clock = _TokenClock(self.metrics, arrived)

@@ -1,0 +1,55 @@
+"""A replica takes the router's prompt hashes when they are its own, and hashes otherwise."""
+
+from __future__ import annotations
+
+import msgspec
+
+from configs import CONFIG_DIR
+from replicas.actor import ReplicaServer
+from replicas.api import GenerateRequest
+from replicas.kv_cache.prompt import PromptKeys
+from replicas.request import SamplingParams
+from router.config import load_config
+from router.core import Router
+from router.policy import make_policy
+from router.service import router_settings
+
+PROMPT = list(range(1, 41))  # 2 full blocks of 16 tokens and 8 more
+
+
+def server_and_router() -> tuple[ReplicaServer, Router]:
+    config = load_config(CONFIG_DIR / "default.yaml")
+    config = msgspec.structs.replace(
+        config, replicas=msgspec.structs.replace(config.replicas, executor="simulated")
+    )
+    server = ReplicaServer("replica-0", config.replica_settings(), "router")
+    return server, Router(router_settings(config), make_policy("round_robin"))
+
+
+def test_the_router_hashes_are_the_replicas_own() -> None:
+    server, router = server_and_router()
+    hashed = router.prepare(PromptKeys(tuple(PROMPT)), 1).prompt
+    wire = GenerateRequest(
+        "r",
+        PROMPT,
+        1,
+        prompt_block_hashes=list(hashed.block_hashes),
+        hash_block_size=router.hasher.block_size,
+    )
+    reused = server._router_hashes(wire)
+    assert reused is not None and len(reused) == 2
+    own = server.engine.add_request("own", PROMPT, SamplingParams(max_tokens=1)).block_hashes
+    assert reused == own
+
+
+def test_hashes_at_another_size_or_beyond_the_prompt_are_not_used() -> None:
+    server, router = server_and_router()
+    hashes = list(router.prepare(PromptKeys(tuple(PROMPT)), 1).prompt.block_hashes)
+    size = router.hasher.block_size
+    other_size = GenerateRequest("r", PROMPT, 1, prompt_block_hashes=hashes, hash_block_size=8)
+    assert server._router_hashes(other_size) is None
+    too_many = GenerateRequest(
+        "r", PROMPT[:20], 1, prompt_block_hashes=hashes, hash_block_size=size
+    )
+    assert server._router_hashes(too_many) is None
+    assert server._router_hashes(GenerateRequest("r", PROMPT, 1)) is None
