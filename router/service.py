@@ -59,7 +59,7 @@ from router.core import (
 from router.metrics import ReplicaView, RouterMetrics, ScrapeView
 from router.policy import ReplicaLoad, make_policy
 from router.protocol import CompletionInput, ModelNotFoundError, RoutedResult
-from router.tokenizer import load_tokenizer
+from router.tokenizer import load_tokenizer, tokenizer_file
 
 logger = logging.getLogger(__name__)
 
@@ -149,9 +149,9 @@ class RouterService:
         self.model_name = config.model.name
         policy = make_policy(config.router.policy, **config.router.policy_options)
         self.core = Router(router_settings(config), policy)
-        self.tokenizer = load_tokenizer(config.model.tokenizer)
-        tokenizer_dir = Path(config.model.tokenizer).parent if config.model.tokenizer else None
-        self.chat_template = ChatTemplate.for_model(tokenizer_dir)
+        tokenizer = tokenizer_file(config.model.tokenizer, config.model.path)
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.chat_template = ChatTemplate.for_model(Path(tokenizer).parent if tokenizer else None)
         # OpenAI's system_fingerprint: changes whenever the served model's config does.
         model_digest = hashlib.sha256(msgspec.json.encode(config.model)).hexdigest()
         self.fingerprint = f"fp_{model_digest[:12]}"

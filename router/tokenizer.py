@@ -51,3 +51,13 @@ class HFTokenizer:
 
 def load_tokenizer(path: str | None) -> Tokenizer:
     return ByteTokenizer() if path is None else HFTokenizer(path)
+
+
+def tokenizer_file(tokenizer: str | None, model_path: str | None) -> str | None:
+    """The tokenizer.json the router uses: `model.tokenizer` when set, else the one in
+    the model directory `model.path` (the replicas' checkpoint) when there is one."""
+    if tokenizer is not None:
+        return tokenizer
+    if model_path is not None and (Path(model_path) / "tokenizer.json").is_file():
+        return str(Path(model_path) / "tokenizer.json")
+    return None
