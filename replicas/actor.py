@@ -26,8 +26,8 @@ from events.publisher import PublisherConfig, ZmqEventPublisher
 from replicas.api import (
     GenerateRequest,
     GenerateResult,
-    LoadReport,
     ReplicaInfo,
+    ReplicaLoad,
     RequestAbortedError,
     Snapshot,
     StreamChunk,
@@ -244,15 +244,8 @@ class ReplicaServer:
         assert self._publisher is not None
         return Snapshot(self._publisher.next_seq, self.engine.snapshot_batch())
 
-    def load(self) -> LoadReport:
-        load = self.engine.load()
-        return LoadReport(
-            queued_prefill_tokens=load.queued_prefill_tokens,
-            running_seqs=load.running_seqs,
-            waiting_seqs=load.waiting_seqs,
-            kv_usage=load.kv_usage,
-            num_cached_blocks=len(self.engine.kv_cache.block_pool.cached_block_hash_to_block),
-        )
+    def load(self) -> ReplicaLoad:
+        return self.engine.load()
 
     def health(self) -> dict[str, Any]:
         stats = self._publisher.stats if self._publisher else None

@@ -135,12 +135,24 @@ class StreamChunk(msgspec.Struct, frozen=True):
     new_token_ids: list[int]
 
 
-class LoadReport(msgspec.Struct, frozen=True):
-    queued_prefill_tokens: int
-    running_seqs: int
-    waiting_seqs: int
-    kv_usage: float
-    num_cached_blocks: int
+class ReplicaLoad(msgspec.Struct, frozen=True):
+    """A replica's load: the one type the engine reports, the wire carries and the
+    policies weigh (the router adds its own pending requests to a report).
+
+    `queued_prefill_tokens` counts prompt tokens not yet prefilled (waiting or
+    mid-chunk); `running_seqs` the sequences scheduled, `waiting_seqs` those queued.
+    """
+
+    queued_prefill_tokens: int = 0
+    running_seqs: int = 0
+    kv_usage: float = 0.0
+    waiting_seqs: int = 0
+    num_cached_blocks: int = 0
+
+    @property
+    def active_seqs(self) -> int:
+        """Sequences the replica is serving or about to: each slows every step."""
+        return self.running_seqs + self.waiting_seqs
 
 
 class ReplicaInfo(msgspec.Struct, frozen=True):

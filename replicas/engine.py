@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from events.kv_events import AllBlocksCleared, BlockStored, KVCacheEvent, KVEventBatch
-from replicas.api import InvalidRequestError, ModelLimits, validate_generate
+from replicas.api import InvalidRequestError, ModelLimits, ReplicaLoad, validate_generate
 from replicas.clock import Clock
 from replicas.executor import Executor, ScheduledRequest, SimulatedExecutor, StepShape
 from replicas.kv_cache.manager import KVCacheManager
@@ -90,16 +90,6 @@ class StepResult:
     events: KVEventBatch | None
     num_preempted: int = 0
     duration_is_real: bool = False  # True: `duration` already elapsed computing
-
-
-@dataclass(frozen=True)
-class EngineLoad:
-    """Load as the router weighs it."""
-
-    queued_prefill_tokens: int
-    running_seqs: int
-    waiting_seqs: int
-    kv_usage: float
 
 
 @dataclass
@@ -226,13 +216,19 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def load(self) -> EngineLoad:
+    def load(self) -> ReplicaLoad:
         queued = sum(t.request.num_tokens - t.request.num_computed_tokens for t in self.waiting)
         queued += sum(
             max(t.request.num_prompt_tokens - t.request.num_computed_tokens, 0)
             for t in self.running
         )
-        return EngineLoad(queued, len(self.running), len(self.waiting), self.kv_cache.usage)
+        return ReplicaLoad(
+            queued_prefill_tokens=queued,
+            running_seqs=len(self.running),
+            kv_usage=self.kv_cache.usage,
+            waiting_seqs=len(self.waiting),
+            num_cached_blocks=len(self.kv_cache.block_pool.cached_block_hash_to_block),
+        )
 
     # ------------------------------------------------------------------ step
 

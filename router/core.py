@@ -28,12 +28,14 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+import msgspec
+
 from events.kv_events import KVEventBatch
-from replicas.api import InvalidRequestError, ModelLimits, validate_generate
+from replicas.api import InvalidRequestError, ModelLimits, ReplicaLoad, validate_generate
 from replicas.kv_cache.prompt import HashedPrompt, PromptKeys
 from replicas.kv_cache.specs import KVCacheConfig
 from router.index import KVIndex
-from router.policy import Candidate, ReplicaLoad, RouteRequest, RoutingPolicy
+from router.policy import Candidate, RouteRequest, RoutingPolicy
 from router.reuse import ReuseTracker
 
 
@@ -104,11 +106,12 @@ class ReplicaState:
     cached_tokens: int = 0
 
     def load(self) -> ReplicaLoad:
+        """The last report plus what the router sent since: queued, not yet running."""
         reported = self.reported
-        return ReplicaLoad(
+        return msgspec.structs.replace(
+            reported,
             queued_prefill_tokens=reported.queued_prefill_tokens + self.pending_prefill,
-            running_seqs=reported.running_seqs + self.pending_seqs,
-            kv_usage=reported.kv_usage,
+            waiting_seqs=reported.waiting_seqs + self.pending_seqs,
         )
 
     @property

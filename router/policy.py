@@ -17,20 +17,8 @@ from typing import Annotated, Any, ClassVar, Protocol
 
 import msgspec
 
+from replicas.api import ReplicaLoad
 from replicas.kv_cache.utils import BlockHash
-
-
-@dataclass(frozen=True)
-class ReplicaLoad:
-    """A replica's load as the router sees it.
-
-    `queued_prefill_tokens` counts prompt tokens routed there and not yet
-    prefilled (waiting or mid-chunk); `running_seqs` the sequences decoding.
-    """
-
-    queued_prefill_tokens: int = 0
-    running_seqs: int = 0
-    kv_usage: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -71,7 +59,7 @@ def _require(candidates: Sequence[Candidate]) -> None:
 
 
 def _load_key(c: Candidate) -> tuple[int, int]:
-    return (c.load.queued_prefill_tokens, c.load.running_seqs)
+    return (c.load.queued_prefill_tokens, c.load.active_seqs)
 
 
 class RoundRobin(StatelessPolicy):
@@ -170,7 +158,7 @@ class KVAware(StatelessPolicy):
         load = candidate.load
         return (
             w.prefill_s_per_token * (uncached + w.queue_weight * load.queued_prefill_tokens)
-            + w.decode_s_per_seq * load.running_seqs
+            + w.decode_s_per_seq * load.active_seqs
             + w.kv_usage_s * load.kv_usage
         )
 
@@ -220,7 +208,7 @@ class SGLangLike:
     def choose(self, request: RouteRequest, candidates: Sequence[Candidate]) -> str:
         _require(candidates)
         loads = [
-            c.load.running_seqs + (1 if c.load.queued_prefill_tokens else 0) for c in candidates
+            c.load.active_seqs + (1 if c.load.queued_prefill_tokens else 0) for c in candidates
         ]
         low, high = min(loads), max(loads)
         if high - low > self.balance_abs and high > self.balance_rel * low:

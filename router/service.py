@@ -24,7 +24,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,8 @@ from replicas.api import (
     GenerateRequest,
     GenerateResult,
     InvalidRequestError,
-    LoadReport,
     ReplicaInfo,
+    ReplicaLoad,
     StreamChunk,
 )
 from replicas.kv_cache.prompt import PromptKeys
@@ -57,7 +57,7 @@ from router.core import (
     RouterSettings,
 )
 from router.metrics import ReplicaView, RouterMetrics, ScrapeView
-from router.policy import ReplicaLoad, make_policy
+from router.policy import make_policy
 from router.protocol import CompletionInput, ModelNotFoundError, RoutedResult
 from router.tokenizer import load_tokenizer, tokenizer_file
 
@@ -106,11 +106,10 @@ class _TokenClock:
 
 @dataclass
 class ReplicaLink:
-    """How the service reaches one replica, and what its last poll said."""
+    """How the service reaches one replica."""
 
     info: ReplicaInfo
     handle: Any
-    polled: LoadReport = field(default_factory=lambda: LoadReport(0, 0, 0, 0.0, 0))
 
 
 def registration_of(info: ReplicaInfo) -> Registration:
@@ -276,16 +275,8 @@ class RouterService:
 
     async def _poll(self, replica_id: str, link: ReplicaLink) -> None:
         try:
-            polled = await asyncio.wait_for(link.handle.load.remote(), timeout=5.0)
-            link.polled = polled
-            self.core.report_load(
-                replica_id,
-                ReplicaLoad(
-                    queued_prefill_tokens=polled.queued_prefill_tokens,
-                    running_seqs=polled.running_seqs + polled.waiting_seqs,
-                    kv_usage=polled.kv_usage,
-                ),
-            )
+            load = await asyncio.wait_for(link.handle.load.remote(), timeout=5.0)
+            self.core.report_load(replica_id, load)
         except ACTOR_GONE:
             self._replica_died(replica_id)
         except (TimeoutError, GetTimeoutError):
@@ -475,16 +466,17 @@ class RouterService:
         for replica_id, link in sorted(self.replicas.items()):
             stream = self.subscriber.stats(replica_id)
             served = self.core.replicas[replica_id]
+            reported = served.reported
             replicas.append(
                 {
                     "replica_id": replica_id,
                     "node_id": link.info.node_id,
                     "state": stream.state.value,
                     "indexed_blocks": index.replica_block_count(replica_id),
-                    "cached_blocks": link.polled.num_cached_blocks,
-                    "queued_prefill_tokens": link.polled.queued_prefill_tokens,
-                    "running_seqs": link.polled.running_seqs,
-                    "kv_usage": round(link.polled.kv_usage, 4),
+                    "cached_blocks": reported.num_cached_blocks,
+                    "queued_prefill_tokens": reported.queued_prefill_tokens,
+                    "running_seqs": reported.running_seqs,
+                    "kv_usage": round(reported.kv_usage, 4),
                     "in_flight": served.in_flight,
                     "requests": served.requests,
                     "hit_rate": round(served.hit_rate, 4),
@@ -531,7 +523,7 @@ class RouterService:
                     indexed_blocks=index.replica_block_count(replica_id),
                     in_flight=state.in_flight if state is not None else 0,
                     queued_prefill_tokens=load.queued_prefill_tokens,
-                    running_seqs=load.running_seqs,
+                    running_seqs=load.active_seqs,
                 )
             )
         drops = {

@@ -36,7 +36,7 @@ from replicas.factory import build_engine
 from replicas.kv_cache.prompt import PromptKeys
 from replicas.request import SamplingParams
 from router.core import Registration, Router, RouterSettings
-from router.policy import ReplicaLoad, make_policy
+from router.policy import make_policy
 
 if TYPE_CHECKING:
     from benchmarks.sim.workload import SimRequest, Workload
@@ -303,13 +303,7 @@ class Simulator:
     def _report_loads(self) -> None:
         """Routing sees exact engine loads: every engine reports before each choice."""
         for replica_id, engine in self.engines.items():
-            load = engine.load()
-            self.router.report_load(
-                replica_id,
-                ReplicaLoad(
-                    load.queued_prefill_tokens, load.running_seqs + load.waiting_seqs, load.kv_usage
-                ),
-            )
+            self.router.report_load(replica_id, engine.load())
 
     def _arrive(self, sim_request: SimRequest) -> None:
         keys = PromptKeys(tuple(sim_request.token_ids()))

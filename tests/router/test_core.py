@@ -78,7 +78,7 @@ def test_a_choice_is_pending_load_until_it_finishes() -> None:
     core = router("a", "b", policy="least_loaded")
     prepared = core.prepare(PromptKeys(PROMPT), max_tokens=4)
     decision = core.choose(prepared)
-    assert core.loads()[decision.replica_id] == ReplicaLoad(17, 1, 0.0)
+    assert core.loads()[decision.replica_id] == ReplicaLoad(17, 0, 0.0, waiting_seqs=1)
     core.finish(decision, num_prompt_tokens=17, num_cached_tokens=8)
     state = core.replicas[decision.replica_id]
     assert core.loads()[decision.replica_id] == ReplicaLoad(0, 0, 0.0)
