@@ -22,6 +22,7 @@ from typing import Any
 import ray
 import torch
 
+from events.curve import CurveKeyPair, CurveServerConfig
 from events.publisher import PublisherConfig, ZmqEventPublisher
 from replicas.api import (
     GenerateRequest,
@@ -55,9 +56,22 @@ class ReplicaServer:
     """Serves `generate` for many requests at once over one engine."""
 
     def __init__(
-        self, replica_id: str, config: ReplicaSettings, router_name: str, rank: int = 0
+        self,
+        replica_id: str,
+        config: ReplicaSettings,
+        router_name: str,
+        rank: int = 0,
+        router_public_key: str | None = None,
     ) -> None:
+        if config.events.security == "curve" and router_public_key is None:
+            raise ValueError("events.security is curve, but no router public key was given")
         self.replica_id = replica_id
+        # This replica's own key pair: its secret never leaves the process.
+        self._curve = (
+            CurveServerConfig(CurveKeyPair.generate(), frozenset({router_public_key}))
+            if router_public_key is not None
+            else None
+        )
         self.config = config
         self.router_name = router_name
         self.rank = rank
@@ -92,6 +106,7 @@ class ReplicaServer:
                 hwm=events.hwm,
                 buffer_steps=events.buffer_steps,
                 max_queue_size=events.max_queue_size,
+                curve=self._curve,
             )
         )
         info = self.info()
@@ -123,6 +138,7 @@ class ReplicaServer:
             event_endpoint=_reachable(self._publisher.endpoint),
             replay_endpoint=_reachable(self._publisher.replay_endpoint),
             data_parallel_rank=self.rank,
+            curve_public_key=self._curve.keys.public_key if self._curve else None,
         )
 
     def _admit(self, request: GenerateRequest) -> asyncio.Queue[RequestOutput | None]:

@@ -173,6 +173,9 @@ class ReplicaInfo(msgspec.Struct, frozen=True):
     event_endpoint: str
     replay_endpoint: str | None
     data_parallel_rank: int = 0
+    # The replica's CURVE public key (Z85): its event sockets accept only the
+    # routers' key. None: the event plane is not encrypted (events.security: none).
+    curve_public_key: str | None = None
 
 
 class Snapshot(msgspec.Struct, frozen=True):

@@ -178,12 +178,31 @@ class ReplicasConfig(Struct):
         return None if self.kv_cache_memory is None else parse_bytes(self.kv_cache_memory)
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
 class EventsConfig(Struct):
+    """The event plane. `security: curve` (the default) encrypts every event socket
+    and lets only the cluster's routers connect: each replica makes its own key pair
+    at start, and the launcher hands the routers' key pair to routers and replicas
+    through Ray. `none` sends tenants' tokens in clear, so it is refused on a
+    non-loopback host unless `allow_insecure` says that is meant."""
+
     transport: Literal["tcp", "ipc"] = "tcp"
     host: str = "127.0.0.1"
     hwm: int = 100_000
     buffer_steps: int = 10_000
     max_queue_size: int = 100_000
+    security: Literal["curve", "none"] = "curve"
+    allow_insecure: bool = False
+
+    def __post_init__(self) -> None:
+        exposed = self.transport == "tcp" and self.host not in LOOPBACK_HOSTS
+        if self.security == "none" and exposed and not self.allow_insecure:
+            raise ValueError(
+                f"events.security: none on host {self.host} would publish prompts in clear "
+                "off this machine; use security: curve, or set allow_insecure: true"
+            )
 
 
 class ReplicaSettings(Struct):

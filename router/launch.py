@@ -12,6 +12,7 @@ from typing import Any
 
 import ray
 
+from events.curve import CurveKeyPair
 from replicas.actor import ReplicaServer
 from router.config import Config
 from router.logs import DEFAULT_LOG_LEVEL, ray_runtime_env
@@ -62,11 +63,21 @@ def init_ray(config: Config, log_level: str = DEFAULT_LOG_LEVEL) -> bool:
     return True
 
 
+def cluster_keys(config: Config) -> CurveKeyPair | None:
+    """The routers' CURVE key pair for a new cluster (None with events.security: none).
+    It reaches routers and replicas only as an actor argument, through Ray."""
+    return CurveKeyPair.generate() if config.events.security == "curve" else None
+
+
 def start_router(
-    config: Config, http: bool = True, name: str = ROUTER_NAME
+    config: Config,
+    http: bool = True,
+    name: str = ROUTER_NAME,
+    curve: CurveKeyPair | None = None,
 ) -> tuple[Any, str | None]:
     """A router actor; a router not named `ROUTER_NAME` is an extra one, which finds
-    the running replicas by name and follows their event streams like the first."""
+    the running replicas by name and follows their event streams like the first
+    (with the same `curve` key pair, which the replicas accept)."""
     actor = ray.remote(RouterService).options(
         name=name,
         namespace=config.cluster.namespace,
@@ -74,11 +85,13 @@ def start_router(
         max_concurrency=10_000,
         num_cpus=0,
     )
-    router = actor.remote(config, serve_http=http)
+    router = actor.remote(config, serve_http=http, curve=curve)
     return router, ray.get(router.ready.remote())
 
 
-def start_replica(config: Config, index: int, **options: Any) -> Any:
+def start_replica(
+    config: Config, index: int, router_public_key: str | None = None, **options: Any
+) -> Any:
     actor = ray.remote(ReplicaServer).options(
         name=replica_actor_name(index),
         namespace=config.cluster.namespace,
@@ -86,13 +99,17 @@ def start_replica(config: Config, index: int, **options: Any) -> Any:
         num_cpus=config.replicas.num_cpus,
         **options,
     )
-    handle = actor.remote(replica_actor_name(index), config.replica_settings(), ROUTER_NAME, index)
+    handle = actor.remote(
+        replica_actor_name(index), config.replica_settings(), ROUTER_NAME, index, router_public_key
+    )
     ray.get(handle.start.remote())
     return handle
 
 
 def start_cluster(config: Config, http: bool = True, log_level: str = DEFAULT_LOG_LEVEL) -> Cluster:
     owns_ray = init_ray(config, log_level)
-    router, url = start_router(config, http)
-    replicas = [start_replica(config, i) for i in range(config.replicas.count)]
+    keys = cluster_keys(config)
+    router, url = start_router(config, http, curve=keys)
+    public = keys.public_key if keys is not None else None
+    replicas = [start_replica(config, i, public) for i in range(config.replicas.count)]
     return Cluster(config, router, replicas, url, owns_ray)

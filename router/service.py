@@ -32,6 +32,7 @@ import msgspec
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 
+from events.curve import CurveKeyPair
 from events.kv_events import KVEventBatch
 from events.sequencer import ResyncReason
 from events.source import SourceSpec
@@ -143,7 +144,12 @@ def router_settings(config: Config) -> RouterSettings:
 class RouterService:
     """One router: owns the index, the policy, the subscriber and the HTTP server."""
 
-    def __init__(self, config: Config, serve_http: bool = True) -> None:
+    def __init__(
+        self, config: Config, serve_http: bool = True, curve: CurveKeyPair | None = None
+    ) -> None:
+        """`curve`: the routers' key pair, which every replica's event sockets accept."""
+        if config.events.security == "curve" and curve is None:
+            raise ValueError("events.security is curve, but the router was given no key pair")
         self.config = config
         self.model_name = config.model.name
         policy = make_policy(config.router.policy, **config.router.policy_options)
@@ -162,7 +168,7 @@ class RouterService:
         self.subscriber = ZmqEventSubscriber(
             self._on_batch_thread,
             self._on_resync_thread,
-            SubscriberConfig(rcvhwm=config.events.hwm),
+            SubscriberConfig(rcvhwm=config.events.hwm, curve=curve),
         )
         self.subscriber.start()
         self._serve_http = serve_http
@@ -223,6 +229,7 @@ class RouterService:
                 endpoint=info.event_endpoint,
                 replay_endpoint=info.replay_endpoint,
                 start_seq=start_seq,
+                curve_server_key=info.curve_public_key,
             )
         )
 

@@ -17,9 +17,10 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from events.curve import CurveKeyPair
 from router.client import KVRouteClient
 from router.config import Config, load_config
-from router.launch import start_replica, start_router
+from router.launch import cluster_keys, start_replica, start_router
 
 CONFIG_PATH = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 
@@ -30,6 +31,7 @@ class Deployment:
     router: Any
     replicas: list[Any]
     nodes: list[str]
+    keys: CurveKeyPair
 
     @property
     def url(self) -> str:
@@ -60,15 +62,18 @@ def deployment(ray_cluster: Cluster) -> Deployment:
     nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
     head = ray.get_runtime_context().get_node_id()
     worker = next(n for n in nodes if n != head)
-    router, _ = start_router(config)
+    keys = cluster_keys(config)
+    assert keys is not None, "the default config encrypts the event plane"
+    router, _ = start_router(config, curve=keys)
     replicas = [
         start_replica(
             config,
             i,
+            keys.public_key,
             scheduling_strategy=NodeAffinitySchedulingStrategy(
                 worker if i % 2 else head, soft=False
             ),
         )
         for i in range(config.replicas.count)
     ]
-    return Deployment(config, router, replicas, [head, worker])
+    return Deployment(config, router, replicas, [head, worker], keys)

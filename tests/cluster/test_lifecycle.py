@@ -104,7 +104,7 @@ def test_overload_is_a_429_with_retry_after_never_a_hang(deployment: Deployment)
             deployment.config.router, http_port=0, max_requests_per_replica=1
         ),
     )
-    router, url = start_router(config, name="router-admission-test")
+    router, url = start_router(config, name="router-admission-test", curve=deployment.keys)
     try:
         assert url is not None
         live = len(deployment.client().status()["replicas"])

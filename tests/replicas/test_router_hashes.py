@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from configs import CONFIG_DIR
+from events.curve import CurveKeyPair
 from replicas.actor import ReplicaServer
 from replicas.api import GenerateRequest
 from replicas.kv_cache.prompt import PromptKeys
@@ -22,7 +23,8 @@ def server_and_router() -> tuple[ReplicaServer, Router]:
     config = msgspec.structs.replace(
         config, replicas=msgspec.structs.replace(config.replicas, executor="simulated")
     )
-    server = ReplicaServer("replica-0", config.replica_settings(), "router")
+    router_key = CurveKeyPair.generate().public_key
+    server = ReplicaServer("replica-0", config.replica_settings(), "router", 0, router_key)
     return server, Router(router_settings(config), make_policy("round_robin"))
 
 

@@ -100,3 +100,13 @@ def test_bench_config_policy_options_load_typed() -> None:
     assert isinstance(policy, KVAware)
     assert policy.weights.queue_weight == 0.15
     assert policy.weights.prefill_s_per_token == 1e-4
+
+
+def test_an_unencrypted_event_plane_off_loopback_must_be_asked_for() -> None:
+    exposed = {"events": {"host": "0.0.0.0", "security": "none"}}
+    with pytest.raises(ConfigError, match="events.security: none on host 0.0.0.0 would publish"):
+        parse_config(exposed, "x.yaml")
+    allowed = parse_config({"events": {**exposed["events"], "allow_insecure": True}}, "x.yaml")
+    assert allowed.events.security == "none"
+    assert parse_config({}, "x.yaml").events.security == "curve"
+    assert parse_config({"events": {"security": "none"}}, "x.yaml").events.host == "127.0.0.1"
