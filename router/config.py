@@ -8,6 +8,7 @@ cluster and the bundled workload.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -47,9 +48,34 @@ class RouterConfig(Struct):
     # every replica past it, the router answers 429 with Retry-After.
     max_requests_per_replica: AtLeastOne = 256
     max_queued_prefill_tokens: AtLeastOne = 1 << 20
+    # The HTTP front door: bodies are limited while they are read and must arrive
+    # within body_timeout_s. With api_keys_file (one key a line) or api_keys_env (a
+    # variable holding comma-separated keys), /v1/* needs `Authorization: Bearer`.
+    max_body_bytes: AtLeastOne = 4 * 1024 * 1024
+    body_timeout_s: Positive = 30.0
+    api_keys_file: str | None = None
+    api_keys_env: str | None = None
+    # The `kvroute` response section names the replica and the predicted hit: for
+    # untrusted clients, a way to probe others' unsalted prompts. cache_salt isolates.
+    expose_routing: bool = True
 
     def __post_init__(self) -> None:
         check_policy(self.policy, self.policy_options)
+        if self.api_keys_file is not None and not Path(self.api_keys_file).is_file():
+            raise ValueError(f"router.api_keys_file: no such file {self.api_keys_file}")
+
+    def api_keys(self) -> frozenset[str]:
+        """The accepted keys, read now (the environment of the process that asks)."""
+        keys: set[str] = set()
+        if self.api_keys_file is not None:
+            lines = Path(self.api_keys_file).read_text().splitlines()
+            keys.update(line.strip() for line in lines if line.strip() and line[0] != "#")
+        if self.api_keys_env is not None:
+            value = os.environ.get(self.api_keys_env, "")
+            keys.update(key.strip() for key in value.split(",") if key.strip())
+        if (self.api_keys_file or self.api_keys_env) and not keys:
+            raise ValueError("router.api_keys_file / api_keys_env name no key")
+        return frozenset(keys)
 
 
 class ClusterConfig(Struct):

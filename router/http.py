@@ -9,12 +9,15 @@ request id and answered with a plain 500. Each response echoes `X-Request-Id`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -33,8 +36,10 @@ from router.protocol import (
 logger = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-Id"
+# Bodies above this are parsed on a worker thread, so one large body never stalls
+# the event loop that serves every other request.
+INLINE_PARSE_BYTES = 64 * 1024
 REQUEST_ID = web.RequestKey("request_id", str)
-MAX_BODY_BYTES = 64 * 1024 * 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 Recorder = Callable[[str, int, "str | None"], None]
@@ -110,11 +115,69 @@ def error_middleware(record: Recorder) -> Middleware:
     return middleware
 
 
-async def _json(request: web.Request) -> Any:
+@dataclass(frozen=True)
+class HttpOptions:
+    """The front door's limits and policies (from `router.*` in the config)."""
+
+    fingerprint: str = "kvroute"
+    max_body_bytes: int = 4 * 1024 * 1024
+    body_timeout_s: float = 30.0
+    # Bearer keys accepted on /v1/*; empty: no authentication.
+    api_keys: frozenset[str] = frozenset()
+    # The `kvroute` section (replica, predicted hit): a cache-probing side channel
+    # for unsalted prompts, so it can be left out for untrusted clients.
+    expose_routing: bool = True
+
+
+def _decode_json(raw: bytes) -> Any:
+    """JSON is UTF-8 (RFC 8259) whatever charset a client claims; anything that is
+    not a JSON document, too deep or holding a number too long to convert, is a 400."""
     try:
-        return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
         raise InvalidRequestError("the request body is not valid JSON") from None
+
+
+async def _json(request: web.Request, options: HttpOptions) -> Any:
+    """The body, read within `body_timeout_s` (the size limit applies while reading)
+    and parsed off the event loop when large."""
+    try:
+        raw = await asyncio.wait_for(request.read(), options.body_timeout_s)
+    except TimeoutError:
+        raise InvalidRequestError(
+            f"the request body did not arrive within {options.body_timeout_s:g} s"
+        ) from None
+    if len(raw) <= INLINE_PARSE_BYTES:
+        return _decode_json(raw)
+    return await asyncio.to_thread(_decode_json, raw)
+
+
+def _authorized(request: web.Request, keys: frozenset[str]) -> bool:
+    """A Bearer key, compared with every accepted key in constant time."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return False
+    given = token.strip().encode()
+    return any(hmac.compare_digest(given, key.encode()) for key in keys)
+
+
+def api_key_middleware(keys: frozenset[str]) -> Middleware:
+    """OpenAI's 401 for a missing or wrong key on /v1/*; health and metrics stay open."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith("/v1/") and not _authorized(request, keys):
+            return error_response(
+                401,
+                "Incorrect API key provided: send it as 'Authorization: Bearer <key>'",
+                "invalid_request_error",
+                None,
+                "invalid_api_key",
+            )
+        return await handler(request)
+
+    return middleware
 
 
 async def _sse(request: web.Request, chunks: AsyncIterator[dict[str, Any]]) -> web.StreamResponse:
@@ -153,11 +216,12 @@ def _stream_error(request: web.Request, exc: Exception) -> dict[str, Any]:
     return json.loads(known[0].text)
 
 
-def build_app(service: CompletionBackend, fingerprint: str = "kvroute") -> web.Application:
-    front = FrontDoor(service, fingerprint)
+def build_app(service: CompletionBackend, options: HttpOptions | None = None) -> web.Application:
+    options = options or HttpOptions()
+    front = FrontDoor(service, options.fingerprint, options.expose_routing)
 
     async def completions(request: web.Request) -> web.StreamResponse:
-        call = parse_completions(await _json(request))
+        call = parse_completions(await _json(request, options))
         units = front.completions_units(call)
         if call.params.stream:
             return await _sse(request, front.completion_chunks(call, units))
@@ -165,7 +229,7 @@ def build_app(service: CompletionBackend, fingerprint: str = "kvroute") -> web.A
         return web.json_response(front.completion_body(call, units, outputs))
 
     async def chat_completions(request: web.Request) -> web.StreamResponse:
-        call = parse_chat(await _json(request))
+        call = parse_chat(await _json(request, options))
         units = front.chat_units(call)
         if call.params.stream:
             return await _sse(request, front.chat_chunks(call, units))
@@ -190,9 +254,10 @@ def build_app(service: CompletionBackend, fingerprint: str = "kvroute") -> web.A
     async def status(request: web.Request) -> web.Response:
         return web.json_response(service.status())
 
-    app = web.Application(
-        client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware(service.record_response)]
-    )
+    middlewares = [error_middleware(service.record_response)]
+    if options.api_keys:
+        middlewares.append(api_key_middleware(options.api_keys))
+    app = web.Application(client_max_size=options.max_body_bytes, middlewares=middlewares)
     app.add_routes(
         [
             web.post("/v1/completions", completions),
@@ -207,14 +272,12 @@ def build_app(service: CompletionBackend, fingerprint: str = "kvroute") -> web.A
 
 
 async def start_http_server(
-    service: CompletionBackend, host: str, port: int, fingerprint: str = "kvroute"
+    service: CompletionBackend, host: str, port: int, options: HttpOptions | None = None
 ) -> str:
     """Serve on host:port (port 0 picks a free one); returns the base URL."""
     # handler_cancellation: a client that disconnects cancels its handler at once, so
     # its request is aborted on the replica even while it waits for a full response.
-    runner = web.AppRunner(
-        build_app(service, fingerprint), access_log=None, handler_cancellation=True
-    )
+    runner = web.AppRunner(build_app(service, options), access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

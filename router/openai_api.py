@@ -70,9 +70,12 @@ def _kvroute_section(routed: RoutedResult) -> dict[str, Any]:
 
 
 class FrontDoor:
-    def __init__(self, backend: CompletionBackend, fingerprint: str) -> None:
+    def __init__(
+        self, backend: CompletionBackend, fingerprint: str, expose_routing: bool = True
+    ) -> None:
         self.backend = backend
         self.fingerprint = fingerprint
+        self.expose_routing = expose_routing
 
     # ------------------------------------------------------------ expansion
 
@@ -234,8 +237,11 @@ class FrontDoor:
             **self._envelope("text_completion", call.params.request_id, "cmpl"),
             "choices": choices,
             "usage": self.usage(outputs),
-            "kvroute": self.kvroute(outputs),
+            **self._routing(outputs),
         }
+
+    def _routing(self, outputs: list[UnitOutput]) -> dict[str, Any]:
+        return {"kvroute": self.kvroute(outputs)} if self.expose_routing else {}
 
     def chat_body(self, call: ChatCall, outputs: list[UnitOutput]) -> dict[str, Any]:
         outputs = sorted(outputs, key=lambda o: o.index)
@@ -252,7 +258,7 @@ class FrontDoor:
             **self._envelope("chat.completion", call.params.request_id, "chatcmpl"),
             "choices": choices,
             "usage": self.usage(outputs),
-            "kvroute": self.kvroute(outputs),
+            **self._routing(outputs),
         }
 
     async def completion_chunks(
@@ -298,7 +304,8 @@ class FrontDoor:
             chunk = {**envelope, "choices": [choice(out, units)]}
             if out.routed is not None:
                 finished.append(out)
-                chunk["kvroute"] = _kvroute_section(out.routed)
+                if self.expose_routing:
+                    chunk["kvroute"] = _kvroute_section(out.routed)
             if params.include_usage:
                 chunk["usage"] = None
             yield chunk

@@ -203,6 +203,16 @@ def _bool(body: dict[str, Any], key: str) -> bool:
     return value
 
 
+def _text(value: str, param: str) -> str:
+    """`value` if it is valid Unicode text; a lone surrogate (JSON allows "\ud800")
+    cannot be encoded, so it is refused here rather than failing in the tokenizer."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError(f"`{param}` is not valid Unicode text", param) from None
+    return value
+
+
 def _token_list(value: Any) -> bool:
     return isinstance(value, list) and all(type(t) is int for t in value)
 
@@ -214,6 +224,8 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
         raise InvalidRequestError("`stop` must be a non-empty string or a list of them", "stop")
+    for text in stops:
+        _text(text, "stop")
     if len(stops) > MAX_STOP:
         raise InvalidRequestError(f"`stop` takes at most {MAX_STOP} sequences", "stop")
     return tuple(stops)
@@ -309,6 +321,9 @@ def parse_completions(body: Any) -> CompletionsCall:
         raise InvalidRequestError(
             "`prompt` must be a string, a list of token ids, or a list of either", "prompt"
         )
+    for text in prompts:
+        if isinstance(text, str):
+            _text(text, "prompt")
     echo = _bool(body, "echo")
     if echo and params.max_tokens is None:
         raise InvalidRequestError("`echo` needs `max_tokens`", "echo")
@@ -348,7 +363,7 @@ def _message(message: Any, i: int) -> dict[str, Any]:
         content = ""
     if not isinstance(content, str):
         raise InvalidRequestError(f"`{param}.content` must be a string", param)
-    return {"role": role, "content": content}
+    return {"role": role, "content": _text(content, param)}
 
 
 def single_completion(body: Any) -> CompletionInput:

@@ -180,13 +180,18 @@ class RouterService:
     async def _start(self) -> None:
         await self._discover_replicas()
         if self._serve_http:
-            from router.http import start_http_server
+            from router.http import HttpOptions, start_http_server
 
-            self.http_url = await start_http_server(
-                self,
-                self.config.router.http_host,
-                self.config.router.http_port,
+            router = self.config.router
+            options = HttpOptions(
                 fingerprint=self.fingerprint,
+                max_body_bytes=router.max_body_bytes,
+                body_timeout_s=router.body_timeout_s,
+                api_keys=router.api_keys(),
+                expose_routing=router.expose_routing,
+            )
+            self.http_url = await start_http_server(
+                self, router.http_host, router.http_port, options
             )
         self._tasks.append(self._loop.create_task(self._poll_loads()))
 
