@@ -58,6 +58,8 @@ class RouterConfig(Struct):
     # The `kvroute` response section names the replica and the predicted hit: for
     # untrusted clients, a way to probe others' unsalted prompts. cache_salt isolates.
     expose_routing: bool = True
+    # /health and /health/ready answer 503 below this many serving replicas.
+    min_ready_replicas: AtLeastOne = 1
 
     def __post_init__(self) -> None:
         check_policy(self.policy, self.policy_options)

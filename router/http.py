@@ -127,6 +127,7 @@ class HttpOptions:
     # The `kvroute` section (replica, predicted hit): a cache-probing side channel
     # for unsalted prompts, so it can be left out for untrusted clients.
     expose_routing: bool = True
+    min_ready_replicas: int = 1
 
 
 def _decode_json(raw: bytes) -> Any:
@@ -244,11 +245,21 @@ def build_app(service: CompletionBackend, options: HttpOptions | None = None) ->
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 
-    async def health(request: web.Request) -> web.Response:
-        live = service.live_replicas()
+    async def live(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def ready(request: web.Request) -> web.Response:
+        """Ready when at least `min_ready_replicas` replicas serve; 503 with the counts
+        otherwise, so a load balancer stops sending here."""
+        live_replicas = service.live_replicas()
+        ok = live_replicas >= options.min_ready_replicas
         return web.json_response(
-            {"status": "ok" if live else "no_replicas", "replicas": live},
-            status=200 if live else 503,
+            {
+                "status": "ok" if ok else "not_ready",
+                "replicas": live_replicas,
+                "min_ready_replicas": options.min_ready_replicas,
+            },
+            status=200 if ok else 503,
         )
 
     async def status(request: web.Request) -> web.Response:
@@ -264,7 +275,9 @@ def build_app(service: CompletionBackend, options: HttpOptions | None = None) ->
             web.post("/v1/chat/completions", chat_completions),
             web.get("/v1/models", models),
             web.get("/metrics", metrics),
-            web.get("/health", health),
+            web.get("/health", ready),
+            web.get("/health/ready", ready),
+            web.get("/health/live", live),
             web.get("/status", status),
         ]
     )

@@ -39,6 +39,7 @@ class ReplicaView:
 
 @dataclass
 class ScrapeView:
+    desired_replicas: int = 0
     index_entries: int = 0
     index_drops: dict[str, int] = field(default_factory=dict)
     replicas: list[ReplicaView] = field(default_factory=list)
@@ -88,6 +89,12 @@ class ScrapeCollector(Collector):
         yield drops
         yield GaugeMetricFamily(
             "kvroute_index_entries", "Indexed (hash, group) entries", value=view.index_entries
+        )
+        yield GaugeMetricFamily(
+            "kvroute_replicas_desired", "Replicas the config asks for", value=view.desired_replicas
+        )
+        yield GaugeMetricFamily(
+            "kvroute_replicas_live", "Replicas registered and serving", value=len(view.replicas)
         )
 
 

@@ -189,6 +189,7 @@ class RouterService:
                 body_timeout_s=router.body_timeout_s,
                 api_keys=router.api_keys(),
                 expose_routing=router.expose_routing,
+                min_ready_replicas=router.min_ready_replicas,
             )
             self.http_url = await start_http_server(
                 self, router.http_host, router.http_port, options
@@ -542,7 +543,12 @@ class RouterService:
             reason: getattr(stats, reason)
             for reason in ("unknown_replica", "unknown_group", "mismatched_group", "bad_hash")
         }
-        return ScrapeView(index_entries=len(index), index_drops=drops, replicas=replicas)
+        return ScrapeView(
+            desired_replicas=self.config.replicas.count,
+            index_entries=len(index),
+            index_drops=drops,
+            replicas=replicas,
+        )
 
     def record_response(self, endpoint: str, status: int, error_kind: str | None) -> None:
         """Count an HTTP response by endpoint and status, and an error by its kind."""

@@ -155,3 +155,25 @@ def test_parsing_any_json_either_succeeds_or_names_the_problem(body: dict[str, A
 def test_arbitrary_bytes_are_never_a_server_error(raw: bytes) -> None:
     status, reply = asyncio.run(_send(raw))
     assert status == 400 and "error" in reply
+
+
+@pytest.mark.parametrize(
+    ("path", "minimum", "status", "state"),
+    [
+        ("/health/live", 5, 200, "ok"),
+        ("/health/ready", 1, 200, "ok"),
+        ("/health/ready", 2, 503, "not_ready"),
+        ("/health", 2, 503, "not_ready"),
+    ],
+)
+def test_liveness_and_readiness_are_separate(
+    path: str, minimum: int, status: int, state: str
+) -> None:
+    async def get() -> tuple[int, Any]:
+        app = build_app(RefusingBackend(), HttpOptions(min_ready_replicas=minimum))  # type: ignore[arg-type]
+        async with TestClient(TestServer(app)) as client:
+            response = await client.get(path)
+            return response.status, await response.json()
+
+    got, body = asyncio.run(get())
+    assert (got, body["status"]) == (status, state)
