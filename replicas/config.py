@@ -49,16 +49,23 @@ class Struct(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     """Base of config structs: unknown keys are errors."""
 
 
+# Ranges are checked when a config is parsed, before anything starts; an error
+# names the key's path (`Expected int >= 1 - at $.replicas.count`).
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+
+
 class GroupConfig(Struct):
     """One KV cache group of the model."""
 
     kind: Literal["full_attention", "sliding_window", "mamba", "mla_attention"]
-    block_size: int | None = None  # defaults to model.block_size
-    num_kv_heads: int = 8
-    head_size: int = 128
+    block_size: Positive | None = None  # defaults to model.block_size
+    num_kv_heads: Positive = 8
+    head_size: Positive = 128
     dtype: str = "bfloat16"
-    sliding_window: int | None = None
-    compress_ratio: int = 1
+    sliding_window: Positive | None = None
+    compress_ratio: Positive = 1
     mamba_cache_mode: Literal["none", "all", "align"] = "none"
     is_eagle_group: bool = False
 
@@ -93,10 +100,10 @@ class GroupConfig(Struct):
 
 class ModelConfig(Struct):
     name: str = "tiny-hybrid"
-    block_size: int = 16
-    num_blocks: int = 8192
-    vocab_size: int = 32_000
-    max_model_len: int = 8192
+    block_size: Positive = 16
+    num_blocks: Positive = 8192
+    vocab_size: Positive = 32_000
+    max_model_len: Positive = 8192
     groups: list[GroupConfig] = msgspec.field(
         default_factory=lambda: [GroupConfig(kind="full_attention")]
     )
@@ -108,12 +115,12 @@ class ModelConfig(Struct):
     # weights of the shape below. KV heads and head size come from `groups`, and
     # layer i attends as group i % len(groups) (full attention or sliding window).
     path: str | None = None
-    num_layers: int = 2
-    hidden_size: int = 128
-    num_heads: int = 4
-    intermediate_size: int = 384
-    rope_theta: float = 10_000.0
-    rms_norm_eps: float = 1e-5
+    num_layers: Positive = 2
+    hidden_size: Positive = 128
+    num_heads: Positive = 4
+    intermediate_size: Positive = 384
+    rope_theta: PositiveFloat = 10_000.0
+    rms_norm_eps: PositiveFloat = 1e-5
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # weights and activations
     init_seed: int = 0
 
@@ -139,24 +146,24 @@ class HashingConfig(Struct):
 
 
 class CostConfig(Struct):
-    prefill_tokens_per_s: float = 10_000.0
-    step_base_s: float = 0.004
-    decode_s_per_seq: float = 0.0002
-    kv_read_s_per_block: float = 0.000002
+    prefill_tokens_per_s: PositiveFloat = 10_000.0
+    step_base_s: NonNegativeFloat = 0.004
+    decode_s_per_seq: NonNegativeFloat = 0.0002
+    kv_read_s_per_block: NonNegativeFloat = 0.000002
 
 
 class ReplicasConfig(Struct):
-    count: int = 4
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    retention_interval: int | None = None
+    count: Positive = 4
+    max_num_seqs: Positive = 64
+    max_num_batched_tokens: Positive = 2048
+    retention_interval: Annotated[int, msgspec.Meta(ge=0)] | None = None
     # None: vLLM's LRU eviction. A fraction: segmented LRU, where blocks that were
     # hit (or that the router hints it has seen before) are protected and the
     # rest, at least this share of the free queue, are evicted first.
     probation_fraction: Annotated[float, msgspec.Meta(gt=0, lt=1)] | None = None
     seed: int = 0
     cost: CostConfig = CostConfig()
-    num_cpus: float = 0.25  # Ray CPUs reserved per replica actor
+    num_cpus: NonNegativeFloat = 0.25  # Ray CPUs reserved per replica actor
     # "simulated": the cost model above and pseudo-random tokens (simulator, scale
     # tests). "torch": the model section's model runs over paged KV memory.
     executor: Literal["simulated", "torch"] = "simulated"
@@ -190,9 +197,9 @@ class EventsConfig(Struct):
 
     transport: Literal["tcp", "ipc"] = "tcp"
     host: str = "127.0.0.1"
-    hwm: int = 100_000
-    buffer_steps: int = 10_000
-    max_queue_size: int = 100_000
+    hwm: Positive = 100_000
+    buffer_steps: Positive = 10_000
+    max_queue_size: Positive = 100_000
     security: Literal["curve", "none"] = "curve"
     allow_insecure: bool = False
 

@@ -83,12 +83,13 @@ def _replay(cluster: Any, config: Config, policy: str) -> RunSummary:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    config = _with_port(_load(args.config), 0)  # a bad config fails before Ray starts
+
     import ray
 
     from router.launch import start_cluster
     from router.report import format_report
 
-    config = _with_port(_load(args.config), 0)
     print(f"launching {config.replicas.count} replicas from {args.config} ...", file=sys.stderr)
     cluster = start_cluster(config, log_level=args.log_level)
     try:
@@ -121,9 +122,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    config = _with_port(_load(args.config_option or args.config), args.port)
+
     from router.launch import start_cluster
 
-    config = _with_port(_load(args.config_option or args.config), args.port)
     cluster = start_cluster(config, log_level=args.log_level)
     print(f"kvroute is serving {config.replicas.count} replicas at {cluster.url} (Ctrl-C stops)")
     stop = {"now": False}

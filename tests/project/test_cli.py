@@ -153,3 +153,26 @@ def serve_in_thread(handler: Callable[[web.Request], Awaitable[web.Response]]) -
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("replicas: {count: -1}", "Expected `int` >= 1 - at `$.replicas.count`"),
+        ("router: {max_retries: -1}", "Expected `int` >= 0 - at `$.router.max_retries`"),
+        ("router: {http_port: 70000}", "Expected `int` <= 65535 - at `$.router.http_port`"),
+        ("router: {load_poll_s: 0}", "Expected `float` > 0.0 - at `$.router.load_poll_s`"),
+        ("router: {policy: best}", "unknown routing policy 'best'"),
+        ("router: {api_keys_file: /no/such/keys}", "router.api_keys_file: no such file"),
+        ("replicas: {cost: {step_base_s: -1}}", "at `$.replicas.cost.step_base_s`"),
+    ],
+)
+def test_a_bad_config_fails_before_ray_starts_naming_its_key(
+    tmp_path: Path, yaml_text: str, message: str
+) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml_text + "\n")
+    done = run_cli("run", str(config))
+    assert done.returncode == 2
+    assert f"error: {config}: " in done.stderr and message in done.stderr
+    assert "ray" not in done.stderr.splitlines()[-1].removeprefix("heavy:").split(",")
