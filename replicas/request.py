@@ -232,7 +232,9 @@ class Request:
         """The request's keys with their hashes: its own when `hasher` computes the
         same ones (no second hashing), else hashed by `hasher`."""
         if hasher.computes_same_hashes_as(self._block_hasher):
-            return HashedPrompt(self.prompt_keys, hasher, tuple(self.block_hashes))
+            return HashedPrompt(
+                self, hasher, self.block_hashes, self.num_tokens, self.wants_prompt_logprobs
+            )
         return self.prompt_keys.hashed_prompt(hasher)
 
     @property

@@ -180,7 +180,7 @@ class KVIndex:
                 cached = hashed[first.hash_block_size] = (prompt_hashes, keys)
             prompt_hashes, keys = cached
             max_length = prompt_hashes.num_tokens - 1
-            if max_length <= 0 or prompt_hashes.keys.skip_prefix_cache:
+            if max_length <= 0 or prompt_hashes.skip_prefix_cache:
                 return result
             masks = PromptMasks(self._groups, extra, keys, first.group_scales)
             candidates = masks.candidates(first.finder, max_length)

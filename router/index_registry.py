@@ -32,11 +32,8 @@ class ReplicaEntry:
     group_kinds: list[str]
     group_block_sizes: list[int]
     signature: tuple
-
-    @property
-    def group_scales(self) -> list[int]:
-        """Hash blocks per block of each group."""
-        return [size // self.hash_block_size for size in self.group_block_sizes]
+    # Hash blocks per block of each group.
+    group_scales: list[int]
 
 
 class ReplicaRegistry:
@@ -97,6 +94,7 @@ class ReplicaRegistry:
             finder=finder,
             group_kinds=[g.kv_cache_spec.kind.value for g in groups],
             group_block_sizes=[g.kv_cache_spec.block_size for g in groups],
+            group_scales=[g.kv_cache_spec.block_size // hash_block_size for g in groups],
             signature=(
                 tuple((g.kv_cache_spec, g.is_eagle_group) for g in groups),
                 hash_block_size,

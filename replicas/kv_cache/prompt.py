@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from replicas.kv_cache.utils import BlockHash, RequestBlockHasher
@@ -76,30 +76,47 @@ class PromptKeys:
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
-    def hashed_prompt(self, hasher: RequestBlockHasher) -> HashedPrompt:
-        return HashedPrompt(self, hasher, tuple(hasher.prompt_hashes(self)))
-
-
-@dataclass(frozen=True, eq=False, slots=True)
-class HashedPrompt:
-    """Prompt keys with their full blocks' hashes, made by `hasher`."""
-
-    keys: PromptKeys
-    hasher: RequestBlockHasher
-    block_hashes: tuple[BlockHash, ...]
-
     @property
-    def num_tokens(self) -> int:
-        return self.keys.num_tokens
+    def prompt_keys(self) -> PromptKeys:
+        return self
 
     def hashed_prompt(self, hasher: RequestBlockHasher) -> HashedPrompt:
-        """These hashes if `hasher` computes the same ones, else the keys hashed anew."""
-        if hasher.computes_same_hashes_as(self.hasher):
-            return self
-        return self.keys.hashed_prompt(hasher)
+        hashes = tuple(hasher.prompt_hashes(self))
+        return HashedPrompt(self, hasher, hashes, self.num_tokens, self.skip_prefix_cache)
 
 
 class PromptSource(Protocol):
     """Anything the router can hash: `PromptKeys`, `HashedPrompt`, or a `Request`."""
 
+    @property
+    def prompt_keys(self) -> PromptKeys: ...
+
     def hashed_prompt(self, hasher: RequestBlockHasher) -> HashedPrompt: ...
+
+
+class HashedPrompt(NamedTuple):
+    """A prompt's full blocks' hashes, made by `hasher`, with what predicting a hit
+    needs. `source` gives the keys only when they are asked for: a `Request` that
+    already holds its hashes is never copied into keys on the routing path (its
+    own hash list is shared, so use a HashedPrompt before the request grows).
+    A NamedTuple: one is built per routed prompt, and its C constructor is cheap."""
+
+    source: PromptSource
+    hasher: RequestBlockHasher
+    block_hashes: Sequence[BlockHash]
+    num_tokens: int
+    skip_prefix_cache: bool = False
+
+    @property
+    def keys(self) -> PromptKeys:
+        return self.source.prompt_keys
+
+    @property
+    def prompt_keys(self) -> PromptKeys:
+        return self.source.prompt_keys
+
+    def hashed_prompt(self, hasher: RequestBlockHasher) -> HashedPrompt:
+        """These hashes if `hasher` computes the same ones, else the prompt hashed anew."""
+        if hasher.computes_same_hashes_as(self.hasher):
+            return self
+        return self.source.hashed_prompt(hasher)
