@@ -164,6 +164,9 @@ class ReplicasConfig(Struct):
     seed: int = 0
     cost: CostConfig = CostConfig()
     num_cpus: NonNegativeFloat = 0.25  # Ray CPUs reserved per replica actor
+    # Ray restarts a crashed replica this many times (-1: always); the router's
+    # supervisor then starts it and it rejoins the index by registering anew.
+    max_restarts: Annotated[int, msgspec.Meta(ge=-1)] = 3
     # "simulated": the cost model above and pseudo-random tokens (simulator, scale
     # tests). "torch": the model section's model runs over paged KV memory.
     executor: Literal["simulated", "torch"] = "simulated"

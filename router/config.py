@@ -41,6 +41,12 @@ class RouterConfig(Struct):
     http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
     max_retries: Annotated[int, msgspec.Meta(ge=0)] = 3
     load_poll_s: Positive = 0.05
+    # A replica that does not report its load within this is marked suspect and
+    # gets no new requests until it does.
+    load_timeout_s: Positive = 2.0
+    # How often the router starts configured replicas that run but are not
+    # registered (one that Ray restarted after a crash).
+    supervise_s: Positive = 1.0
     # A request that has not finished after this long is aborted on its replica and
     # answered with a 504; a request may ask for less with `timeout`.
     request_timeout_s: Positive = 600.0

@@ -101,6 +101,8 @@ class ReplicaState:
     pending_prefill: int = 0
     pending_seqs: int = 0
     in_flight: int = 0
+    # Missed its last load report: routed around until it answers again.
+    suspect: bool = False
     requests: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
@@ -211,6 +213,13 @@ class Router:
             state.reported = load
             state.pending_prefill = state.pending_seqs = 0
 
+    def mark_suspect(self, replica_id: str, suspect: bool) -> None:
+        """A replica that stops answering (frozen, overloaded, cut off) gets no new
+        requests until it answers again; its requests in flight meet their deadlines."""
+        state = self.replicas.get(replica_id)
+        if state is not None:
+            state.suspect = suspect
+
     def set_policy(self, policy: RoutingPolicy) -> None:
         self.policy = policy
 
@@ -263,7 +272,9 @@ class Router:
         """The replica for `prepared` among those not in `exclude`, counted as pending
         there. Raises NoReplicaError when none is left."""
         started = time.perf_counter()
-        open_replicas = [rid for rid in self.replicas if rid not in exclude]
+        open_replicas = [
+            rid for rid, state in self.replicas.items() if rid not in exclude and not state.suspect
+        ]
         if not open_replicas:
             raise NoReplicaError("no replica is available")
         loads = {

@@ -97,6 +97,7 @@ def start_replica(
         namespace=config.cluster.namespace,
         max_concurrency=10_000,
         num_cpus=config.replicas.num_cpus,
+        max_restarts=config.replicas.max_restarts,
         **options,
     )
     handle = actor.remote(

@@ -195,6 +195,7 @@ class RouterService:
                 self, router.http_host, router.http_port, options
             )
         self._tasks.append(self._loop.create_task(self._poll_loads()))
+        self._tasks.append(self._loop.create_task(self._supervise()))
 
     async def ready(self) -> str | None:
         """Wait until discovery and the HTTP server are up; returns the HTTP URL."""
@@ -287,13 +288,41 @@ class RouterService:
             await asyncio.gather(*(self._poll(rid, s) for rid, s in list(self.replicas.items())))
 
     async def _poll(self, replica_id: str, link: ReplicaLink) -> None:
+        timeout = self.config.router.load_timeout_s
         try:
-            load = await asyncio.wait_for(link.handle.load.remote(), timeout=5.0)
-            self.core.report_load(replica_id, load)
+            load = await asyncio.wait_for(link.handle.load.remote(), timeout=timeout)
         except ACTOR_GONE:
             self._replica_died(replica_id)
+            return
         except (TimeoutError, GetTimeoutError):
-            logger.warning("replica %s did not report its load in 5 s", replica_id)
+            if replica_id in self.core.replicas and not self.core.replicas[replica_id].suspect:
+                logger.warning(
+                    "replica %s did not report its load in %g s: routing around it",
+                    replica_id,
+                    timeout,
+                )
+            self.core.mark_suspect(replica_id, True)
+            return
+        self.core.report_load(replica_id, load)
+        self.core.mark_suspect(replica_id, False)
+
+    async def _supervise(self) -> None:
+        """Start every configured replica that runs but is not registered: one Ray
+        restarted after a crash comes back empty, and rejoins by registering anew."""
+        namespace = self.config.cluster.namespace
+        while True:
+            await asyncio.sleep(self.config.router.supervise_s)
+            for i in range(self.config.replicas.count):
+                name = replica_actor_name(i)
+                if name in self.replicas:
+                    continue
+                try:
+                    handle = ray.get_actor(name, namespace=namespace)
+                    await asyncio.wait_for(handle.start.remote(), timeout=30.0)
+                except (ValueError, TimeoutError, *ACTOR_GONE):
+                    continue  # not created, restarting, or gone for good
+                except Exception:
+                    logger.warning("could not restart replica %s", name, exc_info=True)
 
     # -------------------------------------------------------------- routing
 
@@ -491,6 +520,7 @@ class RouterService:
                     "running_seqs": reported.running_seqs,
                     "kv_usage": round(reported.kv_usage, 4),
                     "in_flight": served.in_flight,
+                    "suspect": served.suspect,
                     "requests": served.requests,
                     "hit_rate": round(served.hit_rate, 4),
                     "batches": stream.batches,

@@ -46,7 +46,7 @@ def test_launch_from_default_config_registers_every_replica_on_both_nodes(
     deployment: Deployment,
 ) -> None:
     client = deployment.client()
-    assert client.get_json("/health") == {"status": "ok", "replicas": 4}
+    assert client.get_json("/health") == {"status": "ok", "replicas": 4, "min_ready_replicas": 1}
     status = client.status()
     assert [r["replica_id"] for r in status["replicas"]] == [f"replica-{i}" for i in range(4)]
     assert {r["node_id"] for r in status["replicas"]} == set(deployment.nodes)

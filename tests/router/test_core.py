@@ -229,3 +229,15 @@ def test_queued_prefill_tokens_are_bounded_but_an_idle_replica_takes_any_prompt(
         core.choose(prepared)  # 17 + 17 > 20
     core.report_load("a", ReplicaLoad(0, 1, 0.0))
     assert core.choose(prepared).replica_id == "a"  # 0 + 17 <= 20
+
+
+def test_a_suspect_replica_gets_no_new_requests_until_it_answers() -> None:
+    core = router("a", "b", policy="round_robin")
+    core.mark_suspect("a", True)
+    prepared = core.prepare(PromptKeys(PROMPT), 1)
+    assert {core.choose(prepared).replica_id for _ in range(3)} == {"b"}
+    core.mark_suspect("b", True)
+    with pytest.raises(NoReplicaError, match="no replica is available"):
+        core.choose(prepared)
+    core.mark_suspect("a", False)
+    assert core.choose(prepared).replica_id == "a"
