@@ -97,6 +97,16 @@ class KVEventBatch(EventBatch):
     events: list[KVCacheEventType]
 
 
+def without_token_ids(batch: KVEventBatch) -> KVEventBatch:
+    """The batch with every BlockStored's `token_ids` emptied: a router keyed by block
+    hashes needs no tokens, and a tenant's prompt then never crosses the wire."""
+    events = [
+        msgspec.structs.replace(e, token_ids=[]) if type(e) is BlockStored else e
+        for e in batch.events
+    ]
+    return msgspec.structs.replace(batch, events=events)
+
+
 # --- Codec -----------------------------------------------------------------
 #
 # Decoding goes through private "checked" mirrors of the structs above, built

@@ -19,6 +19,7 @@ import collections
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -57,6 +58,9 @@ class PublisherConfig:
     max_queue_size: int = 100_000  # batches waiting for the sender thread
     linger_s: float = 1.0  # how long close() may spend flushing the PUB socket
     curve: CurveServerConfig | None = None
+    # Replays are the costly request (up to buffer_steps batches each): past this
+    # rate a request gets only the end marker, and its router falls back to resync.
+    max_replays_per_s: float = 20.0
 
 
 @dataclass
@@ -67,6 +71,7 @@ class PublisherStats:
     replay_requests: int = 0
     replayed: int = 0  # batches sent in replay replies
     bad_replay_requests: int = 0
+    replays_limited: int = 0  # requests answered with the end marker only
 
 
 class ZmqEventPublisher:
@@ -78,6 +83,10 @@ class ZmqEventPublisher:
 
     def __init__(self, config: PublisherConfig | None = None) -> None:
         self.config = config = config or PublisherConfig()
+        if config.max_replays_per_s <= 0:
+            raise ValueError(f"max_replays_per_s must be positive, got {config.max_replays_per_s}")
+        self._replay_tokens = max(1.0, config.max_replays_per_s)
+        self._replay_time = time.monotonic()
         self.stats = PublisherStats()
         self._topic = config.topic.encode()
         self._encoder = KVEventEncoder()
@@ -239,6 +248,18 @@ class ZmqEventPublisher:
             buffer.append((int.from_bytes(seq_frame, "big"), seq_frame, payload))
             stats.sent += 1
 
+    def _replay_allowed(self) -> bool:
+        """A token bucket of `max_replays_per_s`, holding one second's worth (at least one)."""
+        rate = self.config.max_replays_per_s
+        now = time.monotonic()
+        capacity = max(1.0, rate)
+        self._replay_tokens = min(capacity, self._replay_tokens + (now - self._replay_time) * rate)
+        self._replay_time = now
+        if self._replay_tokens < 1.0:
+            return False
+        self._replay_tokens -= 1.0
+        return True
+
     def _serve_replays(self) -> None:
         assert self._replay is not None
         replay, stats = self._replay, self.stats
@@ -255,6 +276,10 @@ class ZmqEventPublisher:
                 stats.bad_replay_requests += 1
                 continue
             stats.replay_requests += 1
+            if not self._replay_allowed():
+                stats.replays_limited += 1
+                replay.send_multipart(replay_end(identity))
+                continue
             for seq, seq_frame, payload in self._buffer:
                 if seq >= start_seq:
                     replay.send_multipart(replay_reply(identity, seq_frame, payload), copy=False)

@@ -23,6 +23,7 @@ import ray
 import torch
 
 from events.curve import CurveKeyPair, CurveServerConfig
+from events.kv_events import KVEventBatch, without_token_ids
 from events.publisher import PublisherConfig, ZmqEventPublisher
 from replicas.api import (
     GenerateRequest,
@@ -246,7 +247,7 @@ class ReplicaServer:
             result = self.engine.step()
             self.steps += 1
             if result.events is not None:
-                self._publisher.publish(result.events)
+                self._publish(result.events)
             await asyncio.sleep(0.0 if result.duration_is_real else result.duration)
             for out in result.outputs:
                 queue = self._outputs.get(out.request_id)
@@ -254,6 +255,12 @@ class ReplicaServer:
                     queue.put_nowait(out)
                     if out.finished:
                         self._outputs.pop(out.request_id, None)
+
+    def _publish(self, batch: KVEventBatch) -> None:
+        assert self._publisher is not None
+        if not self.config.events.publish_token_ids:
+            batch = without_token_ids(batch)
+        self._publisher.publish(batch)
 
     def snapshot(self) -> Snapshot:
         """Every cached block as one batch, valid up to the publisher's next seq."""
@@ -280,8 +287,8 @@ class ReplicaServer:
         if not self.engine.kv_cache.reset_prefix_cache():
             return False
         batch = self.engine.take_event_batch()
-        if batch is not None and self._publisher is not None:
-            self._publisher.publish(batch)
+        if batch is not None:
+            self._publish(batch)
         return True
 
     def shutdown(self) -> None:

@@ -205,6 +205,9 @@ class EventsConfig(Struct):
     max_queue_size: Positive = 100_000
     security: Literal["curve", "none"] = "curve"
     allow_insecure: bool = False
+    # BlockStored carries the blocks' token ids (vLLM's format). kvroute's router
+    # indexes by hash alone: false keeps prompts off the event plane entirely.
+    publish_token_ids: bool = True
 
     def __post_init__(self) -> None:
         exposed = self.transport == "tcp" and self.host not in LOOPBACK_HOSTS

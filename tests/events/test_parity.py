@@ -15,6 +15,7 @@ from events.kv_events import (
     BlockStored,
     KVEventBatch,
     KVEventDecoder,
+    without_token_ids,
 )
 from events.publisher import PublisherConfig, ZmqEventPublisher
 from tests.events.helpers import WAIT_S
@@ -117,3 +118,13 @@ def test_publisher_fills_its_rank_into_a_batch_without_one(ctx: zmq.Context) -> 
 def test_publisher_keeps_a_rank_the_batch_already_has(ctx: zmq.Context) -> None:
     batch = KVEventBatch(ts=1.0, events=[], data_parallel_rank=1)
     assert received_ranks(ctx, 3, batch) == [1, 1]
+
+
+def test_without_token_ids_empties_only_block_stored_tokens() -> None:
+    batch = KVEventBatch(ts=2.0, events=[stored(), BlockRemoved([1], "GPU", 0), AllBlocksCleared()])
+    stripped = without_token_ids(batch)
+    assert stripped.events[0] == stored(token_ids=[])
+    assert stripped.events[1:] == batch.events[1:]
+    assert batch.events[0].token_ids == [1, 2, 3, 4, 5, 6, 7, 8]
+    decoded = KVEventDecoder().decode(msgspec.msgpack.encode(stripped))
+    assert decoded.events[0].token_ids == []

@@ -187,3 +187,18 @@ def test_replay_can_be_switched_off() -> None:
         assert publisher.replay_endpoint is None
         publisher.publish(golden_batch())
         wait_until(lambda: publisher.stats.sent == 1, "1 batch sent")
+
+
+def test_replays_beyond_the_rate_get_only_the_end_marker(
+    make_publisher: MakePublisher, ctx: zmq.Context
+) -> None:
+    publisher = make_publisher("tcp://127.0.0.1:*", max_replays_per_s=0.2)
+    payload = encode_batch(numbered_batch(0))
+    publisher.publish_payload(payload)
+    wait_until(lambda: publisher.stats.sent == 1, "1 batch sent")
+    replies = [replay_frames(ctx, publisher.replay_endpoint, 0) for _ in range(5)]
+    full = [r for r in replies if len(r) == 2]
+    limited = [r for r in replies if r == [[b"", END_SEQ, b""]]]
+    assert (len(full), len(limited)) == (1, 4)
+    assert full[0] == [[b"", pack_seq(0), payload], [b"", END_SEQ, b""]]
+    assert (publisher.stats.replay_requests, publisher.stats.replays_limited) == (5, 4)
