@@ -127,7 +127,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from router.launch import start_cluster
 
     cluster = start_cluster(config, log_level=args.log_level)
-    print(f"kvroute is serving {config.replicas.count} replicas at {cluster.url} (Ctrl-C stops)")
+    urls = ", ".join(cluster.urls)
+    print(f"kvroute is serving {config.replicas.count} replicas at {urls} (Ctrl-C stops)")
     stop = {"now": False}
 
     def on_signal(signum: int, frame: object) -> None:

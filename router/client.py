@@ -7,11 +7,12 @@ and `kvroute status` start fast.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import aiohttp
@@ -24,6 +25,9 @@ class KVRouteError(RuntimeError):
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
         self.message = message
+
+
+T = TypeVar("T")
 
 
 class RouterUnreachableError(ConnectionError):
@@ -50,11 +54,40 @@ def _body(
 
 class KVRouteClient:
     """`generate` returns the OpenAI-style completion dict, with a `kvroute`
-    section naming the replica and its cached tokens."""
+    section naming the replica and its cached tokens.
 
-    def __init__(self, base_url: str, timeout_s: float = 300.0) -> None:
-        self.base_url = base_url.rstrip("/")
+    `base_url` may name several routers of one tier, comma-separated or as a list:
+    requests spread over them in turn, and one that does not answer (down,
+    restarting, or gone mid-request) is retried on the next, so losing a router
+    loses no request."""
+
+    def __init__(self, base_url: str | Sequence[str], timeout_s: float = 300.0) -> None:
+        urls = base_url.split(",") if isinstance(base_url, str) else list(base_url)
+        self.base_urls = [url.strip().rstrip("/") for url in urls if url.strip()]
+        if not self.base_urls:
+            raise ValueError("KVRouteClient needs at least one router URL")
         self.timeout_s = timeout_s
+        self._turn = 0
+
+    @property
+    def base_url(self) -> str:
+        return self.base_urls[0]
+
+    def _rotation(self) -> list[str]:
+        """Every router URL, starting with the next one in turn."""
+        start = self._turn % len(self.base_urls)
+        self._turn += 1
+        return self.base_urls[start:] + self.base_urls[:start]
+
+    def _with_failover(self, call: Callable[[str], T]) -> T:
+        last: RouterUnreachableError | None = None
+        for url in self._rotation():
+            try:
+                return call(url)
+            except RouterUnreachableError as exc:
+                last = exc
+        assert last is not None
+        raise last
 
     def generate(
         self,
@@ -65,24 +98,29 @@ class KVRouteClient:
         cache_salt: str | None = None,
     ) -> dict[str, Any]:
         data = json.dumps(_body(prompt, max_tokens, lora_name, cache_salt)).encode()
-        request = urllib.request.Request(
-            f"{self.base_url}/v1/completions",
-            data=data,
-            headers={"Content-Type": "application/json"},
-        )
-        with self._open(request) as response:
-            return json.loads(response.read())
 
-    def _open(self, request: urllib.request.Request | str) -> Any:
+        def post(url: str) -> dict[str, Any]:
+            request = urllib.request.Request(
+                f"{url}/v1/completions", data=data, headers={"Content-Type": "application/json"}
+            )
+            with self._open(request, url) as response:
+                try:
+                    return json.loads(response.read())
+                except (ConnectionError, http.client.HTTPException) as exc:
+                    raise RouterUnreachableError(url, exc) from None
+
+        return self._with_failover(post)
+
+    def _open(self, request: urllib.request.Request | str, url: str) -> Any:
         """The response to `request`; an HTTP error status raises KVRouteError, and a
-        router that does not answer raises RouterUnreachableError naming the URL."""
+        router that does not answer raises RouterUnreachableError naming its URL."""
         try:
             return urllib.request.urlopen(request, timeout=self.timeout_s)
         except urllib.error.HTTPError as exc:
             raise KVRouteError(exc.code, _message(exc.read())) from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
             reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-            raise RouterUnreachableError(self.base_url, reason) from None
+            raise RouterUnreachableError(url, reason) from None
 
     def stream(
         self,
@@ -104,7 +142,7 @@ class KVRouteClient:
             data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"},
         )
-        with self._open(request) as response:
+        with self._open(request, self.base_url) as response:
             for raw in response:
                 line = raw.decode().strip()
                 if not line.startswith("data: "):
@@ -118,8 +156,13 @@ class KVRouteClient:
                 yield chunk
 
     def get_json(self, path: str) -> dict[str, Any]:
-        with self._open(f"{self.base_url}{path}") as response:
-            return json.loads(response.read())
+        """GET `path` from the first router that answers."""
+
+        def get(url: str) -> dict[str, Any]:
+            with self._open(f"{url}{path}", url) as response:
+                return json.loads(response.read())
+
+        return self._with_failover(get)
 
     def status(self) -> dict[str, Any]:
         return self.get_json("/status")
@@ -140,18 +183,23 @@ class KVRouteClient:
                 return await self.agenerate(
                     prompt, max_tokens, lora_name=lora_name, cache_salt=cache_salt, session=own
                 )
-        try:
-            async with session.post(
-                f"{self.base_url}/v1/completions",
-                json=_body(prompt, max_tokens, lora_name, cache_salt),
-                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-            ) as response:
-                payload = await response.read()
-                if response.status != 200:
-                    raise KVRouteError(response.status, _message(payload))
-                return json.loads(payload)
-        except aiohttp.ClientConnectionError as exc:
-            raise RouterUnreachableError(self.base_url, exc) from None
+        body = _body(prompt, max_tokens, lora_name, cache_salt)
+        last: RouterUnreachableError | None = None
+        for url in self._rotation():
+            try:
+                async with session.post(
+                    f"{url}/v1/completions",
+                    json=body,
+                    timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                ) as response:
+                    payload = await response.read()
+                    if response.status != 200:
+                        raise KVRouteError(response.status, _message(payload))
+                    return json.loads(payload)
+            except aiohttp.ClientConnectionError as exc:
+                last = RouterUnreachableError(url, exc)
+        assert last is not None
+        raise last
 
     async def agenerate_batch(
         self,

@@ -47,6 +47,9 @@ class RouterConfig(Struct):
     # How often the router starts configured replicas that run but are not
     # registered (one that Ray restarted after a crash).
     supervise_s: Positive = 1.0
+    # Routers in the tier. Each keeps a full index fed by every replica's event
+    # stream and serves HTTP on its own port (http_port + i; 0: each a free one).
+    count: AtLeastOne = 1
     # A request that has not finished after this long is aborted on its replica and
     # answered with a 504; a request may ask for less with `timeout`.
     request_timeout_s: Positive = 600.0

@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import ray
 
 from events.curve import CurveKeyPair
@@ -26,14 +27,23 @@ ROUTER_NAME = "router"
 @dataclass
 class Cluster:
     config: Config
-    router: Any
+    routers: list[Any]
     replicas: list[Any]
-    url: str | None
+    urls: list[str]
     owns_ray: bool
+
+    @property
+    def router(self) -> Any:
+        """The first router: the one replicas register with."""
+        return self.routers[0]
+
+    @property
+    def url(self) -> str | None:
+        return self.urls[0] if self.urls else None
 
     def stop(self) -> None:
         """Stop the actors (and Ray, if this process started it)."""
-        for handle in [*self.replicas, self.router]:
+        for handle in [*self.replicas, *self.routers]:
             try:
                 ray.kill(handle, no_restart=True)
             except Exception:
@@ -113,4 +123,18 @@ def start_cluster(config: Config, http: bool = True, log_level: str = DEFAULT_LO
     router, url = start_router(config, http, curve=keys)
     public = keys.public_key if keys is not None else None
     replicas = [start_replica(config, i, public) for i in range(config.replicas.count)]
-    return Cluster(config, router, replicas, url, owns_ray)
+    routers, urls = [router], [url] if url else []
+    for i in range(1, config.router.count):
+        extra, extra_url = start_router(
+            _router_port(config, i), http, name=f"{ROUTER_NAME}-{i}", curve=keys
+        )
+        routers.append(extra)
+        urls.extend([extra_url] if extra_url else [])
+    return Cluster(config, routers, replicas, urls, owns_ray)
+
+
+def _router_port(config: Config, i: int) -> Config:
+    """Router i's config: its own HTTP port (a free one when the base is 0)."""
+    port = config.router.http_port
+    router = msgspec.structs.replace(config.router, http_port=port + i if port else 0)
+    return msgspec.structs.replace(config, router=router)

@@ -203,21 +203,31 @@ class RouterService:
         return self.http_url
 
     async def _discover_replicas(self) -> None:
-        """Rebuild the index from the replicas that already run (router restart)."""
+        """Index every configured replica that runs and is not indexed here yet.
+
+        `start()` is idempotent and returns the replica's registration: one that Ray
+        restarted after a crash starts now and registers with the first router; a
+        router restarted, or any router but the first, adopts the replica from the
+        returned registration and rebuilds its entries from a snapshot.
+        """
         namespace = self.config.cluster.namespace
         for i in range(self.config.replicas.count):
+            name = replica_actor_name(i)
+            if name in self.replicas:
+                continue
             try:
-                handle = ray.get_actor(replica_actor_name(i), namespace=namespace)
-                info = await handle.info.remote()
-            except (ValueError, *ACTOR_GONE):
-                continue  # not started yet: it will register itself
+                handle = ray.get_actor(name, namespace=namespace)
+                info = await asyncio.wait_for(handle.start.remote(), timeout=30.0)
+            except (ValueError, TimeoutError, *ACTOR_GONE):
+                continue  # not created yet, restarting, or gone for good
             except Exception:
+                logger.warning("could not start replica %s", name, exc_info=True)
                 continue
             if info.replica_id in self.replicas:
-                continue
+                continue  # it registered with this router while starting
             self._admit(info, handle, start_seq=None)
             await self._resync(info.replica_id)
-            logger.info("rebuilt replica %s from its snapshot", info.replica_id)
+            logger.info("indexed replica %s from its snapshot", info.replica_id)
 
     async def register_replica(self, info: ReplicaInfo) -> None:
         """Called by a replica before it publishes; refused on hash mismatch."""
@@ -307,22 +317,11 @@ class RouterService:
         self.core.mark_suspect(replica_id, False)
 
     async def _supervise(self) -> None:
-        """Start every configured replica that runs but is not registered: one Ray
-        restarted after a crash comes back empty, and rejoins by registering anew."""
-        namespace = self.config.cluster.namespace
+        """Every `supervise_s`, find configured replicas that are not indexed here:
+        restarted after a crash, started after this router, or missed at boot."""
         while True:
             await asyncio.sleep(self.config.router.supervise_s)
-            for i in range(self.config.replicas.count):
-                name = replica_actor_name(i)
-                if name in self.replicas:
-                    continue
-                try:
-                    handle = ray.get_actor(name, namespace=namespace)
-                    await asyncio.wait_for(handle.start.remote(), timeout=30.0)
-                except (ValueError, TimeoutError, *ACTOR_GONE):
-                    continue  # not created, restarting, or gone for good
-                except Exception:
-                    logger.warning("could not restart replica %s", name, exc_info=True)
+            await self._discover_replicas()
 
     # -------------------------------------------------------------- routing
 

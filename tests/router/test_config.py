@@ -11,7 +11,9 @@ from router.config import ConfigError, load_config, parse_config
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "full-attention.yaml", "multi-node.yaml"])
+@pytest.mark.parametrize(
+    "name", ["default.yaml", "full-attention.yaml", "multi-node.yaml", "multi-router.yaml"]
+)
 def test_shipped_cluster_configs_parse(name: str) -> None:
     config = load_config(CONFIGS / name)
     assert config.model.kv_cache_config().num_blocks == config.model.num_blocks
