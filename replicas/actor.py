@@ -108,6 +108,7 @@ class ReplicaServer:
                 buffer_steps=events.buffer_steps,
                 max_queue_size=events.max_queue_size,
                 curve=self._curve,
+                max_replays_per_s=events.max_replays_per_s,
             )
         )
         info = self.info()
@@ -197,7 +198,12 @@ class ReplicaServer:
             while True:
                 out = await self._next(queue, request.request_id)
                 if out.new_token_ids:
-                    yield StreamChunk(out.request_id, out.new_token_ids)
+                    yield StreamChunk(
+                        out.request_id,
+                        out.new_token_ids,
+                        out.num_prompt_tokens,
+                        out.num_cached_tokens,
+                    )
                 if out.finished:
                     yield self._result(out)
                     return

@@ -129,10 +129,14 @@ class GenerateResult(msgspec.Struct, frozen=True):
 
 
 class StreamChunk(msgspec.Struct, frozen=True):
-    """Tokens a streaming request produced in one engine step (before it finished)."""
+    """Tokens a streaming request produced in one engine step (before it finished),
+    with its prompt and cached token counts, so a stream cut short (a stop string)
+    can still report usage."""
 
     request_id: str
     new_token_ids: list[int]
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
 
 
 class ReplicaLoad(msgspec.Struct, frozen=True):

@@ -208,6 +208,8 @@ class EventsConfig(Struct):
     # BlockStored carries the blocks' token ids (vLLM's format). kvroute's router
     # indexes by hash alone: false keeps prompts off the event plane entirely.
     publish_token_ids: bool = True
+    # Replay requests each replica answers per second; past it, a router resyncs.
+    max_replays_per_s: Annotated[float, msgspec.Meta(gt=0)] = 20.0
 
     def __post_init__(self) -> None:
         exposed = self.transport == "tcp" and self.host not in LOOPBACK_HOSTS

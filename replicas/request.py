@@ -178,7 +178,7 @@ class Request:
         self.num_cached_tokens = -1
         self.num_preemptions = 0
         # `block_hashes`, when given, are the prompt's hashes computed elsewhere
-        # with the same hasher (the simulator's router already hashed it).
+        # with the same hasher: the router's, reused by the replica and the simulator.
         self.block_hashes: list[BlockHash] = list(block_hashes or ())
         self._block_hasher = block_hasher
         if block_hasher is not None:

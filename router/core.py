@@ -242,18 +242,11 @@ class Router:
             validate_generate(keys.token_ids, max_tokens, keys.lora_name, limits)
 
     def prepare(
-        self,
-        keys: PromptKeys,
-        max_tokens: int,
-        request_id: str | None = None,
-        block_hashes: HashedPrompt | None = None,
+        self, keys: PromptKeys, max_tokens: int, request_id: str | None = None
     ) -> PreparedPrompt:
-        """Validate and hash a request; raises InvalidRequestError naming the problem.
-
-        `block_hashes` may carry the prompt's hashes made elsewhere (the simulator's
-        workload); they are reused only if made with the router's own hasher."""
+        """Validate and hash a request; raises InvalidRequestError naming the problem."""
         self.validate(keys, max_tokens)
-        hashed = (block_hashes or keys).hashed_prompt(self.hasher)
+        hashed = keys.hashed_prompt(self.hasher)
         hint = self.reuse.observe(hashed.block_hashes) if self.reuse is not None else 0
         return PreparedPrompt(
             request_id=request_id or f"cmpl-{uuid.uuid4().hex[:16]}",

@@ -45,6 +45,10 @@ Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 Recorder = Callable[[str, int, "str | None"], None]
 
 
+class UnauthorizedError(Exception):
+    """A request without a valid API key (HTTP 401)."""
+
+
 def error_body(
     message: str, kind: str, param: str | None = None, code: str | int | None = None
 ) -> dict[str, Any]:
@@ -60,6 +64,10 @@ def error_response(
 def _known_error(exc: Exception) -> tuple[web.Response, str] | None:
     """The reply to an error a request can cause, with its kind for the metrics; None
     for an internal failure."""
+    if isinstance(exc, UnauthorizedError):
+        message = "Incorrect API key provided: send it as 'Authorization: Bearer <key>'"
+        reply = error_response(401, message, "invalid_request_error", None, "invalid_api_key")
+        return reply, "unauthorized"
     if isinstance(exc, ModelNotFoundError):
         reply = error_response(404, str(exc), "invalid_request_error", "model", "model_not_found")
         return reply, "model_not_found"
@@ -164,18 +172,14 @@ def _authorized(request: web.Request, keys: frozenset[str]) -> bool:
 
 
 def api_key_middleware(keys: frozenset[str]) -> Middleware:
-    """OpenAI's 401 for a missing or wrong key on /v1/*; health and metrics stay open."""
+    """OpenAI's 401 for a missing or wrong key on /v1/* and /status (which names
+    replicas and nodes); health and metrics stay open for probes and scrapers."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith("/v1/") and not _authorized(request, keys):
-            return error_response(
-                401,
-                "Incorrect API key provided: send it as 'Authorization: Bearer <key>'",
-                "invalid_request_error",
-                None,
-                "invalid_api_key",
-            )
+        guarded = request.path.startswith("/v1/") or request.path == "/status"
+        if guarded and not _authorized(request, keys):
+            raise UnauthorizedError
         return await handler(request)
 
     return middleware

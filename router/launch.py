@@ -95,7 +95,7 @@ def start_router(
         max_concurrency=10_000,
         num_cpus=0,
     )
-    router = actor.remote(config, serve_http=http, curve=curve)
+    router = actor.remote(config, serve_http=http, curve=curve, api_keys=config.router.api_keys())
     return router, ray.get(router.ready.remote())
 
 

@@ -36,14 +36,19 @@ from router.protocol import (
 
 @dataclass
 class UnitOutput:
-    """One choice's progress: text so far, and its routed result once finished."""
+    """One choice's progress: text so far; once `finished`, its finish reason, and
+    its routed result unless a stop string ended it early (the replica was then
+    told to stop, and its counts came with the stream)."""
 
     index: int
     prompt_index: int
     delta: str = ""
     text: str = ""
     completion_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
     finish_reason: str | None = None
+    finished: bool = False
     routed: RoutedResult | None = None
     first: bool = True
 
@@ -108,15 +113,13 @@ class FrontDoor:
     async def _run(
         self, index: int, unit: CompletionInput, prompt_index: int, stream: bool
     ) -> AsyncIterator[UnitOutput]:
-        """One unit's outputs: text deltas (when streaming or stopping on strings),
-        then a last output with its routed result."""
+        """One unit's outputs: text deltas (when streaming), then a last, finished one.
+        A stop string ends the unit at once: closing the backend's stream aborts the
+        request on its replica."""
         out = UnitOutput(index, prompt_index)
         if not stream and not unit.stop:
-            routed = await self.backend.generate(unit)
-            out.text = out.delta = routed.text
-            out.completion_tokens = len(routed.result.output_token_ids)
-            out.finish_reason = routed.result.finish_reason
-            out.routed = routed
+            self._finish(out, await self.backend.generate(unit))
+            out.delta = out.text
             yield out
             return
         assembler = TextAssembler(self.backend.decode, unit.stop)
@@ -124,25 +127,35 @@ class FrontDoor:
         async with contextlib.aclosing(items):
             async for item in items:
                 if isinstance(item, StreamChunk):
-                    if assembler.stopped:
-                        continue
                     out.completion_tokens += len(item.new_token_ids)
+                    out.prompt_tokens = item.num_prompt_tokens
+                    out.cached_tokens = item.num_cached_tokens
                     delta = assembler.add(item.new_token_ids, False)
                     if assembler.stopped:
-                        out.finish_reason = "stop"
+                        out.text, out.finish_reason, out.finished = assembler.text, "stop", True
+                        out.delta = delta if stream else out.text
+                        yield out
+                        return
                     if delta and stream:
                         out.delta = delta
                         yield out
                         out.first = False
                     continue
                 tail = assembler.add([], True)
+                self._finish(out, item)
                 out.text = assembler.text
                 out.delta = tail if stream else out.text
-                if not assembler.stopped:
-                    out.finish_reason = item.result.finish_reason
-                    out.completion_tokens = len(item.result.output_token_ids)
-                out.routed = item
                 yield out
+
+    @staticmethod
+    def _finish(out: UnitOutput, routed: RoutedResult) -> None:
+        result = routed.result
+        out.routed, out.finished = routed, True
+        out.text = routed.text
+        out.finish_reason = result.finish_reason
+        out.completion_tokens = len(result.output_token_ids)
+        out.prompt_tokens = result.num_prompt_tokens
+        out.cached_tokens = result.num_cached_tokens
 
     async def collect(self, units: _Units) -> list[UnitOutput]:
         """Every unit to its end, concurrently; the first failure cancels the rest."""
@@ -199,12 +212,11 @@ class FrontDoor:
 
     @staticmethod
     def usage(outputs: list[UnitOutput]) -> dict[str, Any]:
-        first: dict[int, RoutedResult] = {}
+        first: dict[int, UnitOutput] = {}
         for out in sorted(outputs, key=lambda o: o.index):
-            if out.routed is not None:
-                first.setdefault(out.prompt_index, out.routed)
-        prompt = sum(r.result.num_prompt_tokens for r in first.values())
-        cached = sum(r.result.num_cached_tokens for r in first.values())
+            first.setdefault(out.prompt_index, out)
+        prompt = sum(o.prompt_tokens for o in first.values())
+        cached = sum(o.cached_tokens for o in first.values())
         completion = sum(o.completion_tokens for o in outputs)
         return {
             "prompt_tokens": prompt,
@@ -281,7 +293,7 @@ class FrontDoor:
             "index": out.index,
             "text": echo + out.delta,
             "logprobs": None,
-            "finish_reason": out.finish_reason if out.routed is not None else None,
+            "finish_reason": out.finish_reason if out.finished else None,
         }
 
     @staticmethod
@@ -293,7 +305,7 @@ class FrontDoor:
             "index": out.index,
             "delta": delta,
             "logprobs": None,
-            "finish_reason": out.finish_reason if out.routed is not None else None,
+            "finish_reason": out.finish_reason if out.finished else None,
         }
 
     async def _chunks(
@@ -302,10 +314,10 @@ class FrontDoor:
         finished: list[UnitOutput] = []
         async for out in self.merged(units):
             chunk = {**envelope, "choices": [choice(out, units)]}
-            if out.routed is not None:
+            if out.finished:
                 finished.append(out)
-                if self.expose_routing:
-                    chunk["kvroute"] = _kvroute_section(out.routed)
+            if out.routed is not None and self.expose_routing:
+                chunk["kvroute"] = _kvroute_section(out.routed)
             if params.include_usage:
                 chunk["usage"] = None
             yield chunk

@@ -136,7 +136,6 @@ class RoutedResult:
     reuse_hint_tokens: int
     routing_s: float
     attempts: int
-    finish_reason: str | None = None
 
 
 class CompletionBackend(Protocol):
@@ -347,7 +346,9 @@ def _message(message: Any, i: int) -> dict[str, Any]:
         raise InvalidRequestError(f"`{param}` must be an object", param)
     role = message.get("role")
     if role not in ("system", "developer", "user", "assistant", "tool"):
-        raise InvalidRequestError(f"`{param}.role` must be system, user or assistant", param)
+        raise InvalidRequestError(
+            f"`{param}.role` must be system, developer, user, assistant or tool", param
+        )
     content = message.get("content")
     if isinstance(content, list):
         if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
@@ -364,12 +365,6 @@ def _message(message: Any, i: int) -> dict[str, Any]:
     if not isinstance(content, str):
         raise InvalidRequestError(f"`{param}.content` must be a string", param)
     return {"role": role, "content": _text(content, param)}
-
-
-def single_completion(body: Any) -> CompletionInput:
-    """The one dispatch unit of a single-prompt, single-choice completions body."""
-    call = parse_completions(body)
-    return call.params.inputs(call.prompts[0], 0, call.params.lora_name)
 
 
 __all__ = [

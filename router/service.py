@@ -145,9 +145,15 @@ class RouterService:
     """One router: owns the index, the policy, the subscriber and the HTTP server."""
 
     def __init__(
-        self, config: Config, serve_http: bool = True, curve: CurveKeyPair | None = None
+        self,
+        config: Config,
+        serve_http: bool = True,
+        curve: CurveKeyPair | None = None,
+        api_keys: frozenset[str] = frozenset(),
     ) -> None:
-        """`curve`: the routers' key pair, which every replica's event sockets accept."""
+        """`curve`: the routers' key pair, which every replica's event sockets accept.
+        `api_keys`: the keys /v1/* accepts, read by the launcher where the config is."""
+        self.api_keys = api_keys
         if config.events.security == "curve" and curve is None:
             raise ValueError("events.security is curve, but the router was given no key pair")
         self.config = config
@@ -187,7 +193,7 @@ class RouterService:
                 fingerprint=self.fingerprint,
                 max_body_bytes=router.max_body_bytes,
                 body_timeout_s=router.body_timeout_s,
-                api_keys=router.api_keys(),
+                api_keys=self.api_keys,
                 expose_routing=router.expose_routing,
                 min_ready_replicas=router.min_ready_replicas,
             )
@@ -589,7 +595,7 @@ class RouterService:
         """Per replica, the prompt tokens it would serve from cache, as known from
         applied events only (no predictions): what `kvroute status` can't show."""
         keys = self.prompt_keys(body)
-        self.core.validate(keys, body.max_tokens)
+        self.core.validate(keys, body.max_tokens or 1)
         return self.core.index.predict(keys)
 
     def set_policy(self, name: str, **options: Any) -> None:

@@ -35,7 +35,7 @@ from replicas.engine import Engine, RequestOutput
 from replicas.factory import build_engine
 from replicas.kv_cache.prompt import PromptKeys
 from replicas.request import SamplingParams
-from router.core import Registration, Router, RouterSettings
+from router.core import Decision, Registration, Router, RouterSettings
 from router.policy import make_policy
 
 if TYPE_CHECKING:
@@ -210,7 +210,7 @@ class Simulator:
         self._order = 0
         self._stepping: set[str] = set()
         self._followers: dict[str, list[SimRequest]] = {}
-        self._pending: dict[str, int] = {}  # request id -> predicted hit tokens
+        self._pending: dict[str, Decision] = {}  # request id -> its routing decision
 
     # ---------------------------------------------------------------- queue
 
@@ -328,7 +328,7 @@ class Simulator:
             block_hashes=list(prepared.prompt.block_hashes),
             reuse_hint_tokens=prepared.reuse_hint_tokens,
         )
-        self._pending[sim_request.request_id] = decision.predicted_hit_tokens
+        self._pending[sim_request.request_id] = decision
         if replica_id not in self._stepping:
             self._stepping.add(replica_id)
             self.schedule(0.0, STEP, replica_id)
@@ -351,7 +351,9 @@ class Simulator:
         return finished
 
     def _finish(self, replica_id: str, out: RequestOutput) -> RequestRecord:
-        predicted = self._pending.pop(out.request_id)
+        decision = self._pending.pop(out.request_id)
+        self.router.finish(decision, out.num_prompt_tokens, out.num_cached_tokens)
+        predicted = decision.predicted_hit_tokens
         metrics = out.metrics
         assert metrics.first_token_time is not None and metrics.finish_time is not None
         record = RequestRecord(

@@ -263,7 +263,7 @@ def _mm_extra_keys(
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     """The tensor's memory as bytes, as vLLM hashes it: viewed as uint8, which works for
     every dtype, bfloat16 included (numpy has no bfloat16). torch is imported here, not
-    at the top, so that the router's light paths never load it."""
+    at the top: only prompts given as embeddings need it."""
     import torch
 
     return tensor.flatten().contiguous().view(torch.uint8).numpy().data

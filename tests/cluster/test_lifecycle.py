@@ -132,3 +132,23 @@ def test_overload_is_a_429_with_retry_after_never_a_hang(deployment: Deployment)
         _idle(deployment)  # the closed streams were aborted by this router
     finally:
         ray.kill(router, no_restart=True)
+
+
+def test_a_stop_string_ends_the_text_and_the_request_on_its_replica(
+    deployment: Deployment,
+) -> None:
+    prompt = [11, 22, 33] * 40
+    greedy = {"prompt": prompt, "temperature": 0}
+    text = asyncio.run(_post(deployment.url, {**greedy, "max_tokens": 40}))[1]["choices"][0]["text"]
+    cut = next(
+        i
+        for i in range(4, len(text) - 2)
+        if "\ufffd" not in text[i : i + 2] and text.find(text[i : i + 2]) == i
+    )
+    body = {**greedy, "max_tokens": LONG, "stop": [text[cut : cut + 2]]}
+    status, reply, _ = asyncio.run(_post(deployment.url, body))
+    assert status == 200
+    assert reply["choices"][0]["text"] == text[:cut]
+    assert reply["choices"][0]["finish_reason"] == "stop"
+    assert reply["usage"]["completion_tokens"] < 60
+    _idle(deployment)  # the replica was told to stop, long before LONG tokens

@@ -16,8 +16,13 @@ from router.protocol import (
     GenerationParams,
     parse_chat,
     parse_completions,
-    single_completion,
 )
+
+
+def single_completion(body: Any) -> CompletionInput:
+    """The one dispatch unit of a single-prompt, single-choice completions body."""
+    call = parse_completions(body)
+    return call.params.inputs(call.prompts[0], 0, call.params.lora_name)
 
 
 def test_a_text_prompt_with_no_other_fields_gets_openais_defaults() -> None:
