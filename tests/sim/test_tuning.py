@@ -35,3 +35,14 @@ def test_gap_closed_is_the_share_of_the_lru_to_belady_span() -> None:
     assert gap_closed(0.25, bounds) == pytest.approx(0.25)
     assert gap_closed(0.18, bounds) == pytest.approx(-0.1)
     assert gap_closed(0.3, {"pooled_lru": 0.3, "belady": 0.3}) == 0.0
+
+
+def test_a_replica_count_override_is_what_the_report_header_says() -> None:
+    from benchmarks.sim.config import load_bench_config
+    from configs import CONFIG_DIR
+
+    config = load_bench_config(CONFIG_DIR / "bench.yaml").with_replicas(4)
+    assert config.describe().startswith("4 replicas x ")
+    assert config.sim_config("kv_aware").replicas == 4
+    with pytest.raises(ValueError, match="replicas must be >= 1, got 0"):
+        config.with_replicas(0)
