@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from math import lcm
+from typing import Any
 
 from replicas.kv_cache.segmented import make_block_pool
 from replicas.kv_cache.single_type import (
@@ -194,46 +195,33 @@ class PrefixHitFinder:
 class KVCacheCoordinator:
     """Runs the per-group managers over one shared block pool."""
 
-    def __init__(
-        self,
-        kv_cache_config: KVCacheConfig,
-        *,
-        max_model_len: int,
-        use_eagle: bool,
-        enable_caching: bool,
-        enable_kv_cache_events: bool,
-        hash_block_size: int,
-        scheduler_block_size: int,
-        max_num_batched_tokens: int,
-        retention_interval: int | None,
-        use_int_event_hashes: bool,
-        probation_fraction: float | None = None,
-    ) -> None:
+    def __init__(self, kv_cache_config: KVCacheConfig, options: CacheOptions) -> None:
         self.kv_cache_config = kv_cache_config
-        self.max_model_len = max_model_len
-        self.enable_caching = enable_caching
-        self.hash_block_size = hash_block_size
-        self.scheduler_block_size = scheduler_block_size
+        self.options = options
+        self.max_model_len = options.max_model_len
+        self.enable_caching = options.enable_caching
+        self.hash_block_size = hash_block_size = options.hash_block_size
+        self.scheduler_block_size = scheduler_block_size = options.scheduler_block_size
         self.block_pool = make_block_pool(
             kv_cache_config.num_blocks,
-            enable_caching=enable_caching,
+            enable_caching=options.enable_caching,
             hash_block_size=hash_block_size,
-            enable_kv_cache_events=enable_kv_cache_events,
-            use_int_event_hashes=use_int_event_hashes,
-            probation_fraction=probation_fraction,
+            enable_kv_cache_events=options.enable_kv_cache_events,
+            use_int_event_hashes=options.use_int_event_hashes,
+            probation_fraction=options.probation_fraction,
         )
-        self.eagle_group_ids = eagle_group_ids(kv_cache_config, use_eagle)
+        self.eagle_group_ids = eagle_group_ids(kv_cache_config, options.use_eagle)
         managers: list[SingleTypeKVCacheManager] = []
         for i, group in enumerate(kv_cache_config.kv_cache_groups):
             spec = group.kv_cache_spec
             manager = manager_class_for(spec)(
                 spec,
                 block_pool=self.block_pool,
-                enable_caching=enable_caching,
+                enable_caching=options.enable_caching,
                 kv_cache_group_id=i,
                 scheduler_block_size=scheduler_block_size,
                 max_admission_blocks_per_request=spec.max_admission_blocks_per_request(
-                    max_num_batched_tokens, max_model_len
+                    options.max_num_batched_tokens, options.max_model_len
                 ),
             )
             managers.append(manager)
@@ -244,8 +232,10 @@ class KVCacheCoordinator:
         for group in self.hit_finder.spec_groups:
             for group_id in group.group_ids:
                 self.single_type_managers[group_id].use_eagle = group.use_eagle
-        self.retention_interval = retention_interval
-        validate_retention_interval(retention_interval, scheduler_block_size, kv_cache_config)
+        self.retention_interval = options.retention_interval
+        validate_retention_interval(
+            options.retention_interval, scheduler_block_size, kv_cache_config
+        )
 
     def find_longest_cache_hit(
         self, block_hashes: Sequence[BlockHash], max_cache_hit_length: int
@@ -333,8 +323,8 @@ class KVCacheCoordinatorNoPrefixCache(KVCacheCoordinator):
 class UnitaryKVCacheCoordinator(KVCacheCoordinator):
     """One KV cache group: its block size is both hash and scheduling granularity."""
 
-    def __init__(self, kv_cache_config: KVCacheConfig, **kwargs: object) -> None:
-        super().__init__(kv_cache_config, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, kv_cache_config: KVCacheConfig, options: CacheOptions) -> None:
+        super().__init__(kv_cache_config, options)
         block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         if self.enable_caching and self.hash_block_size != block_size:
             raise ValueError(
@@ -357,50 +347,68 @@ class HybridKVCacheCoordinator(KVCacheCoordinator):
             manager.cache_blocks(request, num_tokens, self.retention_interval)
 
 
+@dataclass(frozen=True)
+class CacheOptions:
+    """Everything below `KVCacheManager`'s vLLM-shaped signature needs, in one value:
+    the manager resolves its arguments once and hands this down to the coordinator,
+    which gives the pool and the per-group managers what each uses."""
+
+    max_model_len: int
+    hash_block_size: int
+    scheduler_block_size: int
+    max_num_batched_tokens: int
+    enable_caching: bool = True
+    use_eagle: bool = False
+    enable_kv_cache_events: bool = False
+    retention_interval: int | None = None
+    use_int_event_hashes: bool = True
+    probation_fraction: float | None = None
+
+    @classmethod
+    def resolve(
+        cls,
+        kv_cache_config: KVCacheConfig,
+        *,
+        max_model_len: int,
+        hash_block_size: int,
+        scheduler_block_size: int | None,
+        max_num_batched_tokens: int | None,
+        **flags: Any,
+    ) -> CacheOptions:
+        """The options with defaults derived from the config, after checking that the
+        block sizes agree."""
+        if scheduler_block_size is None:
+            scheduler_block_size = default_scheduler_block_size(kv_cache_config)
+        sizes = [g.kv_cache_spec.block_size for g in kv_cache_config.kv_cache_groups]
+        if hash_block_size <= 0 or scheduler_block_size % hash_block_size:
+            raise ValueError(
+                f"scheduler_block_size {scheduler_block_size} must be a multiple of "
+                f"hash_block_size {hash_block_size}"
+            )
+        if len(sizes) > 1 and any(size % hash_block_size for size in sizes):
+            raise ValueError(
+                f"every group block size {sizes} must be a multiple of hash_block_size"
+            )
+        if any(scheduler_block_size % size for size in sizes):
+            raise ValueError(
+                f"scheduler_block_size {scheduler_block_size} must be a multiple of every "
+                f"group block size {sizes}"
+            )
+        return cls(
+            max_model_len=max_model_len,
+            hash_block_size=hash_block_size,
+            scheduler_block_size=scheduler_block_size,
+            max_num_batched_tokens=max_num_batched_tokens or max_model_len,
+            **flags,
+        )
+
+
 def get_kv_cache_coordinator(
-    kv_cache_config: KVCacheConfig,
-    *,
-    max_model_len: int,
-    use_eagle: bool,
-    enable_caching: bool,
-    enable_kv_cache_events: bool,
-    hash_block_size: int,
-    scheduler_block_size: int | None,
-    max_num_batched_tokens: int | None,
-    retention_interval: int | None,
-    use_int_event_hashes: bool,
-    probation_fraction: float | None = None,
+    kv_cache_config: KVCacheConfig, options: CacheOptions
 ) -> KVCacheCoordinator:
-    """Pick the coordinator for a config, after checking its block sizes agree."""
-    if scheduler_block_size is None:
-        scheduler_block_size = default_scheduler_block_size(kv_cache_config)
-    sizes = [g.kv_cache_spec.block_size for g in kv_cache_config.kv_cache_groups]
-    if hash_block_size <= 0 or scheduler_block_size % hash_block_size:
-        raise ValueError(
-            f"scheduler_block_size {scheduler_block_size} must be a multiple of "
-            f"hash_block_size {hash_block_size}"
-        )
-    if len(sizes) > 1 and any(size % hash_block_size for size in sizes):
-        raise ValueError(f"every group block size {sizes} must be a multiple of hash_block_size")
-    if any(scheduler_block_size % size for size in sizes):
-        raise ValueError(
-            f"scheduler_block_size {scheduler_block_size} must be a multiple of every "
-            f"group block size {sizes}"
-        )
-    kwargs = dict(
-        max_model_len=max_model_len,
-        use_eagle=use_eagle,
-        enable_caching=enable_caching,
-        enable_kv_cache_events=enable_kv_cache_events,
-        hash_block_size=hash_block_size,
-        scheduler_block_size=scheduler_block_size,
-        max_num_batched_tokens=max_num_batched_tokens or max_model_len,
-        retention_interval=retention_interval,
-        use_int_event_hashes=use_int_event_hashes,
-        probation_fraction=probation_fraction,
-    )
-    if not enable_caching:
-        return KVCacheCoordinatorNoPrefixCache(kv_cache_config, **kwargs)  # type: ignore[arg-type]
-    if len(sizes) == 1:
-        return UnitaryKVCacheCoordinator(kv_cache_config, **kwargs)
-    return HybridKVCacheCoordinator(kv_cache_config, **kwargs)
+    """The coordinator for a config: no prefix cache, one group, or several."""
+    if not options.enable_caching:
+        return KVCacheCoordinatorNoPrefixCache(kv_cache_config, options)
+    if len(kv_cache_config.kv_cache_groups) == 1:
+        return UnitaryKVCacheCoordinator(kv_cache_config, options)
+    return HybridKVCacheCoordinator(kv_cache_config, options)

@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 
 from events.kv_events import BlockStored, KVCacheEvent
 from replicas.kv_cache.block_pool import BlockPool
-from replicas.kv_cache.coordinator import KVCacheCoordinator, get_kv_cache_coordinator
+from replicas.kv_cache.coordinator import (
+    CacheOptions,
+    KVCacheCoordinator,
+    get_kv_cache_coordinator,
+)
 from replicas.kv_cache.specs import KVCacheConfig
 from replicas.kv_cache.utils import KVCacheBlock
 from replicas.request import Request
@@ -124,19 +128,20 @@ class KVCacheManager:
         self.use_eagle = use_eagle
         self.log_stats = log_stats
         self.prefix_cache_stats: PrefixCacheStats | None = PrefixCacheStats() if log_stats else None
-        self.coordinator: KVCacheCoordinator = get_kv_cache_coordinator(
+        options = CacheOptions.resolve(
             kv_cache_config,
             max_model_len=max_model_len,
-            use_eagle=use_eagle,
-            enable_caching=enable_caching,
-            enable_kv_cache_events=enable_kv_cache_events,
             hash_block_size=hash_block_size,
             scheduler_block_size=scheduler_block_size,
             max_num_batched_tokens=max_num_batched_tokens,
+            enable_caching=enable_caching,
+            use_eagle=use_eagle,
+            enable_kv_cache_events=enable_kv_cache_events,
             retention_interval=resolve_retention_interval(prefix_cache_retention_interval),
             use_int_event_hashes=use_int_event_hashes,
             probation_fraction=probation_fraction,
         )
+        self.coordinator: KVCacheCoordinator = get_kv_cache_coordinator(kv_cache_config, options)
         self.block_pool: BlockPool = self.coordinator.block_pool
         self.num_kv_cache_groups = len(kv_cache_config.kv_cache_groups)
         self.empty_kv_cache_blocks = KVCacheBlocks(
