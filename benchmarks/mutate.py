@@ -332,14 +332,14 @@ def run(root: Path, mutants: list[Mutant], tests: dict[str, tuple[str, ...]]) ->
     outcomes: list[Outcome] = []
     try:
         # Baseline: each module's tests must pass unmutated; their time sets the timeout.
-        timeouts: dict[str, float] = {}
+        timeouts: dict[tuple[str, ...], float] = {}
         for module in sorted({m.module for m in mutants}):
-            if not tests[module]:
+            if not tests[module] or tests[module] in timeouts:
                 continue
             code, seconds = _pytest(scratch, tests[module], 1800)
             if code != 0:
                 raise SystemExit(f"the tests of {module} fail unmutated (exit {code})")
-            timeouts[module] = max(60.0, 4 * seconds)
+            timeouts[tests[module]] = max(60.0, 4 * seconds)
         for mutant in tqdm(mutants, desc="mutants", unit="mutant"):
             if not tests[mutant.module]:
                 outcomes.append(Outcome(mutant, "no-tests", 0.0))
@@ -348,7 +348,9 @@ def run(root: Path, mutants: list[Mutant], tests: dict[str, tuple[str, ...]]) ->
             original = path.read_text()
             path.write_text(mutated_source(root, mutant))
             try:
-                code, seconds = _pytest(scratch, tests[mutant.module], timeouts[mutant.module])
+                code, seconds = _pytest(
+                    scratch, tests[mutant.module], timeouts[tests[mutant.module]]
+                )
             finally:
                 path.write_text(original)
             # 0: every test passed. 5: none collected. Anything else (failures,
