@@ -344,10 +344,15 @@ class SlidingWindowManager(SingleTypeKVCacheManager):
                 break
         if not found:
             # A run reaching position 0 is a hit even if shorter than the window.
+            # With EAGLE its last block is the peeked one: drop it, then align
+            # (aligning first could drop a whole aligned segment too many).
             for blocks in computed:
                 del blocks[run:]
+            if drop_eagle_block and computed[0]:
+                for blocks in computed:
+                    blocks.pop()
             _trim_to_alignment(computed, block_size, alignment_tokens)
-        if drop_eagle_block and computed[0]:
+        elif drop_eagle_block:
             for blocks in computed:
                 blocks.pop()
             _trim_to_alignment(computed, block_size, alignment_tokens)

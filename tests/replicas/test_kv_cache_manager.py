@@ -253,3 +253,27 @@ def test_page_sizes_follow_dtypes() -> None:
         == 12 + 16
     )
     assert mla.kind.value == "mla_attention"
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "expected"),
+    [(17, 8), (20, 8), (21, 8), (25, 16), (33, 24), (16, 0)],
+)
+def test_eagle_keeps_a_hit_shorter_than_the_window_when_block_and_hit_sizes_differ(
+    num_tokens: int, expected: int
+) -> None:
+    # Full attention in 8-token blocks, a 12-token window in 4-token blocks:
+    # hits are multiples of 8. With EAGLE, a hit of 8 needs the full group's
+    # tokens 0-15 and the window group's tokens 0-11 (0-7 before the hit, 8-11
+    # peeked). All 40 prompt tokens are cached, so that hit is there; aligning
+    # the window's run (3 blocks -> 2) before dropping the peeked block lost it.
+    mgr = manager(64, full(8), swa(4, 12), use_eagle=True)
+    tokens = list(range(40))
+    first = request("first", tokens, 4)
+    assert mgr.allocate_slots(first, 40) is not None
+    first.num_computed_tokens = 40
+    mgr.free(first)
+    probe = request("probe", tokens[:num_tokens], 4)
+    blocks, hit = mgr.get_computed_blocks(probe)
+    assert hit == expected
+    assert [len(group) for group in blocks.blocks] == [expected // 8, expected // 4]
