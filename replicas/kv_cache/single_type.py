@@ -68,6 +68,10 @@ class SingleTypeKVCacheManager:
     # Prefix-closed kinds (full attention) keep every block of a hit, so the
     # hybrid coordinator can trim their hit instead of searching again.
     downward_closed: ClassVar[bool] = False
+    # Kinds whose hit drops the EAGLE block it peeked at. Mamba keeps only the
+    # state at the hit's end and never peeks, so it must not be offered one
+    # block past a candidate length.
+    drops_eagle_block: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -426,6 +430,8 @@ class MambaManager(SingleTypeKVCacheManager):
         # Align mode: index of the previous state block, released once passed.
         self.last_state_block_idx: dict[str, int] = {}
         self._allocated_block_reqs: set[str] = set()
+
+    drops_eagle_block = False
 
     @property
     def _align(self) -> bool:

@@ -13,7 +13,7 @@ length, longest first:
 - Mamba needs only the state block that ends at the hit;
 - with EAGLE, an attention group also needs the block right after the hit
   (the drafter reads its hidden states), and that block must itself lie
-  within the `num_tokens - 1` limit;
+  within the `num_tokens - 1` limit; a Mamba group needs nothing more;
 - hybrid: the longest length that every group accepts.
 
 It shares no code with the hit finder: block hashes of larger groups are
@@ -76,8 +76,6 @@ def brute_force_hit(
     groups = manager.kv_cache_config.kv_cache_groups
     if any(g.is_eagle_group for g in groups):
         raise NotImplementedError("per-group EAGLE flags")
-    if use_eagle and any(isinstance(g.kv_cache_spec, MambaSpec) for g in groups):
-        raise NotImplementedError("EAGLE with a Mamba group")
     hash_block_size = min(g.kv_cache_spec.block_size for g in groups)
     small = [bytes(h) for h in request.block_hashes]
     limit = request.num_tokens - 1

@@ -277,3 +277,24 @@ def test_eagle_keeps_a_hit_shorter_than_the_window_when_block_and_hit_sizes_diff
     blocks, hit = mgr.get_computed_blocks(probe)
     assert hit == expected
     assert [len(group) for group in blocks.blocks] == [expected // 8, expected // 4]
+
+
+@pytest.mark.parametrize(("num_tokens", "expected"), [(17, 12), (21, 16), (25, 20), (5, 0)])
+def test_eagle_with_a_mamba_group_never_reports_more_than_full_attention_holds(
+    num_tokens: int, expected: int
+) -> None:
+    # With EAGLE, full attention needs the block after the hit, so a 17-token
+    # prompt (at most 16 cached) hits 12. Mamba does not drop a peeked block:
+    # offered one block past the candidate, it reported 16 while the full
+    # group held 3 blocks, a hit longer than one group's blocks.
+    mgr = manager(64, full(4), mamba(4), use_eagle=True)
+    tokens = list(range(40))
+    first = request("first", tokens, 4)
+    assert mgr.allocate_slots(first, 40) is not None
+    first.num_computed_tokens = 40
+    mgr.new_step_starts()
+    mgr.free(first)
+    probe = request("probe", tokens[:num_tokens], 4)
+    blocks, hit = mgr.get_computed_blocks(probe)
+    assert hit == expected
+    assert [len(group) for group in blocks.blocks] == [expected // 4, expected // 4]

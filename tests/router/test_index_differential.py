@@ -85,6 +85,7 @@ REPLICAS = [
     Replica("full+swa9", (full(4), swa(4, 9)), 90),
     # EAGLE where hits (multiples of 8) and window blocks (4) differ.
     Replica("full8+swa12-eagle", (full(8), swa(4, 12)), 90, use_eagle=True),
+    Replica("full+mamba-eagle", (full(4), mamba(4)), 90, use_eagle=True),
 ]
 
 PREFIXES = [[1000 + p] * n for p, n in enumerate((8, 16, 28, 40, 64))]
