@@ -2,8 +2,8 @@
 
 Several block managers with different hybrid configs are driven by random
 traffic (shared prefixes, chunked prefill, decode appends, frees, eviction
-pressure, targeted evictions, prefix-cache resets). Every batch they emit goes through the real
-msgpack encoder and decoder into one KVIndex. After every step, for fresh
+pressure, targeted evictions, prefix-cache resets). Every batch they emit goes
+through the real msgpack encoder and decoder into one KVIndex. After every step, for fresh
 prompts, `KVIndex.predict` must equal every manager's `get_computed_blocks`,
 and both must equal a brute-force oracle (`tests.replicas.hit_oracle`) that
 reads the manager's cached blocks and applies the hit rules without
@@ -34,7 +34,7 @@ from tests.replicas.conftest import config, full, mamba, swa
 from tests.replicas.hit_oracle import brute_force_hit, cached_keys
 
 HASH_ALGO, HASH_SEED = "sha256", "kvroute-test"
-# 3 seeds x 600 steps x 6 fresh prompts = 10,800 prompts, each checked on 12 replicas.
+# 3 seeds x 600 steps x 6 fresh prompts = 10,800 prompts, each checked on every replica.
 STEPS, PROBES = 600, 6
 
 
