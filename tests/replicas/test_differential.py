@@ -34,9 +34,11 @@ CONFIGS: dict[str, tuple[KVCacheSpec, ...]] = {
     "full+swa": (full(4), swa(4, 8)),
     "full8+swa4+mamba8": (full(8), swa(4, 12), mamba(8)),
     "full+2swa": (full(4), swa(4, 4), swa(4, 16)),
-    # Groups sharing a spec, and a window that is not a whole number of blocks.
+    # Groups sharing a spec, and windows that are not a whole number of blocks
+    # (9 = 2 blocks + 1 token, 6 = 1 block + 2 tokens: `window - 1` matters).
     "full+swa+swa": (full(4), swa(4, 8), swa(4, 8)),
     "full+full+swa9": (full(4), full(4), swa(4, 9)),
+    "full+swa6": (full(4), swa(4, 6)),
 }
 PREFIXES = [[100 + p] * 4 * n for p, n in enumerate((3, 5, 8))]
 

@@ -257,6 +257,16 @@ def test_predictions_count_only_when_asked_and_expire_by_ttl() -> None:
     assert index.num_predicted() == 0
 
 
+def test_the_predicted_entry_count_leaves_out_expired_predictions() -> None:
+    clock = FakeClock()
+    index = _index("a", clock=clock, prediction_ttl_s=2.0)
+    assert index.add_prediction("a", _request(index, list(range(21)))) == 5
+    assert index.num_predicted() == 5
+    clock.now += 2.1
+    assert index.num_predicted() == 0
+    assert index.stats.predictions_expired == 5
+
+
 def test_stored_events_confirm_predictions_and_failures_drop_them() -> None:
     clock = FakeClock()
     index = _index("a", clock=clock)
