@@ -298,3 +298,16 @@ def test_eagle_with_a_mamba_group_never_reports_more_than_full_attention_holds(
     blocks, hit = mgr.get_computed_blocks(probe)
     assert hit == expected
     assert [len(group) for group in blocks.blocks] == [expected // 4, expected // 4]
+
+
+@pytest.mark.parametrize(("num_blocks", "admitted"), [(46, True), (45, False)])
+def test_admission_counts_the_window_group_at_its_cap_exactly(
+    num_blocks: int, admitted: bool
+) -> None:
+    # A 512-token prompt: 32 full-attention blocks, and for a 64-token window
+    # with 128-token chunks at most ceil((63 + 128) / 16) + 1 = 13 window
+    # blocks at once: 45 blocks, the pool's usable blocks being num_blocks - 1.
+    mgr = manager(num_blocks, full(16), swa(16, 64), max_num_batched_tokens=128, max_model_len=1024)
+    req = request("long", list(range(512)), 16)
+    got = mgr.allocate_slots(req, 16, full_sequence_must_fit=True)
+    assert (got is not None) == admitted
