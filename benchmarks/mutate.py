@@ -398,12 +398,41 @@ def report(outcomes: list[Outcome], show_survivors: bool) -> str:
     return "\n".join(rows)
 
 
+def survivors_in(path: Path, mutants: list[Mutant]) -> list[Mutant]:
+    """The mutants among `mutants` that survived the run recorded in `path`."""
+    chosen: list[Mutant] = []
+    for record in json.loads(path.read_text()):
+        if record["status"] not in ("survived", "no-tests"):
+            continue
+        same = [
+            m
+            for m in mutants
+            if m.module == record["module"] and m.description == record["description"]
+        ]
+        if not same:
+            print(
+                f"gone (the code changed): {record['module']}:{record['line']} "
+                f"{record['description']}"
+            )
+            continue
+        chosen.append(
+            min(same, key=lambda m: (abs(m.line - record["line"]), abs(m.site - record["site"])))
+        )
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=ROOT, help="tree whose tests run")
     parser.add_argument("--module", action="append", default=[], help="only this module")
     parser.add_argument("--limit", type=int, help="a random sample of this many mutants")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    parser.add_argument(
+        "--survivors-of",
+        type=Path,
+        help="re-run the survivors recorded by an earlier --json run (matched by module, "
+        "description and nearest line, so edits elsewhere in the module do not matter)",
+    )
     parser.add_argument("--list", action="store_true", help="list the mutants, run nothing")
     parser.add_argument("--json", type=Path, help="write every outcome here")
     parser.add_argument("--quiet", action="store_true", help="no list of survivors")
@@ -411,7 +440,9 @@ def main(argv: list[str] | None = None) -> None:
     root = args.root.resolve()
     tests = target_modules(root, args.module)
     mutants = [m for module in tests for m in mutants_of(root, module)]
-    if args.limit is not None and args.limit < len(mutants):
+    if args.survivors_of is not None:
+        mutants = survivors_in(args.survivors_of, mutants)
+    elif args.limit is not None and args.limit < len(mutants):
         mutants = sorted(
             random.Random(args.seed).sample(mutants, args.limit),
             key=lambda m: (m.module, m.site),
