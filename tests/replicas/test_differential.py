@@ -39,6 +39,8 @@ CONFIGS: dict[str, tuple[KVCacheSpec, ...]] = {
     "full+swa+swa": (full(4), swa(4, 8), swa(4, 8)),
     "full+full+swa9": (full(4), full(4), swa(4, 9)),
     "full+swa6": (full(4), swa(4, 6)),
+    # Full attention in blocks smaller than the hit alignment (lcm 8).
+    "full4+swa8": (full(4), swa(8, 16)),
 }
 PREFIXES = [[100 + p] * 4 * n for p, n in enumerate((3, 5, 8))]
 
