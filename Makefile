@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint bench
+.PHONY: install run test lint bench mutate
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,3 +29,9 @@ lint: install
 bench: install
 	$(PY) -m benchmarks.block_manager
 	$(PY) -m benchmarks.router
+
+## Mutation testing of the core modules against the fast tests (not part of CI).
+## A reproducible sample; e.g. `make mutate MUTATE_ARGS="--module events/sequencer.py"`.
+MUTATE_ARGS ?= --limit 80 --seed 1
+mutate: install
+	$(PY) -m benchmarks.mutate $(MUTATE_ARGS)

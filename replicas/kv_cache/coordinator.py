@@ -156,7 +156,11 @@ class PrefixHitFinder:
                 if group.manager_cls.downward_closed and by_group[group.group_ids[0]] is not None:
                     length = length // spec.block_size * spec.block_size
                     continue
-                drop_eagle = group.use_eagle and idx not in eagle_verified
+                drop_eagle = (
+                    group.use_eagle
+                    and group.manager_cls.drops_eagle_block
+                    and idx not in eagle_verified
+                )
                 max_length = (
                     min(length + spec.block_size, max_cache_hit_length) if drop_eagle else length
                 )

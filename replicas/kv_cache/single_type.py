@@ -68,6 +68,10 @@ class SingleTypeKVCacheManager:
     # Prefix-closed kinds (full attention) keep every block of a hit, so the
     # hybrid coordinator can trim their hit instead of searching again.
     downward_closed: ClassVar[bool] = False
+    # Kinds whose hit drops the EAGLE block it peeked at. Mamba keeps only the
+    # state at the hit's end and never peeks, so it must not be offered one
+    # block past a candidate length.
+    drops_eagle_block: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -344,10 +348,15 @@ class SlidingWindowManager(SingleTypeKVCacheManager):
                 break
         if not found:
             # A run reaching position 0 is a hit even if shorter than the window.
+            # With EAGLE its last block is the peeked one: drop it, then align
+            # (aligning first could drop a whole aligned segment too many).
             for blocks in computed:
                 del blocks[run:]
+            if drop_eagle_block and computed[0]:
+                for blocks in computed:
+                    blocks.pop()
             _trim_to_alignment(computed, block_size, alignment_tokens)
-        if drop_eagle_block and computed[0]:
+        elif drop_eagle_block:
             for blocks in computed:
                 blocks.pop()
             _trim_to_alignment(computed, block_size, alignment_tokens)
@@ -421,6 +430,8 @@ class MambaManager(SingleTypeKVCacheManager):
         # Align mode: index of the previous state block, released once passed.
         self.last_state_block_idx: dict[str, int] = {}
         self._allocated_block_reqs: set[str] = set()
+
+    drops_eagle_block = False
 
     @property
     def _align(self) -> bool:

@@ -15,6 +15,7 @@ import urllib.request
 
 import pytest
 import ray
+from prometheus_client.parser import text_string_to_metric_families
 
 from router.client import KVRouteClient, KVRouteError
 from router.protocol import CompletionInput
@@ -172,7 +173,47 @@ def test_streaming_delivers_every_token_then_usage(deployment: Deployment) -> No
         list(client.stream([1, 99_999]))
 
 
-def test_metrics_endpoint_exposes_routing_and_stream_counters(deployment: Deployment) -> None:
+def _metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics by (name, sorted labels)."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_count_each_request_and_its_tokens(deployment: Deployment) -> None:
+    client = deployment.client()
+    prompt = _tokens(41, 10 * BLOCK + 3)
+    before = _metrics(deployment.url)
+    first = client.generate(prompt, max_tokens=2)
+    home = first["kvroute"]["replica_id"]
+    _wait_hit(deployment, home, prompt, 160)
+    second = client.generate(prompt, max_tokens=2)
+    assert second["kvroute"]["replica_id"] == home
+    after = _metrics(deployment.url)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before.get(key, 0.0)
+
+    assert delta("kvroute_requests_total", outcome="ok") == 2
+    assert delta("kvroute_prompt_tokens_total") == 2 * 163
+    assert delta("kvroute_cached_tokens_total") == 160
+    assert delta("kvroute_predicted_hit_tokens_total") == 160
+    assert delta("kvroute_routing_seconds_count") == 2
+    assert delta("kvroute_ttft_seconds_count") == 2
+    assert after[("kvroute_replica_state", (("replica", home), ("state", "exact")))] == 1
+    assert delta("kvroute_event_stream_total", counter="batches", replica=home) >= 1
+    assert after[("kvroute_index_entries", ())] >= 10
+
+
+def test_metrics_endpoint_exposes_the_front_door_and_stream_families(
+    deployment: Deployment,
+) -> None:
     deployment.client().generate(_tokens(7, 40), max_tokens=2)
     status, _ = _post(deployment.url, b"{}")
     assert status == 400
@@ -204,6 +245,11 @@ def test_requests_spread_across_replicas_on_both_nodes(deployment: Deployment) -
     assert served == {f"replica-{i}" for i in range(4)}
 
 
+def _in_flight_on(client: KVRouteClient, replica_id: str) -> bool:
+    replicas = {r["replica_id"]: r for r in client.status()["replicas"]}
+    return replicas[replica_id]["in_flight"] > 0
+
+
 def test_killing_a_replica_mid_load_loses_no_request(deployment: Deployment) -> None:
     client = deployment.client()
     victim = deployment.replicas[3]
@@ -213,7 +259,12 @@ def test_killing_a_replica_mid_load_loses_no_request(deployment: Deployment) -> 
         task = asyncio.ensure_future(
             client.agenerate_batch(prompts, 24, concurrency=20, progress=False)
         )
-        await asyncio.sleep(0.3)
+        # Kill it once requests are in flight on it (as the router counts them).
+        deadline = time.monotonic() + 60
+        while not await asyncio.to_thread(_in_flight_on, client, "replica-3"):
+            assert not task.done(), "the batch finished before replica-3 had a request"
+            assert time.monotonic() < deadline, "replica-3 never had a request in flight"
+            await asyncio.sleep(0.01)  # a poll interval, not a synchronisation
         ray.kill(victim, no_restart=True)
         return await task
 

@@ -1,4 +1,9 @@
-"""CurveZMQ: with keys configured, a subscriber without the right keys receives nothing."""
+"""CurveZMQ: with keys configured, a subscriber without the right keys receives nothing.
+
+Each "receives nothing" test has a positive control beside it: the same
+subscriber setup receives once CURVE is off or its key is allowed, so the
+silence is CURVE's doing.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,8 @@ pytestmark = pytest.mark.timeout(60)
 NO_PROBES = RecoveryConfig(idle_probe_s=None)
 
 
-def curve_publisher(curve: CurveServerConfig) -> ZmqEventPublisher:
+def curve_publisher(curve: CurveServerConfig | None) -> ZmqEventPublisher:
+    """A publisher on loopback tcp; `curve=None` for the positive controls."""
     config = PublisherConfig("tcp://127.0.0.1:*", "tcp://127.0.0.1:*", curve=curve)
     publisher = ZmqEventPublisher(config)
     publisher.start()
@@ -45,12 +51,12 @@ def subscriber_with(
 
 
 def publish_until_delivered(publisher: ZmqEventPublisher, collector: Collector, count: int) -> None:
-    """Publish until the authorised subscriber has `count` batches (bounded)."""
+    """Publish until `collector`'s subscriber has `count` batches (bounded)."""
     for n in range(10_000):
         publisher.publish(numbered_batch(n))
         if collector.satisfied_within(lambda: len(collector.seqs("r0")) >= count, 0.01):
             return
-    raise AssertionError(f"the authorised subscriber got {len(collector.seqs('r0'))} batches")
+    raise AssertionError(f"the subscriber got {len(collector.seqs('r0'))} batches")
 
 
 def test_a_subscriber_without_curve_keys_receives_nothing() -> None:
@@ -71,6 +77,20 @@ def test_a_subscriber_without_curve_keys_receives_nothing() -> None:
         publisher.close()
 
 
+def test_control_the_same_keyless_subscriber_receives_from_a_publisher_without_curve() -> None:
+    # Positive control for the test above: its keyless subscriber is not
+    # deaf for another reason.
+    publisher = curve_publisher(None)
+    plain, plain_got = subscriber_with(None, publisher, None)
+    try:
+        publish_until_delivered(publisher, plain_got, 20)
+        assert plain.stats("r0").batches >= 20
+        assert plain.stats("r0").last_seen is not None
+    finally:
+        plain.stop()
+        publisher.close()
+
+
 def test_a_client_key_outside_the_allow_list_receives_nothing() -> None:
     allowed, stranger = CurveKeyPair.generate(), CurveKeyPair.generate()
     server = CurveServerConfig(CurveKeyPair.generate(), frozenset([allowed.public_key]))
@@ -81,6 +101,26 @@ def test_a_client_key_outside_the_allow_list_receives_nothing() -> None:
         publish_until_delivered(publisher, member_got, 20)
         assert outsider_got.delivered == {}
         assert outsider.stats("r0").last_seen is None
+    finally:
+        outsider.stop()
+        member.stop()
+        publisher.close()
+
+
+def test_control_the_same_client_key_receives_once_it_is_on_the_allow_list() -> None:
+    # Positive control for the test above: the same keys and setup, with the
+    # stranger's public key added to the allow list.
+    allowed, stranger = CurveKeyPair.generate(), CurveKeyPair.generate()
+    server = CurveServerConfig(
+        CurveKeyPair.generate(), frozenset([allowed.public_key, stranger.public_key])
+    )
+    publisher = curve_publisher(server)
+    member, member_got = subscriber_with(allowed, publisher, server.keys.public_key)
+    outsider, outsider_got = subscriber_with(stranger, publisher, server.keys.public_key)
+    try:
+        publish_until_delivered(publisher, member_got, 20)
+        publish_until_delivered(publisher, outsider_got, 20)
+        assert outsider.stats("r0").batches >= 20
     finally:
         outsider.stop()
         member.stop()

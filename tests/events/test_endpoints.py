@@ -26,16 +26,26 @@ def test_endpoints_are_offset_by_data_parallel_rank(
 
 
 @pytest.mark.parametrize(
-    ("endpoint", "rank"),
+    ("endpoint", "rank", "message"),
     [
-        ("tcp://127.0.0.1:65535", 1),
-        ("tcp://127.0.0.1", 1),
-        ("udp://127.0.0.1:5557", 1),
-        ("tcp://127.0.0.1:5557", -1),
+        (
+            "tcp://127.0.0.1:65535",
+            1,
+            r"^'tcp://127.0.0.1:65535' offset by rank 1 exceeds port 65535$",
+        ),
+        ("tcp://127.0.0.1", 1, r"^tcp endpoint without a port: 'tcp://127.0.0.1'$"),
+        ("tcp://*", 2, r"^tcp endpoint without a port: 'tcp://\*'$"),
+        (
+            "udp://127.0.0.1:5557",
+            1,
+            r"^unsupported endpoint 'udp://127.0.0.1:5557': use tcp://, ipc:// or inproc://$",
+        ),
+        ("tcp://127.0.0.1:5557", -1, r"^negative data parallel rank -1$"),
     ],
+    ids=["port-overflow", "no-port", "no-port-wildcard-host", "scheme", "negative-rank"],
 )
-def test_impossible_offsets_are_refused(endpoint: str, rank: int) -> None:
-    with pytest.raises(ValueError):
+def test_impossible_offsets_are_refused(endpoint: str, rank: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
         offset_endpoint(endpoint, rank)
 
 

@@ -169,6 +169,19 @@ def test_resynced_before_the_held_batches_replays_the_difference() -> None:
     assert sequencer.state is SourceState.EXACT
 
 
+def test_resynced_during_a_replay_cancels_it_and_replays_the_rest_at_once() -> None:
+    sequencer, port = make()
+    live(sequencer, 0, 3)  # gap: a replay from 1 is in flight, 3 is held
+    assert port.requests == [1]
+    sequencer.resynced(2, now=0.0)  # the snapshot covers 1; 2 is still missing
+    assert port.cancels == 1
+    assert port.requests == [1, 2]
+    assert sequencer.state is SourceState.RECOVERING
+    replay(sequencer, 2, 3)
+    assert port.delivered == [0, 2, 3]
+    assert sequencer.state is SourceState.EXACT
+
+
 def test_a_range_that_left_the_publishers_buffer_asks_for_a_resync() -> None:
     sequencer, port = make()
     live(sequencer, 0, 10)

@@ -153,3 +153,24 @@ def test_larger_block_hash_is_concatenation_of_small_hashes() -> None:
         view[3]
     with pytest.raises(ValueError, match="not a multiple of hash_block_size"):
         BlockHashListWithBlockSize(small, 16, 24)
+
+
+def test_blocks_after_the_last_image_carry_no_multimodal_key() -> None:
+    # The image covers tokens 2-5: block 0 names it, blocks 1 and 2 do not.
+    init_none_hash(sha256, seed="0")
+    request = _request(
+        list(range(12)),
+        4,
+        mm_features=[
+            MultiModalFeatureSpec(
+                data=MultiModalKwargsItem.dummy(),
+                modality="image",
+                identifier="img",
+                mm_position=PlaceholderRange(offset=2, length=4),
+            )
+        ],
+    )
+    first = hash_block_tokens(sha256, None, range(4), (("img", 2),))
+    second = hash_block_tokens(sha256, first, range(4, 8), (("img", -2),))
+    third = hash_block_tokens(sha256, second, range(8, 12), None)
+    assert request.block_hashes == [first, second, third]

@@ -5,7 +5,11 @@ Each request is prefilled in one step, decodes a few tokens one step at a time
 and is freed. Both managers must give every request the same number of blocks
 per group at every step (hits only change which blocks, never how many), and
 the caching manager must keep its books straight throughout: reference counts,
-the free queue, the cache map, and the content behind every hit.
+the free queue, the cache map, and the content behind every hit. Every hit
+must equal a brute-force oracle's (`tests.replicas.hit_oracle`), which applies
+the hit rules to the cached blocks without the manager's hit finder; some
+steps evict a random free cached block of any group, so groups that share a
+spec do not always hold the same blocks.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from replicas.kv_cache.specs import KVCacheSpec
 from replicas.kv_cache.utils import BlockHashListWithBlockSize, make_block_hash_with_group_id
 from replicas.request import Request
 from tests.replicas.conftest import full, mamba, manager, request, swa
+from tests.replicas.hit_oracle import brute_force_hit
 
 CONFIGS: dict[str, tuple[KVCacheSpec, ...]] = {
     "full": (full(4),),
@@ -29,6 +34,13 @@ CONFIGS: dict[str, tuple[KVCacheSpec, ...]] = {
     "full+swa": (full(4), swa(4, 8)),
     "full8+swa4+mamba8": (full(8), swa(4, 12), mamba(8)),
     "full+2swa": (full(4), swa(4, 4), swa(4, 16)),
+    # Groups sharing a spec, and windows that are not a whole number of blocks
+    # (9 = 2 blocks + 1 token, 6 = 1 block + 2 tokens: `window - 1` matters).
+    "full+swa+swa": (full(4), swa(4, 8), swa(4, 8)),
+    "full+full+swa9": (full(4), full(4), swa(4, 9)),
+    "full+swa6": (full(4), swa(4, 6)),
+    # Full attention in blocks smaller than the hit alignment (lcm 8).
+    "full4+swa8": (full(4), swa(8, 16)),
 }
 PREFIXES = [[100 + p] * 4 * n for p, n in enumerate((3, 5, 8))]
 
@@ -125,6 +137,7 @@ def test_caching_changes_which_blocks_never_how_many(
             pair.on.reuse_hint_tokens = rng.choice((0, len(prompt) // 2, len(prompt)))
             hit_blocks, hit = on.get_computed_blocks(pair.on)
             _check_hit(on, pair.on, hit, hit_blocks.blocks)
+            assert hit == brute_force_hit(on, pair.on, use_eagle=False), f"step {step}"
             got_on = on.allocate_slots(pair.on, len(prompt) - hit, hit, hit_blocks)
             got_off = off.allocate_slots(pair.off, len(prompt))
             assert (got_on is None) == (got_off is None)
@@ -148,6 +161,14 @@ def test_caching_changes_which_blocks_never_how_many(
             lengths_on = [len(b) for b in on.get_block_ids(pair.on.request_id)]
             lengths_off = [len(b) for b in off.get_block_ids(pair.off.request_id)]
             assert lengths_on == lengths_off
+        if rng.random() < 0.2:
+            free_cached = [
+                b.block_id
+                for b in on.block_pool.blocks[1:]
+                if b.ref_cnt == 0 and b.block_hash is not None
+            ]
+            if free_cached:
+                on.block_pool.evict_blocks([rng.choice(free_cached)])
         _check_books(on, [p.on for p in live])
         _check_books(off, [p.off for p in live])
         evictions += sum(isinstance(e, BlockRemoved) for e in on.take_events())

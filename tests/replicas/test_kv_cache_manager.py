@@ -253,3 +253,61 @@ def test_page_sizes_follow_dtypes() -> None:
         == 12 + 16
     )
     assert mla.kind.value == "mla_attention"
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "expected"),
+    [(17, 8), (20, 8), (21, 8), (25, 16), (33, 24), (16, 0)],
+)
+def test_eagle_keeps_a_hit_shorter_than_the_window_when_block_and_hit_sizes_differ(
+    num_tokens: int, expected: int
+) -> None:
+    # Full attention in 8-token blocks, a 12-token window in 4-token blocks:
+    # hits are multiples of 8. With EAGLE, a hit of 8 needs the full group's
+    # tokens 0-15 and the window group's tokens 0-11 (0-7 before the hit, 8-11
+    # peeked). All 40 prompt tokens are cached, so that hit is there; aligning
+    # the window's run (3 blocks -> 2) before dropping the peeked block lost it.
+    mgr = manager(64, full(8), swa(4, 12), use_eagle=True)
+    tokens = list(range(40))
+    first = request("first", tokens, 4)
+    assert mgr.allocate_slots(first, 40) is not None
+    first.num_computed_tokens = 40
+    mgr.free(first)
+    probe = request("probe", tokens[:num_tokens], 4)
+    blocks, hit = mgr.get_computed_blocks(probe)
+    assert hit == expected
+    assert [len(group) for group in blocks.blocks] == [expected // 8, expected // 4]
+
+
+@pytest.mark.parametrize(("num_tokens", "expected"), [(17, 12), (21, 16), (25, 20), (5, 0)])
+def test_eagle_with_a_mamba_group_never_reports_more_than_full_attention_holds(
+    num_tokens: int, expected: int
+) -> None:
+    # With EAGLE, full attention needs the block after the hit, so a 17-token
+    # prompt (at most 16 cached) hits 12. Mamba does not drop a peeked block:
+    # offered one block past the candidate, it reported 16 while the full
+    # group held 3 blocks, a hit longer than one group's blocks.
+    mgr = manager(64, full(4), mamba(4), use_eagle=True)
+    tokens = list(range(40))
+    first = request("first", tokens, 4)
+    assert mgr.allocate_slots(first, 40) is not None
+    first.num_computed_tokens = 40
+    mgr.new_step_starts()
+    mgr.free(first)
+    probe = request("probe", tokens[:num_tokens], 4)
+    blocks, hit = mgr.get_computed_blocks(probe)
+    assert hit == expected
+    assert [len(group) for group in blocks.blocks] == [expected // 4, expected // 4]
+
+
+@pytest.mark.parametrize(("num_blocks", "admitted"), [(46, True), (45, False)])
+def test_admission_counts_the_window_group_at_its_cap_exactly(
+    num_blocks: int, admitted: bool
+) -> None:
+    # A 512-token prompt: 32 full-attention blocks, and for a 64-token window
+    # with 128-token chunks at most ceil((63 + 128) / 16) + 1 = 13 window
+    # blocks at once: 45 blocks, the pool's usable blocks being num_blocks - 1.
+    mgr = manager(num_blocks, full(16), swa(16, 64), max_num_batched_tokens=128, max_model_len=1024)
+    req = request("long", list(range(512)), 16)
+    got = mgr.allocate_slots(req, 16, full_sequence_must_fit=True)
+    assert (got is not None) == admitted

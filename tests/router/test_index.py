@@ -6,6 +6,7 @@ import pytest
 
 from events.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 from replicas.kv_cache.manager import KVCacheManager
+from replicas.kv_cache.specs import KVCacheSpec
 from replicas.request import (
     LoRARequest,
     MultiModalFeatureSpec,
@@ -256,6 +257,16 @@ def test_predictions_count_only_when_asked_and_expire_by_ttl() -> None:
     assert index.num_predicted() == 0
 
 
+def test_the_predicted_entry_count_leaves_out_expired_predictions() -> None:
+    clock = FakeClock()
+    index = _index("a", clock=clock, prediction_ttl_s=2.0)
+    assert index.add_prediction("a", _request(index, list(range(21)))) == 5
+    assert index.num_predicted() == 5
+    clock.now += 2.1
+    assert index.num_predicted() == 0
+    assert index.stats.predictions_expired == 5
+
+
 def test_stored_events_confirm_predictions_and_failures_drop_them() -> None:
     clock = FakeClock()
     index = _index("a", clock=clock)
@@ -314,3 +325,34 @@ def test_reset_keeps_predictions_of_requests_in_flight() -> None:
     assert index.predict(request, include_predicted=True)["a"] == 20
     index.remove("a")
     assert index.num_predicted() == 0
+
+
+@pytest.mark.parametrize(
+    ("specs", "emptied_group", "expected"),
+    [
+        ((full(4), swa(4, 8), swa(4, 8)), 2, 0),
+        ((full(4), swa(4, 8), swa(4, 8)), 1, 0),
+        ((full(4), full(4)), 1, 0),
+        ((full(4), full(4)), 0, 0),
+        ((full(4), swa(4, 8), swa(4, 8)), None, 24),
+    ],
+    ids=["second-window", "first-window", "second-full", "first-full", "none"],
+)
+def test_every_group_of_a_shared_spec_must_hold_the_hit(
+    specs: tuple[KVCacheSpec, ...], emptied_group: int | None, expected: int
+) -> None:
+    # Groups with one spec are looked up together; each must hold its blocks.
+    index = KVIndex(ALGO, SEED)
+    cfg = config(64, *specs)
+    index.register("h", cfg, hash_block_size=4, hash_algo=ALGO, hash_seed=SEED)
+    manager = KVCacheManager(
+        cfg, max_model_len=1024, hash_block_size=4, enable_kv_cache_events=True
+    )
+    _serve(index, "h", manager, _request(index, list(range(24))))
+    if emptied_group is not None:
+        removed = [
+            BlockRemoved(block_hashes=[event_hash(h)], medium="GPU", group_idx=emptied_group)
+            for h in _request(index, list(range(24))).block_hashes
+        ]
+        index.apply("h", KVEventBatch(ts=0.0, events=removed))
+    assert index.predict(_request(index, list(range(25))))["h"] == expected

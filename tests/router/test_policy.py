@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from collections import Counter
+
 import pytest
 
 from replicas.kv_cache.utils import BlockHash
@@ -20,6 +23,16 @@ from router.policy import (
 )
 
 PROMPT = RouteRequest(num_tokens=4096)
+
+
+def _assert_uniform(picks: list[str]) -> None:
+    """Each of a, b, c about a third of 3,000 picks, and each ordered pair of
+    successive picks about a ninth: a constant choice fails the first, a
+    cycle (round robin) the second."""
+    counts = Counter(picks)
+    assert sorted(counts) == ["a", "b", "c"] and all(900 <= n <= 1100 for n in counts.values())
+    pairs = Counter(itertools.pairwise(picks))
+    assert len(pairs) == 9 and all(270 <= n <= 400 for n in pairs.values()), pairs
 
 
 def _c(name: str, hit: int = 0, queued: int = 0, running: int = 0, usage: float = 0.0) -> Candidate:
@@ -54,11 +67,16 @@ def test_kv_aware_breaks_cost_ties_by_load_then_seeded_random() -> None:
     policy = KVAware(CostWeights(prefill_s_per_token=1e-4, decode_s_per_seq=0.0))
     tied = [_c("a", 1000, queued=1000), _c("b", 0, queued=0)]
     assert policy.choose(PROMPT, tied) == "b"
-    picks = {KVAware(seed=s).choose(PROMPT, [_c("a"), _c("b"), _c("c")]) for s in range(20)}
-    assert picks == {"a", "b", "c"}
-    assert KVAware(seed=3).choose(PROMPT, [_c("a"), _c("b")]) == KVAware(seed=3).choose(
-        PROMPT, [_c("a"), _c("b")]
-    )
+    # Among equal cost and load: a seeded uniform pick.
+    candidates = [_c("a"), _c("b"), _c("c")]
+    seeded = KVAware(seed=3)
+    picks = [seeded.choose(PROMPT, candidates) for _ in range(3000)]
+    _assert_uniform(picks)
+    # The seed decides the sequence: the same seed repeats it, another differs.
+    again = KVAware(seed=3)
+    assert [again.choose(PROMPT, candidates) for _ in range(3000)] == picks
+    other = KVAware(seed=4)
+    assert [other.choose(PROMPT, candidates) for _ in range(3000)] != picks
 
 
 def test_kv_aware_softmax_mostly_picks_the_cheapest() -> None:
@@ -77,8 +95,20 @@ def test_round_robin_cycles_and_random_is_seeded() -> None:
     policy = RoundRobin()
     candidates = [_c("a"), _c("b"), _c("c")]
     assert [policy.choose(PROMPT, candidates) for _ in range(4)] == ["a", "b", "c", "a"]
-    first = [RandomChoice(seed=7).choose(PROMPT, candidates) for _ in range(3)]
-    assert first == [RandomChoice(seed=7).choose(PROMPT, candidates) for _ in range(3)]
+    seeded = RandomChoice(seed=7)
+    picks = [seeded.choose(PROMPT, candidates) for _ in range(3000)]
+    _assert_uniform(picks)
+    again = RandomChoice(seed=7)
+    assert [again.choose(PROMPT, candidates) for _ in range(3000)] == picks
+    other = RandomChoice(seed=8)
+    assert [other.choose(PROMPT, candidates) for _ in range(3000)] != picks
+
+
+def test_random_ignores_hits_and_load() -> None:
+    policy = RandomChoice(seed=1)
+    candidates = [_c("a", hit=4000), _c("b", queued=10**6), _c("c", running=50)]
+    picks = [policy.choose(PROMPT, candidates) for _ in range(3000)]
+    _assert_uniform(picks)
 
 
 def test_least_loaded_ignores_hits() -> None:
