@@ -83,6 +83,7 @@ class ReplicaServer:
         self._outputs: dict[str, asyncio.Queue[RequestOutput | None]] = {}
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
+        self._starting: asyncio.Future[ReplicaInfo] | None = None
         self._publisher: ZmqEventPublisher | None = None
         self._ipc_dir: str | None = None
         self.steps = 0
@@ -95,9 +96,16 @@ class ReplicaServer:
         return f"tcp://{events.host}:*", f"tcp://{events.host}:*"
 
     async def start(self) -> ReplicaInfo:
-        """Bind, register with the router, then start serving and publishing."""
-        if self._publisher is not None:
-            return self.info()
+        """Bind, register with the router, then start serving and publishing.
+
+        Idempotent, and concurrent calls (the launcher's and a router's supervisor)
+        all wait for the one start to finish: none returns before the replica serves.
+        """
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._start())
+        return await asyncio.shield(self._starting)
+
+    async def _start(self) -> ReplicaInfo:
         pub, replay = self._endpoints()
         events = self.config.events
         self._publisher = ZmqEventPublisher(
