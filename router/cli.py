@@ -5,7 +5,7 @@ kvroute up [--config CONFIG]  launch and serve until Ctrl-C
 kvroute submit PROMPT ...     send prompts to a running router
 kvroute status                replicas, index size, hit rate
 kvroute config [NAME]         print a bundled config (copy it out to edit it)
-kvroute bench                 simulate the policies on a trace
+kvroute bench                 simulate the policies on a trace (a plugin of the benchmarks)
 
 CONFIG is a YAML path or a bundled config's name (default: `default`). Heavy modules
 (ray, torch, numba, the benchmarks) are imported only by the commands that use them,
@@ -20,6 +20,7 @@ import json
 import signal
 import sys
 import time
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
 from configs import bundled_config_names, resolve_config
@@ -196,28 +197,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Simulate every policy on a trace or workload (benchmarks/quality.py)."""
-    try:
-        from benchmarks.quality import main as quality_main
-    except ImportError as exc:
-        raise CommandError(
-            f"kvroute bench needs the benchmark extra: pip install 'kvroute[bench]' ({exc})"
-        ) from None
-    argv = [
-        f"--workloads={args.trace}",
-        f"--speeds={args.speed}",
-        f"--policies={args.policies}",
-        f"--out={args.out}",
-        f"--config={resolve_config(args.config)}",
-    ]
-    if args.replicas:
-        argv.append(f"--replicas={args.replicas}")
-    if args.limit:
-        argv.append(f"--limit={args.limit}")
-    return quality_main(argv)
-
-
 def cmd_config(args: argparse.Namespace) -> int:
     """Print a bundled config, or list them; `kvroute config default > my.yaml` copies one."""
     if args.name is None:
@@ -266,18 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print a bundled config, or list them")
     config.add_argument("name", nargs="?", help="a bundled config's name; none lists them")
     config.set_defaults(func=cmd_config)
-    bench = sub.add_parser("bench", help="simulate policies on a trace against bounds")
-    bench.add_argument("--trace", default="conversation", help="comma-separated workloads")
-    bench.add_argument("--replicas", type=int, help="default: replicas.count in the config")
-    bench.add_argument("--speed", default="1.5", help="comma-separated trace speeds")
-    bench.add_argument(
-        "--policies",
-        default="kv_aware,round_robin,random,least_loaded,prefix_only,sglang_like",
-    )
-    bench.add_argument("--limit", type=int, help="only the first N requests")
-    bench.add_argument("--config", default="bench", help="benchmark parameters: path or name")
-    bench.add_argument("--out", default="kvroute-bench", help="results folder (created)")
-    bench.set_defaults(func=cmd_bench)
+    for plugin in entry_points(group="kvroute.commands"):
+        plugin.load()(sub)
     return parser
 
 
