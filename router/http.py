@@ -151,7 +151,8 @@ async def _json(request: web.Request, options: HttpOptions) -> Any:
     """The body, read within `body_timeout_s` (the size limit applies while reading)
     and parsed off the event loop when large."""
     try:
-        raw = await asyncio.wait_for(request.read(), options.body_timeout_s)
+        async with asyncio.timeout(options.body_timeout_s):
+            raw = await request.read()
     except TimeoutError:
         raise InvalidRequestError(
             f"the request body did not arrive within {options.body_timeout_s:g} s"
