@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -237,43 +237,39 @@ class FrontDoor:
     def completion_body(
         self, call: CompletionsCall, units: _Units, outputs: list[UnitOutput]
     ) -> dict[str, Any]:
-        outputs = sorted(outputs, key=lambda o: o.index)
-        choices = [
-            {
-                "index": o.index,
-                "text": (units.echo[o.index] if units.echo else "") + o.text,
-                "logprobs": None,
-                "finish_reason": o.finish_reason,
-            }
-            for o in outputs
-        ]
-        return {
-            **self._envelope("text_completion", call.params.request_id, "cmpl"),
-            "choices": choices,
-            "usage": self.usage(outputs),
-            **self._routing(outputs),
-        }
+        def choice(o: UnitOutput) -> dict[str, Any]:
+            return {"text": (units.echo[o.index] if units.echo else "") + o.text}
 
-    def _routing(self, outputs: list[UnitOutput]) -> dict[str, Any]:
-        return {"kvroute": self.kvroute(outputs)} if self.expose_routing else {}
+        return self._body("text_completion", "cmpl", call.params, outputs, choice)
 
     def chat_body(self, call: ChatCall, outputs: list[UnitOutput]) -> dict[str, Any]:
+        def choice(o: UnitOutput) -> dict[str, Any]:
+            return {"message": {"role": "assistant", "content": o.text}}
+
+        return self._body("chat.completion", "chatcmpl", call.params, outputs, choice)
+
+    def _body(
+        self,
+        kind: str,
+        prefix: str,
+        params: GenerationParams,
+        outputs: list[UnitOutput],
+        content: Callable[[UnitOutput], dict[str, Any]],
+    ) -> dict[str, Any]:
+        """A whole response: one choice per unit in index order, with its `content`."""
         outputs = sorted(outputs, key=lambda o: o.index)
         choices = [
-            {
-                "index": o.index,
-                "message": {"role": "assistant", "content": o.text},
-                "logprobs": None,
-                "finish_reason": o.finish_reason,
-            }
+            {"index": o.index, **content(o), "logprobs": None, "finish_reason": o.finish_reason}
             for o in outputs
         ]
-        return {
-            **self._envelope("chat.completion", call.params.request_id, "chatcmpl"),
+        body = {
+            **self._envelope(kind, params.request_id, prefix),
             "choices": choices,
             "usage": self.usage(outputs),
-            **self._routing(outputs),
         }
+        if self.expose_routing:
+            body["kvroute"] = self.kvroute(outputs)
+        return body
 
     async def completion_chunks(
         self, call: CompletionsCall, units: _Units
