@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import openai
 import pytest
+import ray
 
 from tests.cluster.conftest import Deployment
 
@@ -86,3 +89,20 @@ def test_errors_come_in_openais_shapes(client: openai.OpenAI) -> None:
     assert unsupported.value.param == "logprobs"
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="tiny-hybrid", input="x")
+
+
+def test_an_openai_stream_closed_early_frees_the_replica(
+    client: openai.OpenAI, deployment: Deployment
+) -> None:
+    stream = client.completions.create(
+        model="tiny-hybrid", prompt=[2, 3, 4] * 50, max_tokens=3000, stream=True
+    )
+    first = next(iter(stream))
+    assert first.choices[0].finish_reason is None
+    stream.close()
+    live = [r["replica_id"] for r in deployment.client().status()["replicas"]]
+    handles = [ray.get_actor(name, namespace="kvroute") for name in live]
+    deadline = time.monotonic() + 20
+    while any(ray.get(h.load.remote()).running_seqs for h in handles):
+        assert time.monotonic() < deadline, "the abandoned stream kept running"
+        time.sleep(0.05)
