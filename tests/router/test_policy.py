@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 
@@ -18,6 +19,7 @@ from router.policy import (
     ReplicaLoad,
     RoundRobin,
     RouteRequest,
+    RoutingPolicy,
     SGLangLike,
     make_policy,
 )
@@ -33,6 +35,19 @@ def _assert_uniform(picks: list[str]) -> None:
     assert sorted(counts) == ["a", "b", "c"] and all(900 <= n <= 1100 for n in counts.values())
     pairs = Counter(itertools.pairwise(picks))
     assert len(pairs) == 9 and all(270 <= n <= 400 for n in pairs.values()), pairs
+
+
+def _assert_seeded_uniform(make: Callable[[int], RoutingPolicy], seed: int) -> None:
+    """3,000 picks among a, b, c are uniform; the same seed repeats them, another not."""
+    candidates = [_c("a"), _c("b"), _c("c")]
+
+    def picks(policy: RoutingPolicy) -> list[str]:
+        return [policy.choose(PROMPT, candidates) for _ in range(3000)]
+
+    first = picks(make(seed))
+    _assert_uniform(first)
+    assert picks(make(seed)) == first
+    assert picks(make(seed + 1)) != first
 
 
 def _c(name: str, hit: int = 0, queued: int = 0, running: int = 0, usage: float = 0.0) -> Candidate:
@@ -67,16 +82,8 @@ def test_kv_aware_breaks_cost_ties_by_load_then_seeded_random() -> None:
     policy = KVAware(CostWeights(prefill_s_per_token=1e-4, decode_s_per_seq=0.0))
     tied = [_c("a", 1000, queued=1000), _c("b", 0, queued=0)]
     assert policy.choose(PROMPT, tied) == "b"
-    # Among equal cost and load: a seeded uniform pick.
-    candidates = [_c("a"), _c("b"), _c("c")]
-    seeded = KVAware(seed=3)
-    picks = [seeded.choose(PROMPT, candidates) for _ in range(3000)]
-    _assert_uniform(picks)
-    # The seed decides the sequence: the same seed repeats it, another differs.
-    again = KVAware(seed=3)
-    assert [again.choose(PROMPT, candidates) for _ in range(3000)] == picks
-    other = KVAware(seed=4)
-    assert [other.choose(PROMPT, candidates) for _ in range(3000)] != picks
+    # Among equal cost and load: a seeded uniform pick, repeated by the same seed.
+    _assert_seeded_uniform(lambda seed: KVAware(seed=seed), 3)
 
 
 def test_kv_aware_softmax_mostly_picks_the_cheapest() -> None:
@@ -95,13 +102,7 @@ def test_round_robin_cycles_and_random_is_seeded() -> None:
     policy = RoundRobin()
     candidates = [_c("a"), _c("b"), _c("c")]
     assert [policy.choose(PROMPT, candidates) for _ in range(4)] == ["a", "b", "c", "a"]
-    seeded = RandomChoice(seed=7)
-    picks = [seeded.choose(PROMPT, candidates) for _ in range(3000)]
-    _assert_uniform(picks)
-    again = RandomChoice(seed=7)
-    assert [again.choose(PROMPT, candidates) for _ in range(3000)] == picks
-    other = RandomChoice(seed=8)
-    assert [other.choose(PROMPT, candidates) for _ in range(3000)] != picks
+    _assert_seeded_uniform(lambda seed: RandomChoice(seed=seed), 7)
 
 
 def test_random_ignores_hits_and_load() -> None:
