@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 
@@ -36,10 +37,16 @@ from router.block_table import BlockTable, warm_up
 from router.index_ingest import EventIngest, event_hash, event_keys
 from router.index_predictions import Predictions
 from router.index_registry import ReplicaEntry, ReplicaRegistry
+from router.index_rekey import Rekeyer
 from router.index_stats import IndexStats
 from router.index_view import PromptMasks, ReplicaView
 
-__all__ = ["IndexStats", "KVIndex", "ReplicaEntry", "event_hash", "event_keys"]
+__all__ = ["HashMode", "IndexStats", "KVIndex", "ReplicaEntry", "event_hash", "event_keys"]
+
+# How a replica's event keys relate to the router's: "seeded" when the replica
+# hashes with the router's function and seed (checked at registration), "tokens"
+# when the router re-keys each stored block from its token ids (`index_rekey.py`).
+HashMode = Literal["seeded", "tokens"]
 
 
 class KVIndex:
@@ -68,6 +75,7 @@ class KVIndex:
         self._predictions = Predictions(self._groups, self.stats, prediction_ttl_s, clock)
         self._ingest = EventIngest(self._groups, self._predictions, self.stats)
         self._hashers: dict[int, RequestBlockHasher] = {}
+        self._rekeyers: dict[str, Rekeyer] = {}
 
     # ---------------------------------------------------------------- replicas
 
@@ -79,15 +87,27 @@ class KVIndex:
         hash_block_size: int,
         scheduler_block_size: int | None = None,
         use_eagle: bool = False,
-        hash_algo: str,
-        hash_seed: str,
+        hash_algo: str | None = None,
+        hash_seed: str | None = None,
         prefix_cache_retention_interval: int | None = None,
+        hash_mode: HashMode = "seeded",
     ) -> None:
-        """Admit a replica. Refused if its hash settings differ from the index's
-        or its id is taken. The retention interval changes which blocks a
-        replica caches, not how it looks them up, so it needs no handling here."""
-        del prefix_cache_retention_interval
-        self._registry.admit(
+        """Admit a replica. Refused if its id is taken or, in "seeded" mode, if its
+        hash settings differ from the index's; in "tokens" mode the index re-keys
+        its blocks and ignores its hash settings. The retention interval changes
+        which blocks a replica caches, not how it looks them up; only re-keying
+        needs to know it."""
+        if hash_mode == "tokens":
+            if prefix_cache_retention_interval is not None:
+                raise ValueError(
+                    f"replica {replica_id!r}: a retention interval makes which blocks it stores "
+                    "depend on each prompt's length, which its events do not carry, so they "
+                    "cannot be re-keyed; register it in seeded mode"
+                )
+            hash_algo, hash_seed = self.hash_algo, self.hash_seed
+        elif hash_algo is None or hash_seed is None:
+            raise ValueError(f"replica {replica_id!r}: seeded mode needs hash_algo and hash_seed")
+        entry = self._registry.admit(
             replica_id,
             kv_cache_config,
             hash_block_size=hash_block_size,
@@ -96,6 +116,8 @@ class KVIndex:
             hash_algo=hash_algo,
             hash_seed=hash_seed,
         )
+        if hash_mode == "tokens":
+            self._rekeyers[replica_id] = Rekeyer(entry, self.hash_fn, self.none_hash, self.stats)
         num_groups = len(kv_cache_config.kv_cache_groups)
         while len(self._groups) < num_groups:
             self._groups.append(BlockTable())
@@ -104,6 +126,7 @@ class KVIndex:
     def remove(self, replica_id: str) -> None:
         """Forget a replica and everything it held (e.g. it died)."""
         bit = self._registry.release(replica_id).bit
+        self._rekeyers.pop(replica_id, None)
         self._ingest.clear(bit)
         self._predictions.clear_bit(bit)
 
@@ -111,6 +134,9 @@ class KVIndex:
         """Forget a replica's confirmed blocks but keep it registered (before a
         resync). Its predictions stay: they describe requests still in flight."""
         self._ingest.clear(self._registry.require(replica_id).bit)
+        rekeyer = self._rekeyers.get(replica_id)
+        if rekeyer is not None:
+            rekeyer.clear()
 
     @property
     def replica_ids(self) -> list[str]:
@@ -141,6 +167,9 @@ class KVIndex:
                 "unknown_replica", "dropping events of unknown replica %r", replica_id
             )
             return
+        rekeyer = self._rekeyers.get(replica_id)
+        if rekeyer is not None:
+            batch = rekeyer.rekey(batch)
         self._ingest.apply(entry, batch)
 
     # ------------------------------------------------------------- prediction

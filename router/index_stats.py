@@ -19,6 +19,8 @@ class IndexStats:
     mismatched_group: int = 0
     bad_hash: int = 0
     removed_unknown: int = 0
+    # BlockStored events a hash-agnostic replica sent that could not be re-keyed.
+    unkeyable: int = 0
     predictions_added: int = 0
     predictions_confirmed: int = 0
     predictions_expired: int = 0

@@ -13,6 +13,9 @@ Some replicas have several groups with one spec (two windows, two full
 attention groups): the hit finder looks those up together, and eviction
 takes one group's copy of a block without the other's, so a prediction that
 looked at only one group of a spec would differ.
+
+In "tokens" mode the replicas hash with a seed the router was not told, and the
+index re-keys their blocks from the token ids the events carry.
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ import torch
 from events.kv_events import KVEventBatch
 from replicas.kv_cache.manager import KVCacheManager
 from replicas.kv_cache.specs import KVCacheSpec, MLAAttentionSpec
-from replicas.kv_cache.utils import init_none_hash
+from replicas.kv_cache.utils import BlockHash, RequestBlockHasher, init_none_hash
 from replicas.request import LoRARequest, Request, SamplingParams
-from router.index import KVIndex
+from router.index import HashMode, KVIndex
 from tests.replicas.conftest import config, full, mamba, swa
 from tests.replicas.hit_oracle import brute_force_hit, cached_keys
 
 HASH_ALGO, HASH_SEED = "sha256", "kvroute-test"
+ENGINE_SEED = "a-seed-the-router-was-not-told"
 # 3 seeds x 600 steps x 6 fresh prompts = 10,800 prompts, each checked on every replica.
 STEPS, PROBES = 600, 6
 
@@ -100,7 +104,9 @@ def _prompt(rng: random.Random) -> list[int]:
     ]
 
 
-def _new_request(index: KVIndex, request_id: str, tokens: list[int], rng: random.Random) -> Request:
+def _new_request(
+    hasher: RequestBlockHasher, request_id: str, tokens: list[int], rng: random.Random
+) -> Request:
     kwargs: dict[str, object] = {}
     roll = rng.random()
     if roll < 0.1:
@@ -111,7 +117,7 @@ def _new_request(index: KVIndex, request_id: str, tokens: list[int], rng: random
         request_id,
         tokens,
         SamplingParams(max_tokens=8),
-        block_hasher=index.hasher(4),
+        block_hasher=hasher,
         **kwargs,  # type: ignore[arg-type]
     )
 
@@ -153,22 +159,29 @@ def _twins_disagree(replica: Replica, prompt: Request, keys: set[bytes]) -> bool
     return False
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_predicted_hits_equal_every_replicas_own(seed: int) -> None:
+@pytest.mark.parametrize(
+    ("mode", "seed"), [("seeded", 0), ("seeded", 1), ("seeded", 2), ("tokens", 0), ("tokens", 1)]
+)
+def test_predicted_hits_equal_every_replicas_own(mode: HashMode, seed: int) -> None:
     rng = random.Random(seed)
     index = KVIndex(HASH_ALGO, HASH_SEED)
     init_none_hash(index.hash_fn, seed=HASH_SEED)
-    managers = {r.name: r.build() for r in REPLICAS}
-    for replica in REPLICAS:
+    engine_seed = HASH_SEED if mode == "seeded" else ENGINE_SEED
+    hasher = RequestBlockHasher(4, index.hash_fn, BlockHash(index.hash_fn(engine_seed)))
+    replicas = [r for r in REPLICAS if mode == "seeded" or r.retention is None]
+    managers = {r.name: r.build() for r in replicas}
+    for replica in replicas:
         index.register(
             replica.name,
             managers[replica.name].kv_cache_config,
             hash_block_size=min(s.block_size for s in replica.specs),
             use_eagle=replica.use_eagle,
             hash_algo=HASH_ALGO,
-            hash_seed=HASH_SEED,
+            hash_seed=engine_seed,
+            prefix_cache_retention_interval=replica.retention,
+            hash_mode=mode,
         )
-    running: dict[str, list[tuple[Request, int]]] = {r.name: [] for r in REPLICAS}
+    running: dict[str, list[tuple[Request, int]]] = {r.name: [] for r in replicas}
     split = dict.fromkeys(managers, 0)  # probes where a shared spec's groups disagree
     clock = [0.0]
     checked = nonzero = 0
@@ -178,7 +191,7 @@ def test_predicted_hits_equal_every_replicas_own(seed: int) -> None:
             manager.new_step_starts()
             queue = running[name]
             if len(queue) < 3 and rng.random() < 0.7:
-                req = _new_request(index, f"{name}-{step}", _prompt(rng), rng)
+                req = _new_request(hasher, f"{name}-{step}", _prompt(rng), rng)
                 blocks, hit = manager.get_computed_blocks(req)
                 chunk = rng.choice((4, 8, 16, 64))
                 todo = max(1, min(chunk, req.num_tokens - hit))
@@ -209,23 +222,24 @@ def test_predicted_hits_equal_every_replicas_own(seed: int) -> None:
             _drain(index, name, manager, clock)
         keys = {name: cached_keys(m) for name, m in managers.items()}
         for probe in range(PROBES):
-            fresh = _new_request(index, f"probe-{step}-{probe}", _prompt(rng), rng)
-            predicted = index.predict(fresh)
+            fresh = _new_request(hasher, f"probe-{step}-{probe}", _prompt(rng), rng)
+            predicted = index.predict(fresh.prompt_keys)
             actual = {name: m.get_computed_blocks(fresh)[1] for name, m in managers.items()}
             where = f"step {step}: prompt of {fresh.num_tokens} tokens"
             assert predicted == actual, where
             oracle = {
                 r.name: brute_force_hit(managers[r.name], fresh, r.use_eagle, keys[r.name])
-                for r in REPLICAS
+                for r in replicas
             }
             assert actual == oracle, where
             checked += len(actual)
             nonzero += sum(1 for v in actual.values() if v)
-            for r in REPLICAS:
+            for r in replicas:
                 split[r.name] += _twins_disagree(r, fresh, keys[r.name])
-    assert checked == STEPS * PROBES * len(REPLICAS)
+    assert checked == STEPS * PROBES * len(replicas)
     assert nonzero > checked // 4, "too few hits for the comparison to mean much"
+    assert index.stats.unkeyable == 0
     # A later group of a shared spec often lacked what the first one held.
-    for r in REPLICAS:
+    for r in replicas:
         if len(set(r.specs)) < len(r.specs):
             assert split[r.name] >= 50, (r.name, split[r.name])
