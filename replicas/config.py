@@ -153,7 +153,8 @@ class CostConfig(Struct):
 
 
 class ReplicasConfig(Struct):
-    count: Positive = 4
+    # kvroute's own replica actors; 0 when every engine is external (`external:`).
+    count: Annotated[int, msgspec.Meta(ge=0)] = 4
     max_num_seqs: Positive = 64
     max_num_batched_tokens: Positive = 2048
     retention_interval: Annotated[int, msgspec.Meta(ge=0)] | None = None

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 import yaml
 
 from replicas.config import (
+    LOOPBACK_HOSTS,
     EventsConfig,
     HashingConfig,
     ModelConfig,
@@ -53,6 +54,9 @@ class RouterConfig(Struct):
     # A request that has not finished after this long is aborted on its replica and
     # answered with a 504; a request may ask for less with `timeout`.
     request_timeout_s: Positive = 600.0
+    # External engines share one pool of at most this many HTTP connections.
+    max_engine_connections: AtLeastOne = 256
+    engine_connect_timeout_s: Positive = 5.0
     # Admission control: past either limit a replica takes no more requests; with
     # every replica past it, the router answers 429 with Retry-After.
     max_requests_per_replica: AtLeastOne = 256
@@ -87,6 +91,66 @@ class RouterConfig(Struct):
         if (self.api_keys_file or self.api_keys_env) and not keys:
             raise ValueError("router.api_keys_file / api_keys_env name no key")
         return frozenset(keys)
+
+
+class ExternalEventsConfig(Struct):
+    """An external engine's KV event stream, as vLLM's `--kv-events-config` sets it
+    up: a ZMQ PUB endpoint, an optional replay endpoint, and a topic."""
+
+    endpoint: str
+    replay_endpoint: str | None = None
+    topic: str = ""
+    # The engine's CURVE public key (Z85, one line). vLLM has no CURVE: without a
+    # key the stream is in clear, which only a loopback endpoint or an explicit
+    # allow_insecure accepts.
+    curve_public_key_file: str | None = None
+    allow_insecure: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.endpoint.startswith(("tcp://", "ipc://")):
+            raise ValueError(f"endpoint {self.endpoint!r} must be tcp://HOST:PORT or ipc://PATH")
+        key_file = self.curve_public_key_file
+        if key_file is not None:
+            if not Path(key_file).is_file():
+                raise ValueError(f"curve_public_key_file: no such file {key_file}")
+            return
+        host = self.endpoint.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+        exposed = self.endpoint.startswith("tcp://") and host not in LOOPBACK_HOSTS
+        if exposed and not self.allow_insecure:
+            raise ValueError(
+                f"events from {self.endpoint} would carry prompts in clear over the "
+                "network; give curve_public_key_file, or set allow_insecure: true"
+            )
+
+    def curve_public_key(self) -> str | None:
+        if self.curve_public_key_file is None:
+            return None
+        return Path(self.curve_public_key_file).read_text().strip()
+
+
+class ExternalEngineConfig(Struct):
+    """An engine kvroute did not start (vLLM, or `kvroute serve-replica`), reached
+    over its OpenAI-compatible HTTP API, and indexed from its KV event stream.
+
+    `layout` is the engine's KV cache groups (kinds, block sizes, windows) in the
+    `model:` section's shape; omitted, it is the cluster's `model:` section.
+    `hash_mode: tokens` keys its blocks by the router's own hash of the token ids
+    its events carry, so its hash seed need not be known; `seeded` trusts its
+    block hashes and needs `hash_seed` (the engine's PYTHONHASHSEED) to equal
+    the router's `hashing.seed`, which registration checks."""
+
+    name: str
+    url: str
+    events: ExternalEventsConfig
+    hash_mode: Literal["tokens", "seeded"] = "tokens"
+    hash_seed: str | None = None
+    layout: ModelConfig | None = None
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url {self.url!r} must start with http:// or https://")
+        if self.hash_mode == "seeded" and self.hash_seed is None:
+            raise ValueError(f"engine {self.name!r}: hash_mode seeded needs hash_seed")
 
 
 class ClusterConfig(Struct):
@@ -130,6 +194,21 @@ class DeploymentSections(Struct):
 class Config(DeploymentSections):
     cluster: ClusterConfig = ClusterConfig()
     workload: WorkloadConfig = WorkloadConfig()
+    external: list[ExternalEngineConfig] = msgspec.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.replicas.count == 0 and not self.external:
+            raise ValueError("replicas.count is 0 and no external engine is configured")
+        names = [engine.name for engine in self.external]
+        own = {f"replica-{i}" for i in range(self.replicas.count)}
+        clash = sorted({n for n in names if names.count(n) > 1 or n in own})
+        if clash:
+            raise ValueError(f"external engine names must be unique and not replica-N: {clash}")
+
+    @property
+    def engine_count(self) -> int:
+        """Every engine the router fronts: its own replicas and external ones."""
+        return self.replicas.count + len(self.external)
 
     def replica_settings(self, namespace: str | None = None) -> ReplicaSettings:
         return super().replica_settings(namespace or self.cluster.namespace)

@@ -34,7 +34,7 @@ from events.kv_events import KVEventBatch
 from replicas.api import InvalidRequestError, ModelLimits, ReplicaLoad, validate_generate
 from replicas.kv_cache.prompt import HashedPrompt, PromptKeys
 from replicas.kv_cache.specs import KVCacheConfig
-from router.index import KVIndex
+from router.index import HashMode, KVIndex
 from router.policy import Candidate, RouteRequest, RoutingPolicy
 from router.reuse import ReuseTracker
 
@@ -89,6 +89,9 @@ class Registration:
     hash_seed: str
     limits: ModelLimits
     retention_interval: int | None = None
+    # "tokens": the index re-keys this replica's blocks from its events' token
+    # ids, so its hash function and seed need not match the router's.
+    hash_mode: HashMode = "seeded"
 
 
 @dataclass
@@ -185,6 +188,7 @@ class Router:
             hash_algo=registration.hash_algo,
             hash_seed=registration.hash_seed,
             prefix_cache_retention_interval=registration.retention_interval,
+            hash_mode=registration.hash_mode,
         )
         self.replicas[registration.replica_id] = ReplicaState(registration)
 

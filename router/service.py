@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgspec
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError
 
 from events.curve import CurveKeyPair
 from events.kv_events import KVEventBatch
@@ -41,13 +42,15 @@ from replicas.api import (
     GenerateRequest,
     GenerateResult,
     InvalidRequestError,
+    ModelLimits,
     ReplicaInfo,
     ReplicaLoad,
     StreamChunk,
 )
 from replicas.kv_cache.prompt import PromptKeys
+from router.backends import ACTOR_GONE, Backend, RayReplica, ReplicaUnavailableError
 from router.chat import ChatTemplate
-from router.config import Config
+from router.config import Config, ExternalEngineConfig
 from router.core import (
     Decision,
     NoReplicaError,
@@ -57,14 +60,13 @@ from router.core import (
     Router,
     RouterSettings,
 )
+from router.engine_client import HttpEngine
 from router.metrics import ReplicaView, RouterMetrics, ScrapeView
 from router.policy import make_policy
 from router.protocol import CompletionInput, ModelNotFoundError, RoutedResult
 from router.tokenizer import load_tokenizer, tokenizer_file
 
 logger = logging.getLogger(__name__)
-
-ACTOR_GONE = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 
 def replica_actor_name(index: int) -> str:
@@ -110,10 +112,33 @@ class _TokenClock:
 
 @dataclass
 class ReplicaLink:
-    """How the service reaches one replica."""
+    """How the service reaches one replica: its registration and its backend.
+    `node_id` is the Ray node of an actor replica (None for an external engine)."""
 
-    info: ReplicaInfo
-    handle: Any
+    registration: Registration
+    backend: Backend
+    node_id: str | None = None
+
+    @property
+    def external(self) -> bool:
+        return self.node_id is None
+
+
+def external_registration(engine: ExternalEngineConfig, config: Config) -> Registration:
+    """An external engine's registration, from its configured layout."""
+    layout = engine.layout or config.model
+    seeded = engine.hash_mode == "seeded"
+    return Registration(
+        replica_id=engine.name,
+        kv_cache_config=layout.kv_cache_config(),
+        hash_block_size=layout.hash_block_size,
+        scheduler_block_size=layout.hash_block_size,
+        use_eagle=layout.use_eagle,
+        hash_algo=config.hashing.algo,
+        hash_seed=(engine.hash_seed or "") if seeded else config.hashing.seed,
+        limits=ModelLimits(layout.max_model_len, layout.vocab_size, tuple(layout.lora_names)),
+        hash_mode=engine.hash_mode,
+    )
 
 
 def registration_of(info: ReplicaInfo) -> Registration:
@@ -137,7 +162,7 @@ def router_settings(config: Config) -> RouterSettings:
         hash_block_size=config.model.hash_block_size,
         prediction_ttl_s=config.router.prediction_ttl_s,
         reuse_memory=config.router.reuse_memory,
-        cluster_blocks=config.model.num_blocks * config.replicas.count,
+        cluster_blocks=config.model.num_blocks * config.engine_count,
         max_retries=config.router.max_retries,
         max_requests_per_replica=config.router.max_requests_per_replica,
         max_queued_prefill_tokens=config.router.max_queued_prefill_tokens,
@@ -181,6 +206,8 @@ class RouterService:
         )
         self.subscriber.start()
         self._serve_http = serve_http
+        # One bounded connection pool for every external engine, made on first use.
+        self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._boot = self._loop.create_task(self._start())
 
@@ -219,6 +246,7 @@ class RouterService:
         router restarted, or any router but the first, adopts the replica from the
         returned registration and rebuilds its entries from a snapshot.
         """
+        await self._discover_external()
         namespace = self.config.cluster.namespace
         for i in range(self.config.replicas.count):
             name = replica_actor_name(i)
@@ -234,9 +262,54 @@ class RouterService:
                 continue
             if info.replica_id in self.replicas:
                 continue  # it registered with this router while starting
-            self._admit(info, handle, start_seq=None)
+            self._admit_actor(info, handle, start_seq=None)
             await self._resync(info.replica_id)
             logger.info("indexed replica %s from its snapshot", info.replica_id)
+
+    def _engine_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            router = self.config.router
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=router.max_engine_connections),
+                timeout=aiohttp.ClientTimeout(total=None, connect=router.engine_connect_timeout_s),
+            )
+        return self._session
+
+    async def _discover_external(self) -> None:
+        """Admit every configured external engine that answers `/health` and is not
+        routed to yet: at boot, and again after it failed and came back. Its entries
+        start empty and follow its event stream from the next batch."""
+        for engine in self.config.external:
+            if engine.name in self.replicas:
+                continue
+            backend = HttpEngine(engine.name, engine.url, self.model_name, self._engine_session())
+            try:
+                healthy = await asyncio.wait_for(
+                    backend.healthy(), self.config.router.load_timeout_s
+                )
+            except TimeoutError:
+                healthy = False
+            if not healthy:
+                continue
+            try:
+                registration = external_registration(engine, self.config)
+                self._admit(registration, backend, self._external_source(engine), None)
+            except ValueError as exc:
+                logger.error("engine %s refused: %s", engine.name, exc)
+                continue
+            logger.info("routing to external engine %s at %s", engine.name, engine.url)
+
+    @staticmethod
+    def _external_source(engine: ExternalEngineConfig) -> SourceSpec:
+        events = engine.events
+        return SourceSpec(
+            name=engine.name,
+            endpoint=events.endpoint,
+            replay_endpoint=events.replay_endpoint,
+            topic=events.topic,
+            start_seq=None,
+            curve_server_key=events.curve_public_key(),
+        )
 
     async def register_replica(self, info: ReplicaInfo) -> None:
         """Called by a replica before it publishes; refused on hash mismatch."""
@@ -244,32 +317,41 @@ class RouterService:
         if info.replica_id in self.replicas:
             # Known from discovery (it registered while we restarted): keep it.
             return
-        self._admit(info, handle, start_seq=0)
+        self._admit_actor(info, handle, start_seq=0)
 
-    def _admit(self, info: ReplicaInfo, handle: Any, start_seq: int | None) -> None:
-        self.core.register(registration_of(info))
-        self.replicas[info.replica_id] = ReplicaLink(info, handle)
-        self.subscriber.add_source(
-            SourceSpec(
-                name=info.replica_id,
-                endpoint=info.event_endpoint,
-                replay_endpoint=info.replay_endpoint,
-                start_seq=start_seq,
-                curve_server_key=info.curve_public_key,
-            )
+    def _admit_actor(self, info: ReplicaInfo, handle: Any, start_seq: int | None) -> None:
+        source = SourceSpec(
+            name=info.replica_id,
+            endpoint=info.event_endpoint,
+            replay_endpoint=info.replay_endpoint,
+            start_seq=start_seq,
+            curve_server_key=info.curve_public_key,
         )
+        self._admit(registration_of(info), RayReplica(handle), source, info.node_id)
+
+    def _admit(
+        self, registration: Registration, backend: Backend, source: SourceSpec, node: str | None
+    ) -> None:
+        """Index and route to a replica; refused (ValueError) on a hash mismatch."""
+        self.core.register(registration)
+        self.replicas[registration.replica_id] = ReplicaLink(registration, backend, node)
+        self.subscriber.add_source(source)
 
     def _replica_died(self, replica_id: str) -> None:
-        if self.replicas.pop(replica_id, None) is None:
+        link = self.replicas.pop(replica_id, None)
+        if link is None:
             return
-        logger.warning("replica %s died; removing it from the index", replica_id)
+        logger.warning("replica %s is gone; removing it from the index", replica_id)
         self.core.remove(replica_id)
         self.subscriber.remove_source(replica_id)
+        self._loop.create_task(link.backend.close())
 
     async def shutdown(self) -> None:
         for task in self._tasks:
             task.cancel()
         self.subscriber.stop()
+        if self._session is not None:
+            await self._session.close()
 
     # --------------------------------------------------------------- ingest
 
@@ -291,9 +373,14 @@ class RouterService:
         if state is None:
             return
         try:
-            snapshot = await state.handle.snapshot.remote()
-        except ACTOR_GONE:
+            snapshot = await state.backend.snapshot()
+        except ReplicaUnavailableError:
             self._replica_died(replica_id)
+            return
+        if snapshot is None:
+            # No snapshot to be had: start over empty, from the next batch.
+            self.core.resync(replica_id, KVEventBatch(ts=time.time(), events=[]))
+            self.subscriber.resynced(replica_id, None)
             return
         self.core.resync(replica_id, snapshot.batch)
         self.subscriber.resynced(replica_id, snapshot.next_seq)
@@ -309,8 +396,8 @@ class RouterService:
     async def _poll(self, replica_id: str, link: ReplicaLink) -> None:
         timeout = self.config.router.load_timeout_s
         try:
-            load = await asyncio.wait_for(link.handle.load.remote(), timeout=timeout)
-        except ACTOR_GONE:
+            load = await asyncio.wait_for(link.backend.load(), timeout=timeout)
+        except ReplicaUnavailableError:
             self._replica_died(replica_id)
             return
         except (TimeoutError, GetTimeoutError):
@@ -426,18 +513,16 @@ class RouterService:
         while True:
             decision = self.core.choose(prepared, tried)
             self.metrics.routing_seconds.observe(decision.routing_s)
-            handle = self.replicas[decision.replica_id].handle
+            backend = self.replicas[decision.replica_id].backend
             streamed = ended = refused = False
             try:
                 if stream:
-                    calls = handle.generate_stream.options(num_returns="streaming")
-                    items = calls.remote(wire)
+                    items = backend.generate_stream(wire)
                     while True:
                         try:
-                            ref = await _within(items.__anext__(), deadline)
+                            item = await _within(items.__anext__(), deadline)
                         except StopAsyncIteration:
                             break
-                        item = await _within(ref, deadline)
                         if isinstance(item, StreamChunk):
                             streamed = True
                             clock.tokens(len(item.new_token_ids))
@@ -446,12 +531,12 @@ class RouterService:
                             ended = True
                             yield self._finished(decision, item, prepared)
                 else:
-                    result = await _within(handle.generate.remote(wire), deadline)
+                    result = await _within(backend.generate(wire), deadline)
                     ended = True
                     clock.whole(result)
                     yield self._finished(decision, result, prepared)
                 return
-            except ACTOR_GONE:
+            except ReplicaUnavailableError:
                 ended = True
                 self.core.release(decision, prepared, refused=False)
                 self._replica_died(decision.replica_id)
@@ -482,7 +567,7 @@ class RouterService:
                 if not ended:
                     self.core.release(decision, prepared, refused=refused)
                     if not refused:
-                        handle.abort.remote(wire.request_id)
+                        backend.abort(wire.request_id)
 
     def _finished(
         self, decision: Decision, result: GenerateResult, prepared: PreparedPrompt
@@ -520,7 +605,8 @@ class RouterService:
             replicas.append(
                 {
                     "replica_id": replica_id,
-                    "node_id": link.info.node_id,
+                    "kind": "external" if link.external else "actor",
+                    "node_id": link.node_id,
                     "state": stream.state.value,
                     "indexed_blocks": index.replica_block_count(replica_id),
                     "cached_blocks": reported.num_cached_blocks,
@@ -582,7 +668,7 @@ class RouterService:
             for reason in ("unknown_replica", "unknown_group", "mismatched_group", "bad_hash")
         }
         return ScrapeView(
-            desired_replicas=self.config.replicas.count,
+            desired_replicas=self.config.engine_count,
             index_entries=len(index),
             index_drops=drops,
             replicas=replicas,
