@@ -112,3 +112,48 @@ def test_an_unencrypted_event_plane_off_loopback_must_be_asked_for() -> None:
     assert allowed.events.security == "none"
     assert parse_config({}, "x.yaml").events.security == "curve"
     assert parse_config({"events": {"security": "none"}}, "x.yaml").events.host == "127.0.0.1"
+
+
+def _engine(**overrides: object) -> dict:
+    engine = {
+        "name": "vllm-0",
+        "url": "http://127.0.0.1:8100",
+        "events": {"endpoint": "tcp://127.0.0.1:5557"},
+    }
+    engine.update(overrides)
+    return engine
+
+
+def test_a_cluster_of_external_engines_only_parses() -> None:
+    config = parse_config({"replicas": {"count": 0}, "external": [_engine()]})
+    (engine,) = config.external
+    assert (engine.hash_mode, engine.events.topic, config.engine_count) == ("tokens", "", 1)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"replicas": {"count": 0}}, "replicas.count is 0 and no external engine"),
+        (
+            {"external": [_engine(events={"endpoint": "tcp://10.0.0.5:5557"})]},
+            r"in clear over the network; give curve_public_key_file, or set allow_insecure",
+        ),
+        ({"external": [_engine(url="ftp://x")]}, "must start with http:// or https://"),
+        ({"external": [_engine(hash_mode="seeded")]}, "hash_mode seeded needs hash_seed"),
+        ({"external": [_engine(), _engine()]}, r"must be unique and not replica-N: \['vllm-0'\]"),
+        ({"external": [_engine(name="replica-0")]}, r"not replica-N: \['replica-0'\]"),
+        (
+            {
+                "external": [
+                    _engine(
+                        events={"endpoint": "tcp://127.0.0.1:1", "curve_public_key_file": "/nope"}
+                    )
+                ]
+            },
+            "curve_public_key_file: no such file /nope",
+        ),
+    ],
+)
+def test_bad_external_engines_name_the_problem(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data, "bad.yaml")
