@@ -47,6 +47,7 @@ from replicas.api import (
     ReplicaLoad,
     StreamChunk,
 )
+from replicas.kv_cache.coordinator import default_scheduler_block_size
 from replicas.kv_cache.prompt import PromptKeys
 from router.backends import ACTOR_GONE, Backend, RayReplica, ReplicaUnavailableError
 from router.chat import ChatTemplate
@@ -128,11 +129,12 @@ def external_registration(engine: ExternalEngineConfig, config: Config) -> Regis
     """An external engine's registration, from its configured layout."""
     layout = engine.layout or config.model
     seeded = engine.hash_mode == "seeded"
+    kv_cache_config = layout.kv_cache_config()
     return Registration(
         replica_id=engine.name,
-        kv_cache_config=layout.kv_cache_config(),
+        kv_cache_config=kv_cache_config,
         hash_block_size=layout.hash_block_size,
-        scheduler_block_size=layout.hash_block_size,
+        scheduler_block_size=default_scheduler_block_size(kv_cache_config),
         use_eagle=layout.use_eagle,
         hash_algo=config.hashing.algo,
         hash_seed=(engine.hash_seed or "") if seeded else config.hashing.seed,

@@ -158,7 +158,7 @@ def serve_in_thread(handler: Callable[[web.Request], Awaitable[web.Response]]) -
 @pytest.mark.parametrize(
     ("yaml_text", "message"),
     [
-        ("replicas: {count: -1}", "Expected `int` >= 1 - at `$.replicas.count`"),
+        ("replicas: {count: -1}", "Expected `int` >= 0 - at `$.replicas.count`"),
         ("router: {max_retries: -1}", "Expected `int` >= 0 - at `$.router.max_retries`"),
         ("router: {http_port: 70000}", "Expected `int` <= 65535 - at `$.router.http_port`"),
         ("router: {load_poll_s: 0}", "Expected `float` > 0.0 - at `$.router.load_poll_s`"),

@@ -12,7 +12,14 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.mark.parametrize(
-    "name", ["default.yaml", "full-attention.yaml", "multi-node.yaml", "multi-router.yaml"]
+    "name",
+    [
+        "default.yaml",
+        "full-attention.yaml",
+        "multi-node.yaml",
+        "multi-router.yaml",
+        "external.yaml",
+    ],
 )
 def test_shipped_cluster_configs_parse(name: str) -> None:
     config = load_config(CONFIGS / name)
