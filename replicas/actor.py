@@ -1,18 +1,16 @@
 """The replica as a Ray actor: one engine, one event publisher.
 
 Lifecycle: `start()` binds the event sockets, registers with the router (a
-replica registers before it publishes), then starts the engine loop. The loop
-runs one step at a time in the actor's event loop, publishes the step's
-events right away (as vLLM does after scheduling), sleeps the step's
-duration if it was simulated (a torch executor's step already took its time;
-the loop then only yields), and resolves the requests that produced tokens.
-Because steps and `snapshot()` share the event loop, a snapshot is always
-consistent with the publisher's next seq.
+replica registers before it publishes), then starts the serving loop. The loop
+itself (steps, request queues, publishing, aborts) is `replicas.serving.ReplicaCore`,
+the same one `kvroute serve-replica` runs without Ray; this actor adds only the
+registration and the Ray-facing methods.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import tempfile
@@ -23,24 +21,19 @@ import ray
 import torch
 
 from events.curve import CurveKeyPair, CurveServerConfig
-from events.kv_events import KVEventBatch, without_token_ids
 from events.publisher import PublisherConfig, ZmqEventPublisher
 from replicas.api import (
     GenerateRequest,
     GenerateResult,
     ReplicaInfo,
     ReplicaLoad,
-    RequestAbortedError,
     Snapshot,
     StreamChunk,
-    lora_request_for,
 )
 from replicas.clock import RealClock
 from replicas.config import ReplicaSettings
-from replicas.engine import RequestOutput
 from replicas.factory import build_engine
-from replicas.kv_cache.utils import BlockHash
-from replicas.request import SamplingParams
+from replicas.serving import ReplicaCore
 
 logger = logging.getLogger(__name__)
 
@@ -80,13 +73,15 @@ class ReplicaServer:
             # Replicas share the node's cores: each computes with its own few threads.
             torch.set_num_threads(config.replicas.threads)
         self.engine = build_engine(config, RealClock(), seed_offset=rank)
-        self._outputs: dict[str, asyncio.Queue[RequestOutput | None]] = {}
-        self._wake: asyncio.Event | None = None
-        self._loop_task: asyncio.Task[None] | None = None
+        self.core = ReplicaCore(
+            replica_id,
+            self.engine,
+            tuple(config.model.lora_names),
+            publish_token_ids=config.events.publish_token_ids,
+        )
         self._starting: asyncio.Future[ReplicaInfo] | None = None
         self._publisher: ZmqEventPublisher | None = None
         self._ipc_dir: str | None = None
-        self.steps = 0
 
     def _endpoints(self) -> tuple[str, str]:
         events = self.config.events
@@ -122,9 +117,7 @@ class ReplicaServer:
         info = self.info()
         router = ray.get_actor(self.router_name, namespace=self.config.namespace)
         await router.register_replica.remote(info)
-        self._publisher.start()
-        self._wake = asyncio.Event()
-        self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        self.core.start(self._publisher)
         return info
 
     def info(self) -> ReplicaInfo:
@@ -151,146 +144,38 @@ class ReplicaServer:
             curve_public_key=self._curve.keys.public_key if self._curve else None,
         )
 
-    def _admit(self, request: GenerateRequest) -> asyncio.Queue[RequestOutput | None]:
-        """Hand a request to the engine; its outputs arrive on the returned queue."""
-        if self._wake is None:
-            raise RuntimeError(f"replica {self.replica_id} is not started")
-        sampling = request.sampling
-        self.engine.add_request(
-            request.request_id,
-            request.prompt_token_ids,
-            SamplingParams(
-                max_tokens=request.max_tokens,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=sampling.top_k,
-                seed=sampling.seed,
-                stop_token_ids=list(sampling.stop_token_ids),
-                ignore_eos=sampling.ignore_eos,
-            ),
-            lora_request=lora_request_for(request.lora_name, self.config.model.lora_names),
-            cache_salt=request.cache_salt,
-            block_hashes=self._router_hashes(request),
-            reuse_hint_tokens=request.reuse_hint_tokens,
-        )
-        queue: asyncio.Queue[RequestOutput | None] = asyncio.Queue()
-        self._outputs[request.request_id] = queue
-        self._wake.set()
-        return queue
-
-    def _router_hashes(self, request: GenerateRequest) -> list[BlockHash] | None:
-        """The router's hashes of the prompt when they are at this engine's hash block
-        size and cover only full prompt blocks; else None, and the engine hashes."""
-        size = self.engine.hasher.block_size
-        hashes = request.prompt_block_hashes
-        if request.hash_block_size != size or len(hashes) > len(request.prompt_token_ids) // size:
-            return None
-        return [BlockHash(h) for h in hashes]
-
     async def generate(self, request: GenerateRequest) -> GenerateResult:
-        queue = self._admit(request)
-        try:
-            while not (out := await self._next(queue, request.request_id)).finished:
-                pass
-        finally:
-            self.abort(request.request_id)
-        return self._result(out)
+        return await self.core.generate(request)
 
     async def generate_stream(
         self, request: GenerateRequest
     ) -> AsyncIterator[StreamChunk | GenerateResult]:
         """Call with num_returns="streaming": a StreamChunk per step that produced
         tokens (the last one included), then the GenerateResult."""
-        queue = self._admit(request)
-        try:
-            while True:
-                out = await self._next(queue, request.request_id)
-                if out.new_token_ids:
-                    yield StreamChunk(
-                        out.request_id,
-                        out.new_token_ids,
-                        out.num_prompt_tokens,
-                        out.num_cached_tokens,
-                    )
-                if out.finished:
-                    yield self._result(out)
-                    return
-        finally:
-            self.abort(request.request_id)
-
-    @staticmethod
-    async def _next(queue: asyncio.Queue[RequestOutput | None], request_id: str) -> RequestOutput:
-        out = await queue.get()
-        if out is None:
-            raise RequestAbortedError(f"request {request_id} was aborted")
-        return out
+        items = self.core.generate_stream(request)
+        async with contextlib.aclosing(items):
+            async for item in items:
+                yield item
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request and free its blocks (the caller left, or timed out): the
-        engine drops it before its next step, and a `generate` still waiting on it
-        ends with RequestAbortedError. False if it had already finished. Also runs,
-        harmlessly, when `generate` ends or is cancelled."""
-        queue = self._outputs.pop(request_id, None)
-        if queue is not None:
-            queue.put_nowait(None)
-        return self.engine.abort_request(request_id)
-
-    def _result(self, out: RequestOutput) -> GenerateResult:
-        m = out.metrics
-        assert m.first_token_time is not None and m.finish_time is not None
-        return GenerateResult(
-            request_id=out.request_id,
-            replica_id=self.replica_id,
-            output_token_ids=out.output_token_ids,
-            finish_reason=out.finish_reason,
-            num_prompt_tokens=out.num_prompt_tokens,
-            num_cached_tokens=out.num_cached_tokens,
-            queue_s=(m.first_scheduled_time or m.arrival_time) - m.arrival_time,
-            ttft_s=m.first_token_time - m.arrival_time,
-            latency_s=m.finish_time - m.arrival_time,
-            num_preemptions=out.num_preemptions,
-        )
-
-    async def _run(self) -> None:
-        assert self._wake is not None and self._publisher is not None
-        while True:
-            if not self.engine.has_work:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            result = self.engine.step()
-            self.steps += 1
-            if result.events is not None:
-                self._publish(result.events)
-            await asyncio.sleep(0.0 if result.duration_is_real else result.duration)
-            for out in result.outputs:
-                queue = self._outputs.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(out)
-                    if out.finished:
-                        self._outputs.pop(out.request_id, None)
-
-    def _publish(self, batch: KVEventBatch) -> None:
-        assert self._publisher is not None
-        if not self.config.events.publish_token_ids:
-            batch = without_token_ids(batch)
-        self._publisher.publish(batch)
+        """Stop a request and free its blocks (see `ReplicaCore.abort`)."""
+        return self.core.abort(request_id)
 
     def snapshot(self) -> Snapshot:
         """Every cached block as one batch, valid up to the publisher's next seq."""
         assert self._publisher is not None
-        return Snapshot(self._publisher.next_seq, self.engine.snapshot_batch())
+        return self.core.snapshot()
 
     def load(self) -> ReplicaLoad:
-        return self.engine.load()
+        return self.core.load()
 
     def health(self) -> dict[str, Any]:
         stats = self._publisher.stats if self._publisher else None
         return {
             "replica_id": self.replica_id,
             "pid": os.getpid(),
-            "steps": self.steps,
-            "in_flight": len(self._outputs),
+            "steps": self.core.steps,
+            "in_flight": self.core.in_flight,
             "events_published": stats.published if stats else 0,
             "events_dropped": stats.dropped_queue_full if stats else 0,
         }
@@ -298,15 +183,9 @@ class ReplicaServer:
     def reset_prefix_cache(self) -> bool:
         """Drop the prefix cache and publish AllBlocksCleared at once, so the router
         knows before the next request; refused (False) while blocks are in use."""
-        if not self.engine.kv_cache.reset_prefix_cache():
-            return False
-        batch = self.engine.take_event_batch()
-        if batch is not None:
-            self._publish(batch)
-        return True
+        return self.core.reset_prefix_cache()
 
     def shutdown(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-        if self._publisher is not None:
+        self.core.cancel()
+        if self._publisher is not None:  # bound, even if registering failed
             self._publisher.close()

@@ -159,6 +159,18 @@ class ReplicaLoad(msgspec.Struct, frozen=True):
         return self.running_seqs + self.waiting_seqs
 
 
+class ReplicaCounters(msgspec.Struct):
+    """A replica's totals since it started, counted as vLLM's Prometheus counters
+    count them: prompt tokens once a request's first token comes, every generated
+    token, and prefix-cache lookups (queried and hit tokens) of requests that
+    were not preempted."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+
+
 class ReplicaInfo(msgspec.Struct, frozen=True):
     """What a replica registers with the router before it publishes."""
 

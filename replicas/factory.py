@@ -21,9 +21,20 @@ from replicas.model.weights import load_model
 
 
 def build_engine(
-    config: ReplicaSettings, clock: Clock, seed_offset: int = 0, events: bool = True
+    config: ReplicaSettings,
+    clock: Clock,
+    seed_offset: int = 0,
+    events: bool = True,
+    *,
+    log_stats: bool = False,
+    none_hash: BlockHash | None = None,
+    data_parallel_rank: int = 0,
 ) -> Engine:
-    """An engine (with its cache manager) exactly as the config describes it."""
+    """An engine (with its cache manager) exactly as the config describes it.
+
+    `none_hash` replaces the hash chain's root `hash_fn(hashing.seed)` (a standalone
+    replica roots it as vLLM does, see `init_none_hash`); `log_stats` keeps the
+    prefix-cache counters vLLM's metrics report."""
     model, replicas = config.model, config.replicas
     kv_cache_config = build_kv_cache_config(config)
     hash_fn = get_hash_fn_by_name(config.hashing.algo)
@@ -37,6 +48,7 @@ def build_engine(
         max_num_batched_tokens=replicas.max_num_batched_tokens,
         prefix_cache_retention_interval=replicas.retention_interval,
         probation_fraction=replicas.probation_fraction,
+        log_stats=log_stats,
     )
     executor = build_executor(config, manager, seed=replicas.seed + seed_offset)
     engine_config = EngineConfig(
@@ -47,10 +59,10 @@ def build_engine(
         lora_names=tuple(model.lora_names),
         eos_token_ids=executor.eos_token_ids if isinstance(executor, TorchExecutor) else (),
     )
-    hasher = RequestBlockHasher(
-        model.hash_block_size, hash_fn, BlockHash(hash_fn(config.hashing.seed))
-    )
-    return Engine(manager, engine_config, executor, clock, hasher)
+    if none_hash is None:
+        none_hash = BlockHash(hash_fn(config.hashing.seed))
+    hasher = RequestBlockHasher(model.hash_block_size, hash_fn, none_hash)
+    return Engine(manager, engine_config, executor, clock, hasher, data_parallel_rank)
 
 
 def build_kv_cache_config(config: ReplicaSettings) -> KVCacheConfig:

@@ -5,6 +5,8 @@ kvroute up [--config CONFIG]  launch and serve until Ctrl-C
 kvroute submit PROMPT ...     send prompts to a running router
 kvroute status                replicas, index size, hit rate
 kvroute config [NAME]         print a bundled config (copy it out to edit it)
+kvroute serve-replica [CONFIG] one replica as a standalone vLLM-like server (no Ray)
+kvroute keygen PATH           a CURVE key pair for the event plane: PATH, PATH.pub
 kvroute bench                 simulate the policies on a trace (a plugin of the benchmarks)
 
 CONFIG is a YAML path or a bundled config's name (default: `default`). Heavy modules
@@ -210,6 +212,154 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVE_REPLICA_HELP = """\
+Run ONE replica engine in this process, without Ray, behind an HTTP server shaped
+as vLLM's OpenAI server: POST /v1/completions, /v1/chat/completions, /tokenize;
+GET /v1/models, /health, /metrics (vllm:* names). KV events are published over
+ZeroMQ in vLLM's wire format, configured by the same JSON as vLLM's
+--kv-events-config, e.g.
+  '{"enable_kv_cache_events": true, "publisher": "zmq",
+    "endpoint": "tcp://127.0.0.1:5557", "replay_endpoint": "tcp://127.0.0.1:5558"}'
+Unlike vLLM, the default endpoint is tcp://127.0.0.1:5557, and an endpoint
+reachable off this host (*, 0.0.0.0, ...) is refused unless CURVE keys are given
+(--curve-secret-key-file) or --allow-insecure-events says events may go in clear.
+
+Block hashes: the chain's root is hash_fn(hashing.seed) when the config sets
+hashing.seed; otherwise it is vLLM's: hash_fn(PYTHONHASHSEED) when that variable
+is set, else random bytes (hashes private to this process).
+
+SIGTERM or SIGINT aborts what is in flight, closes the event sockets and exits 0.
+"""
+
+
+def cmd_serve_replica(args: argparse.Namespace) -> int:
+    from events.curve import CurveKeyFileError
+    from events.kv_events_config import KVEventsConfigError, parse_kv_events_config
+
+    try:
+        kv_events = parse_kv_events_config(args.kv_events_config)
+    except KVEventsConfigError as exc:
+        raise CommandError(str(exc)) from None
+    config = _load(args.config)  # a bad config fails before torch builds anything
+    path = resolve_config(args.config)
+
+    import zmq
+
+    from router.serve_replica import (
+        ReplicaProcess,
+        ServeOptions,
+        pinned_hash_seed,
+        replica_settings,
+        serve,
+    )
+
+    options = ServeOptions(
+        host=args.host,
+        port=args.port,
+        kv_events=kv_events,
+        rank=args.rank,
+        served_model_name=args.served_model_name,
+        enable_prompt_tokens_details=args.enable_prompt_tokens_details,
+        allow_insecure_events=args.allow_insecure_events,
+        curve_secret_key_file=args.curve_secret_key_file,
+        curve_client_keys_file=args.curve_client_keys_file,
+    )
+    settings = replica_settings(config.replica_settings(), args.executor)
+    try:
+        process = ReplicaProcess(settings, options, pinned_hash_seed(path))
+    except (KVEventsConfigError, CurveKeyFileError) as exc:
+        raise CommandError(str(exc)) from None
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            url = await process.start()
+        except (OSError, zmq.ZMQError) as exc:
+            raise CommandError(f"cannot bind: {exc}") from None
+        model = process.served
+        print(f"serving {model.name} ({settings.replicas.executor}) at {url}", file=sys.stderr)
+        print(process.describe_events(), file=sys.stderr)
+        print(f"block hash root: {process.hash_source}", file=sys.stderr)
+        await serve(process, stop)
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """Write a CURVE key pair: PATH (the secret key, mode 0600) and PATH.pub."""
+    from events.curve import CurveKeyFileError, write_key_pair
+
+    try:
+        keys = write_key_pair(args.path)
+    except (CurveKeyFileError, OSError) as exc:
+        raise CommandError(str(exc)) from None
+    print(f"wrote {args.path} (secret) and {args.path}.pub: {keys.public_key}")
+    return 0
+
+
+def _add_serve_replica(sub: Any) -> None:
+    serve = sub.add_parser(
+        "serve-replica",
+        help="one replica as a standalone vLLM-like server (no Ray)",
+        description=SERVE_REPLICA_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="path or bundled name")
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP address (default: loopback)")
+    serve.add_argument("--port", type=int, default=8100, help="HTTP port (0: a free one)")
+    serve.add_argument(
+        "--kv-events-config",
+        metavar="JSON",
+        help="vLLM's KVEventsConfig as JSON; unknown keys are errors (default: no events)",
+    )
+    serve.add_argument(
+        "--rank", type=int, default=0, help="data-parallel rank: offsets event ports, as vLLM"
+    )
+    serve.add_argument(
+        "--executor",
+        choices=("torch", "simulated"),
+        help="override replicas.executor from the config",
+    )
+    serve.add_argument("--served-model-name", help="the model name (default: model.name)")
+    serve.add_argument(
+        "--enable-prompt-tokens-details",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="usage.prompt_tokens_details.cached_tokens, as vLLM's flag gives it "
+        "(default: on here; off in vLLM)",
+    )
+    serve.add_argument(
+        "--allow-insecure-events",
+        action="store_true",
+        help="allow an event endpoint off this host without CURVE (prompts in clear)",
+    )
+    serve.add_argument(
+        "--curve-secret-key-file",
+        metavar="PATH",
+        help="this replica's CURVE secret key (from `kvroute keygen`): encrypts events",
+    )
+    serve.add_argument(
+        "--curve-client-keys-file",
+        metavar="PATH",
+        help="the public keys allowed to subscribe, one Z85 key a line",
+    )
+    serve.add_argument(
+        "--log-level",
+        default=DEFAULT_LOG_LEVEL,
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="what this process logs (default: WARNING)",
+    )
+    serve.set_defaults(func=cmd_serve_replica)
+    keygen = sub.add_parser("keygen", help="write a CURVE key pair: PATH (secret), PATH.pub")
+    keygen.add_argument("path")
+    keygen.set_defaults(func=cmd_keygen)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvroute", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -245,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print a bundled config, or list them")
     config.add_argument("name", nargs="?", help="a bundled config's name; none lists them")
     config.set_defaults(func=cmd_config)
+    _add_serve_replica(sub)
     for plugin in entry_points(group="kvroute.commands"):
         plugin.load()(sub)
     return parser

@@ -38,7 +38,7 @@ def test_the_router_hashes_are_the_replicas_own() -> None:
         prompt_block_hashes=list(hashed.block_hashes),
         hash_block_size=router.hasher.block_size,
     )
-    reused = server._router_hashes(wire)
+    reused = server.core._router_hashes(wire)
     assert reused is not None and len(reused) == 2
     own = server.engine.add_request("own", PROMPT, SamplingParams(max_tokens=1)).block_hashes
     assert reused == own
@@ -49,9 +49,9 @@ def test_hashes_at_another_size_or_beyond_the_prompt_are_not_used() -> None:
     hashes = list(router.prepare(PromptKeys(tuple(PROMPT)), 1).prompt.block_hashes)
     size = router.hasher.block_size
     other_size = GenerateRequest("r", PROMPT, 1, prompt_block_hashes=hashes, hash_block_size=8)
-    assert server._router_hashes(other_size) is None
+    assert server.core._router_hashes(other_size) is None
     too_many = GenerateRequest(
         "r", PROMPT[:20], 1, prompt_block_hashes=hashes, hash_block_size=size
     )
-    assert server._router_hashes(too_many) is None
-    assert server._router_hashes(GenerateRequest("r", PROMPT, 1)) is None
+    assert server.core._router_hashes(too_many) is None
+    assert server.core._router_hashes(GenerateRequest("r", PROMPT, 1)) is None

@@ -1,0 +1,294 @@
+"""One replica's serving loop, free of Ray: the engine, its request queues, its events.
+
+The Ray actor (`replicas/actor.py`) and the standalone `kvroute serve-replica`
+process both serve through `ReplicaCore`, so there is one serving loop.
+
+The loop runs one step at a time on the caller's event loop, publishes the
+step's events right away (as vLLM does after scheduling), sleeps the step's
+duration if it was simulated (a torch executor's step already took its time;
+the loop then only yields), and resolves the requests that produced tokens.
+Because steps and `snapshot()` share the event loop, a snapshot is always
+consistent with the publisher's next seq.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from events.kv_events import KVEventBatch, without_token_ids
+from events.publisher import ZmqEventPublisher
+from replicas.api import (
+    GenerateRequest,
+    GenerateResult,
+    ReplicaCounters,
+    ReplicaLoad,
+    RequestAbortedError,
+    Snapshot,
+    StreamChunk,
+    lora_request_for,
+)
+from replicas.engine import Engine, RequestOutput
+from replicas.kv_cache.utils import BlockHash
+from replicas.request import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Flight:
+    """A request in the engine: its outputs arrive on `queue` (None: aborted)."""
+
+    queue: asyncio.Queue[RequestOutput | None] = field(default_factory=asyncio.Queue)
+    started: bool = False  # produced a token: its prompt is counted
+
+
+class ReplicaCore:
+    """Serves `generate` for many requests at once over one engine.
+
+    `start()` must run on the event loop that will serve; every other method
+    runs on that loop too (the engine is single-threaded).
+    """
+
+    def __init__(
+        self,
+        replica_id: str,
+        engine: Engine,
+        lora_names: tuple[str, ...] = (),
+        publish_token_ids: bool = True,
+    ) -> None:
+        self.replica_id = replica_id
+        self.engine = engine
+        self.lora_names = lora_names
+        self.publish_token_ids = publish_token_ids
+        self.publisher: ZmqEventPublisher | None = None
+        self.steps = 0
+        self._flights: dict[str, _Flight] = {}
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._counters = ReplicaCounters()
+
+    @property
+    def started(self) -> bool:
+        return self._wake is not None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._flights)
+
+    def start(self, publisher: ZmqEventPublisher | None) -> None:
+        """Start publishing (if there is a publisher) and serving."""
+        self.publisher = publisher
+        if publisher is not None:
+            publisher.start()
+        self._wake = asyncio.Event()
+        self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    @property
+    def serving(self) -> bool:
+        """The engine loop is running (it has not crashed nor been stopped)."""
+        return self._loop_task is not None and not self._loop_task.done()
+
+    # ---------------------------------------------------------------- requests
+
+    def _admit(self, request: GenerateRequest) -> _Flight:
+        """Hand a request to the engine; its outputs arrive on the flight's queue."""
+        if self._wake is None:
+            raise RuntimeError(f"replica {self.replica_id} is not started")
+        sampling = request.sampling
+        self.engine.add_request(
+            request.request_id,
+            request.prompt_token_ids,
+            SamplingParams(
+                max_tokens=request.max_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                seed=sampling.seed,
+                stop_token_ids=list(sampling.stop_token_ids),
+                ignore_eos=sampling.ignore_eos,
+            ),
+            lora_request=lora_request_for(request.lora_name, self.lora_names),
+            cache_salt=request.cache_salt,
+            block_hashes=self._router_hashes(request),
+            reuse_hint_tokens=request.reuse_hint_tokens,
+        )
+        flight = _Flight()
+        self._flights[request.request_id] = flight
+        self._wake.set()
+        return flight
+
+    def _router_hashes(self, request: GenerateRequest) -> list[BlockHash] | None:
+        """The router's hashes of the prompt when they are at this engine's hash block
+        size and cover only full prompt blocks; else None, and the engine hashes."""
+        size = self.engine.hasher.block_size
+        hashes = request.prompt_block_hashes
+        if request.hash_block_size != size or len(hashes) > len(request.prompt_token_ids) // size:
+            return None
+        return [BlockHash(h) for h in hashes]
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        flight = self._admit(request)
+        try:
+            while not (out := await self._next(flight, request.request_id)).finished:
+                pass
+        finally:
+            self.abort(request.request_id)
+        return self.result(out)
+
+    async def generate_stream(
+        self, request: GenerateRequest
+    ) -> AsyncIterator[StreamChunk | GenerateResult]:
+        """A StreamChunk per step that produced tokens (the last one included), then
+        the GenerateResult. Closing the iterator early aborts the request."""
+        flight = self._admit(request)
+        try:
+            while True:
+                out = await self._next(flight, request.request_id)
+                if out.new_token_ids:
+                    yield StreamChunk(
+                        out.request_id,
+                        out.new_token_ids,
+                        out.num_prompt_tokens,
+                        out.num_cached_tokens,
+                    )
+                if out.finished:
+                    yield self.result(out)
+                    return
+        finally:
+            self.abort(request.request_id)
+
+    @staticmethod
+    async def _next(flight: _Flight, request_id: str) -> RequestOutput:
+        out = await flight.queue.get()
+        if out is None:
+            raise RequestAbortedError(f"request {request_id} was aborted")
+        return out
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks (the caller left, or timed out): the
+        engine drops it before its next step, and a `generate` still waiting on it
+        ends with RequestAbortedError. False if it had already finished. Also runs,
+        harmlessly, when `generate` ends or is cancelled."""
+        flight = self._flights.pop(request_id, None)
+        if flight is not None:
+            flight.queue.put_nowait(None)
+        return self.engine.abort_request(request_id)
+
+    def result(self, out: RequestOutput) -> GenerateResult:
+        m = out.metrics
+        assert m.first_token_time is not None and m.finish_time is not None
+        return GenerateResult(
+            request_id=out.request_id,
+            replica_id=self.replica_id,
+            output_token_ids=out.output_token_ids,
+            finish_reason=out.finish_reason,
+            num_prompt_tokens=out.num_prompt_tokens,
+            num_cached_tokens=out.num_cached_tokens,
+            queue_s=(m.first_scheduled_time or m.arrival_time) - m.arrival_time,
+            ttft_s=m.first_token_time - m.arrival_time,
+            latency_s=m.finish_time - m.arrival_time,
+            num_preemptions=out.num_preemptions,
+        )
+
+    # -------------------------------------------------------------------- loop
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            if not self.engine.has_work:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            result = self.engine.step()
+            self.steps += 1
+            self._count_prefix_cache()
+            if result.events is not None:
+                self.publish(result.events)
+            await asyncio.sleep(0.0 if result.duration_is_real else result.duration)
+            for out in result.outputs:
+                self._count_output(out)
+                flight = self._flights.get(out.request_id)
+                if flight is not None:
+                    flight.queue.put_nowait(out)
+                    if out.finished:
+                        self._flights.pop(out.request_id, None)
+
+    def _count_output(self, out: RequestOutput) -> None:
+        """vLLM's counting: a prompt when its first token comes, every token made."""
+        counters = self._counters
+        counters.generation_tokens += len(out.new_token_ids)
+        flight = self._flights.get(out.request_id)
+        if flight is not None and not flight.started and out.new_token_ids:
+            flight.started = True
+            counters.prompt_tokens += out.num_prompt_tokens
+
+    def _count_prefix_cache(self) -> None:
+        """Lookups of requests that were not preempted, as vLLM's counters count them
+        (only when the engine's cache manager keeps stats)."""
+        stats = self.engine.kv_cache.make_prefix_cache_stats()
+        if stats is not None:
+            self._counters.prefix_cache_queries += stats.queries
+            self._counters.prefix_cache_hits += stats.hits
+
+    def publish(self, batch: KVEventBatch) -> None:
+        """Send one batch of events now (dropped when there is no publisher)."""
+        if self.publisher is None:
+            return
+        if not self.publish_token_ids:
+            batch = without_token_ids(batch)
+        self.publisher.publish(batch)
+
+    # ------------------------------------------------------------------- state
+
+    def snapshot(self) -> Snapshot:
+        """Every cached block as one batch, valid up to the publisher's next seq."""
+        next_seq = self.publisher.next_seq if self.publisher is not None else 0
+        return Snapshot(next_seq, self.engine.snapshot_batch())
+
+    def load(self) -> ReplicaLoad:
+        return self.engine.load()
+
+    def counters(self) -> ReplicaCounters:
+        """Totals since start: a copy, safe to keep."""
+        c = self._counters
+        return ReplicaCounters(
+            prompt_tokens=c.prompt_tokens,
+            generation_tokens=c.generation_tokens,
+            prefix_cache_queries=c.prefix_cache_queries,
+            prefix_cache_hits=c.prefix_cache_hits,
+        )
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop the prefix cache and publish AllBlocksCleared at once, so a router
+        knows before the next request; refused (False) while blocks are in use."""
+        if not self.engine.kv_cache.reset_prefix_cache():
+            return False
+        batch = self.engine.take_event_batch()
+        if batch is not None:
+            self.publish(batch)
+        return True
+
+    async def stop(self) -> None:
+        """Stop the loop, abort every request, close the publisher (idempotent)."""
+        task, self._loop_task = self._loop_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for request_id in list(self._flights):
+            self.abort(request_id)
+        self.close_publisher()
+
+    def close_publisher(self) -> None:
+        if self.publisher is not None:
+            self.publisher.close()
+
+    def cancel(self) -> None:
+        """Stop the loop and close the publisher without awaiting (a sync caller)."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        self.close_publisher()
