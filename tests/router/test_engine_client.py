@@ -1,9 +1,27 @@
-"""What the router sends an external engine, and how it reads the engine's load."""
+"""An external engine as a backend: what the router sends it, how it reads the
+engine's load, and the real exchange with a `kvroute serve-replica`."""
 
 from __future__ import annotations
 
-from replicas.api import GenerateRequest, ReplicaLoad, SamplingOptions
-from router.engine_client import completion_body, parse_load
+import asyncio
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from replicas.api import (
+    GenerateRequest,
+    GenerateResult,
+    InvalidRequestError,
+    ReplicaLoad,
+    SamplingOptions,
+    StreamChunk,
+)
+from router.backends import ReplicaUnavailableError
+from router.engine_client import HttpEngine, completion_body, parse_load
+from tests.replicas.serve_helpers import serve_replica, tiny_config
+from tests.replicas.test_serve_replica import free_port
 
 VLLM_METRICS = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.
@@ -79,3 +97,75 @@ def test_load_reads_sglang_metric_names() -> None:
 
 def test_an_engine_without_load_metrics_reports_idle() -> None:
     assert parse_load("# TYPE up gauge\nup 1.0\n") == ReplicaLoad()
+
+
+# --- against a real `kvroute serve-replica` (in a thread, on free ports) -------
+
+
+async def _run_on(url: str, *requests: GenerateRequest) -> list[list[StreamChunk | GenerateResult]]:
+    """Stream each request in turn through an HttpEngine at `url`."""
+    async with aiohttp.ClientSession() as session:
+        engine = HttpEngine("engine-a", url, "tiny", session)
+        return [[item async for item in engine.generate_stream(r)] for r in requests]
+
+
+def _request(rid: str, tokens: list[int], max_tokens: int = 3) -> GenerateRequest:
+    return GenerateRequest(rid, tokens, max_tokens, sampling=SamplingOptions(temperature=0.0))
+
+
+def test_a_stream_relays_each_step_and_ends_with_the_engines_cached_tokens(
+    tmp_path: Path,
+) -> None:
+    prompt = list(range(48, 58))  # 10 tokens: 2 full blocks of 4
+    with serve_replica(tiny_config(tmp_path)) as server:
+        first, second = asyncio.run(
+            _run_on(server.url, _request("a", prompt), _request("b", prompt))
+        )
+    *chunks, result = second
+    assert [type(c) for c in chunks] == [StreamChunk] * 3
+    assert isinstance(result, GenerateResult)
+    assert [t for c in chunks for t in c.new_token_ids] == result.output_token_ids
+    assert (result.num_prompt_tokens, result.num_cached_tokens) == (10, 8)
+    assert (result.replica_id, result.finish_reason) == ("engine-a", "length")
+    assert first[-1].num_cached_tokens == 0  # type: ignore[union-attr]
+
+
+def test_load_and_health_come_from_the_engine(tmp_path: Path) -> None:
+    async def probe(url: str) -> tuple[bool, ReplicaLoad]:
+        async with aiohttp.ClientSession() as session:
+            engine = HttpEngine("engine-a", url, "tiny", session)
+            return await engine.healthy(), await engine.load()
+
+    with serve_replica(tiny_config(tmp_path)) as server:
+        healthy, load = asyncio.run(probe(server.url))
+    assert (healthy, load) == (True, ReplicaLoad())
+
+
+def test_an_engine_that_is_not_there_is_unavailable_not_invalid() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ReplicaUnavailableError, match="engine engine-a unreachable"):
+        asyncio.run(_run_on(url, _request("a", [1, 2, 3])))
+
+
+def test_a_request_the_engine_refuses_is_invalid_with_its_message(tmp_path: Path) -> None:
+    with (
+        serve_replica(tiny_config(tmp_path)) as server,
+        pytest.raises(InvalidRequestError, match=r"engine engine-a refused the request: .*model"),
+    ):
+        asyncio.run(_run_on(server.url, GenerateRequest("a", [1, 2, 3], 2, lora_name="nope")))
+
+
+def test_closing_a_stream_aborts_the_request_on_the_engine(tmp_path: Path) -> None:
+    async def leave_early(url: str) -> None:
+        async with aiohttp.ClientSession() as session:
+            engine = HttpEngine("engine-a", url, "tiny", session)
+            stream = engine.generate_stream(_request("a", list(range(48, 58)), max_tokens=1000))
+            await anext(stream)
+            await stream.aclose()  # without an abort it would run for 50 s
+
+    with serve_replica(tiny_config(tmp_path, step_s=0.05)) as server:
+        asyncio.run(leave_early(server.url))
+        deadline = time.monotonic() + 10
+        while server.call(lambda: server.process.core.in_flight) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.call(lambda: server.process.core.in_flight) == 0
