@@ -10,11 +10,12 @@ Invariants:
   rather than pausing accept(): the client learns at once and can retry elsewhere,
   instead of waiting in a kernel backlog that nobody reads.)
 - A request's headers are complete within `header_timeout_s` of the connection
-  opening or, on a keep-alive connection, of the first byte after the previous
-  request; otherwise the connection is answered 408 and closed. The deadline is off
-  while a request is handled (its body has `body_timeout_s`, its response takes as
-  long as it takes) and while a connection idles between requests (aiohttp's
-  keepalive_timeout closes it).
+  opening or, on a keep-alive connection, of the next request's first byte; otherwise
+  the connection is answered 408 and closed. The deadline is off while a request is
+  handled (its body has `body_timeout_s`, its response takes as long as it takes),
+  while aiohttp still receives a body the handler left unread, and while the
+  connection idles between requests (aiohttp's keepalive_timeout closes it): a 408
+  only ever answers bytes of a request, never interrupts a kept-alive idle connection.
 - An admitted connection is counted from `connection_made` until `connection_lost`,
   exactly once.
 
@@ -29,8 +30,9 @@ import json
 import logging
 from collections.abc import Callable
 from http import HTTPStatus
+from typing import cast
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 from aiohttp.web_protocol import RequestHandler
 
 logger = logging.getLogger(__name__)
@@ -107,11 +109,11 @@ class ConnectionGuard:
         connection = self.connections.get(request.protocol)
         if connection is None:  # lost while aiohttp started the handler
             return await self._handler(request)
-        connection.handling(True)
+        connection.request_started()
         try:
             return await self._handler(request)
         finally:
-            connection.handling(False)
+            connection.request_finished(request.content)
 
 
 class GuardedConnection(asyncio.Protocol):
@@ -123,10 +125,12 @@ class GuardedConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._deadline: asyncio.TimerHandle | None = None
         self._handling = False
+        # The body of the last request while aiohttp still receives it after the
+        # handler (it reads and drops what the handler left unread).
+        self._unread: StreamReader | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = transport = cast(asyncio.Transport, transport)
         self._protocol = self._guard.admit(self)
         if self._protocol is None:
             self._close(TOO_MANY_CONNECTIONS)
@@ -137,7 +141,9 @@ class GuardedConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._protocol is None:
             return
-        if self._deadline is None and not self._handling:
+        if self._unread is not None and self._unread.is_eof():
+            self._unread = None
+        if self._deadline is None and not self._handling and self._unread is None:
             self._arm()  # the first byte of the next request on a kept-alive connection
         self._protocol.data_received(data)
 
@@ -158,10 +164,14 @@ class GuardedConnection(asyncio.Protocol):
             self._guard.release(self._protocol)
             self._protocol.connection_lost(exc)
 
-    def handling(self, busy: bool) -> None:
-        """A request's handler starts (its headers are in) or ends."""
-        self._handling = busy
+    def request_started(self) -> None:
+        """A request's headers are in: its handler starts."""
+        self._handling = True
         self._disarm()
+
+    def request_finished(self, body: StreamReader) -> None:
+        self._handling = False
+        self._unread = None if body.is_eof() else body
 
     def _arm(self) -> None:
         loop = asyncio.get_running_loop()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 
@@ -19,7 +20,7 @@ Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 Scenario = Callable[[int, RefusingBackend], Awaitable[None]]
 
 
-def _serve(scenario: Scenario, **options: float) -> RefusingBackend:
+def _serve(scenario: Scenario, **options: Any) -> RefusingBackend:
     """Run `scenario(port, backend)` against a router HTTP server with `options`."""
     backend = RefusingBackend()
 
@@ -123,6 +124,24 @@ def test_keep_alive_idle_time_is_not_a_header_wait_but_the_next_request_is_timed
 
     backend = _serve(scenario, header_timeout_s=0.3)
     assert [status for _, status, _ in backend.responses] == [200, 200, 408]
+
+
+def test_a_body_left_unread_does_not_start_the_next_header_deadline() -> None:
+    """A 401 before the body is read: the rest of the body, then idling past the header
+    deadline, and the kept-alive connection still serves the next request."""
+
+    async def scenario(port: int, backend: RefusingBackend) -> None:
+        reader, writer = await _connect(port)
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: kvroute\r\nContent-Length: 2000\r\n\r\n"
+        writer.write(head + b" " * 1000)
+        assert (await _response(reader))[0] == 401
+        writer.write(b" " * 1000)
+        await asyncio.sleep(0.6)
+        writer.write(HEALTH)
+        assert (await _response(reader))[0] == 200
+
+    backend = _serve(scenario, header_timeout_s=0.3, api_keys=frozenset({"sk-right"}))
+    assert [status for _, status, _ in backend.responses] == [401, 200]
 
 
 def test_connections_past_the_cap_are_refused_until_one_closes() -> None:
