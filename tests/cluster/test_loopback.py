@@ -18,18 +18,22 @@ import sys
 
 import pytest
 
-# Starts the embedded Ray as init_ray would with loopback on, runs one actor (a
-# worker), then samples every TCP listener of its process tree for a few seconds (the
-# dashboard and monitor start theirs late) and prints them as JSON lines.
+# Starts the embedded Ray as the proposed init_ray does (Ray's single-host mode, on
+# for ray.init only), runs one actor (a worker), then samples every TCP listener of
+# its process tree for a few seconds (the dashboard and the monitor start theirs
+# late) and prints them as JSON lines.
 CHILD = """
 import json, os, time
 import ray
 import ray._private.ray_constants as ray_constants
 import psutil  # vendored by Ray
 
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+saved = ray_constants.ENABLE_RAY_CLUSTER
 ray_constants.ENABLE_RAY_CLUSTER = False
-ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+try:
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+finally:
+    ray_constants.ENABLE_RAY_CLUSTER = saved
 
 @ray.remote
 class Worker:
