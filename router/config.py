@@ -66,6 +66,11 @@ class RouterConfig(Struct):
     # variable holding comma-separated keys), /v1/* needs `Authorization: Bearer`.
     max_body_bytes: AtLeastOne = 4 * 1024 * 1024
     body_timeout_s: Positive = 30.0
+    # Against slowloris and connection floods: a request's headers must arrive within
+    # header_timeout_s (else 408 and close); past max_connections open connections, a
+    # new one is answered 503 and closed. Idle keep-alive connections count too.
+    header_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1024
     api_keys_file: str | None = None
     api_keys_env: str | None = None
     # The `kvroute` response section names the replica and the predicted hit: for

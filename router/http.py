@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from replicas.api import InvalidRequestError
 from router.core import NoReplicaError, ReplicasBusyError, RequestTimeoutError
+from router.http_guard import ConnectionGuard, GuardedSite
 from router.openai_api import FrontDoor
 from router.protocol import (
     CompletionBackend,
@@ -136,6 +137,10 @@ class HttpOptions:
     # for unsalted prompts, so it can be left out for untrusted clients.
     expose_routing: bool = True
     min_ready_replicas: int = 1
+    # Against slow and numerous clients (router.http_guard): a request's headers must
+    # be in within header_timeout_s; past max_connections open, new ones get a 503.
+    header_timeout_s: float = 10.0
+    max_connections: int = 1024
 
 
 def _decode_json(raw: bytes) -> Any:
@@ -289,16 +294,31 @@ def build_app(service: CompletionBackend, options: HttpOptions | None = None) ->
     return app
 
 
-async def start_http_server(
+async def serve_http(
     service: CompletionBackend, host: str, port: int, options: HttpOptions | None = None
-) -> str:
-    """Serve on host:port (port 0 picks a free one); returns the base URL."""
+) -> web.AppRunner:
+    """Serve on host:port (port 0 picks a free one) behind a header deadline and a
+    connection cap. `addresses` has the bound port; `cleanup()` stops serving."""
+    options = options or HttpOptions()
     # handler_cancellation: a client that disconnects cancels its handler at once, so
     # its request is aborted on the replica even while it waits for a full response.
     runner = web.AppRunner(build_app(service, options), access_log=None, handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    sockets = site._server.sockets if site._server else []
-    bound_port = sockets[0].getsockname()[1] if sockets else port
-    return f"http://{host}:{bound_port}"
+    assert runner.server is not None
+
+    def record(status: int, kind: str) -> None:
+        service.record_response("unmatched", status, kind)
+
+    guard = ConnectionGuard(
+        runner.server, options.header_timeout_s, options.max_connections, record
+    )
+    await GuardedSite(runner, host, port, guard).start()
+    return runner
+
+
+async def start_http_server(
+    service: CompletionBackend, host: str, port: int, options: HttpOptions | None = None
+) -> str:
+    """Serve on host:port (port 0 picks a free one); returns the base URL."""
+    runner = await serve_http(service, host, port, options)
+    return f"http://{host}:{runner.addresses[0][1]}"
