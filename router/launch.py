@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 import ray
+import ray._private.ray_constants as ray_constants
 
 from events.curve import CurveKeyPair
 from replicas.actor import ReplicaServer
@@ -68,8 +69,18 @@ def init_ray(config: Config, log_level: str = DEFAULT_LOG_LEVEL) -> bool:
     if cluster.address:
         ray.init(address=cluster.address, **common)
     else:
-        # "local": always a new Ray of our own, never one that happens to run here.
-        ray.init(address="local", num_cpus=cluster.num_cpus, include_dashboard=False, **common)
+        # "local": always a new Ray of our own, never one that happens to run here,
+        # and on loopback only. Ray binds every server (GCS, raylet, workers, agents)
+        # to 127.0.0.1 iff the node address is loopback, but on Linux it rewrites a
+        # loopback address to the host's routable one unless its single-host mode
+        # (the macOS/Windows default) is on; no public switch exists.
+        # tests/cluster/test_loopback.py lists the listening sockets to prove it.
+        saved = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        try:
+            ray.init(address="local", num_cpus=cluster.num_cpus, include_dashboard=False, **common)
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = saved
     return True
 
 

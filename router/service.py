@@ -228,6 +228,8 @@ class RouterService:
                 api_keys=self.api_keys,
                 expose_routing=router.expose_routing,
                 min_ready_replicas=router.min_ready_replicas,
+                header_timeout_s=router.header_timeout_s,
+                max_connections=router.max_connections,
             )
             self.http_url = await start_http_server(
                 self, router.http_host, router.http_port, options

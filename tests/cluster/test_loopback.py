@@ -15,25 +15,21 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-# Starts the embedded Ray as the proposed init_ray does (Ray's single-host mode, on
-# for ray.init only), runs one actor (a worker), then samples every TCP listener of
-# its process tree for a few seconds (the dashboard and the monitor start theirs
-# late) and prints them as JSON lines.
+# Starts the embedded Ray with kvroute's own `init_ray`, runs one actor (a worker),
+# then samples every TCP listener of its process tree for a few seconds (the
+# dashboard and the monitor start theirs late) and prints them as JSON lines.
 CHILD = """
 import json, os, time
 import ray
-import ray._private.ray_constants as ray_constants
 import psutil  # vendored by Ray
+from router.config import parse_config
+from router.launch import init_ray
 
-saved = ray_constants.ENABLE_RAY_CLUSTER
-ray_constants.ENABLE_RAY_CLUSTER = False
-try:
-    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
-finally:
-    ray_constants.ENABLE_RAY_CLUSTER = saved
+assert init_ray(parse_config({"cluster": {"num_cpus": 1}}))
 
 @ray.remote
 class Worker:
@@ -59,6 +55,9 @@ for pid, name, ip, port in sorted(seen):
 """
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
 def _loopback(ip: str) -> bool:
     address = ipaddress.ip_address(ip.split("%")[0])
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
@@ -69,7 +68,11 @@ def _loopback(ip: str) -> bool:
 @pytest.mark.slow
 @pytest.mark.ray
 def test_every_listener_of_an_embedded_ray_is_on_loopback() -> None:
-    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"),
+        "PYTHONPATH": str(REPO),
+    }
     child = subprocess.run(
         [sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300
     )
