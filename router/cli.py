@@ -93,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from router.launch import start_cluster
     from router.report import format_report
 
-    print(f"launching {config.replicas.count} replicas from {args.config} ...", file=sys.stderr)
+    print(f"launching {config.engine_count} replicas from {args.config} ...", file=sys.stderr)
     cluster = start_cluster(config, log_level=args.log_level)
     try:
         w = config.workload
@@ -102,7 +102,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         cluster.stop()
     print(
-        f"\nkvroute run {args.config}: {config.replicas.count} replicas of {config.model.name} "
+        f"\nkvroute run {args.config}: {config.engine_count} replicas of {config.model.name} "
         f"({len(config.model.groups)} KV cache groups); workload: {w.requests} requests, "
         f"{w.tenants} tenants x {w.system_prompt_tokens}-token system prompt + "
         f"{w.question_tokens}-token question, {w.max_tokens} output tokens, "
@@ -131,7 +131,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     cluster = start_cluster(config, log_level=args.log_level)
     urls = ", ".join(cluster.urls)
-    print(f"kvroute is serving {config.replicas.count} replicas at {urls} (Ctrl-C stops)")
+    print(f"kvroute is serving {config.engine_count} engines at {urls} (Ctrl-C stops)")
     stop = {"now": False}
 
     def on_signal(signum: int, frame: object) -> None:

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 import yaml
 
+from events.curve import read_public_keys
 from replicas.config import (
     LOOPBACK_HOSTS,
     EventsConfig,
@@ -76,13 +77,20 @@ class RouterConfig(Struct):
     # The `kvroute` response section names the replica and the predicted hit: for
     # untrusted clients, a way to probe others' unsalted prompts. cache_salt isolates.
     expose_routing: bool = True
+    # The routers' CURVE key pair (a `kvroute keygen` secret file), for external
+    # engines that admit only known subscribers; None: a fresh pair per launch.
+    curve_key_file: str | None = None
     # /health and /health/ready answer 503 below this many serving replicas.
     min_ready_replicas: AtLeastOne = 1
 
     def __post_init__(self) -> None:
         check_policy(self.policy, self.policy_options)
-        if self.api_keys_file is not None and not Path(self.api_keys_file).is_file():
-            raise ValueError(f"router.api_keys_file: no such file {self.api_keys_file}")
+        for key, path in (
+            ("api_keys_file", self.api_keys_file),
+            ("curve_key_file", self.curve_key_file),
+        ):
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"router.{key}: no such file {path}")
 
     def api_keys(self) -> frozenset[str]:
         """The accepted keys, read now (the environment of the process that asks)."""
@@ -128,9 +136,13 @@ class ExternalEventsConfig(Struct):
             )
 
     def curve_public_key(self) -> str | None:
+        """The engine's public key, read now (CurveKeyFileError names a bad file)."""
         if self.curve_public_key_file is None:
             return None
-        return Path(self.curve_public_key_file).read_text().strip()
+        keys = read_public_keys(self.curve_public_key_file)
+        if len(keys) != 1:
+            raise ValueError(f"{self.curve_public_key_file}: expected one public key")
+        return next(iter(keys))
 
 
 class ExternalEngineConfig(Struct):

@@ -14,7 +14,7 @@ import msgspec
 import ray
 import ray._private.ray_constants as ray_constants
 
-from events.curve import CurveKeyPair
+from events.curve import CurveKeyPair, read_key_pair
 from replicas.actor import ReplicaServer
 from router.config import Config
 from router.logs import DEFAULT_LOG_LEVEL, ray_runtime_env
@@ -85,9 +85,14 @@ def init_ray(config: Config, log_level: str = DEFAULT_LOG_LEVEL) -> bool:
 
 
 def cluster_keys(config: Config) -> CurveKeyPair | None:
-    """The routers' CURVE key pair for a new cluster (None with events.security: none).
-    It reaches routers and replicas only as an actor argument, through Ray."""
-    return CurveKeyPair.generate() if config.events.security == "curve" else None
+    """The routers' CURVE key pair for a new cluster (None with events.security: none):
+    `router.curve_key_file`'s, which external engines can be told to admit, else a
+    fresh one. It reaches routers and replicas only as an actor argument, through Ray."""
+    if config.events.security != "curve":
+        return None
+    if config.router.curve_key_file is not None:
+        return read_key_pair(config.router.curve_key_file)
+    return CurveKeyPair.generate()
 
 
 def start_router(

@@ -166,3 +166,28 @@ def test_a_cluster_of_external_engines_only_parses() -> None:
 def test_bad_external_engines_name_the_problem(data: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config(data, "bad.yaml")
+
+
+def test_the_routers_curve_key_pair_can_come_from_a_keygen_file(tmp_path: Path) -> None:
+    from events.curve import write_key_pair
+    from router.launch import cluster_keys
+
+    written = write_key_pair(tmp_path / "router.key")
+    config = parse_config({"router": {"curve_key_file": str(tmp_path / "router.key")}})
+    assert cluster_keys(config) == written
+    fresh = cluster_keys(parse_config({}))
+    assert fresh is not None and fresh != written
+    with pytest.raises(ConfigError, match=r"router\.curve_key_file: no such file /nope"):
+        parse_config({"router": {"curve_key_file": "/nope"}})
+
+
+def test_an_external_engines_public_key_is_read_from_its_file(tmp_path: Path) -> None:
+    from events.curve import write_key_pair
+
+    engine_keys = write_key_pair(tmp_path / "engine.key")
+    events = {
+        "endpoint": "tcp://10.0.0.5:5557",
+        "curve_public_key_file": f"{tmp_path}/engine.key.pub",
+    }
+    config = parse_config({"external": [_engine(events=events)]})
+    assert config.external[0].events.curve_public_key() == engine_keys.public_key
