@@ -24,7 +24,7 @@ import yaml
 from router.client import KVRouteClient
 from router.config import Config, parse_config
 from router.launch import cluster_keys, start_router
-from tests.cluster.engines import ENGINE_MODEL, Engine
+from benchmarks.engines import ENGINE_MODEL, Engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(600)]
 DEADLINE_S = 60.0

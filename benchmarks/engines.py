@@ -1,4 +1,4 @@
-"""External engines for tests: `kvroute serve-replica` as real subprocesses."""
+"""External engines for tests and benchmarks: `kvroute serve-replica` as real subprocesses."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ DEADLINE_S = 60.0
 
 # A hybrid model (full attention + a window) over byte tokens, run by the simulated
 # executor: the engines' KV caches, hashes and events are real; the model is not.
-ENGINE_MODEL = """\
+# COST is the executor's cost model (engine_model fills it in).
+_ENGINE_MODEL = """\
 model:
   name: tiny-external
   block_size: 16
@@ -35,8 +36,20 @@ hashing:
 replicas:
   count: 1
   executor: simulated
-  cost: {prefill_tokens_per_s: 200000.0, step_base_s: 0.002, decode_s_per_seq: 0.0}
+  cost: COST
 """
+
+
+def engine_model(prefill_tokens_per_s: float = 200_000.0, step_base_s: float = 0.002) -> str:
+    """The engines' config YAML, with the simulated executor's costs."""
+    cost = (
+        f"{{prefill_tokens_per_s: {prefill_tokens_per_s!r}, step_base_s: {step_base_s!r}, "
+        "decode_s_per_seq: 0.0, kv_read_s_per_block: 0.0}"
+    )
+    return _ENGINE_MODEL.replace("COST", cost)
+
+
+ENGINE_MODEL = engine_model()
 
 
 def free_port() -> int:
