@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint bench mutate
+.PHONY: install run external test lint bench mutate
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,6 +17,18 @@ install: $(STAMP)
 ## bundled workload through the HTTP API, print the routing report, shut down.
 run: install
 	$(VENV)/bin/kvroute run configs/default.yaml
+
+## kvroute in front of engines it did not start: three `kvroute serve-replica`
+## processes (each with its own hash root, as vLLM draws it from PYTHONHASHSEED),
+## then the bundled workload through the router (configs/external.yaml).
+EVENTS = {"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "tcp://127.0.0.1:556$$i", "replay_endpoint": "tcp://127.0.0.1:557$$i"}
+external: install
+	@trap 'kill $$(jobs -p) 2>/dev/null' EXIT; \
+	for i in 1 2 3; do \
+	  PYTHONHASHSEED=$$i $(VENV)/bin/kvroute serve-replica configs/external.yaml \
+	    --port 810$$i --kv-events-config '$(EVENTS)' & \
+	done; \
+	$(VENV)/bin/kvroute run configs/external.yaml
 
 ## The whole test suite (slow multi-process tests included).
 test: install

@@ -44,6 +44,8 @@ class Backend(Protocol):
 
     async def snapshot(self) -> Snapshot | None: ...
 
+    async def reset_prefix_cache(self) -> bool: ...
+
     async def close(self) -> None: ...
 
 
@@ -81,6 +83,12 @@ class RayReplica:
     async def snapshot(self) -> Snapshot | None:
         try:
             return await self.handle.snapshot.remote()
+        except ACTOR_GONE as exc:
+            raise ReplicaUnavailableError(str(exc)) from None
+
+    async def reset_prefix_cache(self) -> bool:
+        try:
+            return await self.handle.reset_prefix_cache.remote()
         except ACTOR_GONE as exc:
             raise ReplicaUnavailableError(str(exc)) from None
 

@@ -68,8 +68,9 @@ def _replay(cluster: Any, config: Config, policy: str) -> RunSummary:
     from router.workload import shared_prefix_workload
 
     ray.get(cluster.router.set_policy.remote(policy))
-    if not all(ray.get([r.reset_prefix_cache.remote() for r in cluster.replicas])):
-        raise RuntimeError("a replica was still busy and could not reset its prefix cache")
+    ray.get(cluster.router.wait_for_replicas.remote(config.engine_count))
+    if not ray.get(cluster.router.reset_prefix_caches.remote()):
+        raise RuntimeError("a replica was busy or gone and could not reset its prefix cache")
     time.sleep(0.5)  # let the AllBlocksCleared events reach the index
     workload = shared_prefix_workload(config.workload, config.model.vocab_size)
     client = KVRouteClient(cluster.url)

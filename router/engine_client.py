@@ -208,6 +208,14 @@ class HttpEngine:
         except (aiohttp.ClientError, OSError):
             return False
 
+    async def reset_prefix_cache(self) -> bool:
+        """vLLM's `POST /reset_prefix_cache` (a dev-mode endpoint there)."""
+        try:
+            async with self.session.post(f"{self.base_url}/reset_prefix_cache") as response:
+                return response.status == 200
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ReplicaUnavailableError(f"engine {self.name} unreachable: {exc}") from None
+
     async def snapshot(self) -> Snapshot | None:
         """vLLM has no snapshot: the index is rebuilt from the events that follow."""
         return None

@@ -92,6 +92,8 @@ class ReplicaBackend(Protocol):
 
     def counters(self) -> ReplicaCounters: ...
 
+    def reset_prefix_cache(self) -> bool: ...
+
 
 @dataclass(frozen=True)
 class ServedModel:
@@ -734,6 +736,13 @@ def build_replica_app(
     async def health(request: web.Request) -> web.Response:
         return web.Response(status=200 if backend.serving else 503)
 
+    async def reset_prefix_cache(request: web.Request) -> web.Response:
+        """vLLM's endpoint (dev mode there): drop the prefix cache and publish
+        AllBlocksCleared; 409 while requests hold blocks."""
+        if backend.reset_prefix_cache():
+            return web.Response(status=200)
+        return _status_error(409, "requests in flight hold blocks; the prefix cache was not reset")
+
     async def metrics(request: web.Request) -> web.Response:
         response = web.Response(body=generate_latest(registry))
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
@@ -748,6 +757,7 @@ def build_replica_app(
             web.get("/v1/models", models),
             web.get("/health", health),
             web.get("/metrics", metrics),
+            web.post("/reset_prefix_cache", reset_prefix_cache),
         ]
     )
     return app

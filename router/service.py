@@ -691,6 +691,15 @@ class RouterService:
         self.core.validate(keys, body.max_tokens or 1)
         return self.core.index.predict(keys)
 
+    async def reset_prefix_caches(self) -> bool:
+        """Ask every engine to drop its prefix cache (all at once); True if all did.
+        Their AllBlocksCleared events then empty the index."""
+        links = list(self.replicas.values())
+        results = await asyncio.gather(
+            *(link.backend.reset_prefix_cache() for link in links), return_exceptions=True
+        )
+        return all(result is True for result in results)
+
     def set_policy(self, name: str, **options: Any) -> None:
         """Switch the routing policy (e.g. to replay a workload under a baseline)."""
         self.core.set_policy(make_policy(name, **options))
@@ -705,6 +714,8 @@ class RouterService:
         return sorted(self.replicas)
 
     async def wait_for_replicas(self, count: int, timeout_s: float = 60.0) -> list[str]:
+        """Wait until `count` replicas are routable (an external engine is once it
+        answers /health); TimeoutError after `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         while len(self.replicas) < count:
             if time.monotonic() > deadline:

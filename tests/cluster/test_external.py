@@ -21,10 +21,10 @@ import pytest
 import ray
 import yaml
 
+from benchmarks.engines import ENGINE_MODEL, Engine
 from router.client import KVRouteClient
 from router.config import Config, parse_config
 from router.launch import cluster_keys, start_router
-from benchmarks.engines import ENGINE_MODEL, Engine
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(600)]
 DEADLINE_S = 60.0

@@ -169,3 +169,17 @@ def test_closing_a_stream_aborts_the_request_on_the_engine(tmp_path: Path) -> No
         while server.call(lambda: server.process.core.in_flight) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert server.call(lambda: server.process.core.in_flight) == 0
+
+
+def test_a_prefix_cache_reset_empties_the_engines_cache(tmp_path: Path) -> None:
+    async def serve_reset_serve(url: str) -> tuple[bool, int]:
+        async with aiohttp.ClientSession() as session:
+            engine = HttpEngine("engine-a", url, "tiny", session)
+            prompt = list(range(48, 58))
+            await engine.generate(_request("a", prompt))
+            reset = await engine.reset_prefix_cache()
+            again = await engine.generate(_request("b", prompt))
+            return reset, again.num_cached_tokens
+
+    with serve_replica(tiny_config(tmp_path)) as server:
+        assert asyncio.run(serve_reset_serve(server.url)) == (True, 0)
