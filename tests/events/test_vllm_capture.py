@@ -68,8 +68,14 @@ def replay_and_predict(capture: Capture, make_index: IndexFactory) -> tuple[list
 def test_prediction_equals_vllms_hit_for_every_prompt(capture: Capture, mode: str) -> None:
     predicted, index = replay_and_predict(capture, INDEX_MODES[mode])
     expected = [p.hit for p in capture.prompts]
-    wrong = [(i, got, want) for i, (got, want) in enumerate(zip(predicted, expected)) if got != want]
-    assert not wrong, f"{len(wrong)} of {len(expected)} prompts mispredicted (i, got, want): {wrong}"
+    wrong = [
+        (i, got, want)
+        for i, (got, want) in enumerate(zip(predicted, expected, strict=True))
+        if got != want
+    ]
+    assert not wrong, (
+        f"{len(wrong)} of {len(expected)} prompts mispredicted (i, got, want): {wrong}"
+    )
     stats = index.stats
     assert (stats.unknown_group, stats.mismatched_group, stats.bad_hash) == (0, 0, 0)
     assert stats.removed_unknown == 0
@@ -105,13 +111,16 @@ def test_capture_exercises_eviction_groups_tenants_and_its_encoding(capture: Cap
     assert max(p.turn for p in prompts) > 1
 
 
-def test_captures_of_every_vllm_version_agree() -> None:
-    """The same workload gives the same prompts and hits on each recorded version."""
+def test_captures_record_one_workload_in_both_encodings() -> None:
+    """Every version served the same prompts; one capture is array-, one map-encoded.
+
+    Their hits differ on a few prompts (newer vLLM caches and evicts differently),
+    which is why each capture is checked against its own hits.
+    """
     captures = [load_capture(path) for path in CAPTURE_PATHS]
     assert {c.event_encoding for c in captures} == {"array", "map"}
-    first = captures[0]
-    for other in captures[1:]:
-        assert [p.keys.token_ids for p in other.prompts] == [
-            p.keys.token_ids for p in first.prompts
-        ]
-        assert [p.hit for p in other.prompts] == [p.hit for p in first.prompts]
+    workloads = {
+        tuple((p.keys.token_ids, p.keys.lora_name, p.keys.cache_salt) for p in c.prompts)
+        for c in captures
+    }
+    assert len(workloads) == 1

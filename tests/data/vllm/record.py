@@ -11,9 +11,10 @@ sliding-window group, with a small pool so blocks get evicted. Each prompt's hit
 is vLLM's `get_computed_blocks`, measured before the prompt is allocated; then the
 prompt is prefilled and decoded step by step as the scheduler does (allocate,
 count the computed tokens, append the output token, free when done) and each
-step's events go through vLLM's `ZmqEventPublisher`. A SUB socket on loopback
-records the multipart frames exactly as they arrive; the publisher's replay
-endpoint is read back at the end as a check that none was lost.
+step's events go through vLLM's `ZmqEventPublisher`, bound on IPv6 loopback. A SUB
+socket records the multipart frames exactly as they arrive; the publisher's replay
+endpoint is read back at the end as a check that none was lost. README.md beside
+this file describes the output.
 """
 
 from __future__ import annotations
@@ -302,7 +303,9 @@ def record(path: str) -> None:
             "hash_block_size": BLOCK_SIZE,
             "groups": [
                 {
-                    "kind": "sliding_window" if isinstance(s, SlidingWindowSpec) else "full_attention",
+                    "kind": "sliding_window"
+                    if isinstance(s, SlidingWindowSpec)
+                    else "full_attention",
                     "block_size": s.block_size,
                     "sliding_window": getattr(s, "sliding_window", None),
                 }
