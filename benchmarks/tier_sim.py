@@ -136,7 +136,7 @@ def target_lines(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"- {row['trace']}, {row['replicas']} replicas: 4 sharing routers "
             f"{row['hit_rate']:.1%} vs 1 router {one['hit_rate']:.1%} "
-            f"({gap:.1f} points lower): target {verdict}"
+            f"({-gap:+.1f} points): target {verdict}"
         )
     return lines
 
