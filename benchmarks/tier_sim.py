@@ -152,7 +152,8 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
     for ax, (trace, replicas) in zip(axes[0], panels, strict=True):
         cell = [r for r in rows if (r["trace"], r["replicas"]) == (trace, replicas)]
         one = [r for r in cell if r["routers"] == 1]
-        for share, style in ((False, "o--"), (True, "o-")):
+        # Sharing on is drawn over off: where they agree, the dashed line shows through.
+        for share, style in ((False, "s-"), (True, "o--")):
             line = sorted(
                 one + [r for r in cell if r["sharing"] == share and r["routers"] > 1],
                 key=lambda r: r["routers"],
@@ -172,6 +173,8 @@ def plot(rows: list[dict[str, Any]], out: Path) -> Path:
         )
         ticks = sorted({r["routers"] for r in cell})
         ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_ylim(0, 1.15 * max(cell[0]["pooled_lru"], *(r["hit_rate"] for r in cell)))
         ax.legend(fontsize=7)
     return save_figure(fig, out / "tier.png")
 
