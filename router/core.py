@@ -29,12 +29,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import msgspec
+import numpy as np
 
 from events.kv_events import KVEventBatch
 from replicas.api import InvalidRequestError, ModelLimits, ReplicaLoad, validate_generate
 from replicas.kv_cache.prompt import HashedPrompt, PromptKeys
 from replicas.kv_cache.specs import KVCacheConfig
 from router.index import HashMode, KVIndex
+from router.peer import PeerDecision
 from router.policy import Candidate, RouteRequest, RoutingPolicy
 from router.reuse import ReuseTracker
 
@@ -334,6 +336,19 @@ class Router:
         self._end(decision)
         if refused and decision.replica_id in self.replicas:
             self.index.drop_predictions(decision.replica_id, prepared.prompt)
+
+    def apply_peer(self, peer: PeerDecision) -> int:
+        """Record another router's decision: its replica is predicted to cache the
+        prompt's blocks, in the same tables, with the same TTL (from now) and the same
+        settling by events as this router's own predictions. Pending load is left
+        alone: the request is the peer's to finish, and the replica's next load
+        report counts it. Returns the (hash, group) entries predicted: 0 with
+        predictions off, and for an unknown replica or hash block size (counted in
+        `index.stats`)."""
+        if not self.settings.use_predictions:
+            return 0
+        keys = np.array(peer.block_keys, np.uint64)
+        return self.index.add_peer_prediction(peer.replica_id, peer.hash_block_size, keys)
 
     def _end(self, decision: Decision) -> ReplicaState | None:
         state = self.replicas.get(decision.replica_id)

@@ -233,11 +233,7 @@ class KVIndex:
         self, entry: ReplicaEntry, prompt: PromptSource
     ) -> list[tuple[int, np.ndarray]]:
         """(group, event keys of the prompt's blocks in that group) for each group."""
-        small = event_keys(self.hashed(prompt, entry.hash_block_size).block_hashes)
-        return [
-            (group, np.ascontiguousarray(small[scale - 1 :: scale]))
-            for group, scale in enumerate(entry.group_scales)
-        ]
+        return _by_group(entry, event_keys(self.hashed(prompt, entry.hash_block_size).block_hashes))
 
     def add_prediction(self, replica_id: str, prompt: PromptSource) -> int:
         """Record that `replica_id` will cache this prompt's blocks (they are
@@ -251,5 +247,41 @@ class KVIndex:
         entry = self._registry.require(replica_id)
         self._predictions.drop(entry.bit, self._group_keys(entry, prompt))
 
+    def add_peer_prediction(self, replica_id: str, hash_block_size: int, keys: np.ndarray) -> int:
+        """Record another router's prediction: `replica_id` will cache the blocks whose
+        event keys (at `hash_block_size`) are `keys`. Same tables, TTL and settling as
+        `add_prediction`. A replica this index does not know, or keys at another hash
+        block size than the replica's (hashes do not convert), are counted and ignored.
+        Returns the number of (hash, group) entries predicted."""
+        stats = self.stats
+        entry = self._registry.entries.get(replica_id)
+        if entry is None:
+            stats.peer_unknown_replica += 1
+            stats.log_once(
+                "peer_unknown_replica", "ignoring peer decisions for unknown replica %r", replica_id
+            )
+            return 0
+        if hash_block_size != entry.hash_block_size:
+            stats.peer_mismatched += 1
+            stats.log_once(
+                "peer_mismatched",
+                "ignoring peer decisions hashed at block size %s; replica %r hashes at %s",
+                hash_block_size,
+                replica_id,
+                entry.hash_block_size,
+            )
+            return 0
+        stats.peer_decisions += 1
+        return self._predictions.add(entry.bit, _by_group(entry, keys))
+
     def num_predicted(self) -> int:
         return len(self._predictions)
+
+
+def _by_group(entry: ReplicaEntry, small_keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(group, keys of that group's blocks) for each group, from the keys at the
+    replica's hash block size: a group block's key is that of its last small block."""
+    return [
+        (group, np.ascontiguousarray(small_keys[scale - 1 :: scale]))
+        for group, scale in enumerate(entry.group_scales)
+    ]

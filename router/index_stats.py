@@ -24,6 +24,10 @@ class IndexStats:
     predictions_added: int = 0
     predictions_confirmed: int = 0
     predictions_expired: int = 0
+    # Other routers' decisions (router/peer.py): applied, and ignored by reason.
+    peer_decisions: int = 0
+    peer_unknown_replica: int = 0
+    peer_mismatched: int = 0
     dropped_kinds: set[str] = field(default_factory=set)
 
     def log_once(self, kind: str, message: str, *args: object) -> None:

@@ -7,10 +7,16 @@ policies), the event codec, and each source's
 `SourceSequencer` (gap detection, replay, resync). Only the clock, the
 network and the Ray calls are simulated:
 - a step of duration d started at t delivers its tokens at t + d;
-- a step's event batch reaches the router `event_delay_s` later, unless the
-  drop rate loses it, in which case the sequencer's replay (after
-  `replay_delay_s`) or a snapshot resync repairs the index;
+- a step's event batch reaches every router `event_delay_s` later, unless the
+  drop rate loses it (for that router), in which case the sequencer's replay
+  (after `replay_delay_s`) or a snapshot resync repairs that router's index;
 - routing sees exact engine loads.
+
+A tier of `routers` routers: the ingress hands each request to one of them
+(round robin, or a seeded random pick), each router is a separate `Router` with
+its own index, policy and sequencers, and with `share_decisions` every choice
+reaches the other routers as a `PeerDecision` `decision_delay_s` later (at once
+when 0). One router is the single-router simulator exactly.
 Deterministic for a seed: one heap, ties broken by insertion order.
 """
 
@@ -36,12 +42,14 @@ from replicas.factory import build_engine
 from replicas.kv_cache.prompt import PromptKeys
 from replicas.request import SamplingParams
 from router.core import Decision, Registration, Router, RouterSettings
+from router.peer import DecisionOrigin, PeerDecision, PeerDecisionCodec
 from router.policy import make_policy
 
 if TYPE_CHECKING:
     from benchmarks.sim.workload import SimRequest, Workload
 
-STEP, DELIVER, REPLAY, RESYNC, TICK = range(5)
+STEP, DELIVER, REPLAY, RESYNC, TICK, PEER = range(6)
+INGRESS = ("round_robin", "random")
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,20 @@ class SimConfig:
     max_decode_steps: int = 64
     replay_buffer_steps: int = 10_000
     seed: int = 0
+    # The router tier: how many routers, how the ingress spreads requests over
+    # them, and whether (and how late) each choice reaches the other routers.
+    routers: int = 1
+    ingress: str = "round_robin"
+    share_decisions: bool = False
+    decision_delay_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.routers < 1:
+            raise ValueError(f"routers must be >= 1, got {self.routers}")
+        if self.ingress not in INGRESS:
+            raise ValueError(f"ingress {self.ingress!r}: expected one of {INGRESS}")
+        if self.decision_delay_s < 0:
+            raise ValueError(f"decision_delay_s must be >= 0, got {self.decision_delay_s}")
 
 
 @dataclass
@@ -104,37 +126,53 @@ class SimResult:
     wall_time_s: float
     duplication: float
     rejected: list[str] = field(default_factory=list)
+    # Per router: requests it routed, and peer decisions it applied.
+    routed: list[int] = field(default_factory=list)
+    peer_decisions: list[int] = field(default_factory=list)
 
     @property
     def requests_per_wall_s(self) -> float:
         return len(self.records) / self.wall_time_s if self.wall_time_s else 0.0
 
 
-class _Stream:
-    """One replica's event stream: publisher buffer on one side, the router's
-    sequencer on the other, the simulated network between."""
+class _Publisher:
+    """One replica's event publisher: seqs, the replay buffer, and one link per router."""
 
     def __init__(self, sim: Simulator, replica_id: str) -> None:
         self.sim = sim
         self.replica_id = replica_id
         self.next_seq = 0
         self.buffer: deque[tuple[int, bytes]] = deque(maxlen=sim.config.replay_buffer_steps)
+        self.links = [_Link(sim, self, router) for router in sim.routers]
+
+    def publish(self, payload: bytes) -> None:
+        seq = self.next_seq
+        self.next_seq += 1
+        self.buffer.append((seq, payload))
+        config, rng = self.sim.config, self.sim.rng
+        for link in self.links:  # each router's copy is lost, or not, on its own
+            if rng.random() >= config.event_drop_rate:
+                self.sim.schedule(config.event_delay_s, DELIVER, (link, seq, payload))
+
+
+class _Link:
+    """One router's subscription to one replica's stream: its own sequencer, with
+    the simulated network between it and the publisher."""
+
+    def __init__(self, sim: Simulator, publisher: _Publisher, router: Router) -> None:
+        self.sim = sim
+        self.publisher = publisher
+        self.router = router
+        self.replica_id = publisher.replica_id
         self.replay_token = 0
         self.stats = SourceStats()
         self.sequencer = SourceSequencer(
             self, RecoveryConfig(), has_replay=True, start_seq=0, stats=self.stats, now=0.0
         )
 
-    def publish(self, payload: bytes) -> None:
-        seq = self.next_seq
-        self.next_seq += 1
-        self.buffer.append((seq, payload))
-        if self.sim.rng.random() >= self.sim.config.event_drop_rate:
-            self.sim.schedule(self.sim.config.event_delay_s, DELIVER, (self, seq, payload))
-
     # SequencerPort
     def deliver(self, seq: int, payload: bytes, replayed: bool) -> None:
-        self.sim.router.apply(self.replica_id, self.sim.decoder.decode(payload))
+        self.router.apply(self.replica_id, self.sim.decoder.decode(payload))
 
     def request_replay(self, start_seq: int) -> None:
         self.replay_token += 1
@@ -151,14 +189,14 @@ class _Stream:
     def replay(self, start_seq: int, token: int, now: float) -> None:
         if token != self.replay_token:
             return
-        for seq, payload in list(self.buffer):
+        for seq, payload in list(self.publisher.buffer):
             if seq >= start_seq:
                 self.sequencer.on_replay(seq, payload, now)
         self.sequencer.on_replay_end(now)
 
     def rebuild(self, engine: Engine, now: float) -> None:
-        self.sim.router.resync(self.replica_id, engine.snapshot_batch())
-        self.sequencer.resynced(self.next_seq, now)
+        self.router.resync(self.replica_id, engine.snapshot_batch())
+        self.sequencer.resynced(self.publisher.next_seq, now)
 
 
 class Simulator:
@@ -172,7 +210,35 @@ class Simulator:
             f"r{i}": build_engine(settings, self.clock, seed_offset=i)
             for i in range(config.replicas)
         }
-        self.router = Router(
+        self.routers = [self._build_router() for _ in range(config.routers)]
+        self.publishers = {rid: _Publisher(self, rid) for rid in self.engines}
+        self.links = [link for pub in self.publishers.values() for link in pub.links]
+        self.origins = [
+            DecisionOrigin(f"router-{k}", self.clock.now) for k in range(config.routers)
+        ]
+        self.peer_codec = PeerDecisionCodec()
+        self.ingress_rng = random.Random(f"ingress/{config.seed}")
+        self._arrived = 0
+        self.routed = [0] * config.routers
+        self.peer_applied = [0] * config.routers
+        self.encoder = KVEventEncoder()
+        self.decoder = KVEventDecoder()
+        self.records: list[RequestRecord] = []
+        self.rejected: list[str] = []
+        self._bar: tqdm | None = None
+        self.replica_records = {rid: ReplicaRecord(rid) for rid in self.engines}
+        self._heap: list[tuple[float, int, int, Any]] = []
+        self._arrivals: list[tuple[float, int, SimRequest]] = []
+        self._order = 0
+        self._stepping: set[str] = set()
+        self._followers: dict[str, list[SimRequest]] = {}
+        # request id -> the router that chose, and its decision
+        self._pending: dict[str, tuple[int, Decision]] = {}
+
+    def _build_router(self) -> Router:
+        """One router of the tier: its own index, policy (seeded alike) and reuse memory."""
+        config, settings = self.config, self.config.settings
+        router = Router(
             RouterSettings(
                 hash_algo=settings.hashing.algo,
                 hash_seed=settings.hashing.seed,
@@ -186,7 +252,7 @@ class Simulator:
             clock=self.clock.now,
         )
         for replica_id, engine in self.engines.items():
-            self.router.register(
+            router.register(
                 Registration(
                     replica_id=replica_id,
                     kv_cache_config=engine.kv_cache.kv_cache_config,
@@ -198,19 +264,7 @@ class Simulator:
                     limits=engine.limits,
                 )
             )
-        self.streams = {rid: _Stream(self, rid) for rid in self.engines}
-        self.encoder = KVEventEncoder()
-        self.decoder = KVEventDecoder()
-        self.records: list[RequestRecord] = []
-        self.rejected: list[str] = []
-        self._bar: tqdm | None = None
-        self.replica_records = {rid: ReplicaRecord(rid) for rid in self.engines}
-        self._heap: list[tuple[float, int, int, Any]] = []
-        self._arrivals: list[tuple[float, int, SimRequest]] = []
-        self._order = 0
-        self._stepping: set[str] = set()
-        self._followers: dict[str, list[SimRequest]] = {}
-        self._pending: dict[str, Decision] = {}  # request id -> its routing decision
+        return router
 
     # ---------------------------------------------------------------- queue
 
@@ -263,32 +317,23 @@ class Simulator:
                     bar.update()
                     if on_finish is not None:
                         on_finish(record)
-            elif kind == DELIVER:
-                stream, seq, payload = data
-                stream.sequencer.on_live(seq, payload, at)
-            elif kind == REPLAY:
-                stream, start_seq, token = data
-                stream.replay(start_seq, token, at)
-            elif kind == RESYNC:
-                data.rebuild(self.engines[data.replica_id], at)
             elif kind == TICK:
-                for stream in self.streams.values():
-                    stream.sequencer.tick(at)
+                for link in self.links:
+                    link.sequencer.tick(at)
                 if self._arrivals or self._stepping or self._pending:
                     self.schedule(0.5, TICK, None)
+            else:
+                self._network(kind, data, at)
         bar.close()
         # Let in-flight events land so the final index reflects the caches.
         while self._heap:
             at, _, kind, data = heapq.heappop(self._heap)
             self.clock.advance_to(at)
-            if kind == DELIVER:
-                data[0].sequencer.on_live(data[1], data[2], at)
-            elif kind == REPLAY:
-                data[0].replay(data[1], data[2], at)
-            elif kind == RESYNC:
-                data.rebuild(self.engines[data.replica_id], at)
-        for replica_id, stream in self.streams.items():
-            self.replica_records[replica_id].stream = stream.sequencer.snapshot()
+            if kind != TICK:
+                self._network(kind, data, at)
+        # The first router's view of each stream (every router's sees the same batches).
+        for replica_id, publisher in self.publishers.items():
+            self.replica_records[replica_id].stream = publisher.links[0].sequencer.snapshot()
         return SimResult(
             config=self.config,
             workload=self.workload.name,
@@ -298,17 +343,44 @@ class Simulator:
             wall_time_s=time.perf_counter() - started,
             duplication=self._duplication(),
             rejected=self.rejected,
+            routed=self.routed,
+            peer_decisions=self.peer_applied,
         )
 
-    def _report_loads(self) -> None:
+    def _network(self, kind: int, data: Any, at: float) -> None:
+        """What the simulated network delivers: event batches, replays, resyncs and
+        peer decisions."""
+        if kind == DELIVER:
+            link, seq, payload = data
+            link.sequencer.on_live(seq, payload, at)
+        elif kind == REPLAY:
+            link, start_seq, token = data
+            link.replay(start_seq, token, at)
+        elif kind == RESYNC:
+            data.rebuild(self.engines[data.replica_id], at)
+        elif kind == PEER:
+            index, payload = data
+            self._apply_peer(index, payload)
+
+    def _report_loads(self, router: Router) -> None:
         """Routing sees exact engine loads: every engine reports before each choice."""
         for replica_id, engine in self.engines.items():
-            self.router.report_load(replica_id, engine.load())
+            router.report_load(replica_id, engine.load())
+
+    def _ingress(self) -> int:
+        """The router the next request reaches."""
+        count = self.config.routers
+        if self.config.ingress == "random":
+            return self.ingress_rng.randrange(count)
+        self._arrived += 1
+        return (self._arrived - 1) % count
 
     def _arrive(self, sim_request: SimRequest) -> None:
+        index = self._ingress()
+        router = self.routers[index]
         keys = PromptKeys(tuple(sim_request.token_ids()))
         try:
-            prepared = self.router.prepare(keys, sim_request.max_tokens, sim_request.request_id)
+            prepared = router.prepare(keys, sim_request.max_tokens, sim_request.request_id)
         except InvalidRequestError:
             # The router answers 400; like a client, the workload moves on.
             self.rejected.append(sim_request.request_id)
@@ -316,8 +388,9 @@ class Simulator:
                 self._bar.update()
             self._release_followers(sim_request.request_id, self.clock.now())
             return
-        self._report_loads()
-        decision = self.router.choose(prepared)
+        self._report_loads(router)
+        decision = router.choose(prepared)
+        self.routed[index] += 1
         replica_id = decision.replica_id
         engine = self.engines[replica_id]
         engine.add_request(
@@ -328,10 +401,29 @@ class Simulator:
             block_hashes=list(prepared.prompt.block_hashes),
             reuse_hint_tokens=prepared.reuse_hint_tokens,
         )
-        self._pending[sim_request.request_id] = decision
+        self._pending[sim_request.request_id] = (index, decision)
+        if self.config.share_decisions and len(self.routers) > 1:
+            self._share(index, self.origins[index].decision(replica_id, prepared.prompt))
         if replica_id not in self._stepping:
             self._stepping.add(replica_id)
             self.schedule(0.0, STEP, replica_id)
+
+    def _share(self, sender: int, peer: PeerDecision) -> None:
+        """Send a decision to every other router, over the wire format; with no delay
+        it lands before anything else happens."""
+        payload = self.peer_codec.encode(peer)
+        delay = self.config.decision_delay_s
+        for index in range(len(self.routers)):
+            if index == sender:
+                continue
+            if delay:
+                self.schedule(delay, PEER, (index, payload))
+            else:
+                self._apply_peer(index, payload)
+
+    def _apply_peer(self, index: int, payload: bytes) -> None:
+        self.routers[index].apply_peer(self.peer_codec.decode(payload))
+        self.peer_applied[index] += 1
 
     def _step(self, replica_id: str) -> list[RequestRecord]:
         engine = self.engines[replica_id]
@@ -342,7 +434,7 @@ class Simulator:
         rec.busy_s += result.duration
         rec.preemptions += result.num_preempted
         if result.events is not None:
-            self.streams[replica_id].publish(self.encoder.encode(result.events))
+            self.publishers[replica_id].publish(self.encoder.encode(result.events))
         finished = [self._finish(replica_id, out) for out in result.outputs if out.finished]
         if engine.has_work:
             self.schedule(max(result.duration, 1e-9), STEP, replica_id)
@@ -351,8 +443,8 @@ class Simulator:
         return finished
 
     def _finish(self, replica_id: str, out: RequestOutput) -> RequestRecord:
-        decision = self._pending.pop(out.request_id)
-        self.router.finish(decision, out.num_prompt_tokens, out.num_cached_tokens)
+        index, decision = self._pending.pop(out.request_id)
+        self.routers[index].finish(decision, out.num_prompt_tokens, out.num_cached_tokens)
         predicted = decision.predicted_hit_tokens
         metrics = out.metrics
         assert metrics.first_token_time is not None and metrics.finish_time is not None
