@@ -21,12 +21,14 @@ run: install
 ## kvroute in front of engines it did not start: three `kvroute serve-replica`
 ## processes (each with its own hash root, as vLLM draws it from PYTHONHASHSEED),
 ## then the bundled workload through the router (configs/external.yaml).
-EVENTS = {"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "tcp://127.0.0.1:556$$i", "replay_endpoint": "tcp://127.0.0.1:557$$i"}
 external: install
 	@trap 'kill $$(jobs -p) 2>/dev/null' EXIT; \
 	for i in 1 2 3; do \
+	  events='{"enable_kv_cache_events": true, "publisher": "zmq", '; \
+	  events="$$events\"endpoint\": \"tcp://127.0.0.1:556$$i\", "; \
+	  events="$$events\"replay_endpoint\": \"tcp://127.0.0.1:557$$i\"}"; \
 	  PYTHONHASHSEED=$$i $(VENV)/bin/kvroute serve-replica configs/external.yaml \
-	    --port 810$$i --kv-events-config '$(EVENTS)' & \
+	    --port 810$$i --kv-events-config "$$events" & \
 	done; \
 	$(VENV)/bin/kvroute run configs/external.yaml
 

@@ -52,6 +52,10 @@ class RouterConfig(Struct):
     # Routers in the tier. Each keeps a full index fed by every replica's event
     # stream and serves HTTP on its own port (http_port + i; 0: each a free one).
     count: AtLeastOne = 1
+    # With several routers, each publishes its routing decisions on a ZeroMQ
+    # channel (CURVE with the routers' key pair) and records its peers' as
+    # predicted entries, so a burst of one prefix split over routers stays together.
+    share_decisions: bool = True
     # A request that has not finished after this long is aborted on its replica and
     # answered with a 504; a request may ask for less with `timeout`.
     request_timeout_s: Positive = 600.0

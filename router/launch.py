@@ -18,11 +18,9 @@ from events.curve import CurveKeyPair, read_key_pair
 from replicas.actor import ReplicaServer
 from router.config import Config
 from router.logs import DEFAULT_LOG_LEVEL, ray_runtime_env
-from router.service import RouterService, replica_actor_name
+from router.service import ROUTER_NAME, RouterService, replica_actor_name, router_actor_name
 
 logger = logging.getLogger(__name__)
-
-ROUTER_NAME = "router"
 
 
 @dataclass
@@ -111,7 +109,9 @@ def start_router(
         max_concurrency=10_000,
         num_cpus=0,
     )
-    router = actor.remote(config, serve_http=http, curve=curve, api_keys=config.router.api_keys())
+    router = actor.remote(
+        config, serve_http=http, curve=curve, api_keys=config.router.api_keys(), name=name
+    )
     return router, ray.get(router.ready.remote())
 
 
@@ -142,7 +142,7 @@ def start_cluster(config: Config, http: bool = True, log_level: str = DEFAULT_LO
     routers, urls = [router], [url] if url else []
     for i in range(1, config.router.count):
         extra, extra_url = start_router(
-            _router_port(config, i), http, name=f"{ROUTER_NAME}-{i}", curve=keys
+            _router_port(config, i), http, name=router_actor_name(i), curve=keys
         )
         routers.append(extra)
         urls.extend([extra_url] if extra_url else [])

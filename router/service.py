@@ -61,6 +61,7 @@ from router.core import (
     Router,
     RouterSettings,
 )
+from router.decisions import DecisionChannel, DecisionChannelConfig
 from router.engine_client import HttpEngine
 from router.metrics import ReplicaView, RouterMetrics, ScrapeView
 from router.policy import make_policy
@@ -70,8 +71,16 @@ from router.tokenizer import load_tokenizer, tokenizer_file
 logger = logging.getLogger(__name__)
 
 
+ROUTER_NAME = "router"
+
+
 def replica_actor_name(index: int) -> str:
     return f"replica-{index}"
+
+
+def router_actor_name(index: int) -> str:
+    """Router 0 is the one replicas register with; the others are its peers."""
+    return ROUTER_NAME if index == 0 else f"{ROUTER_NAME}-{index}"
 
 
 async def _within(awaitable: Any, deadline: float) -> Any:
@@ -180,6 +189,7 @@ class RouterService:
         serve_http: bool = True,
         curve: CurveKeyPair | None = None,
         api_keys: frozenset[str] = frozenset(),
+        name: str = ROUTER_NAME,
     ) -> None:
         """`curve`: the routers' key pair, which every replica's event sockets accept.
         `api_keys`: the keys /v1/* accepts, read by the launcher where the config is."""
@@ -207,6 +217,17 @@ class RouterService:
             SubscriberConfig(rcvhwm=config.events.hwm, curve=curve),
         )
         self.subscriber.start()
+        self.name = name
+        self.decisions: DecisionChannel | None = None
+        if config.router.share_decisions and config.router.count > 1:
+            self.decisions = DecisionChannel(
+                name,
+                self.core.apply_peer,
+                DecisionChannelConfig(
+                    endpoint=f"tcp://{config.events.host}:*", hwm=config.events.hwm, curve=curve
+                ),
+            )
+            self.decisions.start()
         self._serve_http = serve_http
         # One bounded connection pool for every external engine, made on first use.
         self._session: aiohttp.ClientSession | None = None
@@ -354,6 +375,8 @@ class RouterService:
         for task in self._tasks:
             task.cancel()
         self.subscriber.stop()
+        if self.decisions is not None:
+            await self.decisions.close()
         if self._session is not None:
             await self._session.close()
 
@@ -418,10 +441,38 @@ class RouterService:
 
     async def _supervise(self) -> None:
         """Every `supervise_s`, find configured replicas that are not indexed here:
-        restarted after a crash, started after this router, or missed at boot."""
+        restarted after a crash, started after this router, or missed at boot; and
+        follow the decisions of every peer router, new or restarted."""
         while True:
             await asyncio.sleep(self.config.router.supervise_s)
             await self._discover_replicas()
+            if self.decisions is not None:
+                await self._follow_peers(self.decisions)
+
+    def decision_endpoint(self) -> str | None:
+        """Where this router publishes its decisions (None: not sharing)."""
+        return self.decisions.endpoint if self.decisions is not None else None
+
+    async def _follow_peers(self, channel: DecisionChannel) -> None:
+        """Subscribe to each peer router's decisions; a restarted peer binds a new
+        port, so a changed endpoint is followed anew."""
+        namespace = self.config.cluster.namespace
+        for i in range(self.config.router.count):
+            peer = router_actor_name(i)
+            if peer == self.name:
+                continue
+            try:
+                handle = ray.get_actor(peer, namespace=namespace)
+                endpoint = await asyncio.wait_for(handle.decision_endpoint.remote(), 5.0)
+            except (ValueError, TimeoutError, *ACTOR_GONE):
+                continue  # not started yet, or restarting
+            known = channel.peers.get(peer)
+            if endpoint is None or endpoint == known:
+                continue
+            if known is not None:
+                channel.remove_peer(peer)
+            channel.add_peer(peer, endpoint)
+            logger.info("following the decisions of router %s at %s", peer, endpoint)
 
     # -------------------------------------------------------------- routing
 
@@ -517,6 +568,8 @@ class RouterService:
         while True:
             decision = self.core.choose(prepared, tried)
             self.metrics.routing_seconds.observe(decision.routing_s)
+            if self.decisions is not None:
+                self.decisions.share(decision.replica_id, prepared.prompt)
             backend = self.replicas[decision.replica_id].backend
             streamed = ended = refused = False
             try:
@@ -628,8 +681,21 @@ class RouterService:
                 }
             )
         stats = index.stats
+        shared = self.decisions.stats if self.decisions is not None else None
         return {
+            "router": self.name,
             "policy": self.core.policy.name,
+            "decisions": None
+            if shared is None
+            else {
+                "published": shared.published,
+                "send_dropped": shared.send_dropped,
+                "received": shared.received,
+                "lost": shared.lost,
+                "peers": sorted(self.decisions.peers) if self.decisions is not None else [],
+                "peer_predictions": stats.peer_decisions,
+                "peer_unknown_replica": stats.peer_unknown_replica,
+            },
             "index_entries": len(index),
             "predicted_entries": index.num_predicted(),
             "index_dropped": {

@@ -1,6 +1,7 @@
 """The router in front of engines it did not start: three `kvroute serve-replica`
 processes, each hashing with its own root (two random, as vLLM without
-PYTHONHASHSEED, one from PYTHONHASHSEED), none with the router's seed.
+PYTHONHASHSEED, one from PYTHONHASHSEED), none with the router's seed, behind a
+tier of two routers that share their routing decisions.
 
 The router keys their blocks by its own hash of the token ids their events
 carry, so its prediction must equal every engine's reported cached tokens.
@@ -34,7 +35,7 @@ def _router_config(engines: list[Engine]) -> Config:
     data = yaml.safe_load(ENGINE_MODEL)
     data["cluster"] = {"namespace": "kvroute-external"}
     data["replicas"]["count"] = 0
-    data["router"] = {"http_port": 0, "supervise_s": 0.5, "load_timeout_s": 1.0}
+    data["router"] = {"http_port": 0, "supervise_s": 0.5, "load_timeout_s": 1.0, "count": 2}
     data["external"] = [engine.external_entry() for engine in engines]
     return parse_config(data, "external-test")
 
@@ -54,10 +55,13 @@ def fleet(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         for engine in engines:
             engine.wait_healthy()
         config = _router_config(engines)
-        router, url = start_router(config, curve=cluster_keys(config))
-        assert url is not None
-        yield engines, KVRouteClient(url), router
-        ray.kill(router, no_restart=True)
+        keys = cluster_keys(config)
+        routers = [start_router(config, name=name, curve=keys) for name in ("router", "router-1")]
+        urls = [url for _, url in routers]
+        assert None not in urls
+        yield engines, KVRouteClient(urls[0]), KVRouteClient(urls[1])  # type: ignore[arg-type]
+        for router, _ in routers:
+            ray.kill(router, no_restart=True)
     finally:
         for engine in engines:
             engine.stop()
@@ -83,8 +87,9 @@ def _tenant_prompts(seed: int, tenants: int, rounds: int) -> list[list[int]]:
 def test_predictions_equal_every_engines_cached_tokens_without_knowing_their_seeds(
     fleet: Any,
 ) -> None:
-    _, client, _ = fleet
+    _, client, peer = fleet
     _wait(lambda: len(client.status()["replicas"]) == 3, "three engines")
+    _wait(lambda: peer.status()["decisions"]["peers"] == ["router"], "the routers to pair up")
     seen: dict[str, int] = {}
     hits = 0
     for prompt in _tenant_prompts(seed=1, tenants=4, rounds=3):
@@ -107,6 +112,10 @@ def test_predictions_equal_every_engines_cached_tokens_without_knowing_their_see
         "bad_hash": 0,
     }
     assert all(r["kind"] == "external" and r["state"] == "exact" for r in status["replicas"])
+    # The second router recorded every decision of the first as its own predictions.
+    shared = peer.status()["decisions"]
+    assert shared["received"] == status["decisions"]["published"] == 12
+    assert shared["peer_unknown_replica"] == 0 and shared["lost"] == 0
 
 
 def test_a_killed_engine_loses_no_request_leaves_the_index_and_rejoins(fleet: Any) -> None:

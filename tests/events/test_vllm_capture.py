@@ -5,7 +5,7 @@ serving a multi-tenant workload on a hybrid (full attention + sliding window) ca
 and vLLM's own hit for every prompt. Replaying the frames in order through kvroute's
 frame parser and decoder into a `KVIndex`, the prediction for each prompt, made
 after exactly the frames vLLM had published when it measured that prompt, must equal
-vLLM's hit.
+vLLM's hit: with the engine's seed, and with a seed it was not given (re-keyed).
 """
 
 from __future__ import annotations
@@ -39,7 +39,23 @@ def seed_matched(capture: Capture) -> KVIndex:
     return index
 
 
-INDEX_MODES: dict[str, IndexFactory] = {"seed-matched": seed_matched}
+def rekeyed_with_an_unknown_seed(capture: Capture) -> KVIndex:
+    """An index with a seed vLLM never used: it re-keys vLLM's blocks from the token
+    ids its events carry (hash-agnostic mode)."""
+    index = KVIndex(capture.hash_algo, "a seed the engine was not given")
+    index.register(
+        REPLICA,
+        capture.kv_cache_config(),
+        hash_block_size=capture.hash_block_size,
+        hash_mode="tokens",
+    )
+    return index
+
+
+INDEX_MODES: dict[str, IndexFactory] = {
+    "seed-matched": seed_matched,
+    "tokens-unknown-seed": rekeyed_with_an_unknown_seed,
+}
 
 
 @pytest.fixture(scope="module", params=CAPTURE_PATHS, ids=lambda p: p.name.split(".json")[0])
@@ -78,6 +94,7 @@ def test_prediction_equals_vllms_hit_for_every_prompt(capture: Capture, mode: st
     )
     stats = index.stats
     assert (stats.unknown_group, stats.mismatched_group, stats.bad_hash) == (0, 0, 0)
+    assert stats.unkeyable == 0
     assert stats.removed_unknown == 0
     assert sum(1 for hit in expected if hit) > len(expected) // 3
 
