@@ -73,9 +73,11 @@ class RouterConfig(Struct):
     body_timeout_s: Positive = 30.0
     # Against slowloris and connection floods: a request's headers must arrive within
     # header_timeout_s (else 408 and close); past max_connections open connections, a
-    # new one is answered 503 and closed. Idle keep-alive connections count too.
+    # new one is answered 503 and closed. Idle keep-alive connections count too, so
+    # they are closed after keepalive_timeout_s.
     header_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
     max_connections: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1024
+    keepalive_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 75.0
     api_keys_file: str | None = None
     api_keys_env: str | None = None
     # The `kvroute` response section names the replica and the predicted hit: for

@@ -141,6 +141,9 @@ class HttpOptions:
     # be in within header_timeout_s; past max_connections open, new ones get a 503.
     header_timeout_s: float = 10.0
     max_connections: int = 1024
+    # An idle kept-alive connection is closed after this (aiohttp's default is an
+    # hour), so idle clients cannot hold the connection cap.
+    keepalive_timeout_s: float = 75.0
 
 
 def _decode_json(raw: bytes) -> Any:
@@ -302,7 +305,12 @@ async def serve_http(
     options = options or HttpOptions()
     # handler_cancellation: a client that disconnects cancels its handler at once, so
     # its request is aborted on the replica even while it waits for a full response.
-    runner = web.AppRunner(build_app(service, options), access_log=None, handler_cancellation=True)
+    runner = web.AppRunner(
+        build_app(service, options),
+        access_log=None,
+        handler_cancellation=True,
+        keepalive_timeout=options.keepalive_timeout_s,
+    )
     await runner.setup()
     assert runner.server is not None
 

@@ -251,6 +251,7 @@ class RouterService:
                 min_ready_replicas=router.min_ready_replicas,
                 header_timeout_s=router.header_timeout_s,
                 max_connections=router.max_connections,
+                keepalive_timeout_s=router.keepalive_timeout_s,
             )
             self.http_url = await start_http_server(
                 self, router.http_host, router.http_port, options

@@ -187,3 +187,19 @@ def test_ordinary_clients_are_unaffected() -> None:
 
     backend = _serve(scenario, header_timeout_s=0.5, max_connections=8)
     assert len(backend.responses) == 41
+
+
+def test_an_idle_kept_alive_connection_is_closed_and_frees_its_place() -> None:
+    async def scenario(port: int, backend: RefusingBackend) -> None:
+        reader, writer = await _connect(port)
+        writer.write(HEALTH)
+        assert (await _response(reader))[0] == 200
+        assert await _closed(reader)  # idle past keepalive_timeout_s
+        writer.close()
+        reader, writer = await _connect(port)  # the one place is free again
+        writer.write(HEALTH)
+        assert (await _response(reader))[0] == 200
+        writer.close()
+
+    backend = _serve(scenario, keepalive_timeout_s=0.3, max_connections=1)
+    assert [status for _, status, _ in backend.responses] == [200, 200]
