@@ -202,8 +202,7 @@ async def _rounds(
 ) -> tuple[dict[str, list[Round]], dict[str, Any]]:
     rng = random.Random(0)
     prompts = [
-        [rng.randrange(base.model.vocab_size) for _ in range(args.prompt_tokens)]
-        for _ in range(64)
+        [rng.randrange(base.model.vocab_size) for _ in range(args.prompt_tokens)] for _ in range(64)
     ]
     direct_replicas = clusters[tiers[0]].replicas
     driver = os.getpid()
@@ -299,9 +298,7 @@ def main() -> None:
     print(f"\n{note}\n\n{table}")
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.tier" + (" --quick" if args.quick else "")
-    (args.out / "live.md").write_text(
-        f"# Router tier, live\n\n`{command}`\n\n{note}\n\n{table}\n"
-    )
+    (args.out / "live.md").write_text(f"# Router tier, live\n\n`{command}`\n\n{note}\n\n{table}\n")
     payload = {
         "command": command,
         "args": {k: str(v) for k, v in vars(args).items()},
