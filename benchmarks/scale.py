@@ -81,6 +81,9 @@ class EngineEvents:
     blocks_per_computed_token: float
     requests_per_s: float
     mean_prompt_tokens: float
+    removed_event_share: float
+    stored_blocks_per_event: float
+    removed_blocks_per_event: float
 
 
 @dataclass
@@ -159,12 +162,15 @@ def capture(
 
 def engine_events(result: SimResult, frames: list[tuple[str, bytes]], trace: str) -> EngineEvents:
     decoder = KVEventDecoder()
-    events = blocks = 0
+    events = {BlockStored: 0, BlockRemoved: 0}
+    blocks = {BlockStored: 0, BlockRemoved: 0}
     for _, payload in frames:
         for event in decoder.decode(payload).events:
-            if isinstance(event, (BlockStored, BlockRemoved)):
-                events += 1
-                blocks += len(event.block_hashes)
+            kind = type(event)
+            if kind in events:
+                events[kind] += 1
+                blocks[kind] += len(event.block_hashes)
+    total_events, total_blocks = sum(events.values()), sum(blocks.values())
     records = result.records
     engines = len(result.replicas)
     span = max(r.finish_s for r in records) - min(r.arrival_s for r in records)
@@ -177,12 +183,15 @@ def engine_events(result: SimResult, frames: list[tuple[str, bytes]], trace: str
         span_s=span,
         busy_fraction=busy / (span * engines),
         batches_per_s=len(frames) / span / engines,
-        events_per_s=events / span / engines,
-        blocks_per_s=blocks / span / engines,
-        blocks_per_busy_s=blocks / busy,
-        blocks_per_computed_token=blocks / computed,
+        events_per_s=total_events / span / engines,
+        blocks_per_s=total_blocks / span / engines,
+        blocks_per_busy_s=total_blocks / busy,
+        blocks_per_computed_token=total_blocks / computed,
         requests_per_s=len(records) / span / engines,
         mean_prompt_tokens=statistics.mean(r.prompt_tokens for r in records),
+        removed_event_share=events[BlockRemoved] / total_events,
+        stored_blocks_per_event=blocks[BlockStored] / max(1, events[BlockStored]),
+        removed_blocks_per_event=blocks[BlockRemoved] / max(1, events[BlockRemoved]),
     )
 
 
@@ -348,6 +357,9 @@ def render(
         f"{events.blocks_per_busy_s:.0f} blocks per busy second (saturated)",
         f"- {events.blocks_per_computed_token:.4f} blocks per computed token "
         f"(1/{1 / events.blocks_per_computed_token:.1f})",
+        f"- {events.removed_event_share:.1%} of events are BlockRemoved; blocks per event: "
+        f"{events.stored_blocks_per_event:.1f} stored, {events.removed_blocks_per_event:.1f} "
+        "removed",
         "",
         "## Ingest on one core (decode + Router.apply of the captured frames)",
         "",

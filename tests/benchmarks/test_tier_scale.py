@@ -63,7 +63,23 @@ def test_projection_scales_the_measured_inputs() -> None:
         MemoryRow(1024, 100, 1, 102_400, 150.0, 150.0, 150.0),
         MemoryRow(1024, 100, 4, 25_600, 160.0, 40.0, 160.0),
     ]
-    events = EngineEvents("t", 8, 100, 10.0, 0.5, 2.0, 3.0, 100.0, 200.0, 0.125, 0.5, 1000.0)
+    events = EngineEvents(
+        trace="t",
+        engines=8,
+        requests=100,
+        span_s=10.0,
+        busy_fraction=0.5,
+        batches_per_s=2.0,
+        events_per_s=3.0,
+        blocks_per_s=100.0,
+        blocks_per_busy_s=200.0,
+        blocks_per_computed_token=0.125,
+        requests_per_s=0.5,
+        mean_prompt_tokens=1000.0,
+        removed_event_share=0.9,
+        stored_blocks_per_event=50.0,
+        removed_blocks_per_event=1.0,
+    )
     costs = [RequestCost(8, 100.0, 50.0, 1000.0), RequestCost(1024, 100.0, 900.0, 1000.0)]
     got = projection(1024, 1 << 20, memory, events, IngestRate(1.0, 1.0, 1e6), costs)
     # Only the 1,024-replica rows count: their masks are as wide as 1,024 engines.
