@@ -153,9 +153,9 @@ def start_aiohttp(hop: Any | None = None, with_core: bool = False) -> tuple[Any,
     return handle, ray.get(handle.start.remote(free_port()))
 
 
-def start_serve(with_core: bool, port: int, tuned: bool) -> dict[str, str]:
+def start_serve(with_core: bool, port: int, tuned: bool) -> dict[str, tuple[str, str]]:
     """Serve's proxy on `port` and one app per route: "/trivial" and, if asked,
-    "/routed". Returns their URLs by name."""
+    "/routed". Returns (app name, URL) by path name."""
     from ray import serve
     from starlette.requests import Request
 
@@ -184,22 +184,28 @@ def start_serve(with_core: bool, port: int, tuned: bool) -> dict[str, str]:
 
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
     serve.run(Trivial.bind(), name="trivial", route_prefix="/trivial")
-    urls = {"Serve": f"http://127.0.0.1:{port}/trivial"}
+    apps = {"Serve": ("trivial", f"http://127.0.0.1:{port}/trivial")}
     if with_core:
         serve.run(Routed.bind(), name="routed", route_prefix="/routed")
-        urls["Serve + router core"] = f"http://127.0.0.1:{port}/routed"
-    return urls
+        apps["Serve + router core"] = ("routed", f"http://127.0.0.1:{port}/routed")
+    return apps
 
 
-def serve_pids() -> dict[str, list[int]]:
-    """Serve's actors by role (proxy, replica, controller), from their names."""
+def serve_pids(app: str) -> dict[str, list[int]]:
+    """Serve's proxy and controller, and the replica of `app`, by role, found by the
+    actor names Serve gives them (SERVE_PROXY_ACTOR-..., SERVE_REPLICA::<app>#...)."""
     roles: dict[str, list[int]] = {"proxy": [], "replica": [], "controller": []}
     for actor in ray.util.list_named_actors(all_namespaces=True):
         name = actor["name"]
-        role = next((r for r in roles if f"SERVE_{r.upper()}" in name), None)
+        if name.startswith("SERVE_REPLICA::"):
+            role = "replica" if name.startswith(f"SERVE_REPLICA::{app}#") else None
+        else:
+            role = next((r for r in ("proxy", "controller") if f"SERVE_{r.upper()}" in name), None)
         if role is not None:
             handle = ray.get_actor(name, namespace=actor["namespace"])
             roles[role].append(actor_pid(handle))
+    if not all(roles.values()):
+        raise RuntimeError(f"Serve actors not found by name: {roles}")
     return roles
 
 
@@ -221,19 +227,16 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, list[Round]], dic
             routed, routed_url = start_aiohttp(with_core=True)
             urls["aiohttp + router core"] = routed_url
             server_pids["aiohttp + router core"] = [actor_pid(routed)]
-        serve_urls = start_serve(args.router_core, free_port(), tuned)
-        urls.update(serve_urls)
-        by_role = serve_pids()
+        serve_apps = start_serve(args.router_core, free_port(), tuned)
         driver = os.getpid()
         meters = {
             name: CpuMeter({"server": server_pids[name], "client": [driver]})
             for name in server_pids
         }
-        for name in serve_urls:
-            meters[name] = CpuMeter({**by_role, "client": [driver]})
-        return await _rounds(args, urls, meters), {
-            "serve_actors": {role: len(pids) for role, pids in by_role.items()}
-        }
+        for name, (app, url) in serve_apps.items():
+            urls[name] = url
+            meters[name] = CpuMeter({**serve_pids(app), "client": [driver]})
+        return await _rounds(args, urls, meters), {"serve_apps": list(serve_apps)}
     finally:
         ray.shutdown()
 
