@@ -22,13 +22,13 @@ run: install
 ## processes (each with its own hash root, as vLLM draws it from PYTHONHASHSEED),
 ## then the bundled workload through the router (configs/external.yaml).
 external: install
-	@trap 'kill $$(jobs -p) 2>/dev/null' EXIT; \
+	@pids=""; trap 'kill $$pids 2>/dev/null' EXIT INT TERM; \
 	for i in 1 2 3; do \
 	  events='{"enable_kv_cache_events": true, "publisher": "zmq", '; \
 	  events="$$events\"endpoint\": \"tcp://127.0.0.1:556$$i\", "; \
 	  events="$$events\"replay_endpoint\": \"tcp://127.0.0.1:557$$i\"}"; \
 	  PYTHONHASHSEED=$$i $(VENV)/bin/kvroute serve-replica configs/external.yaml \
-	    --port 810$$i --kv-events-config "$$events" & \
+	    --port 810$$i --kv-events-config "$$events" & pids="$$pids $$!"; \
 	done; \
 	$(VENV)/bin/kvroute run configs/external.yaml
 

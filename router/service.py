@@ -229,6 +229,8 @@ class RouterService:
             )
             self.decisions.start()
         self._serve_http = serve_http
+        # External engines refused for events that contradict their layout, and why.
+        self.refused: dict[str, str] = {}
         # One bounded connection pool for every external engine, made on first use.
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -306,7 +308,7 @@ class RouterService:
         routed to yet: at boot, and again after it failed and came back. Its entries
         start empty and follow its event stream from the next batch."""
         for engine in self.config.external:
-            if engine.name in self.replicas:
+            if engine.name in self.replicas or engine.name in self.refused:
                 continue
             backend = HttpEngine(engine.name, engine.url, self.model_name, self._engine_session())
             try:
@@ -387,8 +389,31 @@ class RouterService:
         self._loop.call_soon_threadsafe(self._apply, source, batch)
 
     def _apply(self, source: str, batch: KVEventBatch) -> None:
-        if source in self.replicas:
-            self.core.apply(source, batch)
+        link = self.replicas.get(source)
+        if link is None:
+            return
+        stats = self.core.index.stats
+        misfits = stats.unknown_group + stats.mismatched_group
+        self.core.apply(source, batch)
+        if link.external and stats.unknown_group + stats.mismatched_group > misfits:
+            self._refuse(source, link.registration)
+
+    def _refuse(self, replica_id: str, registration: Registration) -> None:
+        """An external engine whose events contradict its configured layout would be
+        mispredicted: it leaves routing and is not admitted again until the router
+        restarts (with its layout fixed)."""
+        groups = registration.kv_cache_config.kv_cache_groups
+        layout = ", ".join(
+            f"group {i}: {g.kv_cache_spec.kind.value} of block size {g.kv_cache_spec.block_size}"
+            for i, g in enumerate(groups)
+        )
+        reason = (
+            f"its KV events do not match its configured layout ({layout}): an unknown group, "
+            "or another kind or block size"
+        )
+        logger.error("engine %s refused: %s", replica_id, reason)
+        self.refused[replica_id] = reason
+        self._replica_died(replica_id)
 
     def _on_resync_thread(self, source: str, reason: ResyncReason) -> None:
         logger.warning("event stream of %s needs a resync (%s)", source, reason.value)
@@ -686,6 +711,7 @@ class RouterService:
         return {
             "router": self.name,
             "policy": self.core.policy.name,
+            "refused": dict(self.refused),
             "decisions": None
             if shared is None
             else {

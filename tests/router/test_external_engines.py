@@ -1,0 +1,74 @@
+"""The router service with an external engine, in-process (no Ray): a real
+`serve-replica` whose events contradict the layout it was configured with is
+refused by name, never mispredicted."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from events.curve import CurveKeyPair
+from router.config import parse_config
+from router.service import RouterService
+from tests.replicas.serve_helpers import events_json, serve_replica, tiny_config
+from tests.replicas.test_serve_replica import free_port, post
+
+pytestmark = pytest.mark.timeout(120)
+DEADLINE_S = 30.0
+
+
+def test_an_engine_whose_events_contradict_its_layout_is_refused_by_name(tmp_path: Path) -> None:
+    port = free_port()
+    with serve_replica(tiny_config(tmp_path), events_json(port)) as server:
+        # The engine caches 4-token blocks; its entry says 8.
+        layout = {
+            "block_size": 8,
+            "vocab_size": 256,
+            "max_model_len": 1024,
+            "groups": [{"kind": "full_attention", "num_kv_heads": 2, "head_size": 8}],
+        }
+        config = parse_config(
+            {
+                "replicas": {"count": 0},
+                "router": {"supervise_s": 0.2},
+                "external": [
+                    {
+                        "name": "engine-a",
+                        "url": server.url,
+                        "events": {"endpoint": f"tcp://127.0.0.1:{port}", "topic": "kv"},
+                        "layout": layout,
+                    }
+                ],
+            }
+        )
+
+        async def serve_and_watch() -> tuple[list[str], dict]:
+            service = RouterService(config, serve_http=False, curve=CurveKeyPair.generate())
+            try:
+                await asyncio.wait_for(service.ready(), DEADLINE_S)
+                admitted = service.replica_ids()
+                deadline = time.monotonic() + DEADLINE_S
+                while "engine-a" not in service.refused:
+                    assert time.monotonic() < deadline, "the engine was never refused"
+                    await asyncio.to_thread(
+                        post,
+                        server.url,
+                        "/v1/completions",
+                        {"prompt": "0123456789", "max_tokens": 1},
+                    )
+                    await asyncio.sleep(0.1)
+                await asyncio.sleep(0.5)  # a supervise pass or two: it is not re-admitted
+                return admitted, service.status()
+            finally:
+                await service.shutdown()
+
+        admitted, status = asyncio.run(serve_and_watch())
+    assert admitted == ["engine-a"]
+    assert status["replicas"] == []
+    assert status["refused"] == {
+        "engine-a": "its KV events do not match its configured layout (group 0: "
+        "full_attention of block size 8): an unknown group, or another kind or block size"
+    }
