@@ -471,9 +471,29 @@ class RouterService:
         follow the decisions of every peer router, new or restarted."""
         while True:
             await asyncio.sleep(self.config.router.supervise_s)
+            await self._check_external_health()
             await self._discover_replicas()
             if self.decisions is not None:
                 await self._follow_peers(self.decisions)
+
+    async def _check_external_health(self) -> None:
+        """An external engine whose `/health` answers other than 200 (vLLM answers 503
+        once its engine core died), or refuses the connection, leaves routing and the
+        index; discovery admits it again, empty, when it is healthy."""
+        engines = [
+            (rid, link.backend)
+            for rid, link in self.replicas.items()
+            if isinstance(link.backend, HttpEngine)
+        ]
+        timeout = self.config.router.load_timeout_s
+        for rid, engine in engines:
+            try:
+                healthy = await asyncio.wait_for(engine.healthy(), timeout)
+            except TimeoutError:
+                continue  # slow, not failed: the load poll routes around it
+            if not healthy:
+                logger.warning("engine %s failed its health check", rid)
+                self._replica_died(rid)
 
     def decision_endpoint(self) -> str | None:
         """Where this router publishes its decisions (None: not sharing)."""

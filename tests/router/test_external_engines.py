@@ -1,6 +1,7 @@
 """The router service with an external engine, in-process (no Ray): a real
-`serve-replica` whose events contradict the layout it was configured with is
-refused by name, never mispredicted."""
+`serve-replica` that fails its health check leaves routing, and one whose events
+contradict the layout it was configured with is refused by name, never
+mispredicted."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from events.curve import CurveKeyPair
-from router.config import parse_config
+from router.config import Config, parse_config
 from router.service import RouterService
 from tests.replicas.serve_helpers import events_json, serve_replica, tiny_config
 from tests.replicas.test_serve_replica import free_port, post
@@ -20,33 +21,58 @@ pytestmark = pytest.mark.timeout(120)
 DEADLINE_S = 30.0
 
 
+def _config(url: str, events_port: int, block_size: int) -> Config:
+    """A router in front of one engine declared with 4- or 8-token blocks."""
+    layout = {
+        "block_size": block_size,
+        "vocab_size": 256,
+        "max_model_len": 1024,
+        "groups": [{"kind": "full_attention", "num_kv_heads": 2, "head_size": 8}],
+    }
+    engine = {
+        "name": "engine-a",
+        "url": url,
+        "events": {"endpoint": f"tcp://127.0.0.1:{events_port}", "topic": "kv"},
+        "layout": layout,
+    }
+    data = {"replicas": {"count": 0}, "router": {"supervise_s": 0.2}, "external": [engine]}
+    return parse_config(data)
+
+
+def _service(config: Config) -> RouterService:
+    return RouterService(config, serve_http=False, curve=CurveKeyPair.generate())
+
+
+def test_an_engine_whose_health_check_fails_leaves_routing(tmp_path: Path) -> None:
+    port = free_port()
+    with serve_replica(tiny_config(tmp_path), events_json(port)) as server:
+
+        async def admit_then_fail() -> tuple[list[str], list[str]]:
+            service = _service(_config(server.url, port, block_size=4))
+            try:
+                await asyncio.wait_for(service.ready(), DEADLINE_S)
+                admitted = service.replica_ids()
+                # The engine core stops; its HTTP server stays up and answers 503.
+                await asyncio.to_thread(server.call, server.process.core.stop())
+                deadline = time.monotonic() + DEADLINE_S
+                while service.replica_ids():
+                    assert time.monotonic() < deadline, "the engine stayed in routing"
+                    await asyncio.sleep(0.05)
+                return admitted, service.replica_ids()
+            finally:
+                await service.shutdown()
+
+        assert asyncio.run(admit_then_fail()) == (["engine-a"], [])
+
+
 def test_an_engine_whose_events_contradict_its_layout_is_refused_by_name(tmp_path: Path) -> None:
     port = free_port()
     with serve_replica(tiny_config(tmp_path), events_json(port)) as server:
         # The engine caches 4-token blocks; its entry says 8.
-        layout = {
-            "block_size": 8,
-            "vocab_size": 256,
-            "max_model_len": 1024,
-            "groups": [{"kind": "full_attention", "num_kv_heads": 2, "head_size": 8}],
-        }
-        config = parse_config(
-            {
-                "replicas": {"count": 0},
-                "router": {"supervise_s": 0.2},
-                "external": [
-                    {
-                        "name": "engine-a",
-                        "url": server.url,
-                        "events": {"endpoint": f"tcp://127.0.0.1:{port}", "topic": "kv"},
-                        "layout": layout,
-                    }
-                ],
-            }
-        )
+        config = _config(server.url, port, block_size=8)
 
         async def serve_and_watch() -> tuple[list[str], dict]:
-            service = RouterService(config, serve_http=False, curve=CurveKeyPair.generate())
+            service = _service(config)
             try:
                 await asyncio.wait_for(service.ready(), DEADLINE_S)
                 admitted = service.replica_ids()
