@@ -146,7 +146,7 @@ class HttpOptions:
     keepalive_timeout_s: float = 75.0
 
 
-def _decode_json(raw: bytes) -> Any:
+def decode_json(raw: bytes) -> Any:
     """JSON is UTF-8 (RFC 8259) whatever charset a client claims; anything that is
     not a JSON document, too deep or holding a number too long to convert, is a 400."""
     try:
@@ -166,8 +166,8 @@ async def _json(request: web.Request, options: HttpOptions) -> Any:
             f"the request body did not arrive within {options.body_timeout_s:g} s"
         ) from None
     if len(raw) <= INLINE_PARSE_BYTES:
-        return _decode_json(raw)
-    return await asyncio.to_thread(_decode_json, raw)
+        return decode_json(raw)
+    return await asyncio.to_thread(decode_json, raw)
 
 
 def _authorized(request: web.Request, keys: frozenset[str]) -> bool:

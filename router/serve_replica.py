@@ -34,7 +34,8 @@ from replicas.factory import build_engine
 from replicas.kv_cache.utils import BlockHash, init_none_hash
 from replicas.serving import ReplicaCore
 from router.chat import ChatTemplate
-from router.replica_http import ServedModel, build_replica_app
+from router.replica_backend import ServedModel
+from router.replica_http import build_replica_app
 from router.tokenizer import load_tokenizer, tokenizer_file
 
 
