@@ -24,6 +24,7 @@ from typing import Any
 
 from replicas.api import StreamChunk
 from router.detokenize import TextAssembler
+from router.interleave import interleave
 from router.protocol import (
     ChatCall,
     CompletionBackend,
@@ -175,31 +176,15 @@ class FrontDoor:
 
     async def merged(self, units: _Units) -> AsyncIterator[UnitOutput]:
         """Every unit's outputs as they come, interleaved; cancelled together."""
-        queue: asyncio.Queue[UnitOutput | BaseException | None] = asyncio.Queue()
 
-        async def pump(i: int) -> None:
-            try:
-                async for out in self._run(i, units.inputs[i], units.prompt_of[i], True):
-                    await queue.put(dataclasses.replace(out))  # a copy: `out` is reused
-            except Exception as exc:
-                await queue.put(exc)
-            finally:
-                await queue.put(None)
+        async def copies(i: int) -> AsyncIterator[UnitOutput]:
+            async for out in self._run(i, units.inputs[i], units.prompt_of[i], True):
+                yield dataclasses.replace(out)  # a copy: `out` is reused
 
-        tasks = [asyncio.ensure_future(pump(i)) for i in range(len(units.inputs))]
-        running = len(tasks)
-        try:
-            while running:
-                item = await queue.get()
-                if item is None:
-                    running -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield item
-        finally:
-            for task in tasks:
-                task.cancel()
+        streams = [copies(i) for i in range(len(units.inputs))]
+        async with contextlib.aclosing(interleave(streams)) as outputs:
+            async for out in outputs:
+                yield out
 
     # ------------------------------------------------------------- bodies
 

@@ -11,7 +11,6 @@ before the engine's next step.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 import uuid
@@ -22,6 +21,7 @@ from typing import Any
 from replicas.api import GenerateRequest, GenerateResult, validate_generate
 from router.chat import ChatTemplate
 from router.detokenize import TextAssembler
+from router.interleave import interleave
 from router.protocol import ChatCall, CompletionsCall, GenerationParams, ModelNotFoundError
 from router.replica_backend import ReplicaBackend, ServedModel
 from router.tokenizer import Tokenizer
@@ -227,34 +227,7 @@ class ReplicaGenerator:
             async for delta in self._run(call.choices[0]):
                 yield delta
             return
-        queue: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
-
-        async def pump(choice: Choice) -> None:
-            try:
-                async for delta in self._run(choice):
-                    await queue.put(delta)
-            except Exception as exc:
-                await queue.put(exc)
-            finally:
-                await queue.put(None)
-
-        tasks = [asyncio.ensure_future(pump(c)) for c in call.choices]
-        running = len(tasks)
-        try:
-            while running:
-                item = await queue.get()
-                if item is None:
-                    running -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield item
-        finally:
-            await _cancel(tasks)
-
-
-async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
-    """Cancel tasks and wait for them, so each closes its stream (an abort) first."""
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+        streams = [self._run(choice) for choice in call.choices]
+        async with contextlib.aclosing(interleave(streams)) as deltas:
+            async for delta in deltas:
+                yield delta
