@@ -16,12 +16,12 @@ Load comes from the engine's Prometheus `/metrics` (vLLM's and SGLang's names).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
 from replicas.api import (
@@ -248,7 +248,10 @@ async def _sse_events(response: aiohttp.ClientResponse, name: str) -> AsyncItera
             data = line[5:].strip()
             if data == b"[DONE]":
                 return
-            event = json.loads(data)
+            try:
+                event = msgspec.json.decode(data)
+            except msgspec.DecodeError:
+                raise ReplicaUnavailableError(f"engine {name} sent malformed JSON") from None
             if isinstance(event, dict) and "error" in event:
                 raise ReplicaUnavailableError(f"engine {name} failed mid-stream: {event['error']}")
             if isinstance(event, dict):

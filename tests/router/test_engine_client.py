@@ -9,6 +9,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from replicas.api import (
     GenerateRequest,
@@ -183,3 +184,40 @@ def test_a_prefix_cache_reset_empties_the_engines_cache(tmp_path: Path) -> None:
 
     with serve_replica(tiny_config(tmp_path)) as server:
         assert asyncio.run(serve_reset_serve(server.url)) == (True, 0)
+
+
+BODY = web.AppKey("body", bytes)
+
+
+def test_malformed_or_truncated_engine_output_is_the_engines_fault() -> None:
+    """An engine that sends broken JSON, or ends without [DONE], is unavailable (the
+    router retries elsewhere), never an internal error."""
+
+    async def sse(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(request.app[BODY])
+        await response.write_eof()
+        return response
+
+    async def run(body: bytes) -> str:
+        app = web.Application()
+        app[BODY] = body
+        app.router.add_post("/v1/completions", sse)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            async with aiohttp.ClientSession() as session:
+                engine = HttpEngine("engine-a", f"http://127.0.0.1:{port}", "tiny", session)
+                with pytest.raises(ReplicaUnavailableError) as caught:
+                    await engine.generate(_request("a", [1, 2, 3]))
+                return str(caught.value)
+        finally:
+            await runner.cleanup()
+
+    assert asyncio.run(run(b"data: {broken\n\n")) == "engine engine-a sent malformed JSON"
+    truncated = b'data: {"choices": [{"token_ids": [5]}]}\n\n'
+    assert asyncio.run(run(truncated)) == "engine engine-a ended the stream without [DONE]"
