@@ -4,6 +4,13 @@ Pipeline (each stage testable alone, this module only wires them):
 ZMQ subscriber thread -> `call_soon_threadsafe` -> KVIndex.apply on the event
 loop (so the index is single-threaded) -> predict -> policy -> Ray call.
 
+This module keeps the actor's public methods, replica discovery, ingest, load
+polling and the request path. It delegates external engines to
+`router/external_engines.py`, the router tier's decision channel to
+`router/peer_routers.py`, and `/status` and the metrics scrape to
+`router/service_views.py`; `self.replicas` (one `ReplicaLink` per routed replica)
+is the one map they all read, and only this class writes it.
+
 Invariants:
 - A replica is indexed only after `register_replica` accepted its hash
   settings; its event source is added in the same call.
@@ -24,11 +31,9 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import msgspec
 import ray
 from ray.exceptions import GetTimeoutError
@@ -42,16 +47,13 @@ from replicas.api import (
     GenerateRequest,
     GenerateResult,
     InvalidRequestError,
-    ModelLimits,
     ReplicaInfo,
-    ReplicaLoad,
     StreamChunk,
 )
-from replicas.kv_cache.coordinator import default_scheduler_block_size
 from replicas.kv_cache.prompt import PromptKeys
 from router.backends import ACTOR_GONE, Backend, RayReplica, ReplicaUnavailableError
 from router.chat import ChatTemplate
-from router.config import Config, ExternalEngineConfig
+from router.config import Config
 from router.core import (
     Decision,
     NoReplicaError,
@@ -61,11 +63,14 @@ from router.core import (
     Router,
     RouterSettings,
 )
-from router.decisions import DecisionChannel, DecisionChannelConfig
-from router.engine_client import HttpEngine
-from router.metrics import ReplicaView, RouterMetrics, ScrapeView
+from router.decisions import DecisionChannelConfig
+from router.external_engines import ExternalEngines
+from router.metrics import RouterMetrics, ScrapeView
+from router.peer_routers import PeerRouters
 from router.policy import make_policy
 from router.protocol import CompletionInput, ModelNotFoundError, RoutedResult
+from router.replica_link import ReplicaLink
+from router.service_views import scrape_view, status_view
 from router.tokenizer import load_tokenizer, tokenizer_file
 
 logger = logging.getLogger(__name__)
@@ -118,38 +123,6 @@ class _TokenClock:
         later = len(result.output_token_ids) - 1
         for _ in range(later):
             self.metrics.inter_token_seconds.observe(decode_s / later)
-
-
-@dataclass
-class ReplicaLink:
-    """How the service reaches one replica: its registration and its backend.
-    `node_id` is the Ray node of an actor replica (None for an external engine)."""
-
-    registration: Registration
-    backend: Backend
-    node_id: str | None = None
-
-    @property
-    def external(self) -> bool:
-        return self.node_id is None
-
-
-def external_registration(engine: ExternalEngineConfig, config: Config) -> Registration:
-    """An external engine's registration, from its configured layout."""
-    layout = engine.layout or config.model
-    seeded = engine.hash_mode == "seeded"
-    kv_cache_config = layout.kv_cache_config()
-    return Registration(
-        replica_id=engine.name,
-        kv_cache_config=kv_cache_config,
-        hash_block_size=layout.hash_block_size,
-        scheduler_block_size=default_scheduler_block_size(kv_cache_config),
-        use_eagle=layout.use_eagle,
-        hash_algo=config.hashing.algo,
-        hash_seed=(engine.hash_seed or "") if seeded else config.hashing.seed,
-        limits=ModelLimits(layout.max_model_len, layout.vocab_size, tuple(layout.lora_names)),
-        hash_mode=engine.hash_mode,
-    )
 
 
 def registration_of(info: ReplicaInfo) -> Registration:
@@ -218,21 +191,22 @@ class RouterService:
         )
         self.subscriber.start()
         self.name = name
-        self.decisions: DecisionChannel | None = None
+        self.peers: PeerRouters | None = None
         if config.router.share_decisions and config.router.count > 1:
-            self.decisions = DecisionChannel(
+            routers = [router_actor_name(i) for i in range(config.router.count)]
+            self.peers = PeerRouters(
                 name,
+                [peer for peer in routers if peer != name],
+                config.cluster.namespace,
                 self.core.apply_peer,
                 DecisionChannelConfig(
                     endpoint=f"tcp://{config.events.host}:*", hwm=config.events.hwm, curve=curve
                 ),
             )
-            self.decisions.start()
         self._serve_http = serve_http
-        # External engines refused for events that contradict their layout, and why.
-        self.refused: dict[str, str] = {}
-        # One bounded connection pool for every external engine, made on first use.
-        self._session: aiohttp.ClientSession | None = None
+        self.external = ExternalEngines(
+            config, self.model_name, self.replicas, self._admit, self._replica_died
+        )
         self._tasks: list[asyncio.Task[Any]] = []
         self._boot = self._loop.create_task(self._start())
 
@@ -274,7 +248,7 @@ class RouterService:
         router restarted, or any router but the first, adopts the replica from the
         returned registration and rebuilds its entries from a snapshot.
         """
-        await self._discover_external()
+        await self.external.discover()
         namespace = self.config.cluster.namespace
         for i in range(self.config.replicas.count):
             name = replica_actor_name(i)
@@ -293,51 +267,6 @@ class RouterService:
             self._admit_actor(info, handle, start_seq=None)
             await self._resync(info.replica_id)
             logger.info("indexed replica %s from its snapshot", info.replica_id)
-
-    def _engine_session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            router = self.config.router
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=router.max_engine_connections),
-                timeout=aiohttp.ClientTimeout(total=None, connect=router.engine_connect_timeout_s),
-            )
-        return self._session
-
-    async def _discover_external(self) -> None:
-        """Admit every configured external engine that answers `/health` and is not
-        routed to yet: at boot, and again after it failed and came back. Its entries
-        start empty and follow its event stream from the next batch."""
-        for engine in self.config.external:
-            if engine.name in self.replicas or engine.name in self.refused:
-                continue
-            backend = HttpEngine(engine.name, engine.url, self.model_name, self._engine_session())
-            try:
-                healthy = await asyncio.wait_for(
-                    backend.healthy(), self.config.router.load_timeout_s
-                )
-            except TimeoutError:
-                healthy = False
-            if not healthy:
-                continue
-            try:
-                registration = external_registration(engine, self.config)
-                self._admit(registration, backend, self._external_source(engine), None)
-            except ValueError as exc:
-                logger.error("engine %s refused: %s", engine.name, exc)
-                continue
-            logger.info("routing to external engine %s at %s", engine.name, engine.url)
-
-    @staticmethod
-    def _external_source(engine: ExternalEngineConfig) -> SourceSpec:
-        events = engine.events
-        return SourceSpec(
-            name=engine.name,
-            endpoint=events.endpoint,
-            replay_endpoint=events.replay_endpoint,
-            topic=events.topic,
-            start_seq=None,
-            curve_server_key=events.curve_public_key(),
-        )
 
     async def register_replica(self, info: ReplicaInfo) -> None:
         """Called by a replica before it publishes; refused on hash mismatch."""
@@ -378,10 +307,9 @@ class RouterService:
         for task in self._tasks:
             task.cancel()
         self.subscriber.stop()
-        if self.decisions is not None:
-            await self.decisions.close()
-        if self._session is not None:
-            await self._session.close()
+        if self.peers is not None:
+            await self.peers.close()
+        await self.external.close()
 
     # --------------------------------------------------------------- ingest
 
@@ -396,24 +324,7 @@ class RouterService:
         misfits = stats.unknown_group + stats.mismatched_group
         self.core.apply(source, batch)
         if link.external and stats.unknown_group + stats.mismatched_group > misfits:
-            self._refuse(source, link.registration)
-
-    def _refuse(self, replica_id: str, registration: Registration) -> None:
-        """An external engine whose events contradict its configured layout would be
-        mispredicted: it leaves routing and is not admitted again until the router
-        restarts (with its layout fixed)."""
-        groups = registration.kv_cache_config.kv_cache_groups
-        layout = ", ".join(
-            f"group {i}: {g.kv_cache_spec.kind.value} of block size {g.kv_cache_spec.block_size}"
-            for i, g in enumerate(groups)
-        )
-        reason = (
-            f"its KV events do not match its configured layout ({layout}): an unknown group, "
-            "or another kind or block size"
-        )
-        logger.error("engine %s refused: %s", replica_id, reason)
-        self.refused[replica_id] = reason
-        self._replica_died(replica_id)
+            self.external.refuse(source, link.registration)
 
     def _on_resync_thread(self, source: str, reason: ResyncReason) -> None:
         logger.warning("event stream of %s needs a resync (%s)", source, reason.value)
@@ -471,54 +382,14 @@ class RouterService:
         follow the decisions of every peer router, new or restarted."""
         while True:
             await asyncio.sleep(self.config.router.supervise_s)
-            await self._check_external_health()
+            await self.external.check_health()
             await self._discover_replicas()
-            if self.decisions is not None:
-                await self._follow_peers(self.decisions)
-
-    async def _check_external_health(self) -> None:
-        """An external engine whose `/health` answers other than 200 (vLLM answers 503
-        once its engine core died), or refuses the connection, leaves routing and the
-        index; discovery admits it again, empty, when it is healthy."""
-        engines = [
-            (rid, link.backend)
-            for rid, link in self.replicas.items()
-            if isinstance(link.backend, HttpEngine)
-        ]
-        timeout = self.config.router.load_timeout_s
-        for rid, engine in engines:
-            try:
-                healthy = await asyncio.wait_for(engine.healthy(), timeout)
-            except TimeoutError:
-                continue  # slow, not failed: the load poll routes around it
-            if not healthy:
-                logger.warning("engine %s failed its health check", rid)
-                self._replica_died(rid)
+            if self.peers is not None:
+                await self.peers.follow()
 
     def decision_endpoint(self) -> str | None:
         """Where this router publishes its decisions (None: not sharing)."""
-        return self.decisions.endpoint if self.decisions is not None else None
-
-    async def _follow_peers(self, channel: DecisionChannel) -> None:
-        """Subscribe to each peer router's decisions; a restarted peer binds a new
-        port, so a changed endpoint is followed anew."""
-        namespace = self.config.cluster.namespace
-        for i in range(self.config.router.count):
-            peer = router_actor_name(i)
-            if peer == self.name:
-                continue
-            try:
-                handle = ray.get_actor(peer, namespace=namespace)
-                endpoint = await asyncio.wait_for(handle.decision_endpoint.remote(), 5.0)
-            except (ValueError, TimeoutError, *ACTOR_GONE):
-                continue  # not started yet, or restarting
-            known = channel.peers.get(peer)
-            if endpoint is None or endpoint == known:
-                continue
-            if known is not None:
-                channel.remove_peer(peer)
-            channel.add_peer(peer, endpoint)
-            logger.info("following the decisions of router %s at %s", peer, endpoint)
+        return self.peers.channel.endpoint if self.peers is not None else None
 
     # -------------------------------------------------------------- routing
 
@@ -614,8 +485,8 @@ class RouterService:
         while True:
             decision = self.core.choose(prepared, tried)
             self.metrics.routing_seconds.observe(decision.routing_s)
-            if self.decisions is not None:
-                self.decisions.share(decision.replica_id, prepared.prompt)
+            if self.peers is not None:
+                self.peers.share(decision.replica_id, prepared.prompt)
             backend = self.replicas[decision.replica_id].backend
             streamed = ended = refused = False
             try:
@@ -698,98 +569,22 @@ class RouterService:
 
     # ---------------------------------------------------------------- status
 
+    @property
+    def refused(self) -> dict[str, str]:
+        """External engines refused for events that contradict their layout, and why."""
+        return self.external.refused
+
     def status(self) -> dict[str, Any]:
-        index = self.core.index
-        replicas = []
-        for replica_id, link in sorted(self.replicas.items()):
-            stream = self.subscriber.stats(replica_id)
-            served = self.core.replicas[replica_id]
-            reported = served.reported
-            replicas.append(
-                {
-                    "replica_id": replica_id,
-                    "kind": "external" if link.external else "actor",
-                    "node_id": link.node_id,
-                    "state": stream.state.value,
-                    "indexed_blocks": index.replica_block_count(replica_id),
-                    "cached_blocks": reported.num_cached_blocks,
-                    "queued_prefill_tokens": reported.queued_prefill_tokens,
-                    "running_seqs": reported.running_seqs,
-                    "kv_usage": round(reported.kv_usage, 4),
-                    "in_flight": served.in_flight,
-                    "suspect": served.suspect,
-                    "requests": served.requests,
-                    "hit_rate": round(served.hit_rate, 4),
-                    "batches": stream.batches,
-                    "gaps": stream.gaps,
-                    "resyncs": stream.resyncs,
-                    "malformed": stream.malformed,
-                }
-            )
-        stats = index.stats
-        shared = self.decisions.stats if self.decisions is not None else None
-        return {
-            "router": self.name,
-            "policy": self.core.policy.name,
-            "refused": dict(self.refused),
-            "decisions": None
-            if shared is None
-            else {
-                "published": shared.published,
-                "send_dropped": shared.send_dropped,
-                "received": shared.received,
-                "lost": shared.lost,
-                "peers": sorted(self.decisions.peers) if self.decisions is not None else [],
-                "peer_predictions": stats.peer_decisions,
-                "peer_unknown_replica": stats.peer_unknown_replica,
-            },
-            "index_entries": len(index),
-            "predicted_entries": index.num_predicted(),
-            "index_dropped": {
-                "unknown_replica": stats.unknown_replica,
-                "unknown_group": stats.unknown_group,
-                "mismatched_group": stats.mismatched_group,
-                "bad_hash": stats.bad_hash,
-            },
-            "replicas": replicas,
-        }
+        channel = self.peers.channel if self.peers is not None else None
+        return status_view(
+            self.name, self.core, self.subscriber, self.replicas, self.refused, channel
+        )
 
     def render_metrics(self) -> bytes:
         return self.metrics.render()
 
     def _scrape_view(self) -> ScrapeView:
-        """What /metrics reads at scrape time: stream stats, index size, queue levels."""
-        index = self.core.index
-        stats = index.stats
-        replicas = []
-        for replica_id in sorted(self.replicas):
-            stream = self.subscriber.stats(replica_id)
-            state = self.core.replicas.get(replica_id)
-            load = state.load() if state is not None else ReplicaLoad()
-            replicas.append(
-                ReplicaView(
-                    replica_id=replica_id,
-                    stream_state=stream.state.value,
-                    stream_counts={
-                        name: getattr(stream, name)
-                        for name in ("batches", "events", "gaps", "replays", "resyncs", "malformed")
-                    },
-                    indexed_blocks=index.replica_block_count(replica_id),
-                    in_flight=state.in_flight if state is not None else 0,
-                    queued_prefill_tokens=load.queued_prefill_tokens,
-                    running_seqs=load.active_seqs,
-                )
-            )
-        drops = {
-            reason: getattr(stats, reason)
-            for reason in ("unknown_replica", "unknown_group", "mismatched_group", "bad_hash")
-        }
-        return ScrapeView(
-            desired_replicas=self.config.engine_count,
-            index_entries=len(index),
-            index_drops=drops,
-            replicas=replicas,
-        )
+        return scrape_view(self.core, self.subscriber, self.replicas, self.config.engine_count)
 
     def record_response(self, endpoint: str, status: int, error_kind: str | None) -> None:
         """Count an HTTP response by endpoint and status, and an error by its kind."""
