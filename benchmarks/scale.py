@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from benchmarks.router import ALGO, BLOCK, CONFIG, SEED, stored
 from benchmarks.sim.config import BenchConfig, load_bench_config
-from benchmarks.sim.simulator import SimResult, Simulator
+from benchmarks.sim.simulator import SimResult, Simulator, engine_registration
 from benchmarks.sim.traces import load_mooncake
 from configs import CONFIG_DIR
 from events.kv_events import BlockRemoved, BlockStored, KVEventBatch, KVEventDecoder
@@ -49,7 +49,7 @@ from replicas.api import ReplicaLoad
 from replicas.clock import VirtualClock
 from replicas.factory import build_engine
 from replicas.kv_cache.prompt import PromptKeys
-from router.core import Registration, Router, RouterSettings
+from router.core import Router, RouterSettings
 from router.index import KVIndex
 from router.policy import make_policy
 
@@ -214,18 +214,7 @@ def fresh_router(config: BenchConfig, replicas: int) -> Router:
         make_policy(config.router.policy, **config.router.policy_options),
     )
     for r in range(replicas):
-        router.register(
-            Registration(
-                replica_id=f"r{r}",
-                kv_cache_config=engine.kv_cache.kv_cache_config,
-                hash_block_size=settings.model.hash_block_size,
-                scheduler_block_size=engine.kv_cache.coordinator.scheduler_block_size,
-                use_eagle=settings.model.use_eagle,
-                hash_algo=settings.hashing.algo,
-                hash_seed=settings.hashing.seed,
-                limits=engine.limits,
-            )
-        )
+        router.register(engine_registration(f"r{r}", engine, settings))
         router.report_load(f"r{r}", ReplicaLoad())
     return router
 

@@ -252,18 +252,7 @@ class Simulator:
             clock=self.clock.now,
         )
         for replica_id, engine in self.engines.items():
-            router.register(
-                Registration(
-                    replica_id=replica_id,
-                    kv_cache_config=engine.kv_cache.kv_cache_config,
-                    hash_block_size=settings.model.hash_block_size,
-                    scheduler_block_size=engine.kv_cache.coordinator.scheduler_block_size,
-                    use_eagle=settings.model.use_eagle,
-                    hash_algo=settings.hashing.algo,
-                    hash_seed=settings.hashing.seed,
-                    limits=engine.limits,
-                )
-            )
+            router.register(engine_registration(replica_id, engine, settings))
         return router
 
     # ---------------------------------------------------------------- queue
@@ -478,3 +467,17 @@ class Simulator:
             for key in engine.kv_cache.block_pool.cached_block_hash_to_block:
                 holders[key] = holders.get(key, 0) + 1
         return sum(holders.values()) / len(holders) if holders else 0.0
+
+
+def engine_registration(replica_id: str, engine: Any, settings: Any) -> Registration:
+    """What an in-process engine built from `settings` registers with a router core."""
+    return Registration(
+        replica_id=replica_id,
+        kv_cache_config=engine.kv_cache.kv_cache_config,
+        hash_block_size=settings.model.hash_block_size,
+        scheduler_block_size=engine.kv_cache.coordinator.scheduler_block_size,
+        use_eagle=settings.model.use_eagle,
+        hash_algo=settings.hashing.algo,
+        hash_seed=settings.hashing.seed,
+        limits=engine.limits,
+    )
