@@ -152,7 +152,7 @@ def capture(
     workload = load_mooncake(trace, speed=speed, limit=limit)
     sim = Simulator(config.sim_config("kv_aware"), workload)
     frames: list[tuple[str, bytes]] = []
-    for replica_id, stream in sim.streams.items():
+    for replica_id, stream in sim.publishers.items():
         publish = stream.publish
 
         def recording(payload: bytes, rid: str = replica_id, inner: Any = publish) -> None:
