@@ -31,11 +31,11 @@ NUM_PREFIXES = 8
 def load_backend(name: str) -> SimpleNamespace:
     """The block manager under test: ours, or vLLM's (same names, same trace)."""
     if name == "kvroute":
-        from events.hashing import get_hash_fn_by_name
-        from replicas.kv_cache import specs
-        from replicas.kv_cache.manager import KVCacheManager
-        from replicas.kv_cache.utils import get_request_block_hasher, init_none_hash
-        from replicas.request import Request, SamplingParams
+        from kvroute.events.hashing import get_hash_fn_by_name
+        from kvroute.replicas.kv_cache import specs
+        from kvroute.replicas.kv_cache.manager import KVCacheManager
+        from kvroute.replicas.kv_cache.utils import get_request_block_hasher, init_none_hash
+        from kvroute.replicas.request import Request, SamplingParams
 
         def init_hash(fn: Any) -> None:
             init_none_hash(fn, seed="0")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from configs import resolve_config
+from kvroute.configs import resolve_config
 
 POLICIES = "kv_aware,round_robin,random,least_loaded,prefix_only,sglang_like"
 
@@ -31,7 +31,7 @@ def add_bench_command(sub: Any) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     """Simulate every policy on a trace or workload (benchmarks/quality.py)."""
     try:
-        from benchmarks.quality import main as quality_main
+        from kvroute.benchmarks.quality import main as quality_main
     except ImportError as exc:
         raise SystemExit(
             f"error: kvroute bench needs the bench extra: pip install 'kvroute[bench]' ({exc})"

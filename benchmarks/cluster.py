@@ -27,11 +27,11 @@ import msgspec
 import ray
 from tqdm import tqdm
 
-from replicas.api import GenerateRequest
-from replicas.config import CostConfig
-from router.config import load_config
-from router.launch import start_cluster
-from router.protocol import CompletionInput
+from kvroute.replicas.api import GenerateRequest
+from kvroute.replicas.config import CostConfig
+from kvroute.router.app.launch import start_cluster
+from kvroute.router.config import load_config
+from kvroute.router.openai.protocol import CompletionInput
 
 
 class Relay:

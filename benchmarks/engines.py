@@ -98,7 +98,13 @@ class Engine:
         env.pop("PYTHONHASHSEED", None)
         if self.hash_seed is not None:
             env["PYTHONHASHSEED"] = self.hash_seed
-        command = [sys.executable, "-m", "router.cli", "serve-replica", str(self.config)]
+        command = [
+            sys.executable,
+            "-m",
+            "kvroute.router.app.cli",
+            "serve-replica",
+            str(self.config),
+        ]
         command += ["--port", str(self.port), "--kv-events-config", json.dumps(events)]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=log)

@@ -30,7 +30,7 @@ from multiprocessing.synchronize import Event as MpEvent
 import msgspec
 from tqdm import tqdm
 
-from events import (
+from kvroute.events import (
     BlockStored,
     KVEventBatch,
     KVEventDecoder,

@@ -17,12 +17,12 @@ import shlex
 import sys
 from pathlib import Path
 
-from benchmarks.quality import ROOT, compute_bounds, save_figure, workload_builders
-from benchmarks.sim.config import load_bench_config
-from benchmarks.sim.metrics import summarize
-from benchmarks.sim.simulator import Simulator
-from benchmarks.tuning import variant_config
-from configs import CONFIG_DIR
+from kvroute.benchmarks.quality import ROOT, compute_bounds, save_figure, workload_builders
+from kvroute.benchmarks.sim.config import load_bench_config
+from kvroute.benchmarks.sim.metrics import summarize
+from kvroute.benchmarks.sim.simulator import Simulator
+from kvroute.benchmarks.tuning import variant_config
+from kvroute.configs import CONFIG_DIR
 
 # (label, tuning variant: policy:queue_weight:probation_fraction:reuse_memory)
 VARIANTS = (

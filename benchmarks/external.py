@@ -25,10 +25,10 @@ import ray
 import yaml
 from tqdm import tqdm
 
-from benchmarks.cluster import drive, percentile
-from benchmarks.engines import Engine, engine_model
-from router.config import parse_config
-from router.launch import cluster_keys, init_ray, start_router
+from kvroute.benchmarks.cluster import drive, percentile
+from kvroute.benchmarks.engines import Engine, engine_model
+from kvroute.router.app.launch import cluster_keys, init_ray, start_router
+from kvroute.router.config import parse_config
 
 RESULTS = Path(__file__).resolve().parent / "results" / "external"
 

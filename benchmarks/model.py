@@ -30,14 +30,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from replicas.clock import RealClock
-from replicas.config import ReplicaSettings
-from replicas.engine import Engine
-from replicas.executor_torch import TorchExecutor
-from replicas.factory import build_engine
-from replicas.model.attention import DenseAttention
-from replicas.request import SamplingParams
-from router.config import load_config
+from kvroute.replicas.clock import RealClock
+from kvroute.replicas.config import ReplicaSettings
+from kvroute.replicas.engine import Engine
+from kvroute.replicas.executor_torch import TorchExecutor
+from kvroute.replicas.factory import build_engine
+from kvroute.replicas.model.attention import DenseAttention
+from kvroute.replicas.request import SamplingParams
+from kvroute.router.config import load_config
 
 PROMPT = 4096
 PREFILL_TOKENS = (128, 512, 1024, 2048)

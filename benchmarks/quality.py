@@ -21,19 +21,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.sim.bounds import belady_hit_rate, infinite_cache_hit_rate, pooled_lru_hit_rate
-from benchmarks.sim.config import BenchConfig, load_bench_config
-from benchmarks.sim.generators import (
+from kvroute.benchmarks.sim.bounds import (
+    belady_hit_rate,
+    infinite_cache_hit_rate,
+    pooled_lru_hit_rate,
+)
+from kvroute.benchmarks.sim.config import BenchConfig, load_bench_config
+from kvroute.benchmarks.sim.generators import (
     agentic_tool_loops,
     generated_shared_prefix,
     multi_tenant,
     multi_turn_chat,
 )
-from benchmarks.sim.metrics import RunMetrics, summarize
-from benchmarks.sim.simulator import Simulator
-from benchmarks.sim.traces import load_mooncake
-from benchmarks.sim.workload import Workload
-from configs import CONFIG_DIR
+from kvroute.benchmarks.sim.metrics import RunMetrics, summarize
+from kvroute.benchmarks.sim.simulator import Simulator
+from kvroute.benchmarks.sim.traces import load_mooncake
+from kvroute.benchmarks.sim.workload import Workload
+from kvroute.configs import CONFIG_DIR
 
 POLICIES = ("kv_aware", "round_robin", "random", "least_loaded", "prefix_only", "sglang_like")
 ROOT = Path(__file__).resolve().parent.parent

@@ -28,10 +28,10 @@ import msgspec
 import torch
 from tqdm import tqdm
 
-from events.kv_events import BlockStored, KVEventBatch
-from replicas.kv_cache.specs import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-from replicas.request import Request, SamplingParams
-from router.index import KVIndex
+from kvroute.events.kv_events import BlockStored, KVEventBatch
+from kvroute.replicas.kv_cache.specs import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+from kvroute.replicas.request import Request, SamplingParams
+from kvroute.router.index.kv_index import KVIndex
 
 BLOCK = 16
 ALGO, SEED = "xxhash", "bench"

@@ -39,19 +39,19 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from benchmarks.router import ALGO, BLOCK, CONFIG, SEED, stored
-from benchmarks.sim.config import BenchConfig, load_bench_config
-from benchmarks.sim.simulator import SimResult, Simulator, engine_registration
-from benchmarks.sim.traces import load_mooncake
-from configs import CONFIG_DIR
-from events.kv_events import BlockRemoved, BlockStored, KVEventBatch, KVEventDecoder
-from replicas.api import ReplicaLoad
-from replicas.clock import VirtualClock
-from replicas.factory import build_engine
-from replicas.kv_cache.prompt import PromptKeys
-from router.core import Router, RouterSettings
-from router.index import KVIndex
-from router.policy import make_policy
+from kvroute.benchmarks.router import ALGO, BLOCK, CONFIG, SEED, stored
+from kvroute.benchmarks.sim.config import BenchConfig, load_bench_config
+from kvroute.benchmarks.sim.simulator import SimResult, Simulator, engine_registration
+from kvroute.benchmarks.sim.traces import load_mooncake
+from kvroute.configs import CONFIG_DIR
+from kvroute.events.kv_events import BlockRemoved, BlockStored, KVEventBatch, KVEventDecoder
+from kvroute.replicas.api import ReplicaLoad
+from kvroute.replicas.clock import VirtualClock
+from kvroute.replicas.factory import build_engine
+from kvroute.replicas.kv_cache.prompt import PromptKeys
+from kvroute.router.core import Router, RouterSettings
+from kvroute.router.index.kv_index import KVIndex
+from kvroute.router.policy import make_policy
 
 GIB = 1 << 30
 CHUNK = 16_384

@@ -48,13 +48,13 @@ import ray
 from aiohttp import web
 from tqdm import tqdm
 
-from benchmarks.cluster import drive
-from benchmarks.tier import CpuMeter, Round, actor_pid, render_table, summarize
-from replicas.api import ModelLimits, ReplicaLoad
-from replicas.kv_cache.prompt import PromptKeys
-from replicas.kv_cache.specs import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-from router.core import Registration, Router, RouterSettings
-from router.policy import make_policy
+from kvroute.benchmarks.cluster import drive
+from kvroute.benchmarks.tier import CpuMeter, Round, actor_pid, render_table, summarize
+from kvroute.replicas.api import ModelLimits, ReplicaLoad
+from kvroute.replicas.kv_cache.prompt import PromptKeys
+from kvroute.replicas.kv_cache.specs import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+from kvroute.router.core import Registration, Router, RouterSettings
+from kvroute.router.policy import make_policy
 
 REPLY = {"id": "cmpl-0", "object": "text_completion", "choices": [{"index": 0, "text": "ok"}]}
 BLOCK = 16

@@ -28,7 +28,7 @@ COMMANDS = {
 # Runs the CLI in this interpreter, then reports which heavy modules it loaded.
 PROBE = (
     "import sys\n"
-    "from router.cli import main\n"
+    "from kvroute.router.app.cli import main\n"
     "try:\n"
     "    main(sys.argv[1:])\n"
     "except SystemExit:\n"

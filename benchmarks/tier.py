@@ -38,12 +38,12 @@ import msgspec
 import ray
 from tqdm import tqdm
 
-from benchmarks.cluster import drive, percentile
-from replicas.api import GenerateRequest
-from replicas.config import CostConfig
-from router.client import KVRouteClient
-from router.config import Config, load_config
-from router.launch import Cluster, start_cluster
+from kvroute.benchmarks.cluster import drive, percentile
+from kvroute.replicas.api import GenerateRequest
+from kvroute.replicas.config import CostConfig
+from kvroute.router.app.client import KVRouteClient
+from kvroute.router.app.launch import Cluster, start_cluster
+from kvroute.router.config import Config, load_config
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 FREE = CostConfig(

@@ -21,13 +21,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from benchmarks.quality import save_figure
-from benchmarks.sim.bounds import pooled_lru_hit_rate
-from benchmarks.sim.config import load_bench_config
-from benchmarks.sim.metrics import summarize
-from benchmarks.sim.simulator import INGRESS, Simulator
-from benchmarks.sim.traces import load_mooncake
-from configs import CONFIG_DIR
+from kvroute.benchmarks.quality import save_figure
+from kvroute.benchmarks.sim.bounds import pooled_lru_hit_rate
+from kvroute.benchmarks.sim.config import load_bench_config
+from kvroute.benchmarks.sim.metrics import summarize
+from kvroute.benchmarks.sim.simulator import INGRESS, Simulator
+from kvroute.benchmarks.sim.traces import load_mooncake
+from kvroute.configs import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_POINTS = 2.0  # the bar for 4 sharing routers against one

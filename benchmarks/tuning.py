@@ -15,12 +15,12 @@ import argparse
 
 import msgspec
 
-from benchmarks.sim.bounds import pooled_lru_hit_rate
-from benchmarks.sim.config import BenchConfig, load_bench_config
-from benchmarks.sim.metrics import summarize
-from benchmarks.sim.simulator import Simulator
-from benchmarks.sim.traces import load_mooncake
-from configs import CONFIG_DIR
+from kvroute.benchmarks.sim.bounds import pooled_lru_hit_rate
+from kvroute.benchmarks.sim.config import BenchConfig, load_bench_config
+from kvroute.benchmarks.sim.metrics import summarize
+from kvroute.benchmarks.sim.simulator import Simulator
+from kvroute.benchmarks.sim.traces import load_mooncake
+from kvroute.configs import CONFIG_DIR
 
 
 def variant_config(config: BenchConfig, variant: str) -> tuple[BenchConfig, str, dict]:

@@ -1,10 +1,10 @@
 """The contract between replicas and the router: KV cache event structs and their codec,
 block-hash functions (`events.hashing`), and the ZeroMQ publisher and subscriber."""
 
-from events.curve import CurveKeyPair, CurveServerConfig
-from events.endpoints import offset_endpoint
-from events.errors import MalformedInputError, MalformedKind
-from events.kv_events import (
+from kvroute.events.curve import CurveKeyPair, CurveServerConfig
+from kvroute.events.endpoints import offset_endpoint
+from kvroute.events.errors import MalformedInputError, MalformedKind
+from kvroute.events.kv_events import (
     DEFAULT_LIMITS,
     AllBlocksCleared,
     BlockRemoved,
@@ -18,10 +18,10 @@ from events.kv_events import (
     decode_batch,
     encode_batch,
 )
-from events.publisher import PublisherConfig, PublisherStats, ZmqEventPublisher
-from events.sequencer import RecoveryConfig, ResyncReason, SourceState, SourceStats
-from events.source import SourceSpec
-from events.subscriber import SubscriberConfig, ZmqEventSubscriber
+from kvroute.events.publisher import PublisherConfig, PublisherStats, ZmqEventPublisher
+from kvroute.events.sequencer import RecoveryConfig, ResyncReason, SourceState, SourceStats
+from kvroute.events.source import SourceSpec
+from kvroute.events.subscriber import SubscriberConfig, ZmqEventSubscriber
 
 __all__ = [
     "DEFAULT_LIMITS",

@@ -13,7 +13,7 @@ Every seq is an unsigned 8-byte big-endian integer; `END_SEQ` is -1 as a signed 
 
 from __future__ import annotations
 
-from events.errors import MalformedInputError, MalformedKind
+from kvroute.events.errors import MalformedInputError, MalformedKind
 
 SEQ_BYTES = 8
 END_SEQ = b"\xff" * SEQ_BYTES

@@ -19,7 +19,7 @@ import msgspec
 from msgspec import Meta
 from msgspec.structs import astuple
 
-from events.errors import MalformedInputError, MalformedKind
+from kvroute.events.errors import MalformedInputError, MalformedKind
 
 MEDIUM_GPU = "GPU"
 

@@ -15,9 +15,9 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from events.curve import CurveServerConfig
-from events.endpoints import is_loopback, offset_endpoint
-from events.publisher import PublisherConfig
+from kvroute.events.curve import CurveServerConfig
+from kvroute.events.endpoints import is_loopback, offset_endpoint
+from kvroute.events.publisher import PublisherConfig
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"

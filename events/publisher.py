@@ -26,12 +26,12 @@ from types import TracebackType
 import msgspec
 import zmq
 
-from events.curve import CurveServerConfig, secure_server, start_authenticator
-from events.endpoints import bound_endpoint, is_loopback, offset_endpoint
-from events.errors import MalformedInputError
-from events.frames import pack_seq, parse_replay_request, replay_end, replay_reply
-from events.kv_events import KVEventBatch, KVEventEncoder
-from events.waker import Waker
+from kvroute.events.curve import CurveServerConfig, secure_server, start_authenticator
+from kvroute.events.endpoints import bound_endpoint, is_loopback, offset_endpoint
+from kvroute.events.errors import MalformedInputError
+from kvroute.events.frames import pack_seq, parse_replay_request, replay_end, replay_reply
+from kvroute.events.kv_events import KVEventBatch, KVEventEncoder
+from kvroute.events.waker import Waker
 
 logger = logging.getLogger(__name__)
 

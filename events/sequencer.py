@@ -38,7 +38,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from events.errors import MalformedKind
+from kvroute.events.errors import MalformedKind
 
 
 class SourceState(enum.Enum):

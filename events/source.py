@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import zmq
 
-from events.curve import CurveKeyPair, secure_client
-from events.errors import MalformedInputError, MalformedKind
-from events.frames import parse_live, parse_replay_reply, replay_request
-from events.kv_events import KVEventBatch, KVEventDecoder
-from events.sequencer import (
+from kvroute.events.curve import CurveKeyPair, secure_client
+from kvroute.events.errors import MalformedInputError, MalformedKind
+from kvroute.events.frames import parse_live, parse_replay_reply, replay_request
+from kvroute.events.kv_events import KVEventBatch, KVEventDecoder
+from kvroute.events.sequencer import (
     RecoveryConfig,
     ResyncReason,
     SourceSequencer,

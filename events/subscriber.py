@@ -24,10 +24,10 @@ from types import TracebackType
 
 import zmq
 
-from events.curve import CurveKeyPair
-from events.kv_events import DEFAULT_LIMITS, DecodeLimits, KVEventDecoder
-from events.sequencer import RecoveryConfig, SourceStats
-from events.source import (
+from kvroute.events.curve import CurveKeyPair
+from kvroute.events.kv_events import DEFAULT_LIMITS, DecodeLimits, KVEventDecoder
+from kvroute.events.sequencer import RecoveryConfig, SourceStats
+from kvroute.events.source import (
     BatchCallback,
     Handler,
     LinkSettings,
@@ -35,7 +35,7 @@ from events.source import (
     SourceLink,
     SourceSpec,
 )
-from events.waker import Waker
+from kvroute.events.waker import Waker
 
 logger = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from typing import Any
 import ray
 import torch
 
-from events.curve import CurveKeyPair, CurveServerConfig
-from events.publisher import PublisherConfig, ZmqEventPublisher
-from replicas.api import (
+from kvroute.events.curve import CurveKeyPair, CurveServerConfig
+from kvroute.events.publisher import PublisherConfig, ZmqEventPublisher
+from kvroute.replicas.api import (
     GenerateRequest,
     GenerateResult,
     ReplicaInfo,
@@ -30,10 +30,10 @@ from replicas.api import (
     Snapshot,
     StreamChunk,
 )
-from replicas.clock import RealClock
-from replicas.config import ReplicaSettings
-from replicas.factory import build_engine
-from replicas.serving import ReplicaCore
+from kvroute.replicas.clock import RealClock
+from kvroute.replicas.config import ReplicaSettings
+from kvroute.replicas.factory import build_engine
+from kvroute.replicas.serving import ReplicaCore
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from typing import Annotated
 
 import msgspec
 
-from events.kv_events import KVEventBatch
-from replicas.kv_cache.specs import KVCacheConfig
-from replicas.request import LoRARequest
+from kvroute.events.kv_events import KVEventBatch
+from kvroute.replicas.kv_cache.specs import KVCacheConfig
+from kvroute.replicas.request import LoRARequest
 
 
 class InvalidRequestError(ValueError):

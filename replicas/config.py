@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 import msgspec
 import torch
 
-from replicas.kv_cache.specs import (
+from kvroute.replicas.kv_cache.specs import (
     FullAttentionSpec,
     KVCacheConfig,
     KVCacheGroupSpec,

@@ -23,19 +23,19 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from events.kv_events import AllBlocksCleared, BlockStored, KVCacheEvent, KVEventBatch
-from replicas.api import InvalidRequestError, ModelLimits, ReplicaLoad, validate_generate
-from replicas.clock import Clock
-from replicas.executor import Executor, ScheduledRequest, SimulatedExecutor, StepShape
-from replicas.kv_cache.manager import KVCacheManager
-from replicas.kv_cache.utils import (
+from kvroute.events.kv_events import AllBlocksCleared, BlockStored, KVCacheEvent, KVEventBatch
+from kvroute.replicas.api import InvalidRequestError, ModelLimits, ReplicaLoad, validate_generate
+from kvroute.replicas.clock import Clock
+from kvroute.replicas.executor import Executor, ScheduledRequest, SimulatedExecutor, StepShape
+from kvroute.replicas.kv_cache.manager import KVCacheManager
+from kvroute.replicas.kv_cache.utils import (
     BlockHash,
     RequestBlockHasher,
     get_block_hash,
     get_group_id,
     maybe_convert_block_hash,
 )
-from replicas.request import (
+from kvroute.replicas.request import (
     LoRARequest,
     MultiModalFeatureSpec,
     Request,

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from replicas.request import Request
+from kvroute.replicas.request import Request
 
 
 @dataclass(frozen=True)

@@ -14,15 +14,15 @@ from collections.abc import Sequence
 
 import torch
 
-from replicas.config import ModelConfig
-from replicas.executor import ScheduledRequest, StepOutput, StepShape
-from replicas.kv_cache.manager import KVCacheManager
-from replicas.model.attention import PagedAttention, SeqSpan, build_metadata
-from replicas.model.config import attention_specs
-from replicas.model.kv_memory import PagedKVMemory
-from replicas.model.sampling import Sampler
-from replicas.model.weights import LoadedModel
-from replicas.request import SamplingParams
+from kvroute.replicas.config import ModelConfig
+from kvroute.replicas.executor import ScheduledRequest, StepOutput, StepShape
+from kvroute.replicas.kv_cache.manager import KVCacheManager
+from kvroute.replicas.model.attention import PagedAttention, SeqSpan, build_metadata
+from kvroute.replicas.model.config import attention_specs
+from kvroute.replicas.model.kv_memory import PagedKVMemory
+from kvroute.replicas.model.sampling import Sampler
+from kvroute.replicas.model.weights import LoadedModel
+from kvroute.replicas.request import SamplingParams
 
 _GREEDY = SamplingParams(temperature=0.0)
 

@@ -6,18 +6,18 @@ replica is the same engine, cache manager and executor as a live one.
 
 from __future__ import annotations
 
-from events.hashing import get_hash_fn_by_name
-from replicas.clock import Clock
-from replicas.config import ReplicaSettings
-from replicas.engine import Engine, EngineConfig
-from replicas.executor import CostModel, Executor, SimulatedExecutor
-from replicas.executor_torch import TorchExecutor, resolve_device
-from replicas.kv_cache.manager import KVCacheManager
-from replicas.kv_cache.specs import KVCacheConfig
-from replicas.kv_cache.utils import BlockHash, RequestBlockHasher
-from replicas.model.config import attention_specs, model_arch
-from replicas.model.kv_memory import kv_cache_tensors, resolve_model
-from replicas.model.weights import load_model
+from kvroute.events.hashing import get_hash_fn_by_name
+from kvroute.replicas.clock import Clock
+from kvroute.replicas.config import ReplicaSettings
+from kvroute.replicas.engine import Engine, EngineConfig
+from kvroute.replicas.executor import CostModel, Executor, SimulatedExecutor
+from kvroute.replicas.executor_torch import TorchExecutor, resolve_device
+from kvroute.replicas.kv_cache.manager import KVCacheManager
+from kvroute.replicas.kv_cache.specs import KVCacheConfig
+from kvroute.replicas.kv_cache.utils import BlockHash, RequestBlockHasher
+from kvroute.replicas.model.config import attention_specs, model_arch
+from kvroute.replicas.model.kv_memory import kv_cache_tensors, resolve_model
+from kvroute.replicas.model.weights import load_model
 
 
 def build_engine(

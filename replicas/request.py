@@ -12,12 +12,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from replicas.kv_cache.prompt import HashedPrompt, PromptKeys
+from kvroute.replicas.kv_cache.prompt import HashedPrompt, PromptKeys
 
 if TYPE_CHECKING:
     import torch
 
-    from replicas.kv_cache.utils import BlockHash, RequestBlockHasher
+    from kvroute.replicas.kv_cache.utils import BlockHash, RequestBlockHasher
 
 
 @dataclass(frozen=True)

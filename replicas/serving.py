@@ -19,9 +19,9 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from events.kv_events import KVEventBatch, without_token_ids
-from events.publisher import ZmqEventPublisher
-from replicas.api import (
+from kvroute.events.kv_events import KVEventBatch, without_token_ids
+from kvroute.events.publisher import ZmqEventPublisher
+from kvroute.replicas.api import (
     GenerateRequest,
     GenerateResult,
     ReplicaCounters,
@@ -31,9 +31,9 @@ from replicas.api import (
     StreamChunk,
     lora_request_for,
 )
-from replicas.engine import Engine, RequestOutput
-from replicas.kv_cache.utils import BlockHash
-from replicas.request import SamplingParams
+from kvroute.replicas.engine import Engine, RequestOutput
+from kvroute.replicas.kv_cache.utils import BlockHash
+from kvroute.replicas.request import SamplingParams
 
 logger = logging.getLogger(__name__)
 

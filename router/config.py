@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 import yaml
 
-from events.curve import read_public_keys
-from replicas.config import (
+from kvroute.events.curve import read_public_keys
+from kvroute.replicas.config import (
     LOOPBACK_HOSTS,
     EventsConfig,
     HashingConfig,
@@ -25,8 +25,8 @@ from replicas.config import (
     ReplicaSettings,
     Struct,
 )
-from replicas.model.kv_memory import resolve_model
-from router.policy import check_policy
+from kvroute.replicas.model.kv_memory import resolve_model
+from kvroute.router.policy import check_policy
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]

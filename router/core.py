@@ -31,14 +31,14 @@ from dataclasses import dataclass, field
 import msgspec
 import numpy as np
 
-from events.kv_events import KVEventBatch
-from replicas.api import InvalidRequestError, ModelLimits, ReplicaLoad, validate_generate
-from replicas.kv_cache.prompt import HashedPrompt, PromptKeys
-from replicas.kv_cache.specs import KVCacheConfig
-from router.index import HashMode, KVIndex
-from router.peer import PeerDecision
-from router.policy import Candidate, RouteRequest, RoutingPolicy
-from router.reuse import ReuseTracker
+from kvroute.events.kv_events import KVEventBatch
+from kvroute.replicas.api import InvalidRequestError, ModelLimits, ReplicaLoad, validate_generate
+from kvroute.replicas.kv_cache.prompt import HashedPrompt, PromptKeys
+from kvroute.replicas.kv_cache.specs import KVCacheConfig
+from kvroute.router.index.kv_index import HashMode, KVIndex
+from kvroute.router.policy import Candidate, RouteRequest, RoutingPolicy
+from kvroute.router.reuse import ReuseTracker
+from kvroute.router.tier.peer import PeerDecision
 
 
 class NoReplicaError(RuntimeError):

@@ -17,8 +17,8 @@ from typing import Annotated, Any, ClassVar, Protocol
 
 import msgspec
 
-from replicas.api import ReplicaLoad
-from replicas.kv_cache.utils import BlockHash
+from kvroute.replicas.api import ReplicaLoad
+from kvroute.replicas.kv_cache.utils import BlockHash
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from replicas.kv_cache.utils import BlockHash
+from kvroute.replicas.kv_cache.utils import BlockHash
 
 
 class ReuseTracker:

@@ -1,19 +1,19 @@
 """Discrete-event simulation workloads: requests, Mooncake traces, generators, bounds."""
 
-from benchmarks.sim.bounds import (
+from kvroute.benchmarks.sim.bounds import (
     HitRateBound,
     belady_hit_rate,
     infinite_cache_hit_rate,
     pooled_lru_hit_rate,
 )
-from benchmarks.sim.generators import (
+from kvroute.benchmarks.sim.generators import (
     agentic_tool_loops,
     generated_shared_prefix,
     multi_tenant,
     multi_turn_chat,
 )
-from benchmarks.sim.traces import TRACE_DIR, TRACE_FILES, load_mooncake, trace_path
-from benchmarks.sim.workload import (
+from kvroute.benchmarks.sim.traces import TRACE_DIR, TRACE_FILES, load_mooncake, trace_path
+from kvroute.benchmarks.sim.workload import (
     DEFAULT_VOCAB_SIZE,
     BlockId,
     BlockRun,

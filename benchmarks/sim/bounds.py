@@ -18,7 +18,7 @@ import heapq
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from benchmarks.sim.workload import BlockRun, Workload, block_runs
+from kvroute.benchmarks.sim.workload import BlockRun, Workload, block_runs
 
 
 @dataclass(frozen=True)

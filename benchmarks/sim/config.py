@@ -8,11 +8,11 @@ from typing import Any
 
 import msgspec
 
-from benchmarks.sim.simulator import SimConfig
-from replicas.config import (
+from kvroute.benchmarks.sim.simulator import SimConfig
+from kvroute.replicas.config import (
     Struct,
 )
-from router.config import DeploymentSections, load_config
+from kvroute.router.config import DeploymentSections, load_config
 
 
 class SimulationSection(Struct):

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from benchmarks.sim.workload import (
+from kvroute.benchmarks.sim.workload import (
     DEFAULT_VOCAB_SIZE,
     ContentBlock,
     PromptSpec,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import asdict, dataclass
 
-from benchmarks.sim.simulator import SimResult
+from kvroute.benchmarks.sim.simulator import SimResult
 
 
 def quantile(values: list[float], q: float) -> float:

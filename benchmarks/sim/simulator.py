@@ -32,21 +32,21 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from events.kv_events import KVEventDecoder, KVEventEncoder
-from events.sequencer import RecoveryConfig, ResyncReason, SourceSequencer, SourceStats
-from replicas.api import InvalidRequestError
-from replicas.clock import VirtualClock
-from replicas.config import ReplicaSettings
-from replicas.engine import Engine, RequestOutput
-from replicas.factory import build_engine
-from replicas.kv_cache.prompt import PromptKeys
-from replicas.request import SamplingParams
-from router.core import Decision, Registration, Router, RouterSettings
-from router.peer import DecisionOrigin, PeerDecision, PeerDecisionCodec
-from router.policy import make_policy
+from kvroute.events.kv_events import KVEventDecoder, KVEventEncoder
+from kvroute.events.sequencer import RecoveryConfig, ResyncReason, SourceSequencer, SourceStats
+from kvroute.replicas.api import InvalidRequestError
+from kvroute.replicas.clock import VirtualClock
+from kvroute.replicas.config import ReplicaSettings
+from kvroute.replicas.engine import Engine, RequestOutput
+from kvroute.replicas.factory import build_engine
+from kvroute.replicas.kv_cache.prompt import PromptKeys
+from kvroute.replicas.request import SamplingParams
+from kvroute.router.core import Decision, Registration, Router, RouterSettings
+from kvroute.router.policy import make_policy
+from kvroute.router.tier.peer import DecisionOrigin, PeerDecision, PeerDecisionCodec
 
 if TYPE_CHECKING:
-    from benchmarks.sim.workload import SimRequest, Workload
+    from kvroute.benchmarks.sim.workload import SimRequest, Workload
 
 STEP, DELIVER, REPLAY, RESYNC, TICK, PEER = range(6)
 INGRESS = ("round_robin", "random")

@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 import msgspec
 
-from benchmarks.sim.workload import (
+from kvroute.benchmarks.sim.workload import (
     DEFAULT_VOCAB_SIZE,
     ContentBlock,
     PromptSpec,

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
-from events.kv_events import (
+from kvroute.events.kv_events import (
     MEDIUM_GPU,
     AllBlocksCleared,
     BlockRemoved,
@@ -24,8 +24,8 @@ from events.kv_events import (
     ExternalBlockHash,
     KVCacheEvent,
 )
-from replicas.kv_cache.prompt import has_extra_keys
-from replicas.kv_cache.utils import (
+from kvroute.replicas.kv_cache.prompt import has_extra_keys
+from kvroute.replicas.kv_cache.utils import (
     GROUP_ID_BYTES,
     BlockHash,
     BlockHashListWithBlockSize,
@@ -37,7 +37,7 @@ from replicas.kv_cache.utils import (
 )
 
 if TYPE_CHECKING:
-    from replicas.request import Request
+    from kvroute.replicas.request import Request
 
 logger = logging.getLogger(__name__)
 

@@ -14,15 +14,15 @@ from dataclasses import dataclass
 from math import lcm
 from typing import Any
 
-from replicas.kv_cache.segmented import make_block_pool
-from replicas.kv_cache.single_type import (
+from kvroute.replicas.kv_cache.segmented import make_block_pool
+from kvroute.replicas.kv_cache.single_type import (
     CachedBlockLookup,
     SingleTypeKVCacheManager,
     manager_class_for,
 )
-from replicas.kv_cache.specs import KVCacheConfig, KVCacheSpec, SlidingWindowSpec
-from replicas.kv_cache.utils import BlockHash, BlockHashListWithBlockSize, KVCacheBlock
-from replicas.request import Request
+from kvroute.replicas.kv_cache.specs import KVCacheConfig, KVCacheSpec, SlidingWindowSpec
+from kvroute.replicas.kv_cache.utils import BlockHash, BlockHashListWithBlockSize, KVCacheBlock
+from kvroute.replicas.request import Request
 
 HitBlocks = tuple[list[KVCacheBlock], ...]
 

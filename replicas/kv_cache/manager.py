@@ -13,16 +13,16 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from events.kv_events import BlockStored, KVCacheEvent
-from replicas.kv_cache.block_pool import BlockPool
-from replicas.kv_cache.coordinator import (
+from kvroute.events.kv_events import BlockStored, KVCacheEvent
+from kvroute.replicas.kv_cache.block_pool import BlockPool
+from kvroute.replicas.kv_cache.coordinator import (
     CacheOptions,
     KVCacheCoordinator,
     get_kv_cache_coordinator,
 )
-from replicas.kv_cache.specs import KVCacheConfig
-from replicas.kv_cache.utils import KVCacheBlock
-from replicas.request import Request
+from kvroute.replicas.kv_cache.specs import KVCacheConfig
+from kvroute.replicas.kv_cache.utils import KVCacheBlock
+from kvroute.replicas.request import Request
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 if TYPE_CHECKING:
-    from replicas.kv_cache.utils import BlockHash, RequestBlockHasher
+    from kvroute.replicas.kv_cache.utils import BlockHash, RequestBlockHasher
 
 
 class Placement(Protocol):

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from replicas.kv_cache.block_pool import BlockPool
-from replicas.kv_cache.utils import FreeKVCacheBlockQueue, KVCacheBlock
-from replicas.request import Request
+from kvroute.replicas.kv_cache.block_pool import BlockPool
+from kvroute.replicas.kv_cache.utils import FreeKVCacheBlockQueue, KVCacheBlock
+from kvroute.replicas.request import Request
 
 
 class SegmentedFreeBlockQueue(FreeKVCacheBlockQueue):

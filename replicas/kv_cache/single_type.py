@@ -12,17 +12,17 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
-from replicas.kv_cache.block_pool import BlockPool
-from replicas.kv_cache.specs import (
+from kvroute.replicas.kv_cache.block_pool import BlockPool
+from kvroute.replicas.kv_cache.specs import (
     KVCacheSpec,
     KVCacheSpecKind,
     MambaSpec,
     SlidingWindowSpec,
 )
-from replicas.kv_cache.utils import BlockHash, BlockHashWithGroupId, KVCacheBlock
+from kvroute.replicas.kv_cache.utils import BlockHash, BlockHashWithGroupId, KVCacheBlock
 
 if TYPE_CHECKING:
-    from replicas.request import Request
+    from kvroute.replicas.request import Request
 
 
 def cdiv(a: int, b: int) -> int:

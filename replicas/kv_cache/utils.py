@@ -17,15 +17,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NewType, overload
 
-from events.hashing import HashFn, event_hash_from_bytes, sha256_cbor
-from events.kv_events import ExternalBlockHash
-from replicas.kv_cache.prompt import HashSource, has_extra_keys
+from kvroute.events.hashing import HashFn, event_hash_from_bytes, sha256_cbor
+from kvroute.events.kv_events import ExternalBlockHash
+from kvroute.replicas.kv_cache.prompt import HashSource, has_extra_keys
 
 if TYPE_CHECKING:
     import torch
 
-    from replicas.kv_cache.prompt import PromptKeys
-    from replicas.request import Request
+    from kvroute.replicas.kv_cache.prompt import PromptKeys
+    from kvroute.replicas.request import Request
 
 logger = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from replicas.model.config import ModelArch
-from replicas.model.kv_memory import PagedKVMemory
+from kvroute.replicas.model.config import ModelArch
+from kvroute.replicas.model.kv_memory import PagedKVMemory
 
 
 @dataclass(frozen=True)

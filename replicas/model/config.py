@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from replicas.config import ModelConfig
-from replicas.kv_cache.specs import AttentionSpec, KVCacheSpecKind, SlidingWindowSpec
+from kvroute.replicas.config import ModelConfig
+from kvroute.replicas.kv_cache.specs import AttentionSpec, KVCacheSpecKind, SlidingWindowSpec
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 COMPUTABLE_KINDS = (KVCacheSpecKind.FULL_ATTENTION, KVCacheSpecKind.SLIDING_WINDOW)

@@ -14,9 +14,9 @@ from collections.abc import Iterable
 import msgspec
 import torch
 
-from replicas.config import ModelConfig, ReplicasConfig
-from replicas.kv_cache.specs import AttentionSpec, KVCacheTensor
-from replicas.model.config import ModelArch, attention_specs, model_arch
+from kvroute.replicas.config import ModelConfig, ReplicasConfig
+from kvroute.replicas.kv_cache.specs import AttentionSpec, KVCacheTensor
+from kvroute.replicas.model.config import ModelArch, attention_specs, model_arch
 
 
 def resolve_model(model: ModelConfig, replicas: ReplicasConfig) -> ModelConfig:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from replicas.model.config import ModelArch
+from kvroute.replicas.model.config import ModelArch
 
 
 class Attend(Protocol):

@@ -13,7 +13,7 @@ import zlib
 
 import torch
 
-from replicas.request import SamplingParams
+from kvroute.replicas.request import SamplingParams
 
 
 class Sampler:

@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from replicas.config import ModelConfig
-from replicas.model.config import ModelArch, ModelLoadError, model_arch
-from replicas.model.layers import CausalLM
+from kvroute.replicas.config import ModelConfig
+from kvroute.replicas.model.config import ModelArch, ModelLoadError, model_arch
+from kvroute.replicas.model.layers import CausalLM
 
 # Buffers some checkpoints carry that this model recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)

@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from benchmarks.scale import EngineEvents, IngestRate, MemoryRow, RequestCost, projection
-from benchmarks.tier import Round, process_cpu_s, render_table, summarize, tier_config
-from configs import CONFIG_DIR
-from router.config import load_config
+from kvroute.benchmarks.scale import EngineEvents, IngestRate, MemoryRow, RequestCost, projection
+from kvroute.benchmarks.tier import Round, process_cpu_s, render_table, summarize, tier_config
+from kvroute.configs import CONFIG_DIR
+from kvroute.router.config import load_config
 
 
 def test_summarize_takes_medians_and_ratios_against_the_base() -> None:

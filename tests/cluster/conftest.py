@@ -17,10 +17,10 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from events.curve import CurveKeyPair
-from router.client import KVRouteClient
-from router.config import Config, load_config
-from router.launch import cluster_keys, start_replica, start_router
+from kvroute.events.curve import CurveKeyPair
+from kvroute.router.app.client import KVRouteClient
+from kvroute.router.app.launch import cluster_keys, start_replica, start_router
+from kvroute.router.config import Config, load_config
 
 CONFIG_PATH = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
 

@@ -17,8 +17,8 @@ import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.client import KVRouteClient, KVRouteError
-from router.protocol import CompletionInput
+from kvroute.router.app.client import KVRouteClient, KVRouteError
+from kvroute.router.openai.protocol import CompletionInput
 from tests.cluster.conftest import Deployment
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

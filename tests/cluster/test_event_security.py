@@ -9,8 +9,8 @@ import pytest
 import ray
 import zmq
 
-from events.curve import CurveKeyPair, secure_client
-from events.frames import pack_seq
+from kvroute.events.curve import CurveKeyPair, secure_client
+from kvroute.events.frames import pack_seq
 from tests.cluster.conftest import Deployment
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(120)]

@@ -22,10 +22,10 @@ import pytest
 import ray
 import yaml
 
-from benchmarks.engines import ENGINE_MODEL, Engine
-from router.client import KVRouteClient
-from router.config import Config, parse_config
-from router.launch import cluster_keys, start_router
+from kvroute.benchmarks.engines import ENGINE_MODEL, Engine
+from kvroute.router.app.client import KVRouteClient
+from kvroute.router.app.launch import cluster_keys, start_router
+from kvroute.router.config import Config, parse_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(600)]
 DEADLINE_S = 60.0

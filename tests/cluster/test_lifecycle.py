@@ -11,7 +11,7 @@ import msgspec
 import pytest
 import ray
 
-from router.launch import start_router
+from kvroute.router.app.launch import start_router
 from tests.cluster.conftest import Deployment
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]

@@ -26,8 +26,8 @@ CHILD = """
 import json, os, time
 import ray
 import psutil  # vendored by Ray
-from router.config import parse_config
-from router.launch import init_ray
+from kvroute.router.config import parse_config
+from kvroute.router.app.launch import init_ray
 
 assert init_ray(parse_config({"cluster": {"num_cpus": 1}}))
 

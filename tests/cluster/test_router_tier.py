@@ -10,8 +10,8 @@ import msgspec
 import pytest
 import ray
 
-from router.client import KVRouteClient
-from router.launch import start_router
+from kvroute.router.app.client import KVRouteClient
+from kvroute.router.app.launch import start_router
 from tests.cluster.conftest import Deployment
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(240)]

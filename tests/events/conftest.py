@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from events.publisher import PublisherConfig, ZmqEventPublisher
-from events.subscriber import SubscriberConfig, ZmqEventSubscriber
+from kvroute.events.publisher import PublisherConfig, ZmqEventPublisher
+from kvroute.events.subscriber import SubscriberConfig, ZmqEventSubscriber
 from tests.events.helpers import FAST_RECOVERY, Collector, ScriptedPublisher, Transport
 
 

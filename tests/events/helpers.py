@@ -10,12 +10,12 @@ from typing import Any
 
 import zmq
 
-from events.frames import pack_seq, parse_replay_request, replay_end
-from events.kv_events import BlockStored, KVEventBatch, encode_batch
-from events.publisher import ZmqEventPublisher
-from events.sequencer import RecoveryConfig, ResyncReason, SourceState, SourceStats
-from events.source import SourceSpec
-from events.subscriber import ZmqEventSubscriber
+from kvroute.events.frames import pack_seq, parse_replay_request, replay_end
+from kvroute.events.kv_events import BlockStored, KVEventBatch, encode_batch
+from kvroute.events.publisher import ZmqEventPublisher
+from kvroute.events.sequencer import RecoveryConfig, ResyncReason, SourceState, SourceStats
+from kvroute.events.source import SourceSpec
+from kvroute.events.subscriber import ZmqEventSubscriber
 
 Transport = str  # an endpoint template with a `{name}` slot (ignored by tcp)
 

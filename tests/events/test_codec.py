@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from events.kv_events import (
+from kvroute.events.kv_events import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 
-from events.curve import CurveKeyPair, CurveServerConfig
-from events.publisher import PublisherConfig, ZmqEventPublisher
-from events.sequencer import RecoveryConfig
-from events.source import SourceSpec
-from events.subscriber import SubscriberConfig, ZmqEventSubscriber
+from kvroute.events.curve import CurveKeyPair, CurveServerConfig
+from kvroute.events.publisher import PublisherConfig, ZmqEventPublisher
+from kvroute.events.sequencer import RecoveryConfig
+from kvroute.events.source import SourceSpec
+from kvroute.events.subscriber import SubscriberConfig, ZmqEventSubscriber
 from tests.events.helpers import Collector, numbered_batch
 
 pytestmark = pytest.mark.timeout(60)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from events.endpoints import is_loopback, offset_endpoint
+from kvroute.events.endpoints import is_loopback, offset_endpoint
 
 
 @pytest.mark.parametrize(

@@ -10,13 +10,13 @@ from typing import Any
 import msgspec
 import pytest
 
-from events.errors import MalformedKind
-from events.frames import pack_seq
-from events.kv_events import DecodeLimits, encode_batch
-from events.publisher import PublisherConfig, ZmqEventPublisher
-from events.sequencer import RecoveryConfig, ResyncReason, SourceState
-from events.source import SourceSpec
-from events.subscriber import ZmqEventSubscriber
+from kvroute.events.errors import MalformedKind
+from kvroute.events.frames import pack_seq
+from kvroute.events.kv_events import DecodeLimits, encode_batch
+from kvroute.events.publisher import PublisherConfig, ZmqEventPublisher
+from kvroute.events.sequencer import RecoveryConfig, ResyncReason, SourceState
+from kvroute.events.source import SourceSpec
+from kvroute.events.subscriber import ZmqEventSubscriber
 from tests.events.helpers import (
     WAIT_S,
     Collector,
@@ -221,7 +221,7 @@ def test_bad_input_is_counted_logged_once_per_kind_and_dropped(
     make_subscriber: MakeSubscriber,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="events.source")
+    caplog.set_level(logging.WARNING, logger="kvroute.events.source")
     publisher = make_scripted("tcp://127.0.0.1:*")
     subscriber, collector = make_subscriber(
         limits=DecodeLimits(max_token_ids=1_000), recovery=RecoveryConfig(idle_probe_s=None)

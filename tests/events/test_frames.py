@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from events.errors import MalformedInputError, MalformedKind
-from events.frames import (
+from kvroute.events.errors import MalformedInputError, MalformedKind
+from kvroute.events.frames import (
     END_SEQ,
     pack_seq,
     parse_live,

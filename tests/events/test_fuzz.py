@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from events.errors import MalformedInputError
-from events.kv_events import (
+from kvroute.events.errors import MalformedInputError
+from kvroute.events.kv_events import (
     DEFAULT_LIMITS,
     AllBlocksCleared,
     BlockRemoved,

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 import zmq
 
-from events.kv_events import (
+from kvroute.events.kv_events import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -17,7 +17,7 @@ from events.kv_events import (
     KVEventDecoder,
     without_token_ids,
 )
-from events.publisher import PublisherConfig, ZmqEventPublisher
+from kvroute.events.publisher import PublisherConfig, ZmqEventPublisher
 from tests.events.helpers import WAIT_S
 
 pytestmark = pytest.mark.timeout(60)

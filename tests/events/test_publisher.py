@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterator
 import pytest
 import zmq
 
-from events.frames import END_SEQ, pack_seq
-from events.kv_events import encode_batch
-from events.publisher import PublisherConfig, ZmqEventPublisher
+from kvroute.events.frames import END_SEQ, pack_seq
+from kvroute.events.kv_events import encode_batch
+from kvroute.events.publisher import PublisherConfig, ZmqEventPublisher
 from tests.events.helpers import WAIT_S, Transport, numbered_batch, wait_until
 from tests.events.vectors import GOLDEN_ARRAY, golden_batch
 

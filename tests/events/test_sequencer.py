@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from events.sequencer import (
+from kvroute.events.sequencer import (
     RecoveryConfig,
     ResyncReason,
     SourceSequencer,

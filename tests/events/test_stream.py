@@ -7,11 +7,11 @@ from collections.abc import Callable
 import pytest
 import zmq
 
-from events.kv_events import KVEventBatch, encode_batch
-from events.publisher import ZmqEventPublisher
-from events.sequencer import RecoveryConfig, SourceState
-from events.source import SourceSpec
-from events.subscriber import ZmqEventSubscriber
+from kvroute.events.kv_events import KVEventBatch, encode_batch
+from kvroute.events.publisher import ZmqEventPublisher
+from kvroute.events.sequencer import RecoveryConfig, SourceState
+from kvroute.events.source import SourceSpec
+from kvroute.events.subscriber import ZmqEventSubscriber
 from tests.events.helpers import (
     Collector,
     ScriptedPublisher,

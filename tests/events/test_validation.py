@@ -7,8 +7,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from events.errors import MalformedInputError, MalformedKind
-from events.kv_events import DEFAULT_LIMITS, DecodeLimits, KVEventDecoder, decode_batch
+from kvroute.events.errors import MalformedInputError, MalformedKind
+from kvroute.events.kv_events import DEFAULT_LIMITS, DecodeLimits, KVEventDecoder, decode_batch
 from tests.events.vectors import GOLDEN_ARRAY
 
 

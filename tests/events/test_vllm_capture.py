@@ -16,9 +16,9 @@ from collections.abc import Callable
 import msgspec
 import pytest
 
-from events.frames import parse_live
-from events.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, decode_batch
-from router.index import KVIndex
+from kvroute.events.frames import parse_live
+from kvroute.events.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, decode_batch
+from kvroute.router.index.kv_index import KVIndex
 from tests.events.vllm_capture import CAPTURE_PATHS, Capture, load_capture
 
 REPLICA = "vllm"

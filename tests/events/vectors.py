@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from events.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+from kvroute.events.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 
 GOLDEN_ARRAY_HEX = (
     "93cb41d954fc40200000949cab426c6f636b53746f72656491cf1122334455667788c094010203"

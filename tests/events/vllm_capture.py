@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from replicas.kv_cache.prompt import PromptKeys
-from replicas.kv_cache.specs import (
+from kvroute.replicas.kv_cache.prompt import PromptKeys
+from kvroute.replicas.kv_cache.specs import (
     FullAttentionSpec,
     KVCacheConfig,
     KVCacheGroupSpec,

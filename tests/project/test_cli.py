@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from configs import CONFIG_DIR, bundled_config_names, resolve_config
-from router.cli import build_parser, main
+from kvroute.configs import CONFIG_DIR, bundled_config_names, resolve_config
+from kvroute.router.app.cli import build_parser, main
 
 HEAVY = ("torch", "numba", "ray")
 
@@ -23,7 +23,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     """`kvroute ARGS` in a fresh interpreter; stderr ends with the heavy modules it loaded."""
     probe = (
         "import sys\n"
-        "from router.cli import main\n"
+        "from kvroute.router.app.cli import main\n"
         "code = main(sys.argv[1:])\n"
         f"print('heavy:' + ','.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)\n"
         "sys.exit(code)\n"

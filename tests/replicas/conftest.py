@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from events.hashing import sha256
-from replicas.kv_cache.manager import KVCacheManager
-from replicas.kv_cache.specs import (
+from kvroute.events.hashing import sha256
+from kvroute.replicas.kv_cache.manager import KVCacheManager
+from kvroute.replicas.kv_cache.specs import (
     FullAttentionSpec,
     KVCacheConfig,
     KVCacheGroupSpec,
@@ -15,8 +15,8 @@ from replicas.kv_cache.specs import (
     MambaSpec,
     SlidingWindowSpec,
 )
-from replicas.kv_cache.utils import get_request_block_hasher, init_none_hash
-from replicas.request import Request, SamplingParams
+from kvroute.replicas.kv_cache.utils import get_request_block_hasher, init_none_hash
+from kvroute.replicas.request import Request, SamplingParams
 
 
 @pytest.fixture(autouse=True)

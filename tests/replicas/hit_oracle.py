@@ -24,14 +24,14 @@ from __future__ import annotations
 
 from math import lcm
 
-from replicas.kv_cache.manager import KVCacheManager
-from replicas.kv_cache.specs import (
+from kvroute.replicas.kv_cache.manager import KVCacheManager
+from kvroute.replicas.kv_cache.specs import (
     FullAttentionSpec,
     KVCacheSpec,
     MambaSpec,
     SlidingWindowSpec,
 )
-from replicas.request import Request
+from kvroute.replicas.request import Request
 
 GROUP_ID_BYTES = 4
 

@@ -13,10 +13,10 @@ from typing import Any, TypeVar
 
 import zmq
 
-from events.kv_events import BlockStored, KVEventDecoder
-from events.kv_events_config import parse_kv_events_config
-from router.config import load_config
-from router.serve_replica import ReplicaProcess, ServeOptions, pinned_hash_seed
+from kvroute.events.kv_events import BlockStored, KVEventDecoder
+from kvroute.events.kv_events_config import parse_kv_events_config
+from kvroute.replicas.http_server.serve import ReplicaProcess, ServeOptions, pinned_hash_seed
+from kvroute.router.config import load_config
 
 T = TypeVar("T")
 DEADLINE_S = 30.0

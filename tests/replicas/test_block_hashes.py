@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import replicas.kv_cache.utils as kv_cache_utils
-from events.hashing import HASH_FUNCTIONS, get_hash_fn_by_name, hash_fn_name, sha256
-from replicas.kv_cache.utils import (
+import kvroute.replicas.kv_cache.utils as kv_cache_utils
+from kvroute.events.hashing import HASH_FUNCTIONS, get_hash_fn_by_name, hash_fn_name, sha256
+from kvroute.replicas.kv_cache.utils import (
     BlockHash,
     BlockHashListWithBlockSize,
     get_request_block_hasher,
@@ -15,7 +15,7 @@ from replicas.kv_cache.utils import (
     init_none_hash,
     maybe_convert_block_hash,
 )
-from replicas.request import (
+from kvroute.replicas.request import (
     LoRARequest,
     MultiModalFeatureSpec,
     MultiModalKwargsItem,

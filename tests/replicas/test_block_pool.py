@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from events.hashing import sha256
-from events.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
-from replicas.kv_cache.block_pool import BlockPool
-from replicas.kv_cache.utils import (
+from kvroute.events.hashing import sha256
+from kvroute.events.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+from kvroute.replicas.kv_cache.block_pool import BlockPool
+from kvroute.replicas.kv_cache.utils import (
     FreeKVCacheBlockQueue,
     KVCacheBlock,
     get_request_block_hasher,
     init_none_hash,
     maybe_convert_block_hash,
 )
-from replicas.request import LoRARequest, Request, SamplingParams
+from kvroute.replicas.request import LoRARequest, Request, SamplingParams
 
 
 @pytest.fixture(autouse=True)

@@ -19,12 +19,15 @@ from dataclasses import dataclass
 
 import pytest
 
-from events.kv_events import BlockRemoved
-from replicas.kv_cache.manager import KVCacheManager
-from replicas.kv_cache.segmented import SegmentedFreeBlockQueue
-from replicas.kv_cache.specs import KVCacheSpec
-from replicas.kv_cache.utils import BlockHashListWithBlockSize, make_block_hash_with_group_id
-from replicas.request import Request
+from kvroute.events.kv_events import BlockRemoved
+from kvroute.replicas.kv_cache.manager import KVCacheManager
+from kvroute.replicas.kv_cache.segmented import SegmentedFreeBlockQueue
+from kvroute.replicas.kv_cache.specs import KVCacheSpec
+from kvroute.replicas.kv_cache.utils import (
+    BlockHashListWithBlockSize,
+    make_block_hash_with_group_id,
+)
+from kvroute.replicas.request import Request
 from tests.replicas.conftest import full, mamba, manager, request, swa
 from tests.replicas.hit_oracle import brute_force_hit
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from events.hashing import sha256
-from events.kv_events import BlockStored
-from replicas.clock import VirtualClock
-from replicas.engine import Engine, EngineConfig, InvalidRequestError
-from replicas.executor import CostModel, SimulatedExecutor, StepShape
-from replicas.kv_cache.manager import KVCacheManager
-from replicas.kv_cache.specs import KVCacheSpec
-from replicas.kv_cache.utils import RequestBlockHasher
-from replicas.request import LoRARequest, SamplingParams
+from kvroute.events.hashing import sha256
+from kvroute.events.kv_events import BlockStored
+from kvroute.replicas.clock import VirtualClock
+from kvroute.replicas.engine import Engine, EngineConfig, InvalidRequestError
+from kvroute.replicas.executor import CostModel, SimulatedExecutor, StepShape
+from kvroute.replicas.kv_cache.manager import KVCacheManager
+from kvroute.replicas.kv_cache.specs import KVCacheSpec
+from kvroute.replicas.kv_cache.utils import RequestBlockHasher
+from kvroute.replicas.request import LoRARequest, SamplingParams
 from tests.replicas.conftest import config, full, swa
 
 COST = CostModel(

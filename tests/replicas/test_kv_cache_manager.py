@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from events.kv_events import BlockRemoved, BlockStored
-from replicas.kv_cache.manager import KVCacheManager
-from replicas.kv_cache.specs import KVCacheSpec, MambaSpec, MLAAttentionSpec
-from replicas.kv_cache.utils import maybe_convert_block_hash
+from kvroute.events.kv_events import BlockRemoved, BlockStored
+from kvroute.replicas.kv_cache.manager import KVCacheManager
+from kvroute.replicas.kv_cache.specs import KVCacheSpec, MambaSpec, MLAAttentionSpec
+from kvroute.replicas.kv_cache.utils import maybe_convert_block_hash
 from tests.replicas.conftest import config, full, mamba, manager, request, swa
 
 
@@ -106,7 +106,7 @@ def test_sparse_window_group_event_lists_only_cached_blocks() -> None:
 
 
 def test_event_extra_keys_name_lora_and_salt_per_block() -> None:
-    from replicas.request import LoRARequest
+    from kvroute.replicas.request import LoRARequest
 
     mgr = manager(10, full(4), enable_kv_cache_events=True)
     req = request("r", list(range(8)), 4, lora_request=LoRARequest("ad", 2), cache_salt="s")
@@ -151,7 +151,7 @@ def test_reset_prefix_cache_with_blocks_in_use_keeps_everything() -> None:
 
 
 def test_prompt_logprobs_request_skips_the_cache() -> None:
-    from replicas.request import SamplingParams
+    from kvroute.replicas.request import SamplingParams
 
     mgr = manager(10, full(4))
     mgr.allocate_slots(request("a", list(range(8)), 4), 8)

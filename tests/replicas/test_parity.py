@@ -7,10 +7,10 @@ import hashlib
 import pytest
 import torch
 
-from events.hashing import sha256
-from replicas.kv_cache.specs import FullAttentionSpec
-from replicas.kv_cache.utils import get_request_block_hasher, hash_block_tokens
-from replicas.request import Request, SamplingParams
+from kvroute.events.hashing import sha256
+from kvroute.replicas.kv_cache.specs import FullAttentionSpec
+from kvroute.replicas.kv_cache.utils import get_request_block_hasher, hash_block_tokens
+from kvroute.replicas.request import Request, SamplingParams
 from tests.replicas.conftest import manager
 
 # bfloat16 bit patterns, little-endian: 1.0 = 0x3F80, -2.0 = 0xC000, 0.5 = 0x3F00, 3.0 = 0x4040.

@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 import torch
 
-import replicas.kv_cache.manager as kv_cache_manager
-import replicas.kv_cache.utils as kv_cache_utils
-from events.hashing import sha256, sha256_cbor
-from events.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
-from replicas.kv_cache.block_pool import BlockHashToBlockMap, BlockPool
-from replicas.kv_cache.manager import KVCacheManager, Request
-from replicas.kv_cache.specs import (
+import kvroute.replicas.kv_cache.manager as kv_cache_manager
+import kvroute.replicas.kv_cache.utils as kv_cache_utils
+from kvroute.events.hashing import sha256, sha256_cbor
+from kvroute.events.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+from kvroute.replicas.kv_cache.block_pool import BlockHashToBlockMap, BlockPool
+from kvroute.replicas.kv_cache.manager import KVCacheManager, Request
+from kvroute.replicas.kv_cache.specs import (
     FullAttentionSpec,
     KVCacheConfig,
     KVCacheGroupSpec,
@@ -32,7 +32,7 @@ from replicas.kv_cache.specs import (
     MLAAttentionSpec,
     SlidingWindowSpec,
 )
-from replicas.kv_cache.utils import (
+from kvroute.replicas.kv_cache.utils import (
     BlockHash,
     BlockHashWithGroupId,
     KVCacheBlock,
@@ -43,7 +43,7 @@ from replicas.kv_cache.utils import (
     init_none_hash,
     make_block_hash_with_group_id,
 )
-from replicas.request import (
+from kvroute.replicas.request import (
     LoRARequest,
     MultiModalFeatureSpec,
     MultiModalKwargsItem,

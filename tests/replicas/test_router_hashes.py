@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import msgspec
 
-from configs import CONFIG_DIR
-from events.curve import CurveKeyPair
-from replicas.actor import ReplicaServer
-from replicas.api import GenerateRequest
-from replicas.kv_cache.prompt import PromptKeys
-from replicas.request import SamplingParams
-from router.config import load_config
-from router.core import Router
-from router.policy import make_policy
-from router.service import router_settings
+from kvroute.configs import CONFIG_DIR
+from kvroute.events.curve import CurveKeyPair
+from kvroute.replicas.actor import ReplicaServer
+from kvroute.replicas.api import GenerateRequest
+from kvroute.replicas.kv_cache.prompt import PromptKeys
+from kvroute.replicas.request import SamplingParams
+from kvroute.router.config import load_config
+from kvroute.router.core import Router
+from kvroute.router.policy import make_policy
+from kvroute.router.service.router_service import router_settings
 
 PROMPT = list(range(1, 41))  # 2 full blocks of 16 tokens and 8 more
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from replicas.kv_cache.manager import KVCacheManager
-from replicas.kv_cache.segmented import SegmentedFreeBlockQueue
-from replicas.kv_cache.utils import KVCacheBlock
-from replicas.request import Request
+from kvroute.replicas.kv_cache.manager import KVCacheManager
+from kvroute.replicas.kv_cache.segmented import SegmentedFreeBlockQueue
+from kvroute.replicas.kv_cache.utils import KVCacheBlock
+from kvroute.replicas.request import Request
 from tests.replicas.conftest import full, manager, request
 
 

@@ -17,10 +17,10 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from events.hashing import get_hash_fn_by_name
-from replicas.kv_cache.utils import BlockHash, hash_block_tokens, maybe_convert_block_hash
-from router.cli import main
-from router.serve_replica import hash_root
+from kvroute.events.hashing import get_hash_fn_by_name
+from kvroute.replicas.http_server.serve import hash_root
+from kvroute.replicas.kv_cache.utils import BlockHash, hash_block_tokens, maybe_convert_block_hash
+from kvroute.router.app.cli import main
 from tests.replicas.serve_helpers import (
     BLOCK,
     DEADLINE_S,

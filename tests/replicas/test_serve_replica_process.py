@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import zmq
 
-from events.curve import CurveKeyFileError, read_key_pair, write_key_pair
-from router.cli import main
+from kvroute.events.curve import CurveKeyFileError, read_key_pair, write_key_pair
+from kvroute.router.app.cli import main
 from tests.replicas.serve_helpers import (
     DEADLINE_S,
     events_json,
@@ -106,7 +106,7 @@ def test_serve_replica_as_a_subprocess_serves_and_exits_0_on_sigterm(tmp_path: P
     command = [
         sys.executable,
         "-m",
-        "router.cli",
+        "kvroute.router.app.cli",
         "serve-replica",
         str(tiny_config(tmp_path)),
         "--port",

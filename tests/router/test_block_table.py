@@ -7,7 +7,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.block_table import MIN_CAPACITY, BlockTable, _home, mask_ints
+from kvroute.router.index.block_table import MIN_CAPACITY, BlockTable, _home, mask_ints
 
 # Keys whose Fibonacci products differ only in their low bits share a home
 # slot at every capacity below 2^56, so they all collide.

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from replicas.api import InvalidRequestError
-from router.chat import ChatTemplate, ChatTemplateError
+from kvroute.replicas.api import InvalidRequestError
+from kvroute.router.openai.chat import ChatTemplate, ChatTemplateError
 
 MESSAGES = ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"})
 

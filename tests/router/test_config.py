@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from router.config import ConfigError, load_config, parse_config
+from kvroute.router.config import ConfigError, load_config, parse_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -103,8 +103,8 @@ def test_policy_options_are_checked_when_the_config_loads(router: dict, message:
 
 
 def test_bench_config_policy_options_load_typed() -> None:
-    from benchmarks.sim.config import load_bench_config
-    from router.policy import KVAware, make_policy
+    from kvroute.benchmarks.sim.config import load_bench_config
+    from kvroute.router.policy import KVAware, make_policy
 
     config = load_bench_config(CONFIGS / "bench.yaml")
     policy = make_policy(config.router.policy, **config.router.policy_options)
@@ -169,8 +169,8 @@ def test_bad_external_engines_name_the_problem(data: dict, message: str) -> None
 
 
 def test_the_routers_curve_key_pair_can_come_from_a_keygen_file(tmp_path: Path) -> None:
-    from events.curve import write_key_pair
-    from router.launch import cluster_keys
+    from kvroute.events.curve import write_key_pair
+    from kvroute.router.app.launch import cluster_keys
 
     written = write_key_pair(tmp_path / "router.key")
     config = parse_config({"router": {"curve_key_file": str(tmp_path / "router.key")}})
@@ -182,7 +182,7 @@ def test_the_routers_curve_key_pair_can_come_from_a_keygen_file(tmp_path: Path) 
 
 
 def test_an_external_engines_public_key_is_read_from_its_file(tmp_path: Path) -> None:
-    from events.curve import write_key_pair
+    from kvroute.events.curve import write_key_pair
 
     engine_keys = write_key_pair(tmp_path / "engine.key")
     events = {

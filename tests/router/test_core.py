@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from events.kv_events import KVEventBatch
-from replicas.api import InvalidRequestError, ModelLimits
-from replicas.kv_cache.manager import KVCacheManager
-from replicas.kv_cache.prompt import PromptKeys
-from replicas.request import Request, SamplingParams
-from router.core import NoReplicaError, Registration, ReplicasBusyError, Router, RouterSettings
-from router.policy import ReplicaLoad, SGLangLike, make_policy
+from kvroute.events.kv_events import KVEventBatch
+from kvroute.replicas.api import InvalidRequestError, ModelLimits
+from kvroute.replicas.kv_cache.manager import KVCacheManager
+from kvroute.replicas.kv_cache.prompt import PromptKeys
+from kvroute.replicas.request import Request, SamplingParams
+from kvroute.router.core import (
+    NoReplicaError,
+    Registration,
+    ReplicasBusyError,
+    Router,
+    RouterSettings,
+)
+from kvroute.router.policy import ReplicaLoad, SGLangLike, make_policy
 from tests.replicas.conftest import config, full
 
 ALGO, SEED = "sha256", "seed"

@@ -14,13 +14,13 @@ import msgspec
 import pytest
 import zmq
 
-from events.curve import CurveKeyPair
-from events.errors import MalformedKind
-from replicas.kv_cache.prompt import PromptKeys
-from router.core import Router
-from router.decisions import TOPIC, DecisionChannel, DecisionChannelConfig
-from router.peer import PeerDecision
-from router.policy import make_policy
+from kvroute.events.curve import CurveKeyPair
+from kvroute.events.errors import MalformedKind
+from kvroute.replicas.kv_cache.prompt import PromptKeys
+from kvroute.router.core import Router
+from kvroute.router.policy import make_policy
+from kvroute.router.tier.decisions import TOPIC, DecisionChannel, DecisionChannelConfig
+from kvroute.router.tier.peer import PeerDecision
 from tests.router.test_core import PROMPT, registration, settings
 
 pytestmark = pytest.mark.timeout(60)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from router.detokenize import TextAssembler
-from router.tokenizer import ByteTokenizer
+from kvroute.router.openai.detokenize import TextAssembler
+from kvroute.router.openai.tokenizer import ByteTokenizer
 
 DECODE = ByteTokenizer().decode
 

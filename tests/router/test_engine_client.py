@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from replicas.api import (
+from kvroute.replicas.api import (
     GenerateRequest,
     GenerateResult,
     InvalidRequestError,
@@ -19,8 +19,8 @@ from replicas.api import (
     SamplingOptions,
     StreamChunk,
 )
-from router.backends import ReplicaUnavailableError
-from router.engine_client import HttpEngine, completion_body, parse_load
+from kvroute.router.engines.backends import ReplicaUnavailableError
+from kvroute.router.engines.http_engine import HttpEngine, completion_body, parse_load
 from tests.replicas.serve_helpers import serve_replica, tiny_config
 from tests.replicas.test_serve_replica import free_port
 

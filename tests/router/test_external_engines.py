@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from events.curve import CurveKeyPair
-from router.config import Config, parse_config
-from router.service import RouterService
+from kvroute.events.curve import CurveKeyPair
+from kvroute.router.config import Config, parse_config
+from kvroute.router.service.router_service import RouterService
 from tests.replicas.serve_helpers import events_json, serve_replica, tiny_config
 from tests.replicas.test_serve_replica import free_port, post
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import aiohttp
 
-from router.http import HttpOptions, serve_http
+from kvroute.router.openai.http import HttpOptions, serve_http
 from tests.router.test_http_hardening import RefusingBackend
 
 DEADLINE_S = 5.0

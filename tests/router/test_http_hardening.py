@@ -12,9 +12,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replicas.api import InvalidRequestError
-from router.http import HttpOptions, build_app
-from router.protocol import parse_chat, parse_completions
+from kvroute.replicas.api import InvalidRequestError
+from kvroute.router.openai.http import HttpOptions, build_app
+from kvroute.router.openai.protocol import parse_chat, parse_completions
 
 
 class RefusingBackend:

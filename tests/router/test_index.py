@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from events.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
-from replicas.kv_cache.manager import KVCacheManager
-from replicas.kv_cache.specs import KVCacheSpec
-from replicas.request import (
+from kvroute.events.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+from kvroute.replicas.kv_cache.manager import KVCacheManager
+from kvroute.replicas.kv_cache.specs import KVCacheSpec
+from kvroute.replicas.request import (
     LoRARequest,
     MultiModalFeatureSpec,
     MultiModalKwargsItem,
@@ -15,7 +15,7 @@ from replicas.request import (
     Request,
     SamplingParams,
 )
-from router.index import KVIndex, event_hash
+from kvroute.router.index.kv_index import KVIndex, event_hash
 from tests.replicas.conftest import config, full, swa
 
 ALGO, SEED = "sha256", "seed"

@@ -27,12 +27,12 @@ import msgspec
 import pytest
 import torch
 
-from events.kv_events import KVEventBatch
-from replicas.kv_cache.manager import KVCacheManager
-from replicas.kv_cache.specs import KVCacheSpec, MLAAttentionSpec
-from replicas.kv_cache.utils import BlockHash, RequestBlockHasher, init_none_hash
-from replicas.request import LoRARequest, Request, SamplingParams
-from router.index import HashMode, KVIndex
+from kvroute.events.kv_events import KVEventBatch
+from kvroute.replicas.kv_cache.manager import KVCacheManager
+from kvroute.replicas.kv_cache.specs import KVCacheSpec, MLAAttentionSpec
+from kvroute.replicas.kv_cache.utils import BlockHash, RequestBlockHasher, init_none_hash
+from kvroute.replicas.request import LoRARequest, Request, SamplingParams
+from kvroute.router.index.kv_index import HashMode, KVIndex
 from tests.replicas.conftest import config, full, mamba, swa
 from tests.replicas.hit_oracle import brute_force_hit, cached_keys
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from events.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
-from replicas.kv_cache.manager import KVCacheManager
-from replicas.kv_cache.prompt import PromptKeys
-from replicas.kv_cache.utils import BlockHash, RequestBlockHasher
-from replicas.request import LoRARequest, Request, SamplingParams
-from router.index import KVIndex
+from kvroute.events.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+from kvroute.replicas.kv_cache.manager import KVCacheManager
+from kvroute.replicas.kv_cache.prompt import PromptKeys
+from kvroute.replicas.kv_cache.utils import BlockHash, RequestBlockHasher
+from kvroute.replicas.request import LoRARequest, Request, SamplingParams
+from kvroute.router.index.kv_index import KVIndex
 from tests.replicas.conftest import config, full, swa
 
 ALGO, ROUTER_SEED, ENGINE_SEED = "sha256", "router-seed", "engine-secret"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from replicas.api import ReplicaLoad
-from replicas.kv_cache.prompt import PromptKeys
-from router.core import Router
-from router.peer import DecisionOrigin, PeerDecision, PeerDecisionCodec
-from router.policy import make_policy
+from kvroute.replicas.api import ReplicaLoad
+from kvroute.replicas.kv_cache.prompt import PromptKeys
+from kvroute.router.core import Router
+from kvroute.router.policy import make_policy
+from kvroute.router.tier.peer import DecisionOrigin, PeerDecision, PeerDecisionCodec
 from tests.replicas.conftest import config, full, swa
 from tests.router.test_core import PROMPT, registration, serve, settings
 

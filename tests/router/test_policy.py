@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import pytest
 
-from replicas.kv_cache.utils import BlockHash
-from router.policy import (
+from kvroute.replicas.kv_cache.utils import BlockHash
+from kvroute.router.policy import (
     Candidate,
     CostWeights,
     KVAware,

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from events.hashing import get_hash_fn_by_name
-from events.kv_events import KVEventBatch
-from replicas.kv_cache.manager import KVCacheManager
-from replicas.kv_cache.utils import RequestBlockHasher
-from replicas.request import Request, SamplingParams
-from router.index import KVIndex
+from kvroute.events.hashing import get_hash_fn_by_name
+from kvroute.events.kv_events import KVEventBatch
+from kvroute.replicas.kv_cache.manager import KVCacheManager
+from kvroute.replicas.kv_cache.utils import RequestBlockHasher
+from kvroute.replicas.request import Request, SamplingParams
+from kvroute.router.index.kv_index import KVIndex
 from tests.replicas.conftest import config, full
 
 ALGO, SEED = "sha256", "seed"

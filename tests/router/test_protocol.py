@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from replicas.api import InvalidRequestError, SamplingOptions
-from router.http import build_app
-from router.protocol import (
+from kvroute.replicas.api import InvalidRequestError, SamplingOptions
+from kvroute.router.openai.http import build_app
+from kvroute.router.openai.protocol import (
     CompletionInput,
     GenerationParams,
     parse_chat,

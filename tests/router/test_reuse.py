@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.reuse import ReuseTracker
+from kvroute.router.reuse import ReuseTracker
 
 
 def test_a_first_prompt_has_no_reuse_and_its_repeat_is_fully_reused() -> None:

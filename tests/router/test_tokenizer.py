@@ -8,9 +8,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from replicas.model.config import ModelArch
-from replicas.model.weights import load_tokenizer as load_checkpoint_tokenizer
-from router.tokenizer import ByteTokenizer, HFTokenizer, tokenizer_file
+from kvroute.replicas.model.config import ModelArch
+from kvroute.replicas.model.weights import load_tokenizer as load_checkpoint_tokenizer
+from kvroute.router.openai.tokenizer import ByteTokenizer, HFTokenizer, tokenizer_file
 
 ARCH = ModelArch(
     vocab_size=300,

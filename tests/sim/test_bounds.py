@@ -9,9 +9,13 @@ from collections import OrderedDict
 
 import pytest
 
-from benchmarks.sim.bounds import belady_hit_rate, infinite_cache_hit_rate, pooled_lru_hit_rate
-from benchmarks.sim.traces import load_mooncake
-from benchmarks.sim.workload import (
+from kvroute.benchmarks.sim.bounds import (
+    belady_hit_rate,
+    infinite_cache_hit_rate,
+    pooled_lru_hit_rate,
+)
+from kvroute.benchmarks.sim.traces import load_mooncake
+from kvroute.benchmarks.sim.workload import (
     ContentBlock,
     LiteralTokens,
     PromptSpec,

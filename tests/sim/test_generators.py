@@ -7,13 +7,13 @@ from collections.abc import Callable
 
 import pytest
 
-from benchmarks.sim.generators import (
+from kvroute.benchmarks.sim.generators import (
     agentic_tool_loops,
     generated_shared_prefix,
     multi_tenant,
     multi_turn_chat,
 )
-from benchmarks.sim.workload import ContentBlock, Workload, block_keys
+from kvroute.benchmarks.sim.workload import ContentBlock, Workload, block_keys
 
 BLOCK = 16
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.sim.metrics import summarize
-from benchmarks.sim.simulator import SimConfig, SimResult, Simulator
-from benchmarks.sim.workload import ContentBlock, PromptSpec, SimRequest, Workload
-from replicas.config import (
+from kvroute.benchmarks.sim.metrics import summarize
+from kvroute.benchmarks.sim.simulator import SimConfig, SimResult, Simulator
+from kvroute.benchmarks.sim.workload import ContentBlock, PromptSpec, SimRequest, Workload
+from kvroute.replicas.config import (
     CostConfig,
     EventsConfig,
     GroupConfig,

@@ -6,9 +6,9 @@ import hashlib
 
 import pytest
 
-from benchmarks.sim.generators import multi_tenant, multi_turn_chat
-from benchmarks.sim.simulator import SimConfig, SimResult, Simulator
-from benchmarks.sim.workload import ContentBlock, PromptSpec, SimRequest, Workload
+from kvroute.benchmarks.sim.generators import multi_tenant, multi_turn_chat
+from kvroute.benchmarks.sim.simulator import SimConfig, SimResult, Simulator
+from kvroute.benchmarks.sim.workload import ContentBlock, PromptSpec, SimRequest, Workload
 from tests.sim.test_simulator import SETTINGS
 
 QUEUE_WEIGHT = {"weights": {"queue_weight": 0.15}}

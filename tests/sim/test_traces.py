@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.sim.traces import TRACE_DIR, load_mooncake, trace_path
-from benchmarks.sim.workload import ContentBlock
+from kvroute.benchmarks.sim.traces import TRACE_DIR, load_mooncake, trace_path
+from kvroute.benchmarks.sim.workload import ContentBlock
 
 RECORDS = [
     {"timestamp": 0, "input_length": 1000, "output_length": 10, "hash_ids": [0, 1]},
@@ -129,7 +129,7 @@ def test_real_conversation_trace_has_12031_requests_and_its_first_record() -> No
 def test_missing_named_trace_error_names_the_traces_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("benchmarks.sim.traces.TRACE_DIR", tmp_path)
+    monkeypatch.setattr("kvroute.benchmarks.sim.traces.TRACE_DIR", tmp_path)
     with pytest.raises(
         FileNotFoundError, match=f"looked for {tmp_path}/conversation_trace.jsonl.gz"
     ):

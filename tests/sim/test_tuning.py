@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.eviction import gap_closed
-from benchmarks.sim.config import load_bench_config
-from benchmarks.tuning import variant_config
+from kvroute.benchmarks.eviction import gap_closed
+from kvroute.benchmarks.sim.config import load_bench_config
+from kvroute.benchmarks.tuning import variant_config
 
 BENCH = load_bench_config(Path(__file__).resolve().parents[2] / "configs" / "bench.yaml")
 
@@ -38,8 +38,8 @@ def test_gap_closed_is_the_share_of_the_lru_to_belady_span() -> None:
 
 
 def test_a_replica_count_override_is_what_the_report_header_says() -> None:
-    from benchmarks.sim.config import load_bench_config
-    from configs import CONFIG_DIR
+    from kvroute.benchmarks.sim.config import load_bench_config
+    from kvroute.configs import CONFIG_DIR
 
     config = load_bench_config(CONFIG_DIR / "bench.yaml").with_replicas(4)
     assert config.describe().startswith("4 replicas x ")

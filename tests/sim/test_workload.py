@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from benchmarks.sim.workload import (
+from kvroute.benchmarks.sim.workload import (
     ContentBlock,
     LiteralTokens,
     PromptSpec,

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from replicas.clock import VirtualClock
-from replicas.config import (
+from kvroute.replicas.clock import VirtualClock
+from kvroute.replicas.config import (
     EventsConfig,
     GroupConfig,
     HashingConfig,
@@ -17,12 +17,12 @@ from replicas.config import (
     ReplicasConfig,
     ReplicaSettings,
 )
-from replicas.engine import Engine, RequestOutput
-from replicas.executor import ScheduledRequest
-from replicas.executor_torch import TorchExecutor
-from replicas.factory import build_engine
-from replicas.model.attention import DenseAttention
-from replicas.request import SamplingParams
+from kvroute.replicas.engine import Engine, RequestOutput
+from kvroute.replicas.executor import ScheduledRequest
+from kvroute.replicas.executor_torch import TorchExecutor
+from kvroute.replicas.factory import build_engine
+from kvroute.replicas.model.attention import DenseAttention
+from kvroute.replicas.request import SamplingParams
 
 VOCAB = 96
 BLOCK = 4

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from events.kv_events import BlockRemoved
-from replicas.clock import VirtualClock
-from replicas.factory import build_engine
-from replicas.request import SamplingParams
+from kvroute.events.kv_events import BlockRemoved
+from kvroute.replicas.clock import VirtualClock
+from kvroute.replicas.factory import build_engine
+from kvroute.replicas.request import SamplingParams
 from tests.replicas.model.helpers import Recorder, settings, tokens
 
 # Pools small enough that decoding requests preempt each other and finished

@@ -5,11 +5,11 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from replicas.executor import SimulatedExecutor
-from replicas.executor_torch import TorchExecutor
-from replicas.factory import build_kv_cache_config
-from replicas.request import SamplingParams
-from router.config import ConfigError, parse_config
+from kvroute.replicas.executor import SimulatedExecutor
+from kvroute.replicas.executor_torch import TorchExecutor
+from kvroute.replicas.factory import build_kv_cache_config
+from kvroute.replicas.request import SamplingParams
+from kvroute.router.config import ConfigError, parse_config
 from tests.replicas.model.helpers import engine, executor, settings
 
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from replicas.engine import Engine
-from replicas.model.attention import SeqSpan, build_metadata
+from kvroute.replicas.engine import Engine
+from kvroute.replicas.model.attention import SeqSpan, build_metadata
 from tests.replicas.model.helpers import (
     BLOCK,
     GREEDY,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from replicas.model.sampling import Sampler, _top_k_top_p
-from replicas.request import SamplingParams
+from kvroute.replicas.model.sampling import Sampler, _top_k_top_p
+from kvroute.replicas.request import SamplingParams
 from tests.replicas.model.helpers import engine, run, settings, tokens
 
 SEEDED = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, top_k=40, seed=1234)

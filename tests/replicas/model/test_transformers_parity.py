@@ -12,7 +12,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from replicas.model.weights import save_checkpoint
+from kvroute.replicas.model.weights import save_checkpoint
 from tests.replicas.model.helpers import dense_logits, engine, executor, settings, tokens
 
 

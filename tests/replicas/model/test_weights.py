@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from replicas.config import ReplicaSettings
-from replicas.model.config import ModelLoadError
-from replicas.model.weights import save_checkpoint
-from replicas.request import SamplingParams
+from kvroute.replicas.config import ReplicaSettings
+from kvroute.replicas.model.config import ModelLoadError
+from kvroute.replicas.model.weights import save_checkpoint
+from kvroute.replicas.request import SamplingParams
 from tests.replicas.model.helpers import (
     VOCAB,
     dense_logits,

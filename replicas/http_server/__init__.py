@@ -1,0 +1,1 @@
+"""One replica as a vLLM-shaped HTTP server (`kvroute serve-replica`), without Ray."""

@@ -1,0 +1,1 @@
+"""The application around the router: config loading, launch, CLI, client and reports."""

@@ -1,0 +1,261 @@
+"""An external engine as a `Backend`: vLLM's OpenAI-compatible HTTP API.
+
+The router sends the prompt as the token ids it hashed (`/v1/completions` with a
+token-id prompt), so the engine caches exactly the blocks the router predicted
+whatever chat template or tokenizer settings the engine has, and asks for the
+output's token ids back (`return_token_ids`, vLLM 0.10.2+) and for usage with
+`prompt_tokens_details.cached_tokens` (vLLM's `--enable-prompt-tokens-details`).
+Each upstream SSE event becomes one `StreamChunk` as it arrives.
+
+Failures before the first byte of a 200 (connection refused or reset, a 5xx)
+are `ReplicaUnavailableError`, which the service retries elsewhere; a 4xx is
+the request's fault (`InvalidRequestError`, with the engine's message). Closing
+the stream closes the upstream connection, which makes vLLM abort the request.
+Load comes from the engine's Prometheus `/metrics` (vLLM's and SGLang's names).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import msgspec
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvroute.replicas.api import (
+    GenerateRequest,
+    GenerateResult,
+    InvalidRequestError,
+    ReplicaLoad,
+    Snapshot,
+    StreamChunk,
+)
+from kvroute.router.engines.backends import ReplicaUnavailableError
+
+# Prometheus sample name -> ReplicaLoad field, for vLLM and SGLang.
+LOAD_METRICS = {
+    "vllm:num_requests_running": "running_seqs",
+    "vllm:num_requests_waiting": "waiting_seqs",
+    "vllm:kv_cache_usage_perc": "kv_usage",
+    "vllm:gpu_cache_usage_perc": "kv_usage",
+    "sglang:num_running_reqs": "running_seqs",
+    "sglang:num_queue_reqs": "waiting_seqs",
+    "sglang:token_usage": "kv_usage",
+}
+
+
+def completion_body(request: GenerateRequest, model: str) -> dict[str, Any]:
+    """The `/v1/completions` body that runs `request` on a vLLM server."""
+    sampling = request.sampling
+    body: dict[str, Any] = {
+        "model": request.lora_name or model,
+        "prompt": request.prompt_token_ids,
+        "max_tokens": request.max_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "return_token_ids": True,
+    }
+    if sampling.top_k:
+        body["top_k"] = sampling.top_k
+    if sampling.seed is not None:
+        body["seed"] = sampling.seed
+    if sampling.stop_token_ids:
+        body["stop_token_ids"] = list(sampling.stop_token_ids)
+    if sampling.ignore_eos:
+        body["ignore_eos"] = True
+    if request.cache_salt is not None:
+        body["cache_salt"] = request.cache_salt
+    return body
+
+
+def parse_load(text: str) -> ReplicaLoad:
+    """A ReplicaLoad from a Prometheus exposition (sums over an engine's label sets)."""
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            field = LOAD_METRICS.get(sample.name)
+            if field is not None:
+                values[field] = values.get(field, 0.0) + sample.value
+    return ReplicaLoad(
+        running_seqs=int(values.get("running_seqs", 0)),
+        waiting_seqs=int(values.get("waiting_seqs", 0)),
+        kv_usage=float(values.get("kv_usage", 0.0)),
+    )
+
+
+class _Usage:
+    """What the stream reported so far."""
+
+    def __init__(self, num_prompt_tokens: int) -> None:
+        self.prompt_tokens = num_prompt_tokens
+        self.cached_tokens = 0
+        self.finish_reason: str | None = None
+        self.output: list[int] = []
+
+
+class HttpEngine:
+    """One external engine at `base_url`, through a shared, bounded session."""
+
+    def __init__(
+        self, name: str, base_url: str, model: str, session: aiohttp.ClientSession
+    ) -> None:
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.session = session
+        self._open: dict[str, aiohttp.ClientResponse] = {}
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        result = None
+        async for item in self.generate_stream(request):
+            result = item
+        assert isinstance(result, GenerateResult)
+        return result
+
+    async def generate_stream(
+        self, request: GenerateRequest
+    ) -> AsyncIterator[StreamChunk | GenerateResult]:
+        started = time.perf_counter()
+        first_token_s: float | None = None
+        response = await self._post(request)
+        self._open[request.request_id] = response
+        usage = _Usage(len(request.prompt_token_ids))
+        try:
+            async for event in _sse_events(response, self.name):
+                new_tokens = self._absorb(event, usage)
+                if new_tokens:
+                    if first_token_s is None:
+                        first_token_s = time.perf_counter() - started
+                    yield StreamChunk(
+                        request.request_id, new_tokens, usage.prompt_tokens, usage.cached_tokens
+                    )
+        finally:
+            self._open.pop(request.request_id, None)
+            response.close()
+        latency = time.perf_counter() - started
+        yield GenerateResult(
+            request_id=request.request_id,
+            replica_id=self.name,
+            output_token_ids=usage.output,
+            finish_reason=usage.finish_reason,
+            num_prompt_tokens=usage.prompt_tokens,
+            num_cached_tokens=usage.cached_tokens,
+            queue_s=0.0,
+            ttft_s=first_token_s if first_token_s is not None else latency,
+            latency_s=latency,
+        )
+
+    async def _post(self, request: GenerateRequest) -> aiohttp.ClientResponse:
+        url = f"{self.base_url}/v1/completions"
+        try:
+            response = await self.session.post(
+                url,
+                json=completion_body(request, self.model),
+                headers={"X-Request-Id": request.request_id},
+            )
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ReplicaUnavailableError(f"engine {self.name} unreachable: {exc}") from None
+        if response.status == 200:
+            return response
+        detail = await _error_message(response)
+        response.close()
+        if response.status >= 500 or response.status == 429:
+            status = response.status
+            raise ReplicaUnavailableError(f"engine {self.name} answered {status}: {detail}")
+        raise InvalidRequestError(f"engine {self.name} refused the request: {detail}")
+
+    @staticmethod
+    def _absorb(event: dict[str, Any], usage: _Usage) -> list[int]:
+        """Take one SSE event's tokens and usage; returns the new token ids."""
+        reported = event.get("usage")
+        if isinstance(reported, dict):
+            usage.prompt_tokens = int(reported.get("prompt_tokens", usage.prompt_tokens))
+            details = reported.get("prompt_tokens_details") or {}
+            usage.cached_tokens = int(details.get("cached_tokens") or 0)
+        new_tokens: list[int] = []
+        for choice in event.get("choices") or ():
+            new_tokens.extend(choice.get("token_ids") or ())
+            if choice.get("finish_reason") is not None:
+                usage.finish_reason = choice["finish_reason"]
+        usage.output.extend(new_tokens)
+        return new_tokens
+
+    def abort(self, request_id: str) -> None:
+        """Close the request's connection: vLLM aborts a request whose client left."""
+        response = self._open.pop(request_id, None)
+        if response is not None:
+            response.close()
+
+    async def load(self) -> ReplicaLoad:
+        try:
+            async with self.session.get(f"{self.base_url}/metrics") as response:
+                if response.status != 200:
+                    raise ReplicaUnavailableError(f"engine {self.name} /metrics: {response.status}")
+                text = await response.text()
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ReplicaUnavailableError(f"engine {self.name} unreachable: {exc}") from None
+        return parse_load(text)
+
+    async def healthy(self) -> bool:
+        """Does the engine's `/health` answer 200?"""
+        try:
+            async with self.session.get(f"{self.base_url}/health") as response:
+                return response.status == 200
+        except (aiohttp.ClientError, OSError):
+            return False
+
+    async def reset_prefix_cache(self) -> bool:
+        """vLLM's `POST /reset_prefix_cache` (a dev-mode endpoint there)."""
+        try:
+            async with self.session.post(f"{self.base_url}/reset_prefix_cache") as response:
+                return response.status == 200
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ReplicaUnavailableError(f"engine {self.name} unreachable: {exc}") from None
+
+    async def snapshot(self) -> Snapshot | None:
+        """vLLM has no snapshot: the index is rebuilt from the events that follow."""
+        return None
+
+    async def close(self) -> None:
+        for response in self._open.values():
+            response.close()
+        self._open.clear()
+
+
+async def _error_message(response: aiohttp.ClientResponse) -> str:
+    """The engine's error message (OpenAI's error shape), or its status text."""
+    try:
+        body = await response.json(content_type=None)
+        message = body.get("error", {}).get("message") if isinstance(body, dict) else None
+        if isinstance(body, dict) and message is None:
+            message = body.get("message")
+    except (aiohttp.ClientError, ValueError):
+        message = None
+    return str(message or response.reason or response.status)[:500]
+
+
+async def _sse_events(response: aiohttp.ClientResponse, name: str) -> AsyncIterator[dict[str, Any]]:
+    """Each `data:` event of an SSE body as JSON, until `[DONE]`."""
+    try:
+        async for raw in response.content:
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                return
+            try:
+                event = msgspec.json.decode(data)
+            except msgspec.DecodeError:
+                raise ReplicaUnavailableError(f"engine {name} sent malformed JSON") from None
+            if isinstance(event, dict) and "error" in event:
+                raise ReplicaUnavailableError(f"engine {name} failed mid-stream: {event['error']}")
+            if isinstance(event, dict):
+                yield event
+    except (aiohttp.ClientError, OSError) as exc:
+        raise ReplicaUnavailableError(f"engine {name} dropped the stream: {exc}") from None
+    raise ReplicaUnavailableError(f"engine {name} ended the stream without [DONE]")

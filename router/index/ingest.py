@@ -1,0 +1,224 @@
+"""Event ingest: KV event batches applied to the index's confirmed block tables.
+
+Each group's consecutive events of one kind become one table call (groups are
+independent, so interleaved groups still batch); a malformed event is dropped
+alone and counted.
+
+Invariants:
+- A bit is set iff the replica caches that (hash, group) at least once; the
+  rare second copy of a hash on one replica is counted in `_extra_copies`, so
+  a BlockRemoved of one copy does not clear the bit.
+- An event of a group the registration does not know, or whose kind or block
+  size disagrees with it, is counted and dropped without touching the index.
+- A BlockStored or BlockRemoved settles any prediction of the same block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from kvroute.events.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+from kvroute.router.index.block_table import BlockTable
+from kvroute.router.index.predictions import Predictions
+from kvroute.router.index.registry import ReplicaEntry
+from kvroute.router.index.stats import IndexStats
+
+UINT64_MAX = (1 << 64) - 1
+_INT_ONLY = frozenset({int})
+
+
+def event_hash(block_hash: bytes) -> int:
+    """The event form of an engine hash: its last 8 bytes, big-endian."""
+    return int.from_bytes(block_hash[-8:], "big")
+
+
+def event_keys(block_hashes: Sequence[bytes]) -> np.ndarray:
+    """`event_hash` of every hash, as uint64. The index's hashes all come from
+    one hash function, whose digests share a width, so one strided view of the
+    joined bytes reads every key."""
+    count = len(block_hashes)
+    if not count:
+        return np.empty(0, np.uint64)
+    width = len(block_hashes[0])
+    joined = b"".join(block_hashes)
+    if width >= 8 and len(joined) == width * count:
+        return np.ndarray((count,), ">u8", joined, width - 8, (width,)).astype(np.uint64)
+    return np.array([event_hash(h) for h in block_hashes], np.uint64)
+
+
+class _EventRun:
+    """Keys of consecutive events of one kind and group, and each event's count."""
+
+    __slots__ = ("keys", "kind", "sizes")
+
+    def __init__(self, kind: type) -> None:
+        self.kind = kind
+        self.keys: list[int] = []
+        self.sizes: list[int] = []
+
+
+class EventIngest:
+    def __init__(
+        self, confirmed: list[BlockTable], predictions: Predictions, stats: IndexStats
+    ) -> None:
+        self.confirmed = confirmed
+        self.predictions = predictions
+        self.stats = stats
+        # (bit, group) -> key -> copies beyond the first
+        self._extra_copies: dict[tuple[int, int], dict[int, int]] = {}
+
+    def apply(self, entry: ReplicaEntry, batch: KVEventBatch) -> None:
+        """Apply one registered replica's batch, in order."""
+        self.stats.batches += 1
+        # Runs of different groups touch different tables, so they commute.
+        runs: dict[int, _EventRun] = {}
+        for event in batch.events:
+            kind = type(event)
+            if kind is BlockStored or kind is BlockRemoved:
+                group = self._group_of(entry, event)
+                if group is None:
+                    continue
+                keys = event.block_hashes
+                # Ints are range-checked when the run becomes an array.
+                if not _INT_ONLY.issuperset(map(type, keys)):
+                    keys = self._keys(keys)
+                    if keys is None:
+                        continue
+                run = runs.get(group)
+                if run is None or run.kind is not kind:
+                    if run is not None:
+                        self._flush(entry.bit, group, run)
+                    run = runs[group] = _EventRun(kind)
+                run.keys.extend(keys)
+                run.sizes.append(len(keys))
+            elif kind is AllBlocksCleared:
+                self._flush_all(entry.bit, runs)
+                self.stats.cleared += 1
+                self.clear(entry.bit)
+        self._flush_all(entry.bit, runs)
+
+    def clear(self, bit: int) -> None:
+        """Forget every confirmed block of `bit`: a compiled sweep, O(index size),
+        acceptable for clears, deaths and resyncs."""
+        for table in self.confirmed:
+            table.clear_bit(bit)
+        for dup in [k for k in self._extra_copies if k[0] == bit]:
+            del self._extra_copies[dup]
+
+    def _flush_all(self, bit: int, runs: dict[int, _EventRun]) -> None:
+        for group, run in runs.items():
+            self._flush(bit, group, run)
+        runs.clear()
+
+    def _flush(self, bit: int, group: int, run: _EventRun) -> None:
+        try:
+            batch = np.array(run.keys, np.uint64)
+        except OverflowError:
+            batch = np.array(self._in_range(run), np.uint64)
+        if run.kind is BlockStored:
+            self._store(bit, group, batch)
+        else:
+            self._remove(bit, group, batch)
+
+    def _in_range(self, run: _EventRun) -> list[int]:
+        """The run's keys without the events holding an int outside uint64."""
+        keys: list[int] = []
+        start = 0
+        for size in run.sizes:
+            event_keys = self._keys(run.keys[start : start + size])
+            if event_keys is not None:
+                keys.extend(event_keys)
+            start += size
+        return keys
+
+    def _group_of(self, entry: ReplicaEntry, event: BlockStored | BlockRemoved) -> int | None:
+        group = event.group_idx
+        log_once = self.stats.log_once
+        if group is None:
+            if len(entry.group_kinds) != 1:
+                self.stats.unknown_group += 1
+                log_once(
+                    "no_group", "dropping an untagged event of hybrid replica %r", entry.replica_id
+                )
+                return None
+            group = 0
+        if not 0 <= group < len(entry.group_kinds):
+            self.stats.unknown_group += 1
+            log_once(
+                "unknown_group",
+                "dropping events of group %s unknown to replica %r",
+                group,
+                entry.replica_id,
+            )
+            return None
+        if type(event) is BlockStored and (
+            (
+                event.kv_cache_spec_kind is not None
+                and event.kv_cache_spec_kind != entry.group_kinds[group]
+            )
+            or event.block_size != entry.group_block_sizes[group]
+        ):
+            self.stats.mismatched_group += 1
+            log_once(
+                "mismatched_group",
+                "dropping BlockStored for group %s of %r: kind %r / block size %s do not match "
+                "the registration (%r / %s)",
+                group,
+                entry.replica_id,
+                event.kv_cache_spec_kind,
+                event.block_size,
+                entry.group_kinds[group],
+                entry.group_block_sizes[group],
+            )
+            return None
+        return group
+
+    def _keys(self, block_hashes: Sequence[int | bytes]) -> list[int] | None:
+        """The event's keys, or None (counted) if any hash is malformed."""
+        keys = []
+        for h in block_hashes:
+            if type(h) is int and 0 <= h <= UINT64_MAX:
+                keys.append(h)
+            elif isinstance(h, bytes) and h:
+                keys.append(event_hash(h))
+            else:
+                self.stats.bad_hash += 1
+                self.stats.log_once(
+                    "bad_hash", "dropping an event with a malformed block hash %r", h
+                )
+                return None
+        return keys
+
+    def _store(self, bit: int, group: int, batch: np.ndarray) -> None:
+        self.stats.predictions_confirmed += self.predictions.settle(group, batch, bit)
+        held = self.confirmed[group].store(batch, bit)
+        if held.size:
+            extra = self._extra_copies.setdefault((bit, group), {})
+            for key in held.tolist():
+                extra[key] = extra.get(key, 0) + 1
+        self.stats.stored_blocks += batch.size
+
+    def _remove(self, bit: int, group: int, batch: np.ndarray) -> None:
+        removed = batch.size
+        self.predictions.settle(group, batch, bit)
+        extra = self._extra_copies.get((bit, group))
+        if extra:
+            # A removed second copy leaves the bit set. Copies only go down
+            # within a run, so deciding them before the table call is exact.
+            single = []
+            for key in batch.tolist():
+                copies = extra.get(key)
+                if copies is None:
+                    single.append(key)
+                elif copies == 1:
+                    del extra[key]
+                else:
+                    extra[key] = copies - 1
+            if not extra:
+                del self._extra_copies[(bit, group)]
+            batch = np.array(single, np.uint64)
+        cleared = self.confirmed[group].discard(batch, bit)
+        self.stats.removed_unknown += batch.size - cleared
+        self.stats.removed_blocks += removed

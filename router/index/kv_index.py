@@ -1,0 +1,287 @@
+"""The router's global block index, and exact per-replica hit prediction.
+
+Layout: one `BlockTable` per KV cache group index, mapping a block's event
+hash (the low 64 bits of the engine's hash, as BlockStored carries it) to a
+bitmask of the replicas holding it: a compact open-addressing table of uint64
+keys and mask words (8 B per 64 replicas) whose probe loops are compiled by
+numba. A lookup is one probe per (block, group) no matter how many replicas
+exist; replicas are bits. `KVIndex` composes three parts, each with its own
+invariants: the replica registry (`index_registry.py`), event ingest
+(`index_ingest.py`) and predicted entries (`index_predictions.py`).
+
+`predict` scans a prompt's keys in one call per prefix-closed group, stopping
+where no replica holds the prefix any more, and runs the replica's own hit rules
+(`PrefixHitFinder`) against a view of the tables, so a prediction equals the
+replica's `get_computed_blocks`.
+
+Prompts come as `PromptKeys`, `HashedPrompt` or anything else with a
+`hashed_prompt(hasher)` method (a replica's `Request` has one): the index hashes
+a prompt at most once per hash block size, and reuses hashes that were made
+with its own function, seed and block size.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Literal
+
+import numpy as np
+
+from kvroute.events.hashing import get_hash_fn_by_name
+from kvroute.events.kv_events import KVEventBatch
+from kvroute.replicas.kv_cache.prompt import HashedPrompt, PromptSource
+from kvroute.replicas.kv_cache.specs import KVCacheConfig
+from kvroute.replicas.kv_cache.utils import BlockHash, RequestBlockHasher
+from kvroute.router.index.block_table import BlockTable, warm_up
+from kvroute.router.index.ingest import EventIngest, event_hash, event_keys
+from kvroute.router.index.predictions import Predictions
+from kvroute.router.index.registry import ReplicaEntry, ReplicaRegistry
+from kvroute.router.index.rekey import Rekeyer
+from kvroute.router.index.stats import IndexStats
+from kvroute.router.index.view import PromptMasks, ReplicaView
+
+__all__ = ["HashMode", "IndexStats", "KVIndex", "ReplicaEntry", "event_hash", "event_keys"]
+
+# How a replica's event keys relate to the router's: "seeded" when the replica
+# hashes with the router's function and seed (checked at registration), "tokens"
+# when the router re-keys each stored block from its token ids (`index_rekey.py`).
+HashMode = Literal["seeded", "tokens"]
+
+
+class KVIndex:
+    """Which replica caches which block, for every registered replica."""
+
+    def __init__(
+        self,
+        hash_algo: str,
+        hash_seed: str,
+        *,
+        prediction_ttl_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if hash_seed is None or hash_seed == "":
+            raise ValueError("the index needs a fixed hash_seed; a random seed cannot match")
+        self.hash_algo = hash_algo
+        self.hash_seed = hash_seed
+        self.hash_fn = get_hash_fn_by_name(hash_algo)
+        self.none_hash = BlockHash(self.hash_fn(hash_seed))
+        warm_up()
+        self.prediction_ttl_s = prediction_ttl_s
+        self.clock = clock
+        self.stats = IndexStats()
+        self._registry = ReplicaRegistry(hash_algo, hash_seed)
+        self._groups: list[BlockTable] = []
+        self._predictions = Predictions(self._groups, self.stats, prediction_ttl_s, clock)
+        self._ingest = EventIngest(self._groups, self._predictions, self.stats)
+        self._hashers: dict[int, RequestBlockHasher] = {}
+        self._rekeyers: dict[str, Rekeyer] = {}
+
+    # ---------------------------------------------------------------- replicas
+
+    def register(
+        self,
+        replica_id: str,
+        kv_cache_config: KVCacheConfig,
+        *,
+        hash_block_size: int,
+        scheduler_block_size: int | None = None,
+        use_eagle: bool = False,
+        hash_algo: str | None = None,
+        hash_seed: str | None = None,
+        prefix_cache_retention_interval: int | None = None,
+        hash_mode: HashMode = "seeded",
+    ) -> None:
+        """Admit a replica. Refused if its id is taken or, in "seeded" mode, if its
+        hash settings differ from the index's; in "tokens" mode the index re-keys
+        its blocks and ignores its hash settings. The retention interval changes
+        which blocks a replica caches, not how it looks them up; only re-keying
+        needs to know it."""
+        if hash_mode == "tokens":
+            if prefix_cache_retention_interval is not None:
+                raise ValueError(
+                    f"replica {replica_id!r}: a retention interval makes which blocks it stores "
+                    "depend on each prompt's length, which its events do not carry, so they "
+                    "cannot be re-keyed; register it in seeded mode"
+                )
+            hash_algo, hash_seed = self.hash_algo, self.hash_seed
+        elif hash_algo is None or hash_seed is None:
+            raise ValueError(f"replica {replica_id!r}: seeded mode needs hash_algo and hash_seed")
+        entry = self._registry.admit(
+            replica_id,
+            kv_cache_config,
+            hash_block_size=hash_block_size,
+            scheduler_block_size=scheduler_block_size,
+            use_eagle=use_eagle,
+            hash_algo=hash_algo,
+            hash_seed=hash_seed,
+        )
+        if hash_mode == "tokens":
+            self._rekeyers[replica_id] = Rekeyer(entry, self.hash_fn, self.none_hash, self.stats)
+        num_groups = len(kv_cache_config.kv_cache_groups)
+        while len(self._groups) < num_groups:
+            self._groups.append(BlockTable())
+        self._predictions.grow(num_groups)
+
+    def remove(self, replica_id: str) -> None:
+        """Forget a replica and everything it held (e.g. it died)."""
+        bit = self._registry.release(replica_id).bit
+        self._rekeyers.pop(replica_id, None)
+        self._ingest.clear(bit)
+        self._predictions.clear_bit(bit)
+
+    def reset(self, replica_id: str) -> None:
+        """Forget a replica's confirmed blocks but keep it registered (before a
+        resync). Its predictions stay: they describe requests still in flight."""
+        self._ingest.clear(self._registry.require(replica_id).bit)
+        rekeyer = self._rekeyers.get(replica_id)
+        if rekeyer is not None:
+            rekeyer.clear()
+
+    @property
+    def replica_ids(self) -> list[str]:
+        return list(self._registry.entries)
+
+    def replica(self, replica_id: str) -> ReplicaEntry:
+        return self._registry.require(replica_id)
+
+    def __len__(self) -> int:
+        """Number of indexed (hash, group) entries, predictions excluded."""
+        return sum(len(t) for t in self._groups)
+
+    def replica_block_count(self, replica_id: str) -> int:
+        """Indexed (hash, group) entries held by one replica."""
+        bit = self._registry.require(replica_id).bit
+        return sum(t.count_bit(bit) for t in self._groups)
+
+    # ------------------------------------------------------------------ events
+
+    def apply(self, replica_id: str, batch: KVEventBatch) -> None:
+        """Apply one replica's batch, in order. Events the index cannot map (an
+        unknown replica, group, or a group whose kind or block size disagrees
+        with the registration) are counted and dropped without touching it."""
+        entry = self._registry.entries.get(replica_id)
+        if entry is None:
+            self.stats.unknown_replica += 1
+            self.stats.log_once(
+                "unknown_replica", "dropping events of unknown replica %r", replica_id
+            )
+            return
+        rekeyer = self._rekeyers.get(replica_id)
+        if rekeyer is not None:
+            batch = rekeyer.rekey(batch)
+        self._ingest.apply(entry, batch)
+
+    # ------------------------------------------------------------- prediction
+
+    def hasher(self, hash_block_size: int) -> RequestBlockHasher:
+        """A request hasher with the index's function and seed."""
+        hasher = self._hashers.get(hash_block_size)
+        if hasher is None:
+            hasher = RequestBlockHasher(hash_block_size, self.hash_fn, self.none_hash)
+            self._hashers[hash_block_size] = hasher
+        return hasher
+
+    def hashed(self, prompt: PromptSource, hash_block_size: int) -> HashedPrompt:
+        """The prompt's hashes at `hash_block_size` with the index's function and seed,
+        reusing the prompt's own when they are the same."""
+        return prompt.hashed_prompt(self.hasher(hash_block_size))
+
+    def predict(self, prompt: PromptSource, include_predicted: bool = False) -> dict[str, int]:
+        """Per replica, the prompt tokens its `get_computed_blocks` would report as
+        computed, given its cache as known from the events applied so far (plus
+        unexpired predictions when `include_predicted`)."""
+        registry = self._registry
+        if not registry.entries:
+            return {}
+        if include_predicted:
+            self._predictions.expire()
+        result = registry.zeros.copy()
+        extra = self._predictions.tables if include_predicted else None
+        hashed: dict[int, tuple[HashedPrompt, np.ndarray]] = {}
+        by_bit = registry.by_bit
+        for entries in registry.by_signature.values():
+            first = entries[0]
+            cached = hashed.get(first.hash_block_size)
+            if cached is None:
+                prompt_hashes = self.hashed(prompt, first.hash_block_size)
+                keys = event_keys(prompt_hashes.block_hashes)
+                cached = hashed[first.hash_block_size] = (prompt_hashes, keys)
+            prompt_hashes, keys = cached
+            max_length = prompt_hashes.num_tokens - 1
+            if max_length <= 0 or prompt_hashes.skip_prefix_cache:
+                return result
+            masks = PromptMasks(self._groups, extra, keys, first.group_scales)
+            candidates = masks.candidates(first.finder, max_length)
+            # Visit only the candidates' bits: replicas holding nothing cost nothing.
+            while candidates > 0:
+                low = candidates & -candidates
+                candidates ^= low
+                entry = by_bit.get(low.bit_length() - 1)
+                if entry is None or entry.signature != first.signature:
+                    continue
+                view = ReplicaView(masks, entry.bit)
+                _, hit = first.finder.find_longest_cache_hit(
+                    view, prompt_hashes.block_hashes, max_length
+                )
+                result[entry.replica_id] = hit
+        return result
+
+    # ------------------------------------------------------------ predictions
+
+    def _group_keys(
+        self, entry: ReplicaEntry, prompt: PromptSource
+    ) -> list[tuple[int, np.ndarray]]:
+        """(group, event keys of the prompt's blocks in that group) for each group."""
+        return _by_group(entry, event_keys(self.hashed(prompt, entry.hash_block_size).block_hashes))
+
+    def add_prediction(self, replica_id: str, prompt: PromptSource) -> int:
+        """Record that `replica_id` will cache this prompt's blocks (they are
+        treated as held until confirmed, removed, failed or expired). Returns
+        the number of (hash, group) entries predicted."""
+        entry = self._registry.require(replica_id)
+        return self._predictions.add(entry.bit, self._group_keys(entry, prompt))
+
+    def drop_predictions(self, replica_id: str, prompt: PromptSource) -> None:
+        """Retire a failed request's predictions at once."""
+        entry = self._registry.require(replica_id)
+        self._predictions.drop(entry.bit, self._group_keys(entry, prompt))
+
+    def add_peer_prediction(self, replica_id: str, hash_block_size: int, keys: np.ndarray) -> int:
+        """Record another router's prediction: `replica_id` will cache the blocks whose
+        event keys (at `hash_block_size`) are `keys`. Same tables, TTL and settling as
+        `add_prediction`. A replica this index does not know, or keys at another hash
+        block size than the replica's (hashes do not convert), are counted and ignored.
+        Returns the number of (hash, group) entries predicted."""
+        stats = self.stats
+        entry = self._registry.entries.get(replica_id)
+        if entry is None:
+            stats.peer_unknown_replica += 1
+            stats.log_once(
+                "peer_unknown_replica", "ignoring peer decisions for unknown replica %r", replica_id
+            )
+            return 0
+        if hash_block_size != entry.hash_block_size:
+            stats.peer_mismatched += 1
+            stats.log_once(
+                "peer_mismatched",
+                "ignoring peer decisions hashed at block size %s; replica %r hashes at %s",
+                hash_block_size,
+                replica_id,
+                entry.hash_block_size,
+            )
+            return 0
+        stats.peer_decisions += 1
+        return self._predictions.add(entry.bit, _by_group(entry, keys))
+
+    def num_predicted(self) -> int:
+        return len(self._predictions)
+
+
+def _by_group(entry: ReplicaEntry, small_keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(group, keys of that group's blocks) for each group, from the keys at the
+    replica's hash block size: a group block's key is that of its last small block."""
+    return [
+        (group, np.ascontiguousarray(small_keys[scale - 1 :: scale]))
+        for group, scale in enumerate(entry.group_scales)
+    ]

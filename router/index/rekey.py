@@ -1,0 +1,314 @@
+"""Hash-agnostic indexing: an engine's blocks re-keyed by the router's own hash.
+
+An engine's block hashes depend on its hash function and its seed (vLLM draws
+NONE_HASH at random unless PYTHONHASHSEED is set), so a router that does not
+know them cannot look its prompts up. `BlockStored` carries what the hash was
+made of, though: the blocks' token ids, the parent block's hash, and the extra
+keys. A `Rekeyer` recomputes each stored block's hash with the router's own
+function and seed, chained from its parent's, and rewrites the batch in those
+keys, so the rest of the index works as if the engine had hashed like the router.
+
+What an event must carry, per extra key (the hash's key order is LoRA name,
+multimodal items, cache salt, prompt-embedding digest):
+- token ids: always; an event without them cannot be re-keyed and is dropped.
+- LoRA: `extra_keys`, or else `lora_name` (the key is the adapter's name).
+- cache salt: `extra_keys` of the prompt's first block. An engine that sends no
+  `extra_keys` loses the salt: its salted blocks are then keyed as unsalted.
+- multimodal items and prompt embeddings: `extra_keys`, and only where the
+  group's block is one hash block (the keys of a larger block cannot be split
+  between its hash blocks); other such events are dropped and counted.
+
+Invariants:
+- `_own[k]` is the router's hash of the last hash block of the engine block
+  whose event key is `k`, and `_ends[k]` the number of hash blocks from the
+  prompt's start through that block, and `_inner[k]` its hash blocks' hashes
+  when it has several; all are held while any group caches the block:
+  `_refs[k]` counts its stores minus its removals over all groups.
+- Re-keying takes what is known over what it computes: a hash block whose hash
+  an earlier event gave (another group's copy of the block, which also saw the
+  extra keys of blocks this event skips) is not recomputed.
+- The tokens of a BlockStored span every block of its range; the stored blocks
+  are the last of those the group can ever hit on (the replica's
+  `reachable_block_mask`), since an engine skips only the null blocks that a
+  window or Mamba state left at the range's head.
+- An event whose parent is unknown is dropped: its chain cannot be rebuilt.
+- An event of a group the registration does not know, or of the wrong block
+  size, passes unchanged: ingest refuses it and counts why, in one place.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import msgspec
+
+from kvroute.events.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+from kvroute.replicas.kv_cache.single_type import SingleTypeKVCacheManager
+from kvroute.replicas.kv_cache.specs import KVCacheSpec
+from kvroute.replicas.kv_cache.utils import BlockHash, hash_block_tokens
+from kvroute.router.index.ingest import UINT64_MAX, event_hash
+from kvroute.router.index.registry import ReplicaEntry
+from kvroute.router.index.stats import IndexStats
+
+ExtraKeys = tuple[Any, ...] | None
+# (first block, end block) -> which blocks of the range the group caches (None: all).
+BlockMask = Callable[[int, int], list[bool] | None]
+
+
+class _Rekeyed(NamedTuple):
+    """One block in the router's keys: its hash, its end in hash blocks from the
+    prompt's start, and its hash blocks' hashes when it has several."""
+
+    own: BlockHash
+    end: int
+    inner: tuple[BlockHash, ...] | None
+
+
+def _event_key(block_hash: int | bytes) -> int | None:
+    """The event key of an engine hash as the event carries it (None: malformed)."""
+    if type(block_hash) is int and 0 <= block_hash <= UINT64_MAX:
+        return block_hash
+    if isinstance(block_hash, bytes) and block_hash:
+        return event_hash(block_hash)
+    return None
+
+
+class Rekeyer:
+    """Per replica: engine event keys -> the router's own hashes of the same blocks."""
+
+    def __init__(
+        self,
+        entry: ReplicaEntry,
+        hash_fn: Callable[[Any], bytes],
+        none_hash: BlockHash,
+        stats: IndexStats,
+    ) -> None:
+        self.entry = entry
+        self.hash_fn = hash_fn
+        self.none_hash = none_hash
+        self.stats = stats
+        self._own: dict[int, BlockHash] = {}
+        self._ends: dict[int, int] = {}
+        self._inner: dict[int, tuple[BlockHash, ...]] = {}
+        self._refs: dict[int, int] = {}
+        finder = entry.finder
+        self._masks: dict[int, BlockMask] = {
+            group: functools.partial(
+                _reachable,
+                spec_group.manager_cls,
+                spec_group.spec,
+                spec_group.use_eagle,
+                finder.scheduler_block_size,
+            )
+            for spec_group in finder.spec_groups
+            for group in spec_group.group_ids
+        }
+
+    def __len__(self) -> int:
+        return len(self._own)
+
+    def clear(self) -> None:
+        self._own.clear()
+        self._ends.clear()
+        self._inner.clear()
+        self._refs.clear()
+
+    def rekey(self, batch: KVEventBatch) -> KVEventBatch:
+        """The batch with every block hash replaced by the router's own key."""
+        events: list[Any] = []
+        for event in batch.events:
+            kind = type(event)
+            if kind is BlockStored:
+                stored = self._stored(event)
+                if stored is not None:
+                    events.append(stored)
+            elif kind is BlockRemoved:
+                events.append(self._removed(event))
+            else:
+                if kind is AllBlocksCleared:
+                    self.clear()
+                events.append(event)
+        return msgspec.structs.replace(batch, events=events)
+
+    def _scale(self, event: BlockStored | BlockRemoved) -> int | None:
+        """Hash blocks per block of the event's group, or None if the registration
+        does not know the group as the event describes it."""
+        entry = self.entry
+        group = event.group_idx if event.group_idx is not None else 0
+        if not 0 <= group < len(entry.group_scales):
+            return None
+        if type(event) is BlockStored and event.block_size != entry.group_block_sizes[group]:
+            return None
+        return entry.group_scales[group]
+
+    def _stored(self, event: BlockStored) -> BlockStored | None:
+        scale = self._scale(event)
+        if scale is None:
+            return event
+        maybe_keys = [_event_key(h) for h in event.block_hashes]
+        if None in maybe_keys:
+            return self._drop(event, "bad_hash", "a malformed block hash")
+        keys: list[int] = maybe_keys  # type: ignore[assignment]
+        own = self._own
+        if all(key in own for key in keys):
+            # Known from another group's event: the same block has the same hash.
+            known = [_Rekeyed(own[key], self._ends[key], self._inner.get(key)) for key in keys]
+            return self._emit(event, keys, known)
+        rekeyed = self._rehash(event, keys, scale)
+        if rekeyed is None:
+            return None
+        if any(own.get(key, mine.own) != mine.own for key, mine in zip(keys, rekeyed, strict=True)):
+            return self._drop(event, "inconsistent", "blocks that re-key differently")
+        return self._emit(event, keys, rekeyed)
+
+    def _known_hash_blocks(self, keys: list[int]) -> dict[int, BlockHash]:
+        """Hash-block end -> the router's hash, for every hash block of the event's
+        blocks that an earlier event already keyed."""
+        known: dict[int, BlockHash] = {}
+        for key in keys:
+            mine = self._own.get(key)
+            if mine is None:
+                continue
+            hashes = self._inner.get(key, (mine,))
+            first = self._ends[key] - len(hashes) + 1
+            for offset, block_hash in enumerate(hashes):
+                known[first + offset] = block_hash
+        return known
+
+    def _rehash(self, event: BlockStored, keys: list[int], scale: int) -> list[_Rekeyed] | None:
+        """The router's hash of each stored block, with its end and hash blocks."""
+        hash_size = self.entry.hash_block_size
+        span = scale * hash_size
+        tokens = event.token_ids
+        blocks = len(tokens) // span
+        if not keys or len(tokens) != blocks * span or blocks < len(keys):
+            return self._drop(event, "no_tokens", "token ids that do not span its blocks")
+        extras = event.extra_keys
+        if extras is not None and len(extras) != len(keys):
+            return self._drop(event, "bad_extra_keys", "extra_keys of the wrong length")
+        if event.parent_block_hash is None:
+            parent, first_block = self.none_hash, 0
+        else:
+            parent_key = _event_key(event.parent_block_hash)
+            found = self._own.get(parent_key) if parent_key is not None else None
+            if found is None or self._ends[parent_key] % scale:  # type: ignore[index]
+                return self._drop(event, "unknown_parent", "a parent block it never stored")
+            parent, first_block = found, self._ends[parent_key] // scale  # type: ignore[index]
+        mask = self._masks[event.group_idx or 0](first_block, first_block + blocks)
+        reachable = [p for p in range(blocks) if mask is None or mask[p]]
+        if len(reachable) < len(keys):
+            return self._drop(event, "no_tokens", "more blocks than its group can cache")
+        stored_at = {p: i for i, p in enumerate(reachable[len(reachable) - len(keys) :])}
+        known = self._known_hash_blocks(keys)
+        lora = _lora_only(event.lora_name)
+        rekeyed: list[_Rekeyed] = []
+        for position in range(blocks):
+            stored = stored_at.get(position)
+            block_extras = extras[stored] if extras is not None and stored is not None else lora
+            first_of_prompt = position == 0 and event.parent_block_hash is None
+            sub_extras = _split_extras(block_extras, scale, first_of_prompt, event.lora_name)
+            if sub_extras is None:
+                return self._drop(event, "unsplittable_extra_keys", "multimodal or embedding keys")
+            start = position * span
+            end = (first_block + position) * scale
+            hashes: list[BlockHash] = []
+            for j in range(scale):
+                end += 1
+                parent = known.get(end) or hash_block_tokens(
+                    self.hash_fn,
+                    parent,
+                    tokens[start + j * hash_size : start + (j + 1) * hash_size],
+                    sub_extras[j],
+                )
+                hashes.append(parent)
+            if stored is not None:
+                rekeyed.append(_Rekeyed(parent, end, tuple(hashes) if scale > 1 else None))
+        return rekeyed
+
+    def _emit(self, event: BlockStored, keys: list[int], rekeyed: list[_Rekeyed]) -> BlockStored:
+        """Remember each block's keying, and rewrite the event in the router's keys."""
+        own, ends, inner, refs = self._own, self._ends, self._inner, self._refs
+        for key, mine in zip(keys, rekeyed, strict=True):
+            own[key] = mine.own
+            ends[key] = mine.end
+            if mine.inner is not None:
+                inner[key] = mine.inner
+            refs[key] = refs.get(key, 0) + 1
+        parent = event.parent_block_hash
+        parent_key = _event_key(parent) if parent is not None else None
+        parent_own = own.get(parent_key) if parent_key is not None else None
+        return msgspec.structs.replace(
+            event,
+            block_hashes=[event_hash(mine.own) for mine in rekeyed],
+            parent_block_hash=event_hash(parent_own) if parent_own is not None else None,
+        )
+
+    def _removed(self, event: BlockRemoved) -> BlockRemoved:
+        if self._scale(event) is None:
+            return event
+        own_keys: list[int] = []
+        for block_hash in event.block_hashes:
+            key = _event_key(block_hash)
+            own = self._own.get(key) if key is not None else None
+            if key is None or own is None:
+                self.stats.removed_unknown += 1
+                continue
+            own_keys.append(event_hash(own))
+            refs = self._refs[key] - 1
+            if refs:
+                self._refs[key] = refs
+            else:
+                del self._refs[key], self._own[key], self._ends[key]
+                self._inner.pop(key, None)
+        return msgspec.structs.replace(event, block_hashes=own_keys)
+
+    def _drop(self, event: BlockStored, kind: str, why: str) -> None:
+        """Count and log (once per kind) a BlockStored that cannot be re-keyed."""
+        self.stats.unkeyable += 1
+        self.stats.log_once(
+            f"rekey_{kind}",
+            "cannot re-key a BlockStored of replica %r (%s): dropping it",
+            self.entry.replica_id,
+            why,
+        )
+        return None
+
+
+def _reachable(
+    manager_cls: type[SingleTypeKVCacheManager],
+    spec: KVCacheSpec,
+    use_eagle: bool,
+    alignment_tokens: int,
+    first_block: int,
+    end_block: int,
+) -> list[bool] | None:
+    return manager_cls.reachable_block_mask(
+        first_block, end_block, alignment_tokens, spec, use_eagle, None, 0
+    )
+
+
+def _lora_only(lora_name: str | None) -> ExtraKeys:
+    return (lora_name,) if lora_name is not None else None
+
+
+def _split_extras(
+    extras: ExtraKeys, scale: int, first_of_prompt: bool, lora_name: str | None
+) -> list[ExtraKeys] | None:
+    """The extra keys of each of a block's `scale` hash blocks, or None when they
+    cannot be told apart. A LoRA name enters every hash block and a cache salt only
+    the prompt's first; multimodal and embedding keys belong to token ranges that
+    the event does not give, so a block of several hash blocks cannot carry them."""
+    if scale == 1:
+        return [extras]
+    if extras is None:
+        return [None] * scale
+    lora = (lora_name,) if lora_name is not None and extras[:1] == (lora_name,) else ()
+    rest = extras[len(lora) :]
+    every = lora or None
+    if not rest:
+        return [every] * scale
+    if first_of_prompt and len(rest) == 1 and isinstance(rest[0], str):
+        return [extras] + [every] * (scale - 1)
+    return None

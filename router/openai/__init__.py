@@ -1,0 +1,1 @@
+"""The OpenAI-compatible front door, shared by the router and serve-replica."""

@@ -1,0 +1,1 @@
+"""The router service: the core wired to engines, event streams, peers and metrics."""
