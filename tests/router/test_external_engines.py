@@ -77,13 +77,17 @@ def test_an_engine_whose_events_contradict_its_layout_is_refused_by_name(tmp_pat
                 await asyncio.wait_for(service.ready(), DEADLINE_S)
                 admitted = service.replica_ids()
                 deadline = time.monotonic() + DEADLINE_S
+                attempt = 0
                 while "engine-a" not in service.refused:
                     assert time.monotonic() < deadline, "the engine was never refused"
+                    # A new prompt each time stores new blocks: a cached one publishes
+                    # nothing, and the first batch may go out before the subscriber joins.
+                    attempt += 1
                     await asyncio.to_thread(
                         post,
                         server.url,
                         "/v1/completions",
-                        {"prompt": "0123456789", "max_tokens": 1},
+                        {"prompt": f"{attempt:04d}0123456789", "max_tokens": 1},
                     )
                     await asyncio.sleep(0.1)
                 await asyncio.sleep(0.5)  # a supervise pass or two: it is not re-admitted
