@@ -13,7 +13,7 @@ import functools
 import re
 import sys
 from dataclasses import dataclass
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Protocol, Union
 
 import msgspec
 from msgspec import Meta
@@ -254,6 +254,15 @@ def _kind_of(error: msgspec.ValidationError) -> MalformedKind:
     if _OUT_OF_RANGE.search(message):
         return MalformedKind.BAD_VALUE
     return MalformedKind.WRONG_TYPE
+
+
+class EventDecoder(Protocol):
+    """Reads one engine kind's published payloads: each becomes a `KVEventBatch`
+    whose values lie within `limits`, or raises `MalformedInputError`."""
+
+    limits: DecodeLimits
+
+    def decode(self, payload: bytes | memoryview) -> KVEventBatch: ...
 
 
 class KVEventDecoder:

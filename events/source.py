@@ -20,7 +20,7 @@ import zmq
 from kvroute.events.curve import CurveKeyPair, secure_client
 from kvroute.events.errors import MalformedInputError, MalformedKind
 from kvroute.events.frames import parse_live, parse_replay_reply, replay_request
-from kvroute.events.kv_events import KVEventBatch, KVEventDecoder
+from kvroute.events.kv_events import EventDecoder, KVEventBatch
 from kvroute.events.sequencer import (
     RecoveryConfig,
     ResyncReason,
@@ -42,7 +42,8 @@ class SourceSpec:
     `replay_endpoint=None` means gaps cannot be repaired and lead to a resync.
     `start_seq` is the first seq expected (0: a replica registers before it
     publishes); None accepts whatever arrives first. `curve_server_key` is the
-    publisher's CURVE public key when it requires CURVE.
+    publisher's CURVE public key when it requires CURVE. `decoder` reads this
+    publisher's payloads; None: the subscriber's (vLLM's wire format).
     """
 
     name: str
@@ -51,6 +52,7 @@ class SourceSpec:
     topic: str = ""
     start_seq: int | None = 0
     curve_server_key: str | None = None
+    decoder: EventDecoder | None = None
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class LinkSettings:
     """What every link of one subscriber shares."""
 
     ctx: zmq.Context
-    decoder: KVEventDecoder
+    decoder: EventDecoder
     on_batch: BatchCallback
     on_resync: ResyncCallback
     recovery: RecoveryConfig
@@ -76,6 +78,7 @@ class SourceLink:
             raise ValueError(f"source {spec.name!r} needs CURVE but the subscriber has no keys")
         self.spec = spec
         self._settings = settings
+        self._decoder = spec.decoder or settings.decoder
         self.stats = SourceStats()
         self._logged: set[MalformedKind] = set()
         self._sub = self._socket(zmq.SUB, settings.rcvhwm)
@@ -102,7 +105,7 @@ class SourceLink:
         try:
             sock.rcvhwm = rcvhwm
             sock.linger = 0
-            sock.setsockopt(zmq.MAXMSGSIZE, self._settings.decoder.limits.max_payload_bytes)
+            sock.setsockopt(zmq.MAXMSGSIZE, self._decoder.limits.max_payload_bytes)
             if self.spec.curve_server_key is not None:
                 assert self._settings.curve is not None
                 secure_client(sock, self._settings.curve, self.spec.curve_server_key)
@@ -188,7 +191,7 @@ class SourceLink:
 
     def deliver(self, seq: int, payload: bytes, replayed: bool) -> None:
         try:
-            batch = self._settings.decoder.decode(payload)
+            batch = self._decoder.decode(payload)
         except MalformedInputError as exc:
             self._malformed(exc)
             return

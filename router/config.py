@@ -160,11 +160,14 @@ class ExternalEngineConfig(Struct):
     `hash_mode: tokens` keys its blocks by the router's own hash of the token ids
     its events carry, so its hash seed need not be known; `seeded` trusts its
     block hashes and needs `hash_seed` (the engine's PYTHONHASHSEED) to equal
-    the router's `hashing.seed`, which registration checks."""
+    the router's `hashing.seed`, which registration checks. `kind` names its engine
+    kind in `router/engines/registry.py` (its request dialect, event format and hit
+    rule): `vllm` for vLLM and `kvroute serve-replica`."""
 
     name: str
     url: str
     events: ExternalEventsConfig
+    kind: str = "vllm"
     hash_mode: Literal["tokens", "seeded"] = "tokens"
     hash_seed: str | None = None
     layout: ModelConfig | None = None

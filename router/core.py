@@ -35,6 +35,7 @@ from kvroute.events.kv_events import KVEventBatch
 from kvroute.replicas.api import InvalidRequestError, ModelLimits, ReplicaLoad, validate_generate
 from kvroute.replicas.kv_cache.prompt import HashedPrompt, PromptKeys
 from kvroute.replicas.kv_cache.specs import KVCacheConfig
+from kvroute.router.index.hit_rules import VLLM_HIT_RULE, HitRule
 from kvroute.router.index.kv_index import HashMode, KVIndex
 from kvroute.router.policy import Candidate, RouteRequest, RoutingPolicy
 from kvroute.router.reuse import ReuseTracker
@@ -94,6 +95,8 @@ class Registration:
     # "tokens": the index re-keys this replica's blocks from its events' token
     # ids, so its hash function and seed need not match the router's.
     hash_mode: HashMode = "seeded"
+    # How its cached blocks become a prompt's computed tokens (its engine kind's rule).
+    hit_rule: HitRule = VLLM_HIT_RULE
 
 
 @dataclass
@@ -191,6 +194,7 @@ class Router:
             hash_seed=registration.hash_seed,
             prefix_cache_retention_interval=registration.retention_interval,
             hash_mode=registration.hash_mode,
+            hit_rule=registration.hit_rule,
         )
         self.replicas[registration.replica_id] = ReplicaState(registration)
 

@@ -45,9 +45,17 @@ def _load(name_or_path: str) -> Config:
     from kvroute.router.config import ConfigError, load_config
 
     try:
-        return load_config(resolve_config(name_or_path))
+        config = load_config(resolve_config(name_or_path))
     except (FileNotFoundError, ConfigError) as exc:
         raise CommandError(str(exc)) from None
+    from kvroute.router.engines.registry import external_kind
+
+    for i, engine in enumerate(config.external):
+        try:
+            external_kind(engine.kind)
+        except ValueError as exc:
+            raise CommandError(f"external[{i}].kind: {exc}") from None
+    return config
 
 
 def _with_port(config: Config, port: int | None) -> Config:

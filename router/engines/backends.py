@@ -2,7 +2,7 @@
 
 The service routes with the core and then calls a `Backend`; it never knows
 whether the engine is one of kvroute's Ray actors (`RayReplica`) or an external
-server reached over HTTP (`router.engine_client.HttpEngine`).
+server reached over HTTP (`HttpEngine`, built by its engine kind).
 
 Contract, for every backend:
 - `generate_stream` yields a `StreamChunk` per engine step and ends with the
@@ -18,13 +18,9 @@ Contract, for every backend:
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
-
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from typing import Protocol
 
 from kvroute.replicas.api import GenerateRequest, GenerateResult, ReplicaLoad, Snapshot, StreamChunk
-
-ACTOR_GONE = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 
 class ReplicaUnavailableError(RuntimeError):
@@ -46,51 +42,6 @@ class Backend(Protocol):
 
     async def reset_prefix_cache(self) -> bool: ...
 
+    async def healthy(self) -> bool: ...
+
     async def close(self) -> None: ...
-
-
-class RayReplica:
-    """A kvroute replica actor, through its Ray handle."""
-
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
-
-    async def generate(self, request: GenerateRequest) -> GenerateResult:
-        try:
-            return await self.handle.generate.remote(request)
-        except ACTOR_GONE as exc:
-            raise ReplicaUnavailableError(str(exc)) from None
-
-    async def generate_stream(
-        self, request: GenerateRequest
-    ) -> AsyncIterator[StreamChunk | GenerateResult]:
-        try:
-            items = self.handle.generate_stream.options(num_returns="streaming").remote(request)
-            async for ref in items:
-                yield await ref
-        except ACTOR_GONE as exc:
-            raise ReplicaUnavailableError(str(exc)) from None
-
-    def abort(self, request_id: str) -> None:
-        self.handle.abort.remote(request_id)
-
-    async def load(self) -> ReplicaLoad:
-        try:
-            return await self.handle.load.remote()
-        except ACTOR_GONE as exc:
-            raise ReplicaUnavailableError(str(exc)) from None
-
-    async def snapshot(self) -> Snapshot | None:
-        try:
-            return await self.handle.snapshot.remote()
-        except ACTOR_GONE as exc:
-            raise ReplicaUnavailableError(str(exc)) from None
-
-    async def reset_prefix_cache(self) -> bool:
-        try:
-            return await self.handle.reset_prefix_cache.remote()
-        except ACTOR_GONE as exc:
-            raise ReplicaUnavailableError(str(exc)) from None
-
-    async def close(self) -> None:
-        """Nothing to release: Ray owns the handle."""

@@ -20,14 +20,16 @@ from collections.abc import Callable, Mapping
 
 import aiohttp
 
+from kvroute.events.kv_events import DEFAULT_LIMITS, DecodeLimits
 from kvroute.events.source import SourceSpec
 from kvroute.replicas.api import ModelLimits
 from kvroute.replicas.kv_cache.coordinator import default_scheduler_block_size
 from kvroute.router.config import Config, ExternalEngineConfig
 from kvroute.router.core import Registration
 from kvroute.router.engines.backends import Backend
-from kvroute.router.engines.http_engine import HttpEngine
+from kvroute.router.engines.kind import EngineAddress
 from kvroute.router.engines.link import ReplicaLink
+from kvroute.router.engines.registry import external_kind
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ Admit = Callable[[Registration, Backend, SourceSpec, str | None], None]
 
 
 def external_registration(engine: ExternalEngineConfig, config: Config) -> Registration:
-    """An external engine's registration, from its configured layout."""
+    """An external engine's registration, from its configured layout and kind."""
     layout = engine.layout or config.model
     seeded = engine.hash_mode == "seeded"
     kv_cache_config = layout.kv_cache_config()
@@ -49,11 +51,15 @@ def external_registration(engine: ExternalEngineConfig, config: Config) -> Regis
         hash_seed=(engine.hash_seed or "") if seeded else config.hashing.seed,
         limits=ModelLimits(layout.max_model_len, layout.vocab_size, tuple(layout.lora_names)),
         hash_mode=engine.hash_mode,
+        hit_rule=external_kind(engine.kind).hit_rule,
     )
 
 
-def external_source(engine: ExternalEngineConfig) -> SourceSpec:
-    """An external engine's event stream, followed from its next batch."""
+def external_source(
+    engine: ExternalEngineConfig, limits: DecodeLimits = DEFAULT_LIMITS
+) -> SourceSpec:
+    """An external engine's event stream, followed from its next batch and read by its
+    kind's decoder."""
     events = engine.events
     return SourceSpec(
         name=engine.name,
@@ -62,6 +68,7 @@ def external_source(engine: ExternalEngineConfig) -> SourceSpec:
         topic=events.topic,
         start_seq=None,
         curve_server_key=events.curve_public_key(),
+        decoder=external_kind(engine.kind).decoder(limits),
     )
 
 
@@ -70,7 +77,8 @@ class ExternalEngines:
 
     `routed` is the service's live map of routed replicas (read only here); `admit`
     indexes and routes to an engine (ValueError on a hash mismatch); `remove` takes
-    one out of routing and the index."""
+    one out of routing and the index. Every engine's kind is checked here: an unknown
+    kind, or one not reached by URL, is a ValueError naming it."""
 
     def __init__(
         self,
@@ -80,6 +88,11 @@ class ExternalEngines:
         admit: Admit,
         remove: Callable[[str], None],
     ) -> None:
+        for engine in config.external:
+            try:
+                external_kind(engine.kind)
+            except ValueError as exc:
+                raise ValueError(f"external engine {engine.name!r}: {exc}") from None
         self.config = config
         self.model_name = model_name
         self.routed = routed
@@ -106,7 +119,10 @@ class ExternalEngines:
         for engine in self.config.external:
             if engine.name in self.routed or engine.name in self.refused:
                 continue
-            backend = HttpEngine(engine.name, engine.url, self.model_name, self._engine_session())
+            address = EngineAddress(
+                engine.name, engine.url, self.model_name, self._engine_session()
+            )
+            backend = external_kind(engine.kind).backend(address)
             try:
                 healthy = await asyncio.wait_for(
                     backend.healthy(), self.config.router.load_timeout_s
@@ -127,11 +143,7 @@ class ExternalEngines:
         """An external engine whose `/health` answers other than 200 (vLLM answers 503
         once its engine core died), or refuses the connection, leaves routing and the
         index; discovery admits it again, empty, when it is healthy."""
-        engines = [
-            (rid, link.backend)
-            for rid, link in self.routed.items()
-            if isinstance(link.backend, HttpEngine)
-        ]
+        engines = [(rid, link.backend) for rid, link in self.routed.items() if link.external]
         timeout = self.config.router.load_timeout_s
         for rid, engine in engines:
             try:

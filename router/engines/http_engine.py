@@ -1,23 +1,21 @@
-"""An external engine as a `Backend`: vLLM's OpenAI-compatible HTTP API.
+"""An engine reached over HTTP as a `Backend`: an OpenAI-style streamed completion.
 
-The router sends the prompt as the token ids it hashed (`/v1/completions` with a
-token-id prompt), so the engine caches exactly the blocks the router predicted
-whatever chat template or tokenizer settings the engine has, and asks for the
-output's token ids back (`return_token_ids`, vLLM 0.10.2+) and for usage with
-`prompt_tokens_details.cached_tokens` (vLLM's `--enable-prompt-tokens-details`).
-Each upstream SSE event becomes one `StreamChunk` as it arrives.
+What to send and which load metrics to read is the engine kind's `RequestDialect`
+(`router/engines/vllm.py` for vLLM); this module is the transport. Each upstream SSE
+event (an OpenAI completion chunk with the output's `token_ids`) becomes one
+`StreamChunk` as it arrives.
 
 Failures before the first byte of a 200 (connection refused or reset, a 5xx)
 are `ReplicaUnavailableError`, which the service retries elsewhere; a 4xx is
 the request's fault (`InvalidRequestError`, with the engine's message). Closing
 the stream closes the upstream connection, which makes vLLM abort the request.
-Load comes from the engine's Prometheus `/metrics` (vLLM's and SGLang's names).
+Load comes from the engine's Prometheus `/metrics`, by the dialect's sample names.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -33,51 +31,16 @@ from kvroute.replicas.api import (
     StreamChunk,
 )
 from kvroute.router.engines.backends import ReplicaUnavailableError
-
-# Prometheus sample name -> ReplicaLoad field, for vLLM and SGLang.
-LOAD_METRICS = {
-    "vllm:num_requests_running": "running_seqs",
-    "vllm:num_requests_waiting": "waiting_seqs",
-    "vllm:kv_cache_usage_perc": "kv_usage",
-    "vllm:gpu_cache_usage_perc": "kv_usage",
-    "sglang:num_running_reqs": "running_seqs",
-    "sglang:num_queue_reqs": "waiting_seqs",
-    "sglang:token_usage": "kv_usage",
-}
+from kvroute.router.engines.kind import EngineAddress, RequestDialect
 
 
-def completion_body(request: GenerateRequest, model: str) -> dict[str, Any]:
-    """The `/v1/completions` body that runs `request` on a vLLM server."""
-    sampling = request.sampling
-    body: dict[str, Any] = {
-        "model": request.lora_name or model,
-        "prompt": request.prompt_token_ids,
-        "max_tokens": request.max_tokens,
-        "temperature": sampling.temperature,
-        "top_p": sampling.top_p,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        "return_token_ids": True,
-    }
-    if sampling.top_k:
-        body["top_k"] = sampling.top_k
-    if sampling.seed is not None:
-        body["seed"] = sampling.seed
-    if sampling.stop_token_ids:
-        body["stop_token_ids"] = list(sampling.stop_token_ids)
-    if sampling.ignore_eos:
-        body["ignore_eos"] = True
-    if request.cache_salt is not None:
-        body["cache_salt"] = request.cache_salt
-    return body
-
-
-def parse_load(text: str) -> ReplicaLoad:
-    """A ReplicaLoad from a Prometheus exposition (sums over an engine's label sets)."""
+def parse_load(text: str, load_metrics: Mapping[str, str]) -> ReplicaLoad:
+    """A ReplicaLoad from a Prometheus exposition (sums over an engine's label sets);
+    `load_metrics` maps sample names to `ReplicaLoad` fields."""
     values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            field = LOAD_METRICS.get(sample.name)
+            field = load_metrics.get(sample.name)
             if field is not None:
                 values[field] = values.get(field, 0.0) + sample.value
     return ReplicaLoad(
@@ -98,15 +61,14 @@ class _Usage:
 
 
 class HttpEngine:
-    """One external engine at `base_url`, through a shared, bounded session."""
+    """One engine at `address.url` speaking `dialect`, through a shared, bounded session."""
 
-    def __init__(
-        self, name: str, base_url: str, model: str, session: aiohttp.ClientSession
-    ) -> None:
-        self.name = name
-        self.base_url = base_url.rstrip("/")
-        self.model = model
-        self.session = session
+    def __init__(self, address: EngineAddress, dialect: RequestDialect) -> None:
+        self.name = address.name
+        self.base_url = address.url.rstrip("/")
+        self.model = address.model
+        self.session = address.session
+        self.dialect = dialect
         self._open: dict[str, aiohttp.ClientResponse] = {}
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
@@ -150,11 +112,11 @@ class HttpEngine:
         )
 
     async def _post(self, request: GenerateRequest) -> aiohttp.ClientResponse:
-        url = f"{self.base_url}/v1/completions"
+        url = f"{self.base_url}{self.dialect.completion_path}"
         try:
             response = await self.session.post(
                 url,
-                json=completion_body(request, self.model),
+                json=self.dialect.completion_body(request, self.model),
                 headers={"X-Request-Id": request.request_id},
             )
         except (aiohttp.ClientError, OSError) as exc:
@@ -198,7 +160,7 @@ class HttpEngine:
                 text = await response.text()
         except (aiohttp.ClientError, OSError) as exc:
             raise ReplicaUnavailableError(f"engine {self.name} unreachable: {exc}") from None
-        return parse_load(text)
+        return parse_load(text, self.dialect.load_metrics)
 
     async def healthy(self) -> bool:
         """Does the engine's `/health` answer 200?"""

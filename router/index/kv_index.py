@@ -34,6 +34,7 @@ from kvroute.replicas.kv_cache.prompt import HashedPrompt, PromptSource
 from kvroute.replicas.kv_cache.specs import KVCacheConfig
 from kvroute.replicas.kv_cache.utils import BlockHash, RequestBlockHasher
 from kvroute.router.index.block_table import BlockTable, warm_up
+from kvroute.router.index.hit_rules import VLLM_HIT_RULE, HitRule
 from kvroute.router.index.ingest import EventIngest, event_hash, event_keys
 from kvroute.router.index.predictions import Predictions
 from kvroute.router.index.registry import ReplicaEntry, ReplicaRegistry
@@ -91,6 +92,7 @@ class KVIndex:
         hash_seed: str | None = None,
         prefix_cache_retention_interval: int | None = None,
         hash_mode: HashMode = "seeded",
+        hit_rule: HitRule = VLLM_HIT_RULE,
     ) -> None:
         """Admit a replica. Refused if its id is taken or, in "seeded" mode, if its
         hash settings differ from the index's; in "tokens" mode the index re-keys
@@ -115,6 +117,7 @@ class KVIndex:
             use_eagle=use_eagle,
             hash_algo=hash_algo,
             hash_seed=hash_seed,
+            hit_rule=hit_rule,
         )
         if hash_mode == "tokens":
             self._rekeyers[replica_id] = Rekeyer(entry, self.hash_fn, self.none_hash, self.stats)
@@ -208,7 +211,7 @@ class KVIndex:
                 keys = event_keys(prompt_hashes.block_hashes)
                 cached = hashed[first.hash_block_size] = (prompt_hashes, keys)
             prompt_hashes, keys = cached
-            max_length = prompt_hashes.num_tokens - 1
+            max_length = first.hit_rule.max_hit_tokens(prompt_hashes.num_tokens)
             if max_length <= 0 or prompt_hashes.skip_prefix_cache:
                 return result
             masks = PromptMasks(self._groups, extra, keys, first.group_scales)

@@ -18,6 +18,7 @@ from kvroute.replicas.kv_cache.coordinator import (
     eagle_group_ids,
 )
 from kvroute.replicas.kv_cache.specs import KVCacheConfig
+from kvroute.router.index.hit_rules import VLLM_HIT_RULE, HitRule
 
 
 @dataclass
@@ -29,6 +30,7 @@ class ReplicaEntry:
     kv_cache_config: KVCacheConfig
     hash_block_size: int
     finder: PrefixHitFinder
+    hit_rule: HitRule
     group_kinds: list[str]
     group_block_sizes: list[int]
     signature: tuple
@@ -59,6 +61,7 @@ class ReplicaRegistry:
         use_eagle: bool,
         hash_algo: str,
         hash_seed: str,
+        hit_rule: HitRule = VLLM_HIT_RULE,
     ) -> ReplicaEntry:
         """Register a replica; refused if its id is taken, its hash settings differ
         from the index's, or it has no KV cache group."""
@@ -92,6 +95,7 @@ class ReplicaRegistry:
             kv_cache_config=kv_cache_config,
             hash_block_size=hash_block_size,
             finder=finder,
+            hit_rule=hit_rule,
             group_kinds=[g.kv_cache_spec.kind.value for g in groups],
             group_block_sizes=[g.kv_cache_spec.block_size for g in groups],
             group_scales=[g.kv_cache_spec.block_size // hash_block_size for g in groups],
@@ -100,6 +104,7 @@ class ReplicaRegistry:
                 hash_block_size,
                 scheduler_block_size,
                 use_eagle,
+                hit_rule,
             ),
         )
         self.entries[replica_id] = entry

@@ -18,7 +18,7 @@ import logging
 import ray
 
 from kvroute.replicas.kv_cache.prompt import HashedPrompt
-from kvroute.router.engines.backends import ACTOR_GONE
+from kvroute.router.engines.ray_replica import ACTOR_GONE
 from kvroute.router.tier.decisions import DecisionCallback, DecisionChannel, DecisionChannelConfig
 
 logger = logging.getLogger(__name__)

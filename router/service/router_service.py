@@ -61,9 +61,10 @@ from kvroute.router.core import (
     Router,
     RouterSettings,
 )
-from kvroute.router.engines.backends import ACTOR_GONE, Backend, RayReplica, ReplicaUnavailableError
+from kvroute.router.engines.backends import Backend, ReplicaUnavailableError
 from kvroute.router.engines.external import ExternalEngines
 from kvroute.router.engines.link import ReplicaLink
+from kvroute.router.engines.ray_replica import ACTOR_GONE, RayReplica
 from kvroute.router.openai.chat import ChatTemplate
 from kvroute.router.openai.protocol import CompletionInput, ModelNotFoundError, RoutedResult
 from kvroute.router.openai.tokenizer import load_tokenizer, tokenizer_file

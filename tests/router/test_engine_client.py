@@ -20,7 +20,9 @@ from kvroute.replicas.api import (
     StreamChunk,
 )
 from kvroute.router.engines.backends import ReplicaUnavailableError
-from kvroute.router.engines.http_engine import HttpEngine, completion_body, parse_load
+from kvroute.router.engines.http_engine import parse_load
+from kvroute.router.engines.kind import EngineAddress
+from kvroute.router.engines.vllm import VLLM_DIALECT, vllm_engine
 from tests.replicas.serve_helpers import serve_replica, tiny_config
 from tests.replicas.test_serve_replica import free_port
 
@@ -48,7 +50,7 @@ def test_the_body_sends_the_hashed_token_ids_and_asks_for_tokens_and_usage() -> 
         cache_salt="tenant-a",
         sampling=SamplingOptions(temperature=0.0, top_k=4, seed=11, stop_token_ids=(2,)),
     )
-    assert completion_body(request, "base") == {
+    assert VLLM_DIALECT.completion_body(request, "base") == {
         "model": "base",
         "prompt": [5, 6, 7],
         "max_tokens": 9,
@@ -66,13 +68,15 @@ def test_the_body_sends_the_hashed_token_ids_and_asks_for_tokens_and_usage() -> 
 
 def test_a_lora_request_names_the_adapter_as_its_model() -> None:
     request = GenerateRequest("kv-2", [1], 1, lora_name="sql")
-    body = completion_body(request, "base")
+    body = VLLM_DIALECT.completion_body(request, "base")
     assert body["model"] == "sql"
     assert "cache_salt" not in body and "top_k" not in body and "seed" not in body
 
 
 def test_load_comes_from_vllm_metric_names() -> None:
-    assert parse_load(VLLM_METRICS) == ReplicaLoad(running_seqs=3, waiting_seqs=5, kv_usage=0.25)
+    assert parse_load(VLLM_METRICS, VLLM_DIALECT.load_metrics) == ReplicaLoad(
+        running_seqs=3, waiting_seqs=5, kv_usage=0.25
+    )
 
 
 def test_load_sums_a_data_parallel_engines_label_sets() -> None:
@@ -81,7 +85,7 @@ def test_load_sums_a_data_parallel_engines_label_sets() -> None:
         'vllm:num_requests_running{engine="0"} 2.0\n'
         'vllm:num_requests_running{engine="1"} 4.0\n'
     )
-    assert parse_load(text) == ReplicaLoad(running_seqs=6)
+    assert parse_load(text, VLLM_DIALECT.load_metrics) == ReplicaLoad(running_seqs=6)
 
 
 def test_load_reads_sglang_metric_names() -> None:
@@ -93,11 +97,13 @@ def test_load_reads_sglang_metric_names() -> None:
         "# TYPE sglang:token_usage gauge\n"
         "sglang:token_usage 0.5\n"
     )
-    assert parse_load(text) == ReplicaLoad(running_seqs=7, waiting_seqs=1, kv_usage=0.5)
+    assert parse_load(text, VLLM_DIALECT.load_metrics) == ReplicaLoad(
+        running_seqs=7, waiting_seqs=1, kv_usage=0.5
+    )
 
 
 def test_an_engine_without_load_metrics_reports_idle() -> None:
-    assert parse_load("# TYPE up gauge\nup 1.0\n") == ReplicaLoad()
+    assert parse_load("# TYPE up gauge\nup 1.0\n", VLLM_DIALECT.load_metrics) == ReplicaLoad()
 
 
 # --- against a real `kvroute serve-replica` (in a thread, on free ports) -------
@@ -106,7 +112,7 @@ def test_an_engine_without_load_metrics_reports_idle() -> None:
 async def _run_on(url: str, *requests: GenerateRequest) -> list[list[StreamChunk | GenerateResult]]:
     """Stream each request in turn through an HttpEngine at `url`."""
     async with aiohttp.ClientSession() as session:
-        engine = HttpEngine("engine-a", url, "tiny", session)
+        engine = vllm_engine(EngineAddress("engine-a", url, "tiny", session))
         return [[item async for item in engine.generate_stream(r)] for r in requests]
 
 
@@ -134,7 +140,7 @@ def test_a_stream_relays_each_step_and_ends_with_the_engines_cached_tokens(
 def test_load_and_health_come_from_the_engine(tmp_path: Path) -> None:
     async def probe(url: str) -> tuple[bool, ReplicaLoad]:
         async with aiohttp.ClientSession() as session:
-            engine = HttpEngine("engine-a", url, "tiny", session)
+            engine = vllm_engine(EngineAddress("engine-a", url, "tiny", session))
             return await engine.healthy(), await engine.load()
 
     with serve_replica(tiny_config(tmp_path)) as server:
@@ -159,7 +165,7 @@ def test_a_request_the_engine_refuses_is_invalid_with_its_message(tmp_path: Path
 def test_closing_a_stream_aborts_the_request_on_the_engine(tmp_path: Path) -> None:
     async def leave_early(url: str) -> None:
         async with aiohttp.ClientSession() as session:
-            engine = HttpEngine("engine-a", url, "tiny", session)
+            engine = vllm_engine(EngineAddress("engine-a", url, "tiny", session))
             stream = engine.generate_stream(_request("a", list(range(48, 58)), max_tokens=1000))
             await anext(stream)
             await stream.aclose()  # without an abort it would run for 50 s
@@ -175,7 +181,7 @@ def test_closing_a_stream_aborts_the_request_on_the_engine(tmp_path: Path) -> No
 def test_a_prefix_cache_reset_empties_the_engines_cache(tmp_path: Path) -> None:
     async def serve_reset_serve(url: str) -> tuple[bool, int]:
         async with aiohttp.ClientSession() as session:
-            engine = HttpEngine("engine-a", url, "tiny", session)
+            engine = vllm_engine(EngineAddress("engine-a", url, "tiny", session))
             prompt = list(range(48, 58))
             await engine.generate(_request("a", prompt))
             reset = await engine.reset_prefix_cache()
@@ -211,7 +217,9 @@ def test_malformed_or_truncated_engine_output_is_the_engines_fault() -> None:
         port = runner.addresses[0][1]
         try:
             async with aiohttp.ClientSession() as session:
-                engine = HttpEngine("engine-a", f"http://127.0.0.1:{port}", "tiny", session)
+                engine = vllm_engine(
+                    EngineAddress("engine-a", f"http://127.0.0.1:{port}", "tiny", session)
+                )
                 with pytest.raises(ReplicaUnavailableError) as caught:
                     await engine.generate(_request("a", [1, 2, 3]))
                 return str(caught.value)
