@@ -20,11 +20,32 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
-from kvroute.replicas.api import GenerateRequest, GenerateResult, ReplicaLoad, Snapshot, StreamChunk
+from kvroute.replicas.api import (
+    EngineDeadError,
+    GenerateRequest,
+    GenerateResult,
+    InvalidRequestError,
+    ReplicaLoad,
+    RequestFailedError,
+    Snapshot,
+    StreamChunk,
+)
 
 ACTOR_GONE = (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+def _replica_error(exc: RayTaskError) -> Exception:
+    """What a replica raised, as the router answers it: its own exception (its
+    message, not Ray's traceback) for a refused or failed request; a stopped
+    engine is an unavailable replica."""
+    cause = exc.cause
+    if isinstance(cause, EngineDeadError):
+        return ReplicaUnavailableError(str(cause))
+    if isinstance(cause, InvalidRequestError | RequestFailedError):
+        return cause
+    return exc
 
 
 class ReplicaUnavailableError(RuntimeError):
@@ -60,6 +81,8 @@ class RayReplica:
             return await self.handle.generate.remote(request)
         except ACTOR_GONE as exc:
             raise ReplicaUnavailableError(str(exc)) from None
+        except RayTaskError as exc:
+            raise _replica_error(exc) from None
 
     async def generate_stream(
         self, request: GenerateRequest
@@ -70,6 +93,8 @@ class RayReplica:
                 yield await ref
         except ACTOR_GONE as exc:
             raise ReplicaUnavailableError(str(exc)) from None
+        except RayTaskError as exc:
+            raise _replica_error(exc) from None
 
     def abort(self, request_id: str) -> None:
         self.handle.abort.remote(request_id)
