@@ -227,7 +227,7 @@ class ReplicaCore:
         except Exception as exc:
             self.death = exc
             logger.error(
-                "the engine loop of replica %s died after %d steps; requests in flight: %s",
+                "the engine loop of replica %s died in step %d; requests in flight: %s",
                 self.replica_id,
                 self.steps,
                 ", ".join(list(self._flights)[:16]) or "none",
