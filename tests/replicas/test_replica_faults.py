@@ -145,4 +145,4 @@ def test_a_dead_loop_reports_not_ready_tells_its_callers_and_runs_on_death_once(
     with pytest.raises(EngineDeadError):
         core.load()
     with pytest.raises(EngineDeadError):
-        core._admit(_ordinary(1))
+        asyncio.run(core.generate(_ordinary(1)))
