@@ -78,6 +78,7 @@ class ReplicaServer:
             self.engine,
             tuple(config.model.lora_names),
             publish_token_ids=config.events.publish_token_ids,
+            on_death=self._exit,
         )
         self._starting: asyncio.Future[ReplicaInfo] | None = None
         self._publisher: ZmqEventPublisher | None = None
@@ -184,6 +185,14 @@ class ReplicaServer:
         """Drop the prefix cache and publish AllBlocksCleared at once, so the router
         knows before the next request; refused (False) while blocks are in use."""
         return self.core.reset_prefix_cache()
+
+    def _exit(self) -> None:
+        """The engine loop died (logged by the core): exit the process, so Ray
+        restarts the actor (`replicas.max_restarts`) and callers, the router's load
+        poll included, see it gone at once and route around it. An exit by
+        `ray.actor.exit_actor` would be taken as intended and not restarted."""
+        logger.error("replica %s exits so that Ray restarts it", self.replica_id)
+        os._exit(1)
 
     def shutdown(self) -> None:
         self.core.cancel()

@@ -8,8 +8,9 @@ engine (to refuse anything that slipped through).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import Annotated
+from typing import Annotated, Protocol
 
 import msgspec
 
@@ -31,10 +32,89 @@ class RequestAbortedError(RuntimeError):
     """The request was aborted before it finished (its client left or timed out)."""
 
 
+class RequestFailedError(RuntimeError):
+    """The engine failed while serving this one request (a fault it could pin on
+    it); the request's blocks are freed and the engine goes on serving the rest.
+    The message names the request id and nothing internal: the cause is logged
+    by the replica."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"request {request_id} failed in the engine")
+        self.request_id = request_id
+
+
+class EngineDeadError(RuntimeError):
+    """The replica's engine loop has stopped: it serves nothing until restarted."""
+
+
+# Every seed the engine uses (choice j of a request samples with seed + j) is a
+# 64-bit signed integer, the range vLLM's OpenAI server takes; torch's generator
+# takes all of it (it refuses anything below -2**63 or above 2**64 - 1).
+SEED_MIN = -(2**63)
+SEED_MAX = 2**63 - 1
+# Temperature is OpenAI's and vLLM's [0, 2]; vLLM raises any positive value below
+# MIN_TEMPERATURE to it, since dividing logits by less overflows to inf and NaN.
+MAX_TEMPERATURE = 2.0
+MIN_TEMPERATURE = 0.01
+
+
 class ModelLimits(msgspec.Struct, frozen=True):
     max_model_len: int
     vocab_size: int
     lora_names: tuple[str, ...] = ()
+
+
+class SamplingLike(Protocol):
+    """The sampling fields the engine uses: `SamplingOptions` on the wire,
+    `request.SamplingParams` in the engine."""
+
+    @property
+    def temperature(self) -> float: ...
+
+    @property
+    def top_p(self) -> float: ...
+
+    @property
+    def top_k(self) -> int: ...
+
+    @property
+    def seed(self) -> int | None: ...
+
+    @property
+    def stop_token_ids(self) -> Sequence[int]: ...
+
+
+def _is_number(value: object) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)  # type: ignore[arg-type]
+
+
+def validate_sampling(sampling: SamplingLike, vocab_size: int) -> None:
+    """Raise `InvalidRequestError` naming the first sampling field the engine could
+    not use. Ray callers reach the engine without the HTTP door, so the engine
+    checks every field itself (the door's checks are the same, by field name)."""
+    temperature = sampling.temperature
+    if not _is_number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
+        raise InvalidRequestError(
+            f"temperature must be a number in [0, {MAX_TEMPERATURE:g}]", "temperature"
+        )
+    top_p = sampling.top_p
+    if not _is_number(top_p) or not 0 < top_p <= 1:
+        raise InvalidRequestError("top_p must be a number in (0, 1]", "top_p")
+    if type(sampling.top_k) is not int or sampling.top_k < 0:
+        raise InvalidRequestError("top_k must be 0 (off) or a positive integer", "top_k")
+    seed = sampling.seed
+    if seed is not None and (type(seed) is not int or not SEED_MIN <= seed <= SEED_MAX):
+        raise InvalidRequestError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}]", "seed")
+    stop_ids = sampling.stop_token_ids
+    if stop_ids and (
+        not all(type(t) is int for t in stop_ids)
+        or min(stop_ids) < 0
+        or max(stop_ids) >= vocab_size
+    ):
+        raise InvalidRequestError(
+            f"stop_token_ids must be token ids in the vocabulary [0, {vocab_size})",
+            "stop_token_ids",
+        )
 
 
 def validate_generate(
@@ -42,8 +122,10 @@ def validate_generate(
     max_tokens: int | None,
     lora_name: str | None,
     limits: ModelLimits,
+    sampling: SamplingLike | None = None,
 ) -> None:
-    """Raise `InvalidRequestError` naming what is wrong with a request."""
+    """Raise `InvalidRequestError` naming what is wrong with a request (its
+    sampling too, when given)."""
     if not prompt_token_ids:
         raise InvalidRequestError("prompt is empty", "prompt")
     if len(prompt_token_ids) >= limits.max_model_len:
@@ -61,7 +143,7 @@ def validate_generate(
         )
     if lora_name is not None and lora_name not in limits.lora_names:
         raise InvalidRequestError(f"unknown LoRA adapter {lora_name!r}", "model")
-    if max_tokens is None or max_tokens < 1:
+    if type(max_tokens) is not int or max_tokens < 1:
         raise InvalidRequestError("max_tokens must be at least 1", "max_tokens")
     if len(prompt_token_ids) + max_tokens > limits.max_model_len:
         raise InvalidRequestError(
@@ -69,6 +151,8 @@ def validate_generate(
             f"the model's context of {limits.max_model_len} tokens",
             "max_tokens",
         )
+    if sampling is not None:
+        validate_sampling(sampling, limits.vocab_size)
 
 
 def lora_request_for(name: str | None, lora_names: Sequence[str]) -> LoRARequest | None:

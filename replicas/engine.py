@@ -11,6 +11,15 @@ Each `step()`:
    blocks, or a cost model) and take the tokens it sampled;
 5. frees finished requests and drains the cache's events into one batch.
 
+One bad request fails alone. A request whose scheduling, sampling or output
+raises is failed (`StepResult.failed`): its blocks past its computed tokens are
+dropped from the prefix cache (they were cached unwritten) and freed, and the
+step goes on for the rest. A step the executor fails as a whole cannot name its
+culprit, so it is run again one request at a time (`_execute_alone`): exact,
+because an executor raises before drawing any token and a rerun rewrites the
+same KV; only requests that fail alone are failed. The same step again costs one
+step per request, paid only when a step fails.
+
 Time comes from an injected clock and the step's duration is returned, never
 slept here. A simulated duration is virtual (`duration_is_real` False): the Ray
 actor sleeps it, the simulator jumps over it. A torch executor's duration is
@@ -19,6 +28,7 @@ the compute time already spent, which nobody sleeps again.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -42,6 +52,8 @@ from kvroute.replicas.request import (
     RequestStatus,
     SamplingParams,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,9 @@ class StepResult:
     events: KVEventBatch | None
     num_preempted: int = 0
     duration_is_real: bool = False  # True: `duration` already elapsed computing
+    # Requests that failed in this step, with their error; each is gone from the
+    # engine (blocks freed), and only they failed.
+    failed: dict[str, Exception] = field(default_factory=dict)
 
 
 @dataclass
@@ -142,6 +157,7 @@ class Engine:
             sampling_params.max_tokens,
             lora_request.lora_name if lora_request else None,
             self.limits,
+            sampling_params,
         )
 
     @property
@@ -249,6 +265,7 @@ class Engine:
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[_Tracked, int]] = []
         preempted = 0
+        failed: dict[str, Exception] = {}
 
         # 1. Running requests first, in admission order.
         index = 0
@@ -256,7 +273,11 @@ class Engine:
             tracked = self.running[index]
             req = tracked.request
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            scheduled_it, evicted = self._allocate_or_preempt(tracked, num_new)
+            try:
+                scheduled_it, evicted = self._allocate_or_preempt(tracked, num_new)
+            except Exception as exc:
+                self._fail(tracked, exc, failed)  # leaves `running`: same index next
+                continue
             preempted += evicted
             if not scheduled_it:
                 break  # it was the newest running request and had to go itself
@@ -273,11 +294,15 @@ class Engine:
         ):
             tracked = self.waiting[0]
             req = tracked.request
-            computed, num_hit = self.kv_cache.get_computed_blocks(req)
-            num_new = min(req.num_tokens - num_hit, budget)
-            blocks = self.kv_cache.allocate_slots(
-                req, num_new, num_hit, computed, full_sequence_must_fit=True
-            )
+            try:
+                computed, num_hit = self.kv_cache.get_computed_blocks(req)
+                num_new = min(req.num_tokens - num_hit, budget)
+                blocks = self.kv_cache.allocate_slots(
+                    req, num_new, num_hit, computed, full_sequence_must_fit=True
+                )
+            except Exception as exc:
+                self._fail(tracked, exc, failed)
+                continue
             if blocks is None:
                 break
             self.waiting.popleft()
@@ -292,7 +317,37 @@ class Engine:
 
         # 3. Execute: run the step, advance each request, take the token of
         #    each request whose known tokens are now all computed.
-        shape = StepShape(
+        num_scheduled = sum(n for _, n in scheduled)
+        scheduled, duration, tokens = self._execute(scheduled, failed)
+        finish = start + duration
+        outputs: list[RequestOutput] = []
+        for tracked, num_new in scheduled:
+            try:
+                output = self._advance(tracked, num_new, tokens, finish)
+            except Exception as exc:
+                self._fail(tracked, exc, failed)
+                continue
+            if output is not None:
+                outputs.append(output)
+        for tracked in [t for t in self.running if t.finish_reason is not None]:
+            self.running.remove(tracked)
+            self._finish(tracked)
+        self.num_steps += 1
+        self.num_preemptions += preempted
+        events_batch = self.take_event_batch(start)
+        return StepResult(
+            start_time=start,
+            duration=duration,
+            num_scheduled_tokens=num_scheduled,
+            outputs=outputs,
+            events=events_batch,
+            num_preempted=preempted,
+            duration_is_real=self.executor.measures_time,
+            failed=failed,
+        )
+
+    def _shape(self, scheduled: Sequence[tuple[_Tracked, int]]) -> StepShape:
+        return StepShape(
             prefill_tokens=sum(
                 n
                 for t, n in scheduled
@@ -308,7 +363,10 @@ class Engine:
                 for t, n in scheduled
             ),
         )
-        batch = [
+
+    @staticmethod
+    def _batch(scheduled: Sequence[tuple[_Tracked, int]]) -> list[ScheduledRequest]:
+        return [
             ScheduledRequest(
                 t.request,
                 t.request.num_computed_tokens,
@@ -317,39 +375,93 @@ class Engine:
             )
             for t, n in scheduled
         ]
-        executed = self.executor.execute(batch, shape)
-        duration = executed.duration
-        finish = start + duration
-        outputs: list[RequestOutput] = []
+
+    def _execute(
+        self, scheduled: list[tuple[_Tracked, int]], failed: dict[str, Exception]
+    ) -> tuple[list[tuple[_Tracked, int]], float, dict[str, int]]:
+        """Run the step: (the requests still in it, its duration, their tokens)."""
+        try:
+            executed = self.executor.execute(self._batch(scheduled), self._shape(scheduled))
+        except Exception as exc:
+            if len(scheduled) == 1:
+                self._fail(scheduled[0][0], exc, failed)
+                return [], 0.0, {}
+            logger.warning(
+                "a step of %d requests failed (%r); running each alone to find the culprit",
+                len(scheduled),
+                exc,
+            )
+            return self._execute_alone(scheduled, failed)
+        for tracked, _ in scheduled:
+            error = executed.failed.get(tracked.request.request_id)
+            if error is not None:
+                self._fail(tracked, error, failed)
+        kept = [(t, n) for t, n in scheduled if t.request.request_id not in executed.failed]
+        return kept, executed.duration, executed.token_ids
+
+    def _execute_alone(
+        self, scheduled: list[tuple[_Tracked, int]], failed: dict[str, Exception]
+    ) -> tuple[list[tuple[_Tracked, int]], float, dict[str, int]]:
+        """The step again, one request at a time, in schedule order; a request
+        that fails alone is failed. A later request of the step that hit one of
+        its blocks (cached this step, never written) is preempted: it recomputes
+        them, from its own tokens, later."""
+        kept: list[tuple[_Tracked, int]] = []
+        duration = 0.0
+        tokens: dict[str, int] = {}
+        tainted: set[int] = set()
         for tracked, num_new in scheduled:
-            req = tracked.request
-            req.num_computed_tokens += num_new
-            if req.num_computed_tokens < req.num_tokens:
-                continue  # a prefill chunk that did not reach the end
-            token = executed.token_ids[req.request_id]
-            req.append_output_token_ids(token)
-            if tracked.metrics.first_token_time is None:
-                tracked.metrics.first_token_time = finish
-            if req.num_output_tokens >= tracked.max_tokens:
-                tracked.finish_reason = "length"
-            elif token in tracked.stop_token_ids:
-                tracked.finish_reason = "stop"
-            outputs.append(self._output(tracked, finish))
-        for tracked in [t for t in self.running if t.finish_reason is not None]:
-            self.running.remove(tracked)
-            self._finish(tracked)
-        self.num_steps += 1
-        self.num_preemptions += preempted
-        events_batch = self.take_event_batch(start)
-        return StepResult(
-            start_time=start,
-            duration=duration,
-            num_scheduled_tokens=sum(n for _, n in scheduled),
-            outputs=outputs,
-            events=events_batch,
-            num_preempted=preempted,
-            duration_is_real=self.executor.measures_time,
+            if tainted and self._holds_any(tracked, tainted):
+                self.running.remove(tracked)
+                self._preempt(tracked)
+                continue
+            one = [(tracked, num_new)]
+            try:
+                executed = self.executor.execute(self._batch(one), self._shape(one))
+            except Exception as exc:
+                tainted |= self._fail(tracked, exc, failed)
+                continue
+            duration += executed.duration
+            error = executed.failed.get(tracked.request.request_id)
+            if error is not None:
+                self._fail(tracked, error, failed)
+                continue
+            tokens.update(executed.token_ids)
+            kept.append((tracked, num_new))
+        return kept, duration, tokens
+
+    def _holds_any(self, tracked: _Tracked, block_ids: set[int]) -> bool:
+        return any(
+            not block_ids.isdisjoint(group)
+            for group in self.kv_cache.get_block_ids(tracked.request.request_id)
         )
+
+    def _advance(
+        self, tracked: _Tracked, num_new: int, tokens: dict[str, int], finish: float
+    ) -> RequestOutput | None:
+        """Count a request's computed tokens; its output if it sampled a token."""
+        req = tracked.request
+        req.num_computed_tokens += num_new
+        if req.num_computed_tokens < req.num_tokens:
+            return None  # a prefill chunk that did not reach the end
+        token = tokens[req.request_id]
+        req.append_output_token_ids(token)
+        if tracked.metrics.first_token_time is None:
+            tracked.metrics.first_token_time = finish
+        if req.num_output_tokens >= tracked.max_tokens:
+            tracked.finish_reason = "length"
+        elif token in tracked.stop_token_ids:
+            tracked.finish_reason = "stop"
+        return self._output(tracked, finish)
+
+    def _fail(self, tracked: _Tracked, error: Exception, failed: dict[str, Exception]) -> set[int]:
+        """Drop a request the step failed for: its unwritten blocks leave the prefix
+        cache, the rest are freed. Returns the ids of the blocks dropped."""
+        request_id = tracked.request.request_id
+        dropped = self.kv_cache.uncache_uncomputed(tracked.request)
+        self.abort_request(request_id)
+        failed[request_id] = error
+        return dropped
 
     def _fused_decode(self, max_steps: int, deadline: float | None) -> StepResult | None:
         """k decode steps of an all-decoding batch, or None when not applicable.

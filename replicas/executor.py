@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvroute.replicas.request import Request
@@ -41,6 +41,9 @@ class ScheduledRequest:
 class StepOutput:
     duration: float
     token_ids: dict[str, int]  # request id -> sampled token, for requests with `sample`
+    # Requests whose own part of the step failed (their sampling), with the error:
+    # the step's other tokens stand.
+    failed: dict[str, Exception] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,12 @@ class CostModel:
 
 
 class Executor(Protocol):
+    """Runs steps. `execute` either returns, reporting in `StepOutput.failed` any
+    request whose own part failed, or raises before drawing any token, so the
+    engine may run the same step again (request by request) and get the tokens a
+    step that never failed would have drawn. Rerunning a step rewrites the same
+    KV slots with the same values."""
+
     # True: `duration` is wall time the step already took (never sleep it again).
     # False: virtual time that the caller lets pass (sleeps it, or jumps over it).
     measures_time: bool

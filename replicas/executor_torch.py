@@ -68,13 +68,16 @@ class TorchExecutor:
         # Sampling runs on the CPU, where each request's generator lives.
         logits = self.forward(batch).cpu()
         sampled = [s for s in batch if s.sample]
-        tokens = {
-            s.request.request_id: self.sampler.sample(
-                s.request.request_id, s.request.sampling_params or _GREEDY, logits[i]
-            )
-            for i, s in enumerate(sampled)
-        }
-        return StepOutput(time.perf_counter() - started, tokens)
+        tokens: dict[str, int] = {}
+        failed: dict[str, Exception] = {}
+        for i, s in enumerate(sampled):
+            request_id = s.request.request_id
+            try:
+                params = s.request.sampling_params or _GREEDY
+                tokens[request_id] = self.sampler.sample(request_id, params, logits[i])
+            except Exception as exc:  # its own generator or parameters: it fails alone
+                failed[request_id] = exc
+        return StepOutput(time.perf_counter() - started, tokens, failed)
 
     @torch.inference_mode()
     def forward(self, batch: Sequence[ScheduledRequest]) -> torch.Tensor:

@@ -9,6 +9,12 @@ duration if it was simulated (a torch executor's step already took its time;
 the loop then only yields), and resolves the requests that produced tokens.
 Because steps and `snapshot()` share the event loop, a snapshot is always
 consistent with the publisher's next seq.
+
+A request the engine fails (`StepResult.failed`) ends alone with
+`RequestFailedError`, its cause logged once with its id. If the loop itself
+dies, the error is logged once with the requests in flight, each of them ends
+with `EngineDeadError`, `serving` turns False, `load()` and new requests raise
+`EngineDeadError`, and `on_death` runs (the Ray actor exits, so Ray restarts it).
 """
 
 from __future__ import annotations
@@ -16,20 +22,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from kvroute.events.kv_events import KVEventBatch, without_token_ids
 from kvroute.events.publisher import ZmqEventPublisher
 from kvroute.replicas.api import (
+    EngineDeadError,
     GenerateRequest,
     GenerateResult,
     ReplicaCounters,
     ReplicaLoad,
     RequestAbortedError,
+    RequestFailedError,
     Snapshot,
     StreamChunk,
     lora_request_for,
+    validate_sampling,
 )
 from kvroute.replicas.engine import Engine, RequestOutput
 from kvroute.replicas.kv_cache.utils import BlockHash
@@ -40,9 +49,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Flight:
-    """A request in the engine: its outputs arrive on `queue` (None: aborted)."""
+    """A request in the engine: its outputs arrive on `queue` (None: aborted; an
+    exception: it failed, raise it)."""
 
-    queue: asyncio.Queue[RequestOutput | None] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[RequestOutput | Exception | None] = field(default_factory=asyncio.Queue)
     started: bool = False  # produced a token: its prompt is counted
 
 
@@ -59,8 +69,11 @@ class ReplicaCore:
         engine: Engine,
         lora_names: tuple[str, ...] = (),
         publish_token_ids: bool = True,
+        on_death: Callable[[], None] | None = None,
     ) -> None:
         self.replica_id = replica_id
+        self.on_death = on_death
+        self.death: BaseException | None = None  # what stopped the loop, once it has
         self.engine = engine
         self.lora_names = lora_names
         self.publish_token_ids = publish_token_ids
@@ -98,7 +111,9 @@ class ReplicaCore:
         """Hand a request to the engine; its outputs arrive on the flight's queue."""
         if self._wake is None:
             raise RuntimeError(f"replica {self.replica_id} is not started")
+        self._check_alive()
         sampling = request.sampling
+        validate_sampling(sampling, self.engine.config.vocab_size)
         self.engine.add_request(
             request.request_id,
             request.prompt_token_ids,
@@ -166,7 +181,16 @@ class ReplicaCore:
         out = await flight.queue.get()
         if out is None:
             raise RequestAbortedError(f"request {request_id} was aborted")
+        if isinstance(out, Exception):
+            raise out
         return out
+
+    def _dead(self) -> EngineDeadError:
+        return EngineDeadError(f"the engine of replica {self.replica_id} has stopped")
+
+    def _check_alive(self) -> None:
+        if self.death is not None:
+            raise self._dead()
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks (the caller left, or timed out): the
@@ -197,6 +221,25 @@ class ReplicaCore:
     # -------------------------------------------------------------------- loop
 
     async def _run(self) -> None:
+        """Serve until cancelled; a death is logged once and told to every waiter."""
+        try:
+            await self._serve()
+        except Exception as exc:
+            self.death = exc
+            logger.error(
+                "the engine loop of replica %s died in step %d; requests in flight: %s",
+                self.replica_id,
+                self.steps,
+                ", ".join(list(self._flights)[:16]) or "none",
+                exc_info=exc,
+            )
+            flights, self._flights = self._flights, {}
+            for flight in flights.values():
+                flight.queue.put_nowait(self._dead())
+            if self.on_death is not None:
+                self.on_death()
+
+    async def _serve(self) -> None:
         assert self._wake is not None
         while True:
             if not self.engine.has_work:
@@ -209,6 +252,16 @@ class ReplicaCore:
             if result.events is not None:
                 self.publish(result.events)
             await asyncio.sleep(0.0 if result.duration_is_real else result.duration)
+            for request_id, error in result.failed.items():
+                logger.error(
+                    "request %s failed in the engine of replica %s; it was dropped",
+                    request_id,
+                    self.replica_id,
+                    exc_info=error,
+                )
+                failed = self._flights.pop(request_id, None)
+                if failed is not None:
+                    failed.queue.put_nowait(RequestFailedError(request_id))
             for out in result.outputs:
                 self._count_output(out)
                 flight = self._flights.get(out.request_id)
@@ -250,6 +303,8 @@ class ReplicaCore:
         return Snapshot(next_seq, self.engine.snapshot_batch())
 
     def load(self) -> ReplicaLoad:
+        """The engine's load; EngineDeadError once the loop has died (not ready)."""
+        self._check_alive()
         return self.engine.load()
 
     def counters(self) -> ReplicaCounters:

@@ -27,7 +27,12 @@ from typing import Any, TypeVar
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from kvroute.replicas.api import InvalidRequestError, RequestAbortedError
+from kvroute.replicas.api import (
+    EngineDeadError,
+    InvalidRequestError,
+    RequestAbortedError,
+    RequestFailedError,
+)
 from kvroute.replicas.http_server.backend import ReplicaBackend, ServedModel
 from kvroute.replicas.http_server.generation import ReplicaCall, ReplicaGenerator
 from kvroute.replicas.http_server.metrics import ReplicaCollector
@@ -62,6 +67,10 @@ def _reply_to(exc: Exception) -> web.Response | None:
         return _status_error(400, str(exc), exc.param)
     if isinstance(exc, RequestAbortedError):  # the server is shutting down
         return _status_error(503, "the server is shutting down")
+    if isinstance(exc, EngineDeadError):  # logged once, by the core
+        return _status_error(503, "the engine has stopped")
+    if isinstance(exc, RequestFailedError):  # its cause is logged by the core
+        return _status_error(500, str(exc))
     return None
 
 
@@ -96,26 +105,37 @@ def _sse_line(payload: dict[str, Any]) -> bytes:
 
 async def _sse(request: web.Request, chunks: AsyncIterator[dict[str, Any]]) -> web.StreamResponse:
     """Server-sent events; a failure once the stream has begun is vLLM's error event,
-    then `[DONE]`."""
+    then `[DONE]`. A client that leaves mid-stream is a DEBUG line, not an error."""
     async with contextlib.aclosing(chunks):
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
         try:
-            async for chunk in chunks:
-                await response.write(_sse_line(chunk))
-        except Exception as exc:
-            reply = _reply_to(exc)
-            if reply is None or reply.text is None:
-                logger.exception("stream %s failed", request.path)
-                body = error_body("internal error", "InternalServerError", None, 500)
-            else:
-                body = json.loads(reply.text)
-            await response.write(_sse_line(body))
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+            await _stream(request, response, chunks)
+        except ConnectionResetError:
+            logger.debug("stream %s: the client disconnected", request.path)
     return response
+
+
+async def _stream(
+    request: web.Request, response: web.StreamResponse, chunks: AsyncIterator[dict[str, Any]]
+) -> None:
+    try:
+        async for chunk in chunks:
+            await response.write(_sse_line(chunk))
+    except ConnectionResetError:
+        raise
+    except Exception as exc:
+        reply = _reply_to(exc)
+        if reply is None or reply.text is None:
+            logger.exception("stream %s failed", request.path)
+            body = error_body("internal error", "InternalServerError", None, 500)
+        else:
+            body = json.loads(reply.text)
+        await response.write(_sse_line(body))
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
 
 
 def build_replica_app(

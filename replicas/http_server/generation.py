@@ -18,7 +18,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvroute.replicas.api import GenerateRequest, GenerateResult, validate_generate
+from kvroute.replicas.api import (
+    GenerateRequest,
+    GenerateResult,
+    validate_generate,
+    validate_sampling,
+)
 from kvroute.replicas.http_server.backend import ReplicaBackend, ServedModel
 from kvroute.router.openai.chat import ChatTemplate
 from kvroute.router.openai.detokenize import TextAssembler
@@ -122,6 +127,7 @@ class ReplicaGenerator:
         for p, prompt in enumerate(prompts):
             for j in range(params.n):
                 unit = params.inputs(prompt, j, lora_name)
+                validate_sampling(unit.sampling, limits.vocab_size)
                 choices.append(
                     Choice(
                         index=len(choices),

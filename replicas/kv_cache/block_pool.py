@@ -348,6 +348,11 @@ class BlockPool:
         else:
             self.free_block_queue.append_n(released)
 
+    def uncache(self, blocks: Iterable[KVCacheBlock]) -> list[int]:
+        """Drop `blocks` from the cache map whatever their references (each with a
+        BlockRemoved); the ids of those that were cached."""
+        return [b.block_id for b in blocks if not b.is_null and self._maybe_evict_cached_block(b)]
+
     def evict_blocks(self, block_ids: Iterable[int]) -> None:
         """Evict specific cached blocks that nobody references (for tests and resync)."""
         for block_id in block_ids:

@@ -256,6 +256,20 @@ class KVCacheManager:
         """Release a finished or preempted request's blocks (tail blocks first)."""
         self.coordinator.free(request.request_id)
 
+    def uncache_uncomputed(self, request: Request) -> set[int]:
+        """Drop from the prefix cache the request's blocks past its computed tokens.
+
+        A block is cached when it is allocated, before the step that writes its KV
+        runs; if that step failed for the request, no later request may hit it.
+        Blocks before `num_computed_tokens` were written by earlier steps (or were
+        hits) and stay cached. Returns the ids of the blocks dropped."""
+        groups = self.kv_cache_config.kv_cache_groups
+        dropped: set[int] = set()
+        for group, blocks in enumerate(self.coordinator.get_blocks(request.request_id)):
+            first = request.num_computed_tokens // groups[group].kv_cache_spec.block_size
+            dropped.update(self.block_pool.uncache(blocks[first:]))
+        return dropped
+
     def reset_prefix_cache(self) -> bool:
         """Drop every cached hash; False (and nothing dropped) while blocks are in use."""
         if not self.block_pool.reset_prefix_cache():

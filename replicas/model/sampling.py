@@ -13,6 +13,7 @@ import zlib
 
 import torch
 
+from kvroute.replicas.api import MIN_TEMPERATURE
 from kvroute.replicas.request import SamplingParams
 
 
@@ -25,7 +26,10 @@ class Sampler:
         """One token from float32 logits [vocab]."""
         if params.temperature <= 0.0:
             return int(logits.argmax())
-        logits = _top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+        # As vLLM does, a tiny temperature is raised to MIN_TEMPERATURE: dividing
+        # logits by less overflows them to inf, and softmax to NaN.
+        temperature = max(params.temperature, MIN_TEMPERATURE)
+        logits = _top_k_top_p(logits / temperature, params.top_k, params.top_p)
         probs = torch.softmax(logits, dim=-1)
         noise = torch.empty_like(probs).exponential_(generator=self._generator(request_id, params))
         # argmax(p / E) with E ~ Exp(1) draws from p (the exponential race).

@@ -10,15 +10,36 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from kvroute.events.kv_events import KVEventDecoder
-from kvroute.replicas.api import GenerateRequest, GenerateResult, ReplicaLoad, Snapshot, StreamChunk
+from kvroute.replicas.api import (
+    EngineDeadError,
+    GenerateRequest,
+    GenerateResult,
+    InvalidRequestError,
+    ReplicaLoad,
+    RequestFailedError,
+    Snapshot,
+    StreamChunk,
+)
 from kvroute.router.engines.backends import ReplicaUnavailableError
 from kvroute.router.engines.kind import EngineKind
 from kvroute.router.index.hit_rules import VLLM_HIT_RULE
 
 ACTOR_GONE = (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+def _replica_error(exc: RayTaskError) -> Exception:
+    """What a replica raised, as the router answers it: its own exception (its
+    message, not Ray's traceback) for a refused or failed request; a stopped
+    engine is an unavailable replica."""
+    cause = exc.cause
+    if isinstance(cause, EngineDeadError):
+        return ReplicaUnavailableError(str(cause))
+    if isinstance(cause, InvalidRequestError | RequestFailedError):
+        return cause
+    return exc
 
 
 class RayReplica:
@@ -32,6 +53,8 @@ class RayReplica:
             return await self.handle.generate.remote(request)
         except ACTOR_GONE as exc:
             raise ReplicaUnavailableError(str(exc)) from None
+        except RayTaskError as exc:
+            raise _replica_error(exc) from None
 
     async def generate_stream(
         self, request: GenerateRequest
@@ -42,6 +65,8 @@ class RayReplica:
                 yield await ref
         except ACTOR_GONE as exc:
             raise ReplicaUnavailableError(str(exc)) from None
+        except RayTaskError as exc:
+            raise _replica_error(exc) from None
 
     def abort(self, request_id: str) -> None:
         self.handle.abort.remote(request_id)

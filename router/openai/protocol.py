@@ -6,9 +6,12 @@ OpenAI's error body. Every sampling parameter a client may send is either carrie
 to the replica or refused by name: none is silently dropped. Fields this server
 does not know at all are ignored, as OpenAI-compatible servers do.
 
-Values that need the model (prompt length, token ids in the vocabulary, the
-context) are checked later, against the model's limits, by
-`replicas.api.validate_generate`.
+Every sampling value the engine will use is range-checked here, as vLLM's
+`SamplingParams` checks it (temperature in [0, 2], top_p in (0, 1], top_k 0 or
+-1 for off, no empty stop string) and every seed the engine will use, seed + j
+for choice j, within `SEED_MIN`..`SEED_MAX`. Values that need the model (prompt
+length, token ids in the vocabulary, stop token ids too, the context) are checked
+later, against the model's limits, by `replicas.api.validate_generate`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,15 @@ from typing import Any, Protocol
 
 import msgspec
 
-from kvroute.replicas.api import GenerateResult, InvalidRequestError, SamplingOptions, StreamChunk
+from kvroute.replicas.api import (
+    MAX_TEMPERATURE,
+    SEED_MAX,
+    SEED_MIN,
+    GenerateResult,
+    InvalidRequestError,
+    SamplingOptions,
+    StreamChunk,
+)
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_N = 16
@@ -257,16 +268,27 @@ def _params(body: dict[str, Any], default_max_tokens: int | None) -> GenerationP
     if max_tokens is None:
         max_tokens = _int(body, "max_completion_tokens", default_max_tokens, 1)
     stop_token_ids = body.get("stop_token_ids")
-    if stop_token_ids is not None and not _token_list(stop_token_ids):
-        raise InvalidRequestError("`stop_token_ids` must be a list of token ids", "stop_token_ids")
-    seed = body.get("seed")
-    if seed is not None and type(seed) is not int:
-        raise InvalidRequestError("`seed` must be an integer", "seed")
+    if stop_token_ids is not None and (
+        not _token_list(stop_token_ids) or (stop_token_ids and min(stop_token_ids) < 0)
+    ):
+        raise InvalidRequestError(
+            "`stop_token_ids` must be a list of non-negative token ids", "stop_token_ids"
+        )
+    n = _int(body, "n", 1, 1)
+    assert n is not None
+    if n > MAX_N:
+        raise InvalidRequestError(f"`n` must be at most {MAX_N}, got {n}", "n")
     sampling = SamplingOptions(
-        temperature=_number(body, "temperature", 1.0, lambda v: 0 <= v <= 2, "in [0, 2]"),
+        temperature=_number(
+            body,
+            "temperature",
+            1.0,
+            lambda v: 0 <= v <= MAX_TEMPERATURE,
+            f"in [0, {MAX_TEMPERATURE:g}]",
+        ),
         top_p=_number(body, "top_p", 1.0, lambda v: 0 < v <= 1, "in (0, 1]"),
         top_k=_top_k(body),
-        seed=seed,
+        seed=_seed(body, n),
         stop_token_ids=tuple(stop_token_ids or ()),
         ignore_eos=_bool(body, "ignore_eos"),
     )
@@ -277,10 +299,6 @@ def _params(body: dict[str, Any], default_max_tokens: int | None) -> GenerationP
             "`stream_options` must be an object, and only with `stream: true`", "stream_options"
         )
     include_usage = _bool(options, "include_usage") if options else False
-    n = _int(body, "n", 1, 1)
-    assert n is not None
-    if n > MAX_N:
-        raise InvalidRequestError(f"`n` must be at most {MAX_N}, got {n}", "n")
     timeout = body.get("timeout")
     if timeout is not None:
         timeout = _number(body, "timeout", 0.0, lambda v: v > 0, "a positive number of seconds")
@@ -297,6 +315,23 @@ def _params(body: dict[str, Any], default_max_tokens: int | None) -> GenerationP
         cache_salt=body.get("cache_salt"),
         request_id=body.get("request_id"),
     )
+
+
+def _seed(body: dict[str, Any], n: int) -> int | None:
+    """The request's seed: choice j samples with seed + j, so seed + n - 1 must
+    fit too (torch's generator refuses a seed out of range, mid-step)."""
+    seed = body.get("seed")
+    if seed is None:
+        return None
+    if type(seed) is not int:
+        raise InvalidRequestError("`seed` must be an integer", "seed")
+    if not SEED_MIN <= seed <= SEED_MAX - (n - 1):
+        raise InvalidRequestError(
+            f"`seed` must be in [{SEED_MIN}, {SEED_MAX}], and so must `seed` + `n` - 1 "
+            f"(choice j samples with seed + j); got {seed} with n = {n}",
+            "seed",
+        )
+    return seed
 
 
 def _top_k(body: dict[str, Any]) -> int:

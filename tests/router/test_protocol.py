@@ -112,6 +112,18 @@ def test_choices_of_a_seeded_request_get_consecutive_seeds() -> None:
     assert [params.inputs("x", j, None).sampling.seed for j in range(3)] == [40, 41, 42]
 
 
+def test_every_seed_the_choices_use_must_fit_a_64_bit_signed_integer() -> None:
+    """Choice j samples with seed + j: seed + n - 1 must fit too."""
+    top = 2**63 - 1
+    assert (
+        parse_completions({"prompt": "x", "n": 3, "seed": top - 2}).params.sampling.seed == top - 2
+    )
+    assert parse_completions({"prompt": "x", "seed": -(2**63)}).params.sampling.seed == -(2**63)
+    with pytest.raises(InvalidRequestError, match=r"got 9223372036854775806 with n = 3$") as caught:
+        parse_completions({"prompt": "x", "n": 3, "seed": top - 1})
+    assert caught.value.param == "seed"
+
+
 @pytest.mark.parametrize("body", [None, [], "prompt", 3, True], ids=repr)
 def test_a_body_that_is_not_an_object_is_refused(body: Any) -> None:
     with pytest.raises(InvalidRequestError, match=r"^the request body must be a JSON object$"):
@@ -159,7 +171,10 @@ def test_a_prompt_that_is_neither_text_nor_token_ids_is_refused(prompt: Any) -> 
         ("stop", 5, "`stop` must be a non-empty string or a list of them"),
         ("stop", ["a", ""], "`stop` must be a non-empty string or a list of them"),
         ("stop", ["a", "b", "c", "d", "e"], "`stop` takes at most 4 sequences"),
-        ("stop_token_ids", [1, "2"], "`stop_token_ids` must be a list of token ids"),
+        ("stop_token_ids", [1, "2"], "`stop_token_ids` must be a list of non-negative token ids"),
+        ("stop_token_ids", [1, -1], "`stop_token_ids` must be a list of non-negative token ids"),
+        ("seed", 2**64, r"`seed` must be in \[-9223372036854775808, 9223372036854775807\]"),
+        ("seed", -(2**63) - 1, r"`seed` must be in \[-9223372036854775808, 9223372036854775807\]"),
         ("stream", "yes", "`stream` must be true or false"),
         ("ignore_eos", 1, "`ignore_eos` must be true or false"),
         ("echo", "no", "`echo` must be true or false"),

@@ -78,3 +78,14 @@ def test_top_k_one_is_greedy_and_top_p_keeps_the_nucleus() -> None:
     # (over the whole vocabulary it had 0.46 and token 3 stayed, as above).
     kept = _top_k_top_p(logits, top_k=2, top_p=0.5)
     assert torch.isfinite(kept).tolist() == [False, True, False, False, False]
+
+
+def test_a_tiny_temperature_samples_as_the_minimum_one_instead_of_overflowing() -> None:
+    """Logits over 1e-300 overflow to inf and softmax to NaN; like vLLM, the sampler
+    raises such a temperature to 0.01."""
+    logits = torch.linspace(-3.0, 3.0, 50)
+    tiny = SamplingParams(temperature=1e-300, seed=5)
+    floor = SamplingParams(temperature=0.01, seed=5)
+    drawn = [Sampler().sample(f"r{i}", tiny, logits) for i in range(5)]
+    assert drawn == [Sampler().sample(f"r{i}", floor, logits) for i in range(5)]
+    assert drawn == [49] * 5  # at 0.01 the top logit takes almost all the mass
