@@ -49,7 +49,7 @@ from kvroute.replicas.api import ReplicaLoad
 from kvroute.replicas.clock import VirtualClock
 from kvroute.replicas.factory import build_engine
 from kvroute.replicas.kv_cache.prompt import PromptKeys
-from kvroute.router.core import Router, RouterSettings
+from kvroute.router.core import Router, router_settings
 from kvroute.router.index.kv_index import KVIndex
 from kvroute.router.policy import make_policy
 
@@ -203,14 +203,7 @@ def fresh_router(config: BenchConfig, replicas: int) -> Router:
     settings = config.replica_settings()
     engine = build_engine(settings, VirtualClock())
     router = Router(
-        RouterSettings(
-            hash_algo=settings.hashing.algo,
-            hash_seed=settings.hashing.seed,
-            hash_block_size=settings.model.hash_block_size,
-            prediction_ttl_s=config.router.prediction_ttl_s,
-            reuse_memory=config.router.reuse_memory,
-            cluster_blocks=settings.model.num_blocks * replicas,
-        ),
+        router_settings(config.router, settings.hashing, settings.model, replicas),
         make_policy(config.router.policy, **config.router.policy_options),
     )
     for r in range(replicas):

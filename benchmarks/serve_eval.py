@@ -51,9 +51,11 @@ from tqdm import tqdm
 from kvroute.benchmarks.cluster import drive
 from kvroute.benchmarks.tier import CpuMeter, Round, actor_pid, render_table, summarize
 from kvroute.replicas.api import ModelLimits, ReplicaLoad
+from kvroute.replicas.config import HashingConfig, ModelConfig
 from kvroute.replicas.kv_cache.prompt import PromptKeys
 from kvroute.replicas.kv_cache.specs import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
-from kvroute.router.core import Registration, Router, RouterSettings
+from kvroute.router.config import RouterConfig
+from kvroute.router.core import Registration, Router, router_settings
 from kvroute.router.policy import make_policy
 
 REPLY = {"id": "cmpl-0", "object": "text_completion", "choices": [{"index": 0, "text": "ok"}]}
@@ -86,8 +88,12 @@ def routing_core() -> Router:
             )
         ],
     )
-    settings = RouterSettings(
-        hash_algo="sha256", hash_seed="serve-eval", hash_block_size=BLOCK, reuse_memory=0.0
+    settings = router_settings(
+        RouterConfig(reuse_memory=0.0),
+        HashingConfig(algo="sha256", seed="serve-eval"),
+        ModelConfig(),
+        ROUTED_REPLICAS,
+        hash_block_size=BLOCK,
     )
     core = Router(settings, make_policy("kv_aware"))
     for i in range(ROUTED_REPLICAS):

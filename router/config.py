@@ -26,6 +26,7 @@ from kvroute.replicas.config import (
     Struct,
 )
 from kvroute.replicas.model.kv_memory import resolve_model
+from kvroute.router.index.predictions import DEFAULT_PREDICTION_TTL_S
 from kvroute.router.policy import check_policy
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -35,7 +36,7 @@ AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
 class RouterConfig(Struct):
     policy: str = "kv_aware"
     policy_options: dict[str, Any] = msgspec.field(default_factory=dict)
-    prediction_ttl_s: Positive = 2.0
+    prediction_ttl_s: Positive = DEFAULT_PREDICTION_TTL_S
     # Eviction hints: remember this many times (replicas x model.num_blocks) prompt
     # blocks (0: no hints). Only replicas with `probation_fraction` use them.
     reuse_memory: Annotated[float, msgspec.Meta(ge=0)] = 0.0

@@ -23,18 +23,22 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 import numpy as np
 
 from kvroute.events.kv_events import KVEventBatch
 from kvroute.replicas.api import InvalidRequestError, ModelLimits, ReplicaLoad, validate_generate
+from kvroute.replicas.config import HashingConfig, ModelConfig
 from kvroute.replicas.kv_cache.prompt import HashedPrompt, PromptKeys
 from kvroute.replicas.kv_cache.specs import KVCacheConfig
+from kvroute.router.config import RouterConfig
 from kvroute.router.index.hit_rules import VLLM_HIT_RULE, HitRule
 from kvroute.router.index.kv_index import HashMode, KVIndex
 from kvroute.router.policy import Candidate, RouteRequest, RoutingPolicy
@@ -61,22 +65,47 @@ class ReplicasBusyError(RuntimeError):
 
 @dataclass(frozen=True)
 class RouterSettings:
-    """What the core needs from the cluster config."""
+    """What the core needs from the cluster config. Build it with `router_settings`:
+    every knob the config holds has its one default there (`RouterConfig`)."""
 
     hash_algo: str
     hash_seed: str
     hash_block_size: int
-    prediction_ttl_s: float = 2.0
-    use_predictions: bool = True
+    prediction_ttl_s: float
     # Remember this many times the cluster's KV blocks of prompt prefixes (0: off).
-    reuse_memory: float = 0.0
-    cluster_blocks: int = 0
-    max_retries: int = 2
+    reuse_memory: float
+    cluster_blocks: int
+    max_retries: int
     # Admission: a replica takes no more requests in flight, and no more queued
     # prefill tokens, than these (None: no limit). An idle replica always admits one.
-    max_requests_per_replica: int | None = None
-    max_queued_prefill_tokens: int | None = None
+    max_requests_per_replica: int | None
+    max_queued_prefill_tokens: int | None
+    # Off only in the simulator, to measure what predictions are worth.
+    use_predictions: bool = True
     retry_after_s: float = 1.0
+
+
+def router_settings(
+    router: RouterConfig,
+    hashing: HashingConfig,
+    model: ModelConfig,
+    engine_count: int,
+    **overrides: Any,
+) -> RouterSettings:
+    """The core's settings from a config's sections, for `engine_count` engines;
+    `overrides` replace single fields (benchmarks and tests)."""
+    settings = RouterSettings(
+        hash_algo=hashing.algo,
+        hash_seed=hashing.seed,
+        hash_block_size=model.hash_block_size,
+        prediction_ttl_s=router.prediction_ttl_s,
+        reuse_memory=router.reuse_memory,
+        cluster_blocks=model.num_blocks * engine_count,
+        max_retries=router.max_retries,
+        max_requests_per_replica=router.max_requests_per_replica,
+        max_queued_prefill_tokens=router.max_queued_prefill_tokens,
+    )
+    return dataclasses.replace(settings, **overrides) if overrides else settings
 
 
 @dataclass(frozen=True)

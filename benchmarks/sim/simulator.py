@@ -41,7 +41,9 @@ from kvroute.replicas.engine import Engine, RequestOutput
 from kvroute.replicas.factory import build_engine
 from kvroute.replicas.kv_cache.prompt import PromptKeys
 from kvroute.replicas.request import SamplingParams
-from kvroute.router.core import Decision, Registration, Router, RouterSettings
+from kvroute.router.config import RouterConfig
+from kvroute.router.core import Decision, Registration, Router, router_settings
+from kvroute.router.index.predictions import DEFAULT_PREDICTION_TTL_S
 from kvroute.router.policy import make_policy
 from kvroute.router.tier.peer import DecisionOrigin, PeerDecision, PeerDecisionCodec
 
@@ -59,7 +61,7 @@ class SimConfig:
     policy: str = "kv_aware"
     policy_options: dict[str, Any] = field(default_factory=dict)
     use_predictions: bool = True
-    prediction_ttl_s: float = 2.0
+    prediction_ttl_s: float = DEFAULT_PREDICTION_TTL_S
     reuse_memory: float = 0.0
     event_delay_s: float = 0.005
     event_drop_rate: float = 0.0
@@ -239,14 +241,14 @@ class Simulator:
         """One router of the tier: its own index, policy (seeded alike) and reuse memory."""
         config, settings = self.config, self.config.settings
         router = Router(
-            RouterSettings(
-                hash_algo=settings.hashing.algo,
-                hash_seed=settings.hashing.seed,
-                hash_block_size=settings.model.hash_block_size,
+            router_settings(
+                RouterConfig(),
+                settings.hashing,
+                settings.model,
+                config.replicas,
                 prediction_ttl_s=config.prediction_ttl_s,
                 use_predictions=config.use_predictions,
                 reuse_memory=config.reuse_memory,
-                cluster_blocks=settings.model.num_blocks * config.replicas,
             ),
             make_policy(config.policy, **config.policy_options),
             clock=self.clock.now,

@@ -2,7 +2,7 @@
 
 A router written for vLLM can proxy to it unchanged: the bodies, stream chunks,
 errors and metric names are vLLM's (`replica_responses`, `replica_metrics`).
-Requests go straight to one engine through a `ReplicaBackend`
+Requests go straight to one engine through a `ServedEngine`
 (`replicas.serving.ReplicaCore`) by `replica_generation`; there is no routing here.
 
 This module is the aiohttp app: routes, vLLM's errors, server-sent events.
@@ -33,7 +33,7 @@ from kvroute.replicas.api import (
     RequestAbortedError,
     RequestFailedError,
 )
-from kvroute.replicas.http_server.backend import ReplicaBackend, ServedModel
+from kvroute.replicas.http_server.backend import ServedEngine, ServedModel
 from kvroute.replicas.http_server.generation import ReplicaCall, ReplicaGenerator
 from kvroute.replicas.http_server.metrics import ReplicaCollector
 from kvroute.replicas.http_server.responses import ReplicaFrontend
@@ -139,7 +139,7 @@ async def _stream(
 
 
 def build_replica_app(
-    backend: ReplicaBackend, model: ServedModel, tokenizer: Tokenizer, template: ChatTemplate
+    backend: ServedEngine, model: ServedModel, tokenizer: Tokenizer, template: ChatTemplate
 ) -> web.Application:
     generator = ReplicaGenerator(backend, model, tokenizer, template)
     front = ReplicaFrontend(generator)

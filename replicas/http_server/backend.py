@@ -20,7 +20,7 @@ from kvroute.replicas.api import (
 )
 
 
-class ReplicaBackend(Protocol):
+class ServedEngine(Protocol):
     """What the HTTP face needs from the engine behind it."""
 
     @property

@@ -24,7 +24,7 @@ from kvroute.replicas.api import (
     validate_generate,
     validate_sampling,
 )
-from kvroute.replicas.http_server.backend import ReplicaBackend, ServedModel
+from kvroute.replicas.http_server.backend import ServedEngine, ServedModel
 from kvroute.router.openai.chat import ChatTemplate
 from kvroute.router.openai.detokenize import TextAssembler
 from kvroute.router.openai.interleave import interleave
@@ -85,7 +85,7 @@ class ReplicaGenerator:
 
     def __init__(
         self,
-        backend: ReplicaBackend,
+        backend: ServedEngine,
         model: ServedModel,
         tokenizer: Tokenizer,
         template: ChatTemplate,

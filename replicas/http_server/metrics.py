@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kvroute.replicas.http_server.backend import ReplicaBackend, ServedModel
+from kvroute.replicas.http_server.backend import ServedEngine, ServedModel
 
 METRIC_HELP = {
     "num_requests_running": "Number of requests in model execution batches.",
@@ -24,7 +24,7 @@ class ReplicaCollector(Collector):
     """vLLM's metric names, read from the backend at scrape time (levels as gauges,
     totals as counters), labelled `model_name` and `engine` as vLLM labels them."""
 
-    def __init__(self, backend: ReplicaBackend, model: ServedModel) -> None:
+    def __init__(self, backend: ServedEngine, model: ServedModel) -> None:
         self._backend = backend
         self._labels = [model.name, str(model.engine_index)]
 

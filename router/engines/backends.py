@@ -1,6 +1,6 @@
 """How the router reaches an engine: one interface, a transport per kind of engine.
 
-The service routes with the core and then calls a `Backend`; it never knows
+The service routes with the core and then calls a `EngineBackend`; it never knows
 whether the engine is one of kvroute's Ray actors (`RayReplica`) or an external
 server reached over HTTP (`HttpEngine`, built by its engine kind).
 
@@ -27,7 +27,7 @@ class ReplicaUnavailableError(RuntimeError):
     """The engine cannot serve: it is gone, unreachable or failing."""
 
 
-class Backend(Protocol):
+class EngineBackend(Protocol):
     async def generate(self, request: GenerateRequest) -> GenerateResult: ...
 
     def generate_stream(

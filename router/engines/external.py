@@ -26,14 +26,14 @@ from kvroute.replicas.api import ModelLimits
 from kvroute.replicas.kv_cache.coordinator import default_scheduler_block_size
 from kvroute.router.config import Config, ExternalEngineConfig
 from kvroute.router.core import Registration
-from kvroute.router.engines.backends import Backend
+from kvroute.router.engines.backends import EngineBackend
 from kvroute.router.engines.kind import EngineAddress
 from kvroute.router.engines.link import ReplicaLink
 from kvroute.router.engines.registry import external_kind
 
 logger = logging.getLogger(__name__)
 
-Admit = Callable[[Registration, Backend, SourceSpec, str | None], None]
+Admit = Callable[[Registration, EngineBackend, SourceSpec, str | None], None]
 
 
 def external_registration(engine: ExternalEngineConfig, config: Config) -> Registration:

@@ -1,4 +1,4 @@
-"""An engine reached over HTTP as a `Backend`: an OpenAI-style streamed completion.
+"""An engine reached over HTTP as a `EngineBackend`: an OpenAI-style streamed completion.
 
 What to send and which load metrics to read is the engine kind's `RequestDialect`
 (`router/engines/vllm.py` for vLLM); this module is the transport. Each upstream SSE

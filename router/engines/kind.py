@@ -4,7 +4,7 @@ predict its hits.
 An `EngineKind` gathers the four things the router does differently per engine kind,
 so adding a kind is one module that defines its `EngineKind` and one line in
 `router/engines/registry.py`:
-- `backend`: builds the `Backend` for an engine of this kind reached at a URL (None for
+- `backend`: builds the `EngineBackend` for an engine of this kind reached at a URL (None for
   kinds the router does not reach by URL, such as kvroute's own Ray replicas);
 - `dialect`: the HTTP request and load-metrics shapes the backend speaks (None for a
   kind reached otherwise);
@@ -25,7 +25,7 @@ from kvroute.replicas.api import GenerateRequest
 from kvroute.router.index.hit_rules import HitRule
 
 if TYPE_CHECKING:
-    from kvroute.router.engines.backends import Backend
+    from kvroute.router.engines.backends import EngineBackend
 
 
 class RequestDialect(Protocol):
@@ -57,5 +57,5 @@ class EngineKind:
     name: str
     decoder: Callable[[DecodeLimits], EventDecoder]
     hit_rule: HitRule
-    backend: Callable[[EngineAddress], Backend] | None = None
+    backend: Callable[[EngineAddress], EngineBackend] | None = None
     dialect: RequestDialect | None = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvroute.router.core import Registration
-from kvroute.router.engines.backends import Backend
+from kvroute.router.engines.backends import EngineBackend
 
 
 @dataclass
@@ -17,7 +17,7 @@ class ReplicaLink:
     `node_id` is the Ray node of an actor replica (None for an external engine)."""
 
     registration: Registration
-    backend: Backend
+    backend: EngineBackend
     node_id: str | None = None
 
     @property

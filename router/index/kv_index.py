@@ -36,7 +36,7 @@ from kvroute.replicas.kv_cache.utils import BlockHash, RequestBlockHasher
 from kvroute.router.index.block_table import BlockTable, warm_up
 from kvroute.router.index.hit_rules import VLLM_HIT_RULE, HitRule
 from kvroute.router.index.ingest import EventIngest, event_hash, event_keys
-from kvroute.router.index.predictions import Predictions
+from kvroute.router.index.predictions import DEFAULT_PREDICTION_TTL_S, Predictions
 from kvroute.router.index.registry import ReplicaEntry, ReplicaRegistry
 from kvroute.router.index.rekey import Rekeyer
 from kvroute.router.index.stats import IndexStats
@@ -58,7 +58,7 @@ class KVIndex:
         hash_algo: str,
         hash_seed: str,
         *,
-        prediction_ttl_s: float = 2.0,
+        prediction_ttl_s: float = DEFAULT_PREDICTION_TTL_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if hash_seed is None or hash_seed == "":

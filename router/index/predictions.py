@@ -27,6 +27,10 @@ from kvroute.router.index.stats import IndexStats
 GroupKeys = Iterable[tuple[int, np.ndarray]]
 
 
+# How long a prediction counts as cached before its events confirm it (seconds).
+DEFAULT_PREDICTION_TTL_S = 2.0
+
+
 class Predictions:
     def __init__(
         self,

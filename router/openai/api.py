@@ -27,8 +27,8 @@ from kvroute.router.openai.detokenize import TextAssembler
 from kvroute.router.openai.interleave import interleave
 from kvroute.router.openai.protocol import (
     ChatCall,
-    CompletionBackend,
     CompletionInput,
+    CompletionRouter,
     CompletionsCall,
     GenerationParams,
     RoutedResult,
@@ -77,7 +77,7 @@ def _kvroute_section(routed: RoutedResult) -> dict[str, Any]:
 
 class FrontDoor:
     def __init__(
-        self, backend: CompletionBackend, fingerprint: str, expose_routing: bool = True
+        self, backend: CompletionRouter, fingerprint: str, expose_routing: bool = True
     ) -> None:
         self.backend = backend
         self.fingerprint = fingerprint

@@ -28,7 +28,7 @@ from kvroute.router.core import NoReplicaError, ReplicasBusyError, RequestTimeou
 from kvroute.router.openai.api import FrontDoor
 from kvroute.router.openai.guard import ConnectionGuard, GuardedSite
 from kvroute.router.openai.protocol import (
-    CompletionBackend,
+    CompletionRouter,
     ModelNotFoundError,
     parse_chat,
     parse_completions,
@@ -230,7 +230,7 @@ def _stream_error(request: web.Request, exc: Exception) -> dict[str, Any]:
     return json.loads(known[0].text)
 
 
-def build_app(service: CompletionBackend, options: HttpOptions | None = None) -> web.Application:
+def build_app(service: CompletionRouter, options: HttpOptions | None = None) -> web.Application:
     options = options or HttpOptions()
     front = FrontDoor(service, options.fingerprint, options.expose_routing)
 
@@ -298,7 +298,7 @@ def build_app(service: CompletionBackend, options: HttpOptions | None = None) ->
 
 
 async def serve_http(
-    service: CompletionBackend, host: str, port: int, options: HttpOptions | None = None
+    service: CompletionRouter, host: str, port: int, options: HttpOptions | None = None
 ) -> web.AppRunner:
     """Serve on host:port (port 0 picks a free one) behind a header deadline and a
     connection cap. `addresses` has the bound port; `cleanup()` stops serving."""
@@ -325,7 +325,7 @@ async def serve_http(
 
 
 async def start_http_server(
-    service: CompletionBackend, host: str, port: int, options: HttpOptions | None = None
+    service: CompletionRouter, host: str, port: int, options: HttpOptions | None = None
 ) -> str:
     """Serve on host:port (port 0 picks a free one); returns the base URL."""
     runner = await serve_http(service, host, port, options)

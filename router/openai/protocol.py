@@ -149,7 +149,7 @@ class RoutedResult:
     attempts: int
 
 
-class CompletionBackend(Protocol):
+class CompletionRouter(Protocol):
     """What the HTTP face needs from the router behind it."""
 
     model_name: str
@@ -410,8 +410,8 @@ def _message(message: Any, i: int) -> dict[str, Any]:
 
 __all__ = [
     "ChatCall",
-    "CompletionBackend",
     "CompletionInput",
+    "CompletionRouter",
     "CompletionsCall",
     "GenerationParams",
     "ModelNotFoundError",

@@ -59,9 +59,9 @@ from kvroute.router.core import (
     Registration,
     RequestTimeoutError,
     Router,
-    RouterSettings,
+    router_settings,
 )
-from kvroute.router.engines.backends import Backend, ReplicaUnavailableError
+from kvroute.router.engines.backends import EngineBackend, ReplicaUnavailableError
 from kvroute.router.engines.external import ExternalEngines
 from kvroute.router.engines.link import ReplicaLink
 from kvroute.router.engines.ray_replica import ACTOR_GONE, RayReplica
@@ -140,20 +140,6 @@ def registration_of(info: ReplicaInfo) -> Registration:
     )
 
 
-def router_settings(config: Config) -> RouterSettings:
-    return RouterSettings(
-        hash_algo=config.hashing.algo,
-        hash_seed=config.hashing.seed,
-        hash_block_size=config.model.hash_block_size,
-        prediction_ttl_s=config.router.prediction_ttl_s,
-        reuse_memory=config.router.reuse_memory,
-        cluster_blocks=config.model.num_blocks * config.engine_count,
-        max_retries=config.router.max_retries,
-        max_requests_per_replica=config.router.max_requests_per_replica,
-        max_queued_prefill_tokens=config.router.max_queued_prefill_tokens,
-    )
-
-
 class RouterService:
     """One router: owns the index, the policy, the subscriber and the HTTP server."""
 
@@ -173,7 +159,10 @@ class RouterService:
         self.config = config
         self.model_name = config.model.name
         policy = make_policy(config.router.policy, **config.router.policy_options)
-        self.core = Router(router_settings(config), policy)
+        self.core = Router(
+            router_settings(config.router, config.hashing, config.model, config.engine_count),
+            policy,
+        )
         tokenizer = tokenizer_file(config.model.tokenizer, config.model.path)
         self.tokenizer = load_tokenizer(tokenizer)
         self.chat_template = ChatTemplate.for_model(Path(tokenizer).parent if tokenizer else None)
@@ -288,7 +277,11 @@ class RouterService:
         self._admit(registration_of(info), RayReplica(handle), source, info.node_id)
 
     def _admit(
-        self, registration: Registration, backend: Backend, source: SourceSpec, node: str | None
+        self,
+        registration: Registration,
+        backend: EngineBackend,
+        source: SourceSpec,
+        node: str | None,
     ) -> None:
         """Index and route to a replica; refused (ValueError) on a hash mismatch."""
         self.core.register(registration)

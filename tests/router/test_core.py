@@ -6,15 +6,18 @@ import pytest
 
 from kvroute.events.kv_events import KVEventBatch
 from kvroute.replicas.api import InvalidRequestError, ModelLimits
+from kvroute.replicas.config import HashingConfig, ModelConfig
 from kvroute.replicas.kv_cache.manager import KVCacheManager
 from kvroute.replicas.kv_cache.prompt import PromptKeys
 from kvroute.replicas.request import Request, SamplingParams
+from kvroute.router.config import RouterConfig
 from kvroute.router.core import (
     NoReplicaError,
     Registration,
     ReplicasBusyError,
     Router,
     RouterSettings,
+    router_settings,
 )
 from kvroute.router.policy import ReplicaLoad, SGLangLike, make_policy
 from tests.replicas.conftest import config, full
@@ -25,9 +28,10 @@ PROMPT = tuple(range(1, 18))  # 4 full blocks of 4 tokens and one more
 
 
 def settings(**changes: object) -> RouterSettings:
+    """The config's defaults, with the tests' hashing and 4-token blocks."""
     fields: dict[str, object] = {"hash_algo": ALGO, "hash_seed": SEED, "hash_block_size": 4}
     fields.update(changes)
-    return RouterSettings(**fields)  # type: ignore[arg-type]
+    return router_settings(RouterConfig(), HashingConfig(), ModelConfig(), 1, **fields)
 
 
 def registration(replica_id: str, **changes: object) -> Registration:

@@ -19,7 +19,7 @@ from kvroute.replicas.kv_cache.manager import KVCacheManager
 from kvroute.replicas.request import Request, SamplingParams
 from kvroute.router.config import Config, parse_config
 from kvroute.router.core import Registration
-from kvroute.router.engines.backends import Backend
+from kvroute.router.engines.backends import EngineBackend
 from kvroute.router.engines.external import ExternalEngines
 from kvroute.router.engines.http_engine import HttpEngine
 from kvroute.router.engines.registry import ENGINE_KINDS, engine_kind, external_kind
@@ -115,9 +115,11 @@ class ToyServer:
 
 @pytest.mark.usefixtures("toy_kind")
 def test_a_toy_engine_is_admitted_with_its_kinds_backend_decoder_and_hit_rule() -> None:
-    admitted: list[tuple[Registration, Backend, SourceSpec]] = []
+    admitted: list[tuple[Registration, EngineBackend, SourceSpec]] = []
 
-    def admit(registration: Registration, backend: Backend, source: SourceSpec, _: Any) -> None:
+    def admit(
+        registration: Registration, backend: EngineBackend, source: SourceSpec, _: Any
+    ) -> None:
         admitted.append((registration, backend, source))
 
     async def discover_and_serve() -> tuple[GenerateResult, ReplicaLoad, list]:
