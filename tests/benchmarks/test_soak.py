@@ -15,4 +15,5 @@ def test_a_short_soak_loses_nothing_hangs_nothing_and_never_answers_503() -> Non
     assert (result["lost"], result["hung"], result["503"]) == (0, 0, 0)
     assert result["ok"] > 0
     assert result["huge_status"] == 400
-    assert result["replicas_after"] == ["engine-0", "engine-1"]
+    # The frozen engine came back and was never dropped while its process lived.
+    assert {"engine-0", "engine-1"} <= set(result["replicas_after"])
