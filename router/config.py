@@ -47,6 +47,14 @@ class RouterConfig(Struct):
     # A replica that does not report its load within this is marked suspect and
     # gets no new requests until it does.
     load_timeout_s: Positive = 2.0
+    # A stalled router must not mistake its own lateness for its replicas': a missed
+    # load report makes a replica suspect only if the router's loop was late by less
+    # than this meanwhile.
+    loop_lag_tolerance_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 0.5
+    # A request with no first token after this long (a non-streamed one: no result,
+    # and its replica suspect) is sent once to the next-best replica, the first
+    # attempt aborted.
+    first_token_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
     # How often the router starts configured replicas that run but are not
     # registered (one that Ray restarted after a crash).
     supervise_s: Positive = 1.0
@@ -63,6 +71,17 @@ class RouterConfig(Struct):
     # External engines share one pool of at most this many HTTP connections.
     max_engine_connections: AtLeastOne = 256
     engine_connect_timeout_s: Positive = 5.0
+    # Idle pooled connections to engines are closed after this: shorter than the
+    # engines' own idle timeout (vLLM's uvicorn closes them after 5 s), so a request
+    # never goes out on a connection the engine already closed.
+    engine_keepalive_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 4.0
+    # An external engine whose requests or health checks fail is suspect (no new
+    # requests) at once; it leaves routing and the index only once it has failed
+    # for this long without a success between.
+    engine_failure_window_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 10.0
+    # An engine whose event stream carried nothing for this long while it served
+    # requests is flagged (`events_silent` in /status) and logged once.
+    engine_events_silence_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
     # Admission control: past either limit a replica takes no more requests; with
     # every replica past it, the router answers 429 with Retry-After.
     max_requests_per_replica: AtLeastOne = 256
@@ -71,6 +90,9 @@ class RouterConfig(Struct):
     # within body_timeout_s. With api_keys_file (one key a line) or api_keys_env (a
     # variable holding comma-separated keys), /v1/* needs `Authorization: Bearer`.
     max_body_bytes: AtLeastOne = 4 * 1024 * 1024
+    # A completions batch of more prompts than this is a 400 naming `prompt`, before
+    # anything is dispatched.
+    max_prompts_per_request: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 256
     body_timeout_s: Positive = 30.0
     # Against slowloris and connection floods: a request's headers must arrive within
     # header_timeout_s (else 408 and close); past max_connections open connections, a
@@ -78,6 +100,8 @@ class RouterConfig(Struct):
     # they are closed after keepalive_timeout_s.
     header_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 10.0
     max_connections: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1024
+    # No one client address holds more than this many of them.
+    max_connections_per_client: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 256
     keepalive_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 75.0
     api_keys_file: str | None = None
     api_keys_env: str | None = None

@@ -140,9 +140,17 @@ class ReplicaState:
     in_flight: int = 0
     # Missed its last load report: routed around until it answers again.
     suspect: bool = False
+    # An external engine whose requests or health checks fail: routed around until
+    # one succeeds (or it is removed after a sustained failure).
+    failing: bool = False
     requests: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
+
+    @property
+    def open(self) -> bool:
+        """Routable at first choice: neither late with its load nor failing."""
+        return not (self.suspect or self.failing)
 
     def load(self) -> ReplicaLoad:
         """The last report plus what the router sent since: queued, not yet running."""
@@ -259,6 +267,21 @@ class Router:
         if state is not None:
             state.suspect = suspect
 
+    def mark_failing(self, replica_id: str, failing: bool) -> None:
+        """An engine that failed a request or health check gets no new requests
+        while it fails (unless every replica is closed, as for `suspect`)."""
+        state = self.replicas.get(replica_id)
+        if state is not None:
+            state.failing = failing
+
+    def is_open(self, replica_id: str) -> bool:
+        state = self.replicas.get(replica_id)
+        return state is not None and state.open
+
+    def open_replicas(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[str]:
+        """Registered replicas outside `exclude` that are neither suspect nor failing."""
+        return [rid for rid, state in self.replicas.items() if rid not in exclude and state.open]
+
     def set_policy(self, policy: RoutingPolicy) -> None:
         self.policy = policy
 
@@ -302,11 +325,15 @@ class Router:
         self, prepared: PreparedPrompt, exclude: set[str] | frozenset[str] = frozenset()
     ) -> Decision:
         """The replica for `prepared` among those not in `exclude`, counted as pending
-        there. Raises NoReplicaError when none is left."""
+        there. Suspect and failing replicas are chosen only when every one left is:
+        a stale view of the whole cluster says more about the router (or the
+        machine) than about each replica, so the router then trusts its own
+        accounting (admission by requests in flight) rather than refuse traffic.
+        Raises NoReplicaError when no replica is left at all."""
         started = time.perf_counter()
-        open_replicas = [
-            rid for rid, state in self.replicas.items() if rid not in exclude and not state.suspect
-        ]
+        open_replicas = self.open_replicas(exclude)
+        if not open_replicas:
+            open_replicas = [rid for rid in self.replicas if rid not in exclude]
         if not open_replicas:
             raise NoReplicaError("no replica is available")
         loads = {

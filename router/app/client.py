@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -19,12 +20,39 @@ if TYPE_CHECKING:
 
 
 class KVRouteError(RuntimeError):
-    """The router answered with an error; `status` is the HTTP status."""
+    """The router answered with an error; `status` is the HTTP status, `retry_after_s`
+    its Retry-After (None if absent)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
         self.message = message
+        self.retry_after_s = retry_after_s
+
+
+# Busy (429) and momentarily without a replica (503): worth another try shortly.
+RETRY_STATUSES = frozenset({429, 503})
+BACKOFF_FIRST_S = 0.1
+BACKOFF_MAX_S = 2.0
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (the HTTP-date form is not used by kvroute)."""
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
+
+
+def retry_delay(error: KVRouteError, attempt: int, deadline: float) -> float | None:
+    """How long to wait before retrying `error` (the router's Retry-After, else an
+    exponential backoff), or None when it is not worth retrying or the wait would end
+    past `deadline` (time.monotonic)."""
+    if error.status not in RETRY_STATUSES:
+        return None
+    backoff = min(BACKOFF_FIRST_S * 2**attempt, BACKOFF_MAX_S)
+    delay = max(backoff, error.retry_after_s or 0.0)
+    return delay if time.monotonic() + delay < deadline else None
 
 
 T = TypeVar("T")
@@ -97,6 +125,8 @@ class KVRouteClient:
         lora_name: str | None = None,
         cache_salt: str | None = None,
     ) -> dict[str, Any]:
+        """One completion; a 429 or 503 is retried with backoff (honouring
+        Retry-After) while the client's `timeout_s` allows."""
         data = json.dumps(_body(prompt, max_tokens, lora_name, cache_salt)).encode()
 
         def post(url: str) -> dict[str, Any]:
@@ -109,7 +139,17 @@ class KVRouteClient:
                 except (ConnectionError, http.client.HTTPException) as exc:
                     raise RouterUnreachableError(url, exc) from None
 
-        return self._with_failover(post)
+        deadline = time.monotonic() + self.timeout_s
+        attempt = 0
+        while True:
+            try:
+                return self._with_failover(post)
+            except KVRouteError as exc:
+                delay = retry_delay(exc, attempt, deadline)
+                if delay is None:
+                    raise
+            time.sleep(delay)
+            attempt += 1
 
     def _open(self, request: urllib.request.Request | str, url: str) -> Any:
         """The response to `request`; an HTTP error status raises KVRouteError, and a
@@ -117,7 +157,8 @@ class KVRouteClient:
         try:
             return urllib.request.urlopen(request, timeout=self.timeout_s)
         except urllib.error.HTTPError as exc:
-            raise KVRouteError(exc.code, _message(exc.read())) from None
+            retry_after = _retry_after(exc.headers.get("Retry-After"))
+            raise KVRouteError(exc.code, _message(exc.read()), retry_after) from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
             reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
             raise RouterUnreachableError(url, reason) from None
@@ -184,17 +225,36 @@ class KVRouteClient:
                     prompt, max_tokens, lora_name=lora_name, cache_salt=cache_salt, session=own
                 )
         body = _body(prompt, max_tokens, lora_name, cache_salt)
+        deadline = time.monotonic() + self.timeout_s
+        attempt = 0
+        while True:
+            try:
+                return await self._apost(session, body, deadline)
+            except KVRouteError as exc:
+                delay = retry_delay(exc, attempt, deadline)
+                if delay is None:
+                    raise
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def _apost(
+        self, session: aiohttp.ClientSession, body: dict[str, Any], deadline: float
+    ) -> dict[str, Any]:
+        """One try on each router in turn until one answers (any status)."""
+        import aiohttp
+
         last: RouterUnreachableError | None = None
         for url in self._rotation():
             try:
                 async with session.post(
                     f"{url}/v1/completions",
                     json=body,
-                    timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                    timeout=aiohttp.ClientTimeout(total=max(0.001, deadline - time.monotonic())),
                 ) as response:
                     payload = await response.read()
                     if response.status != 200:
-                        raise KVRouteError(response.status, _message(payload))
+                        retry_after = _retry_after(response.headers.get("Retry-After"))
+                        raise KVRouteError(response.status, _message(payload), retry_after)
                     return json.loads(payload)
             except aiohttp.ClientConnectionError as exc:
                 last = RouterUnreachableError(url, exc)

@@ -9,13 +9,18 @@ Invariants:
 - A refused engine (its events contradict its configured layout) stays out until
   the router restarts; `refused` says why.
 - Every engine shares one bounded connection pool, made on first use and closed by
-  `close()`.
+  `close()`; idle connections in it are closed before the engines close them.
+- Dropping an engine is the last resort: a failed request or health check makes it
+  failing (routed around, its index kept) at once; it leaves routing and the index
+  only after failing for `engine_failure_window_s` with no success between, and
+  that log line names the last error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Mapping
 
 import aiohttp
@@ -25,7 +30,7 @@ from kvroute.events.source import SourceSpec
 from kvroute.replicas.api import ModelLimits
 from kvroute.replicas.kv_cache.coordinator import default_scheduler_block_size
 from kvroute.router.config import Config, ExternalEngineConfig
-from kvroute.router.core import Registration
+from kvroute.router.core import Registration, Router
 from kvroute.router.engines.backends import EngineBackend
 from kvroute.router.engines.kind import EngineAddress
 from kvroute.router.engines.link import ReplicaLink
@@ -87,6 +92,7 @@ class ExternalEngines:
         routed: Mapping[str, ReplicaLink],
         admit: Admit,
         remove: Callable[[str], None],
+        core: Router,
     ) -> None:
         for engine in config.external:
             try:
@@ -98,6 +104,9 @@ class ExternalEngines:
         self.routed = routed
         self._admit = admit
         self._remove = remove
+        self.core = core
+        # Failing engines: since when (monotonic), and the last error.
+        self.failing: dict[str, tuple[float, str]] = {}
         # External engines refused for events that contradict their layout, and why.
         self.refused: dict[str, str] = {}
         # One bounded connection pool for every external engine, made on first use.
@@ -107,7 +116,10 @@ class ExternalEngines:
         if self._session is None:
             router = self.config.router
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=router.max_engine_connections),
+                connector=aiohttp.TCPConnector(
+                    limit=router.max_engine_connections,
+                    keepalive_timeout=router.engine_keepalive_s,
+                ),
                 timeout=aiohttp.ClientTimeout(total=None, connect=router.engine_connect_timeout_s),
             )
         return self._session
@@ -134,6 +146,7 @@ class ExternalEngines:
             try:
                 registration = external_registration(engine, self.config)
                 self._admit(registration, backend, external_source(engine), None)
+                self.failing.pop(engine.name, None)
             except ValueError as exc:
                 logger.error("engine %s refused: %s", engine.name, exc)
                 continue
@@ -141,18 +154,47 @@ class ExternalEngines:
 
     async def check_health(self) -> None:
         """An external engine whose `/health` answers other than 200 (vLLM answers 503
-        once its engine core died), or refuses the connection, leaves routing and the
-        index; discovery admits it again, empty, when it is healthy."""
+        once its engine core died), or refuses the connection, is failing (see
+        `failed`); one that answers 200 has recovered. A slow answer is neither:
+        the load poll routes around a slow engine."""
         engines = [(rid, link.backend) for rid, link in self.routed.items() if link.external]
         timeout = self.config.router.load_timeout_s
         for rid, engine in engines:
             try:
                 healthy = await asyncio.wait_for(engine.healthy(), timeout)
             except TimeoutError:
-                continue  # slow, not failed: the load poll routes around it
-            if not healthy:
-                logger.warning("engine %s failed its health check", rid)
-                self._remove(rid)
+                continue
+            if healthy:
+                self.succeeded(rid)
+            else:
+                self.failed(rid, "its /health did not answer 200")
+
+    def failed(self, replica_id: str, error: str) -> None:
+        """A request or health check of `replica_id` failed with `error`: routed
+        around from now; removed once it has failed for `engine_failure_window_s`."""
+        now = time.monotonic()
+        since, _ = self.failing.get(replica_id, (now, error))
+        self.failing[replica_id] = (since, error)
+        self.core.mark_failing(replica_id, True)
+        window = self.config.router.engine_failure_window_s
+        if since == now:
+            logger.warning("engine %s failed (%s): routing around it", replica_id, error)
+        elif now - since >= window:
+            logger.error(
+                "engine %s has failed for %.0f s (last: %s): removing it from routing "
+                "and the index",
+                replica_id,
+                now - since,
+                error,
+            )
+            del self.failing[replica_id]
+            self._remove(replica_id)
+
+    def succeeded(self, replica_id: str) -> None:
+        """A request or health check of `replica_id` succeeded: it is routed again."""
+        if self.failing.pop(replica_id, None) is not None:
+            self.core.mark_failing(replica_id, False)
+            logger.info("engine %s answers again: routing to it", replica_id)
 
     def refuse(self, replica_id: str, registration: Registration) -> None:
         """An external engine whose events contradict its configured layout would be

@@ -197,20 +197,24 @@ class FrontDoor:
             "system_fingerprint": self.fingerprint,
         }
 
-    @staticmethod
-    def usage(outputs: list[UnitOutput]) -> dict[str, Any]:
+    def usage(self, outputs: list[UnitOutput]) -> dict[str, Any]:
+        """Token counts. `prompt_tokens_details.cached_tokens` is left out with
+        `expose_routing` off: it tells a client whether anyone's unsalted prefix is
+        cached, the same side channel as the `kvroute` section."""
         first: dict[int, UnitOutput] = {}
         for out in sorted(outputs, key=lambda o: o.index):
             first.setdefault(out.prompt_index, out)
         prompt = sum(o.prompt_tokens for o in first.values())
         cached = sum(o.cached_tokens for o in first.values())
         completion = sum(o.completion_tokens for o in outputs)
-        return {
+        usage: dict[str, Any] = {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached},
         }
+        if self.expose_routing:
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
+        return usage
 
     @staticmethod
     def kvroute(outputs: list[UnitOutput]) -> dict[str, Any]:

@@ -1,5 +1,7 @@
-"""What aiohttp's server lacks against slow or numerous clients: a deadline for a
-request's headers and a cap on open connections.
+"""What aiohttp's server lacks against slow, numerous or malformed clients: a
+deadline for a request's headers, a cap on open connections (in all and per client
+address), and OpenAI's error envelope for what aiohttp refuses before any handler
+runs (bad framing, an unknown content encoding).
 
 `GuardedSite` listens like `web.TCPSite`, but each accepted connection is a
 `GuardedConnection` that forwards every protocol event to aiohttp's own protocol.
@@ -16,8 +18,12 @@ Invariants:
   while aiohttp still receives a body the handler left unread, and while the
   connection idles between requests (aiohttp's keepalive_timeout closes it): a 408
   only ever answers bytes of a request, never interrupts a kept-alive idle connection.
+- No client address holds more than `max_connections_per_client` of them: one more
+  is answered 429 and closed.
 - An admitted connection is counted from `connection_made` until `connection_lost`,
-  exactly once.
+  exactly once, in all and for its address.
+- Malformed input is logged without a traceback, at most once per
+  `MALFORMED_LOG_INTERVAL_S` (with the count since), so a client cannot flood the log.
 
 Headers that complete within an event-loop iteration or two of the deadline may
 still be refused: the deadline is cancelled when aiohttp starts the request's handler.
@@ -28,12 +34,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import cast
 
 from aiohttp import StreamReader, web
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+MALFORMED_LOG_INTERVAL_S = 10.0
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +60,7 @@ def _reply(status: HTTPStatus, kind: str, code: str, message: str) -> bytes:
         "Content-Type: application/json",
         f"Content-Length: {len(body)}",
         "Connection: close",
-        *(["Retry-After: 1"] if status == HTTPStatus.SERVICE_UNAVAILABLE else []),
+        *(["Retry-After: 1"] if status in (HTTPStatus.SERVICE_UNAVAILABLE, 429) else []),
     ]
     return "\r\n".join([*head, "", ""]).encode() + body
 
@@ -61,6 +71,12 @@ TOO_MANY_CONNECTIONS = _reply(
     "too_many_connections",
     "too many open connections",
 )
+TOO_MANY_CLIENT_CONNECTIONS = _reply(
+    HTTPStatus.TOO_MANY_REQUESTS,
+    "rate_limit_error",
+    "too_many_client_connections",
+    "too many open connections from this address",
+)
 HEADER_TIMEOUT = _reply(
     HTTPStatus.REQUEST_TIMEOUT,
     "timeout_error",
@@ -69,17 +85,75 @@ HEADER_TIMEOUT = _reply(
 )
 
 
+class RateLimitedLog:
+    """One warning line per `interval_s` at most, saying how many were held back."""
+
+    def __init__(self, interval_s: float = MALFORMED_LOG_INTERVAL_S) -> None:
+        self.interval_s = interval_s
+        self._next = 0.0
+        self.suppressed = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self.suppressed += 1
+            return
+        if self.suppressed:
+            message += f" ({self.suppressed} more like it not logged)"
+        logger.warning(message, *args)
+        self.suppressed = 0
+        self._next = now + self.interval_s
+
+
+MALFORMED = RateLimitedLog()
+
+
+class EnvelopeRequestHandler(RequestHandler):
+    """aiohttp's protocol, answering what it refuses itself (bad framing, a body it
+    cannot decode) with OpenAI's error envelope, logged as `MALFORMED` says."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            self.logger.error("request from %s failed", request.remote, exc_info=exc)
+            text, kind = "internal error", "server_error"
+        else:
+            reason = getattr(exc, "message", None) or message or HTTPStatus(status).phrase
+            text, kind = f"malformed request: {reason}"[:300], "invalid_request_error"
+            MALFORMED.warning("malformed request from %s: %s", request.remote, text)
+        if request.writer.output_size > 0:
+            raise ConnectionError("a response was under way; the connection is broken")
+        error = {"message": text, "type": kind, "param": None, "code": None}
+        response = web.json_response({"error": error}, status=status)
+        response.force_close()
+        return response
+
+
 class ConnectionGuard:
-    """Admits connections up to the cap and knows which of them is handling a request."""
+    """Admits connections up to the caps and knows which of them is handling a request."""
 
     def __init__(
-        self, server: web.Server, header_timeout_s: float, max_connections: int, record: Recorder
+        self,
+        server: web.Server,
+        header_timeout_s: float,
+        max_connections: int,
+        record: Recorder,
+        max_connections_per_client: int | None = None,
     ) -> None:
         self.server = server
         self.header_timeout_s = header_timeout_s
         self.max_connections = max_connections
+        self.max_connections_per_client = max_connections_per_client or max_connections
         self.record = record
         self.connections: dict[RequestHandler, GuardedConnection] = {}
+        self.per_client: dict[str, int] = {}
         self._full = False
         # Every request handler aiohttp makes from now on runs through this wrapper.
         self._handler = server.request_handler
@@ -89,21 +163,39 @@ class ConnectionGuard:
         """The protocol factory for `loop.create_server`."""
         return GuardedConnection(self)
 
-    def admit(self, connection: GuardedConnection) -> RequestHandler | None:
-        """aiohttp's protocol for a new connection, or None over the cap."""
+    def admit(self, connection: GuardedConnection, client: str) -> RequestHandler | bytes:
+        """aiohttp's protocol for a new connection from `client`, or the refusal to
+        send over a cap."""
         if len(self.connections) >= self.max_connections:
             if not self._full:
                 logger.warning("%d connections open: refusing more", self.max_connections)
             self._full = True
             self.record(503, "too_many_connections")
-            return None
+            return TOO_MANY_CONNECTIONS
+        if self.per_client.get(client, 0) >= self.max_connections_per_client:
+            MALFORMED.warning(
+                "%s holds %d connections: refusing more from it",
+                client,
+                self.max_connections_per_client,
+            )
+            self.record(429, "too_many_client_connections")
+            return TOO_MANY_CLIENT_CONNECTIONS
         self._full = False
         protocol = self.server()
+        # The same object with OpenAI's envelope for aiohttp's own refusals (the
+        # subclass adds no state, so the swap is sound).
+        protocol.__class__ = EnvelopeRequestHandler
         self.connections[protocol] = connection
+        self.per_client[client] = self.per_client.get(client, 0) + 1
         return protocol
 
-    def release(self, protocol: RequestHandler) -> None:
+    def release(self, protocol: RequestHandler, client: str) -> None:
         del self.connections[protocol]
+        left = self.per_client[client] - 1
+        if left:
+            self.per_client[client] = left
+        else:
+            del self.per_client[client]
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         connection = self.connections.get(request.protocol)
@@ -128,13 +220,17 @@ class GuardedConnection(asyncio.Protocol):
         # The body of the last request while aiohttp still receives it after the
         # handler (it reads and drops what the handler left unread).
         self._unread: StreamReader | None = None
+        self._client = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport = cast(asyncio.Transport, transport)
-        self._protocol = self._guard.admit(self)
-        if self._protocol is None:
-            self._close(TOO_MANY_CONNECTIONS)
+        peer = transport.get_extra_info("peername")
+        self._client = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+        admitted = self._guard.admit(self, self._client)
+        if isinstance(admitted, bytes):
+            self._close(admitted)
             return
+        self._protocol = admitted
         self._arm()
         self._protocol.connection_made(transport)
 
@@ -161,7 +257,7 @@ class GuardedConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         if self._protocol is not None:
-            self._guard.release(self._protocol)
+            self._guard.release(self._protocol, self._client)
             self._protocol.connection_lost(exc)
 
     def request_started(self) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from kvroute.replicas.api import InvalidRequestError
@@ -40,6 +41,11 @@ REQUEST_ID_HEADER = "X-Request-Id"
 # Bodies above this are parsed on a worker thread, so one large body never stalls
 # the event loop that serves every other request.
 INLINE_PARSE_BYTES = 64 * 1024
+# Conversations longer than this (characters) are rendered and tokenized on a worker
+# thread, for the same reason.
+INLINE_CHAT_CHARS = 16 * 1024
+# A client's X-Request-Id is echoed only if it is this short (else a fresh one is used).
+MAX_REQUEST_ID_HEADER = 256
 REQUEST_ID = web.RequestKey("request_id", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
@@ -98,7 +104,9 @@ def error_middleware(record: Recorder) -> Middleware:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        request_id = request.headers.get(REQUEST_ID_HEADER, "")
+        if not request_id or len(request_id) > MAX_REQUEST_ID_HEADER:
+            request_id = uuid.uuid4().hex
         request[REQUEST_ID] = request_id
         kind: str | None = None
         try:
@@ -144,6 +152,9 @@ class HttpOptions:
     # An idle kept-alive connection is closed after this (aiohttp's default is an
     # hour), so idle clients cannot hold the connection cap.
     keepalive_timeout_s: float = 75.0
+    max_connections_per_client: int = 256
+    # A completions batch of more prompts is a 400 naming `prompt`, before dispatch.
+    max_prompts_per_request: int = 256
 
 
 def decode_json(raw: bytes) -> Any:
@@ -164,6 +175,11 @@ async def _json(request: web.Request, options: HttpOptions) -> Any:
     except TimeoutError:
         raise InvalidRequestError(
             f"the request body did not arrive within {options.body_timeout_s:g} s"
+        ) from None
+    except RequestPayloadError:
+        # Most often a body that its Content-Encoding (gzip, deflate) cannot decode.
+        raise InvalidRequestError(
+            "the request body could not be read: is its Content-Encoding right?"
         ) from None
     if len(raw) <= INLINE_PARSE_BYTES:
         return decode_json(raw)
@@ -235,7 +251,7 @@ def build_app(service: CompletionRouter, options: HttpOptions | None = None) -> 
     front = FrontDoor(service, options.fingerprint, options.expose_routing)
 
     async def completions(request: web.Request) -> web.StreamResponse:
-        call = parse_completions(await _json(request, options))
+        call = parse_completions(await _json(request, options), options.max_prompts_per_request)
         units = front.completions_units(call)
         if call.params.stream:
             return await _sse(request, front.completion_chunks(call, units))
@@ -244,7 +260,10 @@ def build_app(service: CompletionRouter, options: HttpOptions | None = None) -> 
 
     async def chat_completions(request: web.Request) -> web.StreamResponse:
         call = parse_chat(await _json(request, options))
-        units = front.chat_units(call)
+        if sum(len(m["content"]) for m in call.messages) <= INLINE_CHAT_CHARS:
+            units = front.chat_units(call)
+        else:
+            units = await asyncio.to_thread(front.chat_units, call)
         if call.params.stream:
             return await _sse(request, front.chat_chunks(call, units))
         outputs = await front.collect(units)
@@ -318,7 +337,11 @@ async def serve_http(
         service.record_response("unmatched", status, kind)
 
     guard = ConnectionGuard(
-        runner.server, options.header_timeout_s, options.max_connections, record
+        runner.server,
+        options.header_timeout_s,
+        options.max_connections,
+        record,
+        options.max_connections_per_client,
     )
     await GuardedSite(runner, host, port, guard).start()
     return runner

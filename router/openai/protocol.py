@@ -36,6 +36,11 @@ from kvroute.replicas.api import (
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_N = 16
 MAX_STOP = 4
+# A batch of more prompts than this is refused before any is looked at
+# (router.max_prompts_per_request sets the router's).
+MAX_PROMPTS = 256
+# A client's `request_id` is echoed in every response: bounded, and valid text.
+MAX_REQUEST_ID_CHARS = 256
 # Known fields this server cannot honour, each with the value that means "off".
 UNSUPPORTED_UNLESS: dict[str, tuple[Any, ...]] = {
     "logprobs": (None, False, 0),
@@ -264,6 +269,13 @@ def _params(body: dict[str, Any], default_max_tokens: int | None) -> GenerationP
     for key in STRING_FIELDS:
         if body.get(key) is not None and not isinstance(body[key], str):
             raise InvalidRequestError(f"`{key}` must be a string", key)
+    request_id = body.get("request_id")
+    if request_id is not None:
+        _text(request_id, "request_id")
+        if len(request_id) > MAX_REQUEST_ID_CHARS:
+            raise InvalidRequestError(
+                f"`request_id` takes at most {MAX_REQUEST_ID_CHARS} characters", "request_id"
+            )
     max_tokens = _int(body, "max_tokens", None, 1)
     if max_tokens is None:
         max_tokens = _int(body, "max_completion_tokens", default_max_tokens, 1)
@@ -313,7 +325,7 @@ def _params(body: dict[str, Any], default_max_tokens: int | None) -> GenerationP
         include_usage=include_usage,
         lora_name=body.get("lora_name"),
         cache_salt=body.get("cache_salt"),
-        request_id=body.get("request_id"),
+        request_id=request_id,
     )
 
 
@@ -344,11 +356,17 @@ def _top_k(body: dict[str, Any]) -> int:
     return top_k
 
 
-def parse_completions(body: Any) -> CompletionsCall:
+def parse_completions(body: Any, max_prompts: int = MAX_PROMPTS) -> CompletionsCall:
     """A /v1/completions body: `prompt` is a string, a list of token ids, or a
-    non-empty list of either (a batch)."""
+    non-empty list of at most `max_prompts` of either (a batch). The batch's size is
+    checked first, so a huge batch costs no more than a small one to refuse."""
     params = _params(body, DEFAULT_MAX_TOKENS)
     prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) > max_prompts and not _token_list(prompt):
+        raise InvalidRequestError(
+            f"`prompt` takes at most {max_prompts} prompts in one request, got {len(prompt)}",
+            "prompt",
+        )
     if isinstance(prompt, str) or prompt == [] or _token_list(prompt):
         prompts: tuple[str | list[int], ...] = (prompt,)
     elif (

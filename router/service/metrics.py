@@ -156,6 +156,17 @@ class RouterMetrics:
             buckets=ITL_BUCKETS,
             registry=registry,
         )
+        self.redispatches = Counter(
+            "kvroute_redispatches",
+            "Requests moved to another replica for want of a first token",
+            registry=registry,
+        )
+        self.loop_lag_seconds = Histogram(
+            "kvroute_loop_lag_seconds",
+            "How late the router's event loop ran a periodic timer",
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=registry,
+        )
         registry.register(ScrapeCollector(view))
 
     def render(self) -> bytes:

@@ -25,12 +25,13 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,7 @@ from kvroute.router.openai.chat import ChatTemplate
 from kvroute.router.openai.protocol import CompletionInput, ModelNotFoundError, RoutedResult
 from kvroute.router.openai.tokenizer import load_tokenizer, tokenizer_file
 from kvroute.router.policy import make_policy
+from kvroute.router.service.loop_lag import LoopLag
 from kvroute.router.service.metrics import RouterMetrics, ScrapeView
 from kvroute.router.service.peer_routers import PeerRouters
 from kvroute.router.service.views import scrape_view, status_view
@@ -87,6 +89,17 @@ def replica_actor_name(index: int) -> str:
 def router_actor_name(index: int) -> str:
     """Router 0 is the one replicas register with; the others are its peers."""
     return ROUTER_NAME if index == 0 else f"{ROUTER_NAME}-{index}"
+
+
+# Prompts longer than this (characters) are tokenized on a worker thread, so a large
+# body never stalls the loop that serves every other request.
+INLINE_TOKENIZE_CHARS = 16 * 1024
+# How often a request past its first-token time checks again whether to move.
+FIRST_TOKEN_RECHECK_S = 0.1
+
+
+class _FirstTokenLate(Exception):
+    """An attempt got no first token in time and another replica is open: re-dispatch."""
 
 
 async def _within(awaitable: Any, deadline: float) -> Any:
@@ -174,6 +187,11 @@ class RouterService:
         self.started_at = time.time()
         self.http_url: str | None = None
         self._loop = asyncio.get_running_loop()
+        self.loop_lag = LoopLag(self._loop, self.metrics.loop_lag_seconds.observe)
+        # Per replica: when its last event batch came, and its finished requests then.
+        self._events_seen: dict[str, tuple[float, int]] = {}
+        # Replicas whose event stream went silent while they served (flagged once).
+        self.silent: set[str] = set()
         self.subscriber = ZmqEventSubscriber(
             self._on_batch_thread,
             self._on_resync_thread,
@@ -195,7 +213,7 @@ class RouterService:
             )
         self._serve_http = serve_http
         self.external = ExternalEngines(
-            config, self.model_name, self.replicas, self._admit, self._replica_died
+            config, self.model_name, self.replicas, self._admit, self._replica_died, self.core
         )
         self._tasks: list[asyncio.Task[Any]] = []
         self._boot = self._loop.create_task(self._start())
@@ -218,6 +236,8 @@ class RouterService:
                 header_timeout_s=router.header_timeout_s,
                 max_connections=router.max_connections,
                 keepalive_timeout_s=router.keepalive_timeout_s,
+                max_connections_per_client=router.max_connections_per_client,
+                max_prompts_per_request=router.max_prompts_per_request,
             )
             self.http_url = await start_http_server(
                 self, router.http_host, router.http_port, options
@@ -286,6 +306,7 @@ class RouterService:
         """Index and route to a replica; refused (ValueError) on a hash mismatch."""
         self.core.register(registration)
         self.replicas[registration.replica_id] = ReplicaLink(registration, backend, node)
+        self._events_seen[registration.replica_id] = (time.monotonic(), 0)
         self.subscriber.add_source(source)
 
     def _replica_died(self, replica_id: str) -> None:
@@ -294,12 +315,15 @@ class RouterService:
             return
         logger.warning("replica %s is gone; removing it from the index", replica_id)
         self.core.remove(replica_id)
+        self._events_seen.pop(replica_id, None)
+        self.silent.discard(replica_id)
         self.subscriber.remove_source(replica_id)
         self._loop.create_task(link.backend.close())
 
     async def shutdown(self) -> None:
         for task in self._tasks:
             task.cancel()
+        self.loop_lag.stop()
         self.subscriber.stop()
         if self.peers is not None:
             await self.peers.close()
@@ -314,6 +338,11 @@ class RouterService:
         link = self.replicas.get(source)
         if link is None:
             return
+        state = self.core.replicas.get(source)
+        self._events_seen[source] = (time.monotonic(), state.requests if state else 0)
+        if source in self.silent:
+            self.silent.discard(source)
+            logger.info("event stream of %s carries events again", source)
         stats = self.core.index.stats
         misfits = stats.unknown_group + stats.mismatched_group
         self.core.apply(source, batch)
@@ -345,30 +374,92 @@ class RouterService:
 
     async def _poll_loads(self) -> None:
         """Refresh every replica's load each `load_poll_s`, all at once, so one slow
-        replica delays no other's report."""
+        replica delays no other's report; then judge the late ones together."""
         interval = self.config.router.load_poll_s
         while True:
             await asyncio.sleep(interval)
-            await asyncio.gather(*(self._poll(rid, s) for rid, s in list(self.replicas.items())))
+            started = self._loop.time()
+            links = list(self.replicas.items())
+            late = await asyncio.gather(*(self._poll(rid, link) for rid, link in links))
+            missed = [rid for (rid, _), was in zip(links, late, strict=True) if was]
+            self._judge_late(missed, started)
 
-    async def _poll(self, replica_id: str, link: ReplicaLink) -> None:
+    async def _poll(self, replica_id: str, link: ReplicaLink) -> bool:
+        """Ask one replica for its load; True if it did not answer in time."""
         timeout = self.config.router.load_timeout_s
         try:
             load = await asyncio.wait_for(link.backend.load(), timeout=timeout)
-        except ReplicaUnavailableError:
-            self._replica_died(replica_id)
-            return
+        except ReplicaUnavailableError as exc:
+            self._backend_failed(replica_id, link, exc)
+            return False
         except (TimeoutError, GetTimeoutError):
-            if replica_id in self.core.replicas and not self.core.replicas[replica_id].suspect:
+            return True
+        self.core.report_load(replica_id, load)
+        self.core.mark_suspect(replica_id, False)
+        return False
+
+    def _judge_late(self, late: list[str], started: float) -> None:
+        """Mark the replicas that missed this round's load report suspect, unless the
+        miss says more about the router than about them: its own loop was late by
+        `loop_lag_tolerance_s` meanwhile (it could not have read their answers), or
+        every replica missed at once (then the core's own accounting routes)."""
+        if not late:
+            return
+        router = self.config.router
+        lag = self.loop_lag.max_since(started)
+        if lag >= router.loop_lag_tolerance_s:
+            logger.info(
+                "%d load reports late while the router's own loop was %.2f s late: "
+                "no replica is suspected for it",
+                len(late),
+                lag,
+            )
+            return
+        if len(late) > 1 and len(late) == len(self.replicas):
+            logger.warning(
+                "every replica's load report is late at once: routing by the router's "
+                "own accounting instead of suspecting them all"
+            )
+            return
+        for replica_id in late:
+            state = self.core.replicas.get(replica_id)
+            if state is not None and not state.suspect:
                 logger.warning(
                     "replica %s did not report its load in %g s: routing around it",
                     replica_id,
-                    timeout,
+                    router.load_timeout_s,
                 )
             self.core.mark_suspect(replica_id, True)
-            return
-        self.core.report_load(replica_id, load)
-        self.core.mark_suspect(replica_id, False)
+
+    def _backend_failed(
+        self, replica_id: str, link: ReplicaLink, error: ReplicaUnavailableError
+    ) -> None:
+        """An actor that failed is gone (Ray restarts it); an external engine is only
+        suspect until its failure lasts `engine_failure_window_s`."""
+        if link.external:
+            self.external.failed(replica_id, str(error))
+        else:
+            self._replica_died(replica_id)
+
+    def _check_event_streams(self) -> None:
+        """Flag, and log once, a replica that finished requests since its event stream
+        last carried a batch, `engine_events_silence_s` ago or more: its endpoint is
+        likely wrong or dead, and its entries in the index are going stale."""
+        silence = self.config.router.engine_events_silence_s
+        now = time.monotonic()
+        for replica_id, (seen_at, requests_then) in self._events_seen.items():
+            state = self.core.replicas.get(replica_id)
+            if state is None or replica_id in self.silent:
+                continue
+            if now - seen_at >= silence and state.requests > requests_then:
+                self.silent.add(replica_id)
+                logger.warning(
+                    "event stream of %s carried nothing for %.0f s while it served %d "
+                    "requests: is its event endpoint right and served?",
+                    replica_id,
+                    now - seen_at,
+                    state.requests - requests_then,
+                )
 
     async def _supervise(self) -> None:
         """Every `supervise_s`, find configured replicas that are not indexed here:
@@ -377,6 +468,7 @@ class RouterService:
         while True:
             await asyncio.sleep(self.config.router.supervise_s)
             await self.external.check_health()
+            self._check_event_streams()
             await self._discover_replicas()
             if self.peers is not None:
                 await self.peers.follow()
@@ -393,6 +485,14 @@ class RouterService:
             body.token_ids if body.token_ids is not None else self.tokenizer.encode(body.text or "")
         )
         return PromptKeys(tuple(tokens), lora_name=body.lora_name, cache_salt=body.cache_salt)
+
+    async def _prepare(self, body: CompletionInput) -> PreparedPrompt:
+        """`prepare`, on a worker thread for a long text prompt (the index and the
+        reuse tracker are touched on the loop only: tokenizing is the long part)."""
+        if body.text is None or len(body.text) <= INLINE_TOKENIZE_CHARS:
+            return self.prepare(body)
+        tokens = await asyncio.to_thread(self.tokenizer.encode, body.text)
+        return self.prepare(dataclasses.replace(body, text=None, token_ids=tokens))
 
     def prepare(self, body: CompletionInput) -> PreparedPrompt:
         """Tokenize, validate and hash; raises InvalidRequestError naming the problem.
@@ -457,7 +557,12 @@ class RouterService:
     async def _attempts(
         self, body: CompletionInput, stream: bool
     ) -> AsyncIterator[StreamChunk | RoutedResult]:
-        prepared = self.prepare(body)
+        """Route and dispatch until one attempt succeeds. A replica that fails before
+        the first token is retried on another (`may_retry`); an attempt with no first
+        token after `first_token_timeout_s` is moved once to the next-best open
+        replica (see `_first_token_watch`). Nothing was relayed yet in either case,
+        so no output is ever duplicated."""
+        prepared = await self._prepare(body)
         wire = GenerateRequest(
             request_id=prepared.request_id,
             prompt_token_ids=list(prepared.token_ids),
@@ -476,19 +581,25 @@ class RouterService:
             allowed = min(allowed, body.timeout_s)
         deadline = arrived + allowed
         tried: set[str] = set()
+        moved = False
         while True:
             decision = self.core.choose(prepared, tried)
             self.metrics.routing_seconds.observe(decision.routing_s)
             if self.peers is not None:
                 self.peers.share(decision.replica_id, prepared.prompt)
-            backend = self.replicas[decision.replica_id].backend
+            link = self.replicas[decision.replica_id]
+            backend = link.backend
+            watch = None if moved else self._first_token_watch(decision.replica_id, tried, stream)
             streamed = ended = refused = False
             try:
                 if stream:
                     items = backend.generate_stream(wire)
                     while True:
                         try:
-                            item = await _within(items.__anext__(), deadline)
+                            if streamed or watch is None:
+                                item = await _within(items.__anext__(), deadline)
+                            else:
+                                item = await self._first(items.__anext__(), deadline, watch)
                         except StopAsyncIteration:
                             break
                         if isinstance(item, StreamChunk):
@@ -497,17 +608,30 @@ class RouterService:
                             yield item
                         else:
                             ended = True
-                            yield self._finished(decision, item, prepared)
+                            yield self._finished(decision, item, prepared, link)
                 else:
-                    result = await _within(backend.generate(wire), deadline)
+                    if watch is None:
+                        result = await _within(backend.generate(wire), deadline)
+                    else:
+                        result = await self._first(backend.generate(wire), deadline, watch)
                     ended = True
                     clock.whole(result)
-                    yield self._finished(decision, result, prepared)
+                    yield self._finished(decision, result, prepared, link)
                 return
-            except ReplicaUnavailableError:
+            except _FirstTokenLate:
+                logger.info(
+                    "request %s had no first token from %s in %g s: moving it",
+                    wire.request_id,
+                    decision.replica_id,
+                    self.config.router.first_token_timeout_s,
+                )
+                tried.add(decision.replica_id)
+                moved = True
+                self.metrics.redispatches.inc()
+            except ReplicaUnavailableError as exc:
                 ended = True
                 self.core.release(decision, prepared, refused=False)
-                self._replica_died(decision.replica_id)
+                self._backend_failed(decision.replica_id, link, exc)
                 tried.add(decision.replica_id)
                 if streamed or not self.core.may_retry(len(tried)):
                     self.metrics.requests.labels("failed").inc()
@@ -528,19 +652,70 @@ class RouterService:
                     f"the request did not finish within {allowed:g} s and was aborted"
                 ) from None
             finally:
-                # Refused, cancelled (the client left), timed out, or cut short by a
-                # stop string: the attempt leaves the pending count exactly once,
-                # and a replica still working on it is told to stop and free its
-                # blocks.
+                # Refused, cancelled (the client left), timed out, moved for want of
+                # a first token, or cut short by a stop string: the attempt leaves
+                # the pending count exactly once, and a replica still working on it
+                # is told to stop and free its blocks.
                 if not ended:
                     self.core.release(decision, prepared, refused=refused)
                     if not refused:
                         backend.abort(wire.request_id)
 
+    def _first_token_watch(
+        self, replica_id: str, tried: set[str], stream: bool
+    ) -> Callable[[], bool]:
+        """Whether an attempt on `replica_id` still without its first token should
+        move now: only if another replica is open to take it, and, for a non-streamed
+        request (whose first token the router cannot see), only if `replica_id` is
+        suspect too: a long generation on a live replica is left alone."""
+        elsewhere = {*tried, replica_id}
+
+        def watch() -> bool:
+            if not self.core.open_replicas(elsewhere):
+                return False
+            return stream or not self.core.is_open(replica_id)
+
+        return watch
+
+    async def _first(self, awaitable: Any, deadline: float, watch: Callable[[], bool]) -> Any:
+        """`awaitable`'s result; TimeoutError at `deadline` (perf_counter), and
+        _FirstTokenLate once `first_token_timeout_s` has passed and `watch()` says
+        so (checked then and every FIRST_TOKEN_RECHECK_S after). No task is made:
+        the timeout scope is expired early instead."""
+        loop = self._loop
+        moved = False
+        handle: asyncio.TimerHandle | None = None
+
+        def check() -> None:
+            nonlocal moved, handle
+            if watch():
+                moved = True
+                scope.reschedule(loop.time())
+            else:
+                handle = loop.call_later(FIRST_TOKEN_RECHECK_S, check)
+
+        try:
+            async with asyncio.timeout(loop.time() + deadline - time.perf_counter()) as scope:
+                handle = loop.call_later(self.config.router.first_token_timeout_s, check)
+                return await awaitable
+        except TimeoutError:
+            if moved:
+                raise _FirstTokenLate from None
+            raise
+        finally:
+            if handle is not None:
+                handle.cancel()
+
     def _finished(
-        self, decision: Decision, result: GenerateResult, prepared: PreparedPrompt
+        self,
+        decision: Decision,
+        result: GenerateResult,
+        prepared: PreparedPrompt,
+        link: ReplicaLink,
     ) -> RoutedResult:
         self.core.finish(decision, result.num_prompt_tokens, result.num_cached_tokens)
+        if link.external:
+            self.external.succeeded(decision.replica_id)
         self.metrics.requests.labels("ok").inc()
         self.metrics.prompt_tokens.inc(result.num_prompt_tokens)
         self.metrics.cached_tokens.inc(result.num_cached_tokens)
@@ -571,7 +746,14 @@ class RouterService:
     def status(self) -> dict[str, Any]:
         channel = self.peers.channel if self.peers is not None else None
         return status_view(
-            self.name, self.core, self.subscriber, self.replicas, self.refused, channel
+            self.name,
+            self.core,
+            self.subscriber,
+            self.replicas,
+            self.refused,
+            channel,
+            self.silent,
+            self.loop_lag.summary(),
         )
 
     def render_metrics(self) -> bytes:

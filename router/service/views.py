@@ -7,7 +7,7 @@ id order.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from typing import Any
 
 from kvroute.events.subscriber import ZmqEventSubscriber
@@ -25,6 +25,8 @@ def status_view(
     routed: Mapping[str, ReplicaLink],
     refused: Mapping[str, str],
     decisions: DecisionChannel | None,
+    silent: Set[str] = frozenset(),
+    loop_lag: Mapping[str, float | int] | None = None,
 ) -> dict[str, Any]:
     """`RouterService.status()`: what `GET /status` and `kvroute status` show."""
     index = core.index
@@ -46,6 +48,8 @@ def status_view(
                 "kv_usage": round(reported.kv_usage, 4),
                 "in_flight": served.in_flight,
                 "suspect": served.suspect,
+                "failing": served.failing,
+                "events_silent": replica_id in silent,
                 "requests": served.requests,
                 "hit_rate": round(served.hit_rate, 4),
                 "batches": stream.batches,
@@ -58,6 +62,7 @@ def status_view(
     return {
         "router": name,
         "policy": core.policy.name,
+        "loop_lag": dict(loop_lag or {}),
         "refused": dict(refused),
         "decisions": None
         if decisions is None

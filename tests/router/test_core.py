@@ -246,8 +246,20 @@ def test_a_suspect_replica_gets_no_new_requests_until_it_answers() -> None:
     core.mark_suspect("a", True)
     prepared = core.prepare(PromptKeys(PROMPT), 1)
     assert {core.choose(prepared).replica_id for _ in range(3)} == {"b"}
-    core.mark_suspect("b", True)
-    with pytest.raises(NoReplicaError, match="no replica is available"):
-        core.choose(prepared)
+    core.mark_failing("b", True)
     core.mark_suspect("a", False)
-    assert core.choose(prepared).replica_id == "a"
+    assert {core.choose(prepared).replica_id for _ in range(3)} == {"a"}
+
+
+def test_when_every_replica_looks_stale_the_router_trusts_its_own_accounting() -> None:
+    """All suspect at once (the router's own stall, or a starved machine) is no 503:
+    requests still go out, admitted by the router's count of requests in flight."""
+    core = router("a", "b", policy="round_robin", max_requests_per_replica=1)
+    core.mark_suspect("a", True)
+    core.mark_failing("b", True)
+    prepared = core.prepare(PromptKeys(PROMPT), 1)
+    assert sorted(core.choose(prepared).replica_id for _ in range(2)) == ["a", "b"]
+    with pytest.raises(ReplicasBusyError):
+        core.choose(prepared)
+    with pytest.raises(NoReplicaError, match="no replica is available"):
+        core.choose(prepared, exclude={"a", "b"})

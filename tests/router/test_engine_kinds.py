@@ -15,15 +15,17 @@ from kvroute.events.publisher import PublisherConfig, ZmqEventPublisher
 from kvroute.events.source import SourceSpec
 from kvroute.events.subscriber import ZmqEventSubscriber
 from kvroute.replicas.api import GenerateRequest, GenerateResult, ReplicaLoad, SamplingOptions
+from kvroute.replicas.config import HashingConfig, ModelConfig
 from kvroute.replicas.kv_cache.manager import KVCacheManager
 from kvroute.replicas.request import Request, SamplingParams
-from kvroute.router.config import Config, parse_config
-from kvroute.router.core import Registration
+from kvroute.router.config import Config, RouterConfig, parse_config
+from kvroute.router.core import Registration, Router, router_settings
 from kvroute.router.engines.backends import EngineBackend
 from kvroute.router.engines.external import ExternalEngines
 from kvroute.router.engines.http_engine import HttpEngine
 from kvroute.router.engines.registry import ENGINE_KINDS, engine_kind, external_kind
 from kvroute.router.index.kv_index import KVIndex
+from kvroute.router.policy import make_policy
 from tests.events.helpers import Collector, wait_until
 from tests.replicas.conftest import config, full
 from tests.router import toy_engine
@@ -47,6 +49,12 @@ def _config(url: str, kind: str) -> Config:
     return parse_config({"replicas": {"count": 0}, "external": [engine]})
 
 
+def _core() -> Router:
+    return Router(
+        router_settings(RouterConfig(), HashingConfig(), ModelConfig(), 1), make_policy("kv_aware")
+    )
+
+
 def test_the_first_two_kinds_are_vllm_and_kvroutes_own_replicas() -> None:
     assert sorted(ENGINE_KINDS) == ["kvroute", "vllm"]
     assert engine_kind("vllm").backend is not None
@@ -55,7 +63,7 @@ def test_the_first_two_kinds_are_vllm_and_kvroutes_own_replicas() -> None:
 
 def test_an_unknown_kind_or_one_not_reached_by_url_is_refused_by_name() -> None:
     with pytest.raises(ValueError) as unknown:
-        ExternalEngines(_config("http://127.0.0.1:9", "sglang"), "m", {}, print, print)
+        ExternalEngines(_config("http://127.0.0.1:9", "sglang"), "m", {}, print, print, _core())
     assert str(unknown.value) == (
         "external engine 'engine-a': unknown engine kind 'sglang'; known kinds: ['kvroute', 'vllm']"
     )
@@ -124,7 +132,7 @@ def test_a_toy_engine_is_admitted_with_its_kinds_backend_decoder_and_hit_rule() 
 
     async def discover_and_serve() -> tuple[GenerateResult, ReplicaLoad, list]:
         async with ToyServer() as server:
-            engines = ExternalEngines(_config(server.url, "toy"), "tiny", {}, admit, print)
+            engines = ExternalEngines(_config(server.url, "toy"), "tiny", {}, admit, print, _core())
             try:
                 await engines.discover()
                 (_, backend, _) = admitted[0]
