@@ -24,7 +24,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from kvroute.replicas.api import InvalidRequestError
+from kvroute.replicas.api import InvalidRequestError, RequestFailedError
 from kvroute.router.core import NoReplicaError, ReplicasBusyError, RequestTimeoutError
 from kvroute.router.openai.api import FrontDoor
 from kvroute.router.openai.guard import ConnectionGuard, GuardedSite
@@ -89,6 +89,10 @@ def _known_error(exc: Exception) -> tuple[web.Response, str] | None:
     if isinstance(exc, NoReplicaError):
         reply = error_response(503, str(exc), "service_unavailable", None, "no_replica")
         return reply, "no_replica"
+    if isinstance(exc, RequestFailedError):
+        # The engine failed this one request and serves on; its cause is in its log.
+        reply = error_response(500, str(exc), "server_error", None, "request_failed")
+        return reply, "request_failed"
     return None
 
 

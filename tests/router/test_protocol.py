@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from kvroute.replicas.api import InvalidRequestError, SamplingOptions
+from kvroute.replicas.api import InvalidRequestError, RequestFailedError, SamplingOptions
 from kvroute.router.openai.http import build_app
 from kvroute.router.openai.protocol import (
     CompletionInput,
@@ -266,6 +266,32 @@ async def _call(
     async with TestClient(TestServer(build_app(backend))) as client:  # type: ignore[arg-type]
         response = await client.request(method, path, data=raw)
         return response.status, await response.json(), response.headers["X-Request-Id"]
+
+
+class _FailingEngineService(_NoService):
+    """The engine fails every request it is given (as one poisoned request fails)."""
+
+    def resolve_model(self, model: str | None) -> None:
+        return None
+
+    async def generate(self, unit: Any) -> Any:
+        raise RequestFailedError(unit.request_id)
+
+
+def test_a_request_the_engine_failed_is_a_500_naming_it_not_an_internal_error() -> None:
+    service = _FailingEngineService()
+    body = b'{"prompt": [1, 2, 3], "max_tokens": 2, "request_id": "poisoned"}'
+    status, reply, _ = asyncio.run(_call("POST", "/v1/completions", body, service))
+    assert status == 500
+    assert reply == {
+        "error": {
+            "message": "request poisoned failed in the engine",
+            "type": "server_error",
+            "param": None,
+            "code": "request_failed",
+        }
+    }
+    assert service.responses == [("/v1/completions", 500, "request_failed")]
 
 
 def test_every_response_is_counted_by_endpoint_status_and_error_kind() -> None:
