@@ -113,7 +113,7 @@ async def measure(args: argparse.Namespace) -> dict[str, list[tuple[float, list[
         await relay.generate.remote(GenerateRequest(rid(), prompts[i % 64], 1))
 
     async def via_ray(i: int) -> None:
-        await cluster.router.generate.remote(
+        await cluster.router.actor.generate.remote(
             CompletionInput(token_ids=prompts[i % 64], max_tokens=1)
         )
 

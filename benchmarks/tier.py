@@ -190,7 +190,7 @@ async def measure(args: argparse.Namespace) -> tuple[dict[str, list[Round]], dic
             clusters[routers] = start_cluster(tier_config(base, routers, args.replicas))
         # Every router indexes every replica before anything is timed.
         for cluster in clusters.values():
-            ray.get([r.wait_for_replicas.remote(args.replicas) for r in cluster.routers])
+            ray.get([r.actor.wait_for_replicas.remote(args.replicas) for r in cluster.routers])
         return await _rounds(args, base, clusters, tiers)
     finally:
         for cluster in reversed(clusters.values()):  # the first one owns Ray
@@ -210,7 +210,7 @@ async def _rounds(
         # The direct path's router does no routing, only ingest of the events it causes.
         "direct": CpuMeter(
             {
-                "router": [actor_pid(h) for h in clusters[tiers[0]].routers],
+                "router": [actor_pid(h.actor) for h in clusters[tiers[0]].routers],
                 "replica": [actor_pid(h) for h in direct_replicas],
                 "client": [driver],
             }
@@ -219,7 +219,7 @@ async def _rounds(
     for routers, cluster in clusters.items():
         meters[_name(routers)] = CpuMeter(
             {
-                "router": [actor_pid(h) for h in cluster.routers],
+                "router": [actor_pid(h.actor) for h in cluster.routers],
                 "replica": [actor_pid(h) for h in cluster.replicas],
                 "client": [driver],
             }

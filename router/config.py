@@ -44,6 +44,10 @@ class RouterConfig(Struct):
     http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
     max_retries: Annotated[int, msgspec.Meta(ge=0)] = 3
     load_poll_s: Positive = 0.05
+    # External engines' /metrics are scraped this often: the router counts what it
+    # sends and what finishes, so a scrape only corrects that (and each costs the
+    # engine a Prometheus render).
+    engine_load_poll_s: Positive = 1.0
     # A replica that does not report its load within this is marked suspect and
     # gets no new requests until it does.
     load_timeout_s: Positive = 2.0

@@ -70,14 +70,12 @@ def _with_port(config: Config, port: int | None) -> Config:
 
 def _replay(cluster: Any, config: Config, policy: str) -> RunSummary:
     """Replay the workload under `policy` on cold caches; summarize it."""
-    import ray
-
     from kvroute.router.app.report import summarize
     from kvroute.router.app.workload import shared_prefix_workload
 
-    ray.get(cluster.router.set_policy.remote(policy))
-    ray.get(cluster.router.wait_for_replicas.remote(config.engine_count))
-    if not ray.get(cluster.router.reset_prefix_caches.remote()):
+    cluster.router.call("set_policy", policy)
+    cluster.router.call("wait_for_replicas", config.engine_count)
+    if not cluster.router.call("reset_prefix_caches"):
         raise RuntimeError("a replica was busy or gone and could not reset its prefix cache")
     time.sleep(0.5)  # let the AllBlocksCleared events reach the index
     workload = shared_prefix_workload(config.workload, config.model.vocab_size)
@@ -90,14 +88,12 @@ def _replay(cluster: Any, config: Config, policy: str) -> RunSummary:
         concurrency=config.workload.concurrency,
     )
     wall = time.perf_counter() - started
-    replicas = ray.get(cluster.router.replica_ids.remote())
+    replicas = cluster.router.call("replica_ids")
     return summarize(policy, responses, replicas, wall)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _with_port(_load(args.config), 0)  # a bad config fails before Ray starts
-
-    import ray
 
     from kvroute.router.app.launch import start_cluster
     from kvroute.router.app.report import format_report
@@ -107,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         w = config.workload
         summaries = [_replay(cluster, config, policy) for policy in ("kv_aware", "round_robin")]
-        status = ray.get(cluster.router.status.remote())
+        status = cluster.router.call("status")
     finally:
         cluster.stop()
     print(

@@ -2,13 +2,15 @@
 
 Order matters: the router starts first (discovery, HTTP), then each replica
 binds its event sockets and registers with the router before it publishes.
+A config with only external engines and one router runs without Ray: the router
+is an `InProcessRouter` (`router/app/in_process.py`).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import ray
@@ -16,6 +18,7 @@ import ray._private.ray_constants as ray_constants
 
 from kvroute.events.curve import CurveKeyPair, read_key_pair
 from kvroute.replicas.actor import ReplicaServer
+from kvroute.router.app.in_process import InProcessRouter
 from kvroute.router.app.logs import DEFAULT_LOG_LEVEL, ray_runtime_env
 from kvroute.router.config import Config
 from kvroute.router.service.router_service import (
@@ -28,16 +31,40 @@ from kvroute.router.service.router_service import (
 logger = logging.getLogger(__name__)
 
 
+class RouterHandle(Protocol):
+    """A running router, wherever it runs: `call` runs one `RouterService` method."""
+
+    def call(self, method: str, *args: Any, timeout_s: float = ...) -> Any: ...
+
+    def stop(self) -> None: ...
+
+
+class RayRouter:
+    """A router actor, through its handle (`actor`)."""
+
+    def __init__(self, actor: Any) -> None:
+        self.actor = actor
+
+    def call(self, method: str, *args: Any, timeout_s: float = 120.0) -> Any:
+        return ray.get(getattr(self.actor, method).remote(*args), timeout=timeout_s)
+
+    def stop(self) -> None:
+        try:
+            ray.kill(self.actor, no_restart=True)
+        except Exception:
+            logger.debug("router actor already gone", exc_info=True)
+
+
 @dataclass
 class Cluster:
     config: Config
-    routers: list[Any]
+    routers: list[RouterHandle]
     replicas: list[Any]
     urls: list[str]
     owns_ray: bool
 
     @property
-    def router(self) -> Any:
+    def router(self) -> RouterHandle:
         """The first router: the one replicas register with."""
         return self.routers[0]
 
@@ -46,14 +73,22 @@ class Cluster:
         return self.urls[0] if self.urls else None
 
     def stop(self) -> None:
-        """Stop the actors (and Ray, if this process started it)."""
-        for handle in [*self.replicas, *self.routers]:
+        """Stop the routers and replica actors (and Ray, if this process started it)."""
+        for replica in self.replicas:
             try:
-                ray.kill(handle, no_restart=True)
+                ray.kill(replica, no_restart=True)
             except Exception:
-                logger.debug("actor already gone", exc_info=True)
+                logger.debug("replica actor already gone", exc_info=True)
+        for router in self.routers:
+            router.stop()
         if self.owns_ray:
             ray.shutdown()
+
+
+def needs_ray(config: Config) -> bool:
+    """Ray runs kvroute's own replicas, a router tier and multi-node deployments; one
+    router in front of external engines only needs none of it."""
+    return bool(config.replicas.count or config.router.count > 1 or config.cluster.address)
 
 
 def init_ray(config: Config, log_level: str = DEFAULT_LOG_LEVEL) -> bool:
@@ -139,17 +174,21 @@ def start_replica(
 
 
 def start_cluster(config: Config, http: bool = True, log_level: str = DEFAULT_LOG_LEVEL) -> Cluster:
-    owns_ray = init_ray(config, log_level)
     keys = cluster_keys(config)
+    if not needs_ray(config):
+        local = InProcessRouter(config, keys, http)
+        return Cluster(config, [local], [], [local.url] if local.url else [], owns_ray=False)
+    owns_ray = init_ray(config, log_level)
     router, url = start_router(config, http, curve=keys)
     public = keys.public_key if keys is not None else None
     replicas = [start_replica(config, i, public) for i in range(config.replicas.count)]
-    routers, urls = [router], [url] if url else []
+    routers: list[RouterHandle] = [RayRouter(router)]
+    urls = [url] if url else []
     for i in range(1, config.router.count):
         extra, extra_url = start_router(
             _router_port(config, i), http, name=router_actor_name(i), curve=keys
         )
-        routers.append(extra)
+        routers.append(RayRouter(extra))
         urls.extend([extra_url] if extra_url else [])
     return Cluster(config, routers, replicas, urls, owns_ray)
 

@@ -353,7 +353,8 @@ async def serve_http(
 
 async def start_http_server(
     service: CompletionRouter, host: str, port: int, options: HttpOptions | None = None
-) -> str:
-    """Serve on host:port (port 0 picks a free one); returns the base URL."""
+) -> tuple[str, web.AppRunner]:
+    """Serve on host:port (port 0 picks a free one); returns the base URL and the
+    runner, whose `cleanup()` stops serving."""
     runner = await serve_http(service, host, port, options)
-    return f"http://{host}:{runner.addresses[0][1]}"
+    return f"http://{host}:{runner.addresses[0][1]}", runner

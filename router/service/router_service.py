@@ -186,6 +186,7 @@ class RouterService:
         self.replicas: dict[str, ReplicaLink] = {}
         self.started_at = time.time()
         self.http_url: str | None = None
+        self._http_runner: Any = None
         self._loop = asyncio.get_running_loop()
         self.loop_lag = LoopLag(self._loop, self.metrics.loop_lag_seconds.observe)
         # Per replica: when its last event batch came, and its finished requests then.
@@ -239,10 +240,14 @@ class RouterService:
                 max_connections_per_client=router.max_connections_per_client,
                 max_prompts_per_request=router.max_prompts_per_request,
             )
-            self.http_url = await start_http_server(
+            self.http_url, self._http_runner = await start_http_server(
                 self, router.http_host, router.http_port, options
             )
-        self._tasks.append(self._loop.create_task(self._poll_loads()))
+        router = self.config.router
+        self._tasks.append(self._loop.create_task(self._poll_loads(False, router.load_poll_s)))
+        self._tasks.append(
+            self._loop.create_task(self._poll_loads(True, router.engine_load_poll_s))
+        )
         self._tasks.append(self._loop.create_task(self._supervise()))
 
     async def ready(self) -> str | None:
@@ -321,6 +326,10 @@ class RouterService:
         self._loop.create_task(link.backend.close())
 
     async def shutdown(self) -> None:
+        """Stop serving and following events; idempotent."""
+        if self._http_runner is not None:
+            await self._http_runner.cleanup()
+            self._http_runner = None
         for task in self._tasks:
             task.cancel()
         self.loop_lag.stop()
@@ -372,17 +381,21 @@ class RouterService:
         self.core.resync(replica_id, snapshot.batch)
         self.subscriber.resynced(replica_id, snapshot.next_seq)
 
-    async def _poll_loads(self) -> None:
-        """Refresh every replica's load each `load_poll_s`, all at once, so one slow
-        replica delays no other's report; then judge the late ones together."""
-        interval = self.config.router.load_poll_s
+    async def _poll_loads(self, external: bool, interval: float) -> None:
+        """Refresh the load of every replica actor (`external` False) or every external
+        engine (True) each `interval`, all at once, so one slow replica delays no
+        other's report; then judge the late ones of that group together."""
         while True:
             await asyncio.sleep(interval)
             started = self._loop.time()
-            links = list(self.replicas.items())
+            links = [
+                (rid, link) for rid, link in self.replicas.items() if link.external == external
+            ]
+            if not links:
+                continue
             late = await asyncio.gather(*(self._poll(rid, link) for rid, link in links))
             missed = [rid for (rid, _), was in zip(links, late, strict=True) if was]
-            self._judge_late(missed, started)
+            self._judge_late(missed, len(links), started)
 
     async def _poll(self, replica_id: str, link: ReplicaLink) -> bool:
         """Ask one replica for its load; True if it did not answer in time."""
@@ -398,7 +411,7 @@ class RouterService:
         self.core.mark_suspect(replica_id, False)
         return False
 
-    def _judge_late(self, late: list[str], started: float) -> None:
+    def _judge_late(self, late: list[str], polled: int, started: float) -> None:
         """Mark the replicas that missed this round's load report suspect, unless the
         miss says more about the router than about them: its own loop was late by
         `loop_lag_tolerance_s` meanwhile (it could not have read their answers), or
@@ -415,7 +428,7 @@ class RouterService:
                 lag,
             )
             return
-        if len(late) > 1 and len(late) == len(self.replicas):
+        if len(late) > 1 and len(late) == polled:
             logger.warning(
                 "every replica's load report is late at once: routing by the router's "
                 "own accounting instead of suspecting them all"
