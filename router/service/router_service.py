@@ -708,7 +708,8 @@ class RouterService:
                 handle = loop.call_later(FIRST_TOKEN_RECHECK_S, check)
 
         try:
-            async with asyncio.timeout(loop.time() + deadline - time.perf_counter()) as scope:
+            remaining = max(0.0, deadline - time.perf_counter())
+            async with asyncio.timeout_at(loop.time() + remaining) as scope:
                 handle = loop.call_later(self.config.router.first_token_timeout_s, check)
                 return await awaitable
         except TimeoutError:
