@@ -8,11 +8,11 @@ plots need the `bench` extra (matplotlib); without it the command says so.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from typing import Any
 
 from kvroute.configs import resolve_config
-
-POLICIES = "kv_aware,round_robin,random,least_loaded,prefix_only,sglang_like"
+from kvroute.router.policy import POLICIES
 
 
 def add_bench_command(sub: Any) -> None:
@@ -21,7 +21,7 @@ def add_bench_command(sub: Any) -> None:
     bench.add_argument("--trace", default="conversation", help="comma-separated workloads")
     bench.add_argument("--replicas", type=int, help="default: replicas.count in the config")
     bench.add_argument("--speed", default="1.5", help="comma-separated trace speeds")
-    bench.add_argument("--policies", default=POLICIES)
+    bench.add_argument("--policies", default=",".join(POLICIES))
     bench.add_argument("--limit", type=int, help="only the first N requests")
     bench.add_argument("--config", default="bench", help="benchmark parameters: path or name")
     bench.add_argument("--out", default="kvroute-bench", help="results folder (created)")
@@ -29,13 +29,15 @@ def add_bench_command(sub: Any) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    """Simulate every policy on a trace or workload (benchmarks/quality.py)."""
-    try:
-        from kvroute.benchmarks.quality import main as quality_main
-    except ImportError as exc:
+    """Simulate every policy on a trace or workload (benchmarks/quality.py). The plots
+    need matplotlib: without the `bench` extra this says so before simulating."""
+    if importlib.util.find_spec("matplotlib") is None:
         raise SystemExit(
-            f"error: kvroute bench needs the bench extra: pip install 'kvroute[bench]' ({exc})"
-        ) from None
+            "error: kvroute bench draws its plots with matplotlib: "
+            "pip install 'kvroute[bench]' first"
+        )
+    from kvroute.benchmarks.quality import main as quality_main
+
     argv = [
         f"--workloads={args.trace}",
         f"--speeds={args.speed}",

@@ -38,8 +38,9 @@ from kvroute.benchmarks.sim.simulator import Simulator
 from kvroute.benchmarks.sim.traces import load_mooncake
 from kvroute.benchmarks.sim.workload import Workload
 from kvroute.configs import CONFIG_DIR
+from kvroute.router.policy import POLICIES as ROUTING_POLICIES
 
-POLICIES = ("kv_aware", "round_robin", "random", "least_loaded", "prefix_only", "sglang_like")
+POLICIES = tuple(ROUTING_POLICIES)  # every registered policy, in registration order
 ROOT = Path(__file__).resolve().parent.parent
 
 

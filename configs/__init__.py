@@ -17,6 +17,22 @@ def bundled_config_names() -> list[str]:
     return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
 
 
+def config_kind(name: str) -> str:
+    """What a bundled file configures, from its top-level keys: `cluster` (for `kvroute
+    run` and `up`), `bench` (simulation parameters, `kvroute bench --config`) or
+    `ray-launcher` (a `ray up` file, not a kvroute config)."""
+    keys = {
+        line.split(":", 1)[0]
+        for line in (CONFIG_DIR / f"{name}.yaml").read_text().splitlines()
+        if line[:1].isalpha() and ":" in line
+    }
+    if "cluster_name" in keys:
+        return "ray-launcher"
+    if "simulation" in keys:
+        return "bench"
+    return "cluster"
+
+
 def resolve_config(name_or_path: str | Path) -> Path:
     """An existing file at `name_or_path`, else the bundled config of that name.
 

@@ -25,7 +25,7 @@ import time
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
-from kvroute.configs import bundled_config_names, resolve_config
+from kvroute.configs import CONFIG_DIR, bundled_config_names, config_kind, resolve_config
 from kvroute.router.app.client import KVRouteClient, KVRouteError, RouterUnreachableError
 from kvroute.router.app.logs import DEFAULT_LOG_LEVEL, LOG_LEVELS, configure_logging
 
@@ -207,8 +207,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_config(args: argparse.Namespace) -> int:
     """Print a bundled config, or list them; `kvroute config default > my.yaml` copies one."""
     if args.name is None:
-        for name in bundled_config_names():
-            print(name)
+        kinds = {name: config_kind(name) for name in bundled_config_names()}
+        print("cluster configs (kvroute run / up NAME):")
+        print("".join(f"  {n}\n" for n, kind in kinds.items() if kind == "cluster"), end="")
+        print("benchmark parameters (kvroute bench --config NAME):")
+        print("".join(f"  {n}\n" for n, kind in kinds.items() if kind == "bench"), end="")
+        launchers = [n for n, kind in kinds.items() if kind == "ray-launcher"]
+        if launchers:
+            print("Ray cluster launcher files (for `ray up`, not kvroute configs):")
+            print("".join(f"  {CONFIG_DIR / n}.yaml\n" for n in launchers), end="")
         return 0
     try:
         sys.stdout.write(resolve_config(args.name).read_text())

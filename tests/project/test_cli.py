@@ -176,3 +176,34 @@ def test_a_bad_config_fails_before_ray_starts_naming_its_key(
     assert done.returncode == 2
     assert f"error: {config}: " in done.stderr and message in done.stderr
     assert "ray" not in done.stderr.splitlines()[-1].removeprefix("heavy:").split(",")
+
+
+def test_config_lists_runnable_configs_apart_from_bench_and_ray_launcher_files(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["config"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    bench_at = out.index("benchmark parameters (kvroute bench --config NAME):")
+    launcher_at = out.index("Ray cluster launcher files (for `ray up`, not kvroute configs):")
+    assert out[0] == "cluster configs (kvroute run / up NAME):"
+    runnable = [line.strip() for line in out[1:bench_at]]
+    assert "default" in runnable and "external" in runnable
+    assert "bench" not in runnable and "ray-cluster" not in runnable
+    assert [line.strip() for line in out[bench_at + 1 : launcher_at]] == ["bench"]
+    assert out[launcher_at + 1 :] == [f"  {CONFIG_DIR / 'ray-cluster'}.yaml"]
+
+
+def test_bench_without_matplotlib_says_so_before_simulating(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "matplotlib" else real(name)
+    )
+    with pytest.raises(SystemExit) as stopped:
+        main(["bench", "--limit", "1"])
+    assert str(stopped.value) == (
+        "error: kvroute bench draws its plots with matplotlib: pip install 'kvroute[bench]' first"
+    )
