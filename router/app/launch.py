@@ -73,14 +73,15 @@ class Cluster:
         return self.urls[0] if self.urls else None
 
     def stop(self) -> None:
-        """Stop the routers and replica actors (and Ray, if this process started it)."""
+        """Stop the routers, then the replica actors (and Ray, if this process started
+        it): routers first, so none sees its replicas leave and warns of it."""
+        for router in self.routers:
+            router.stop()
         for replica in self.replicas:
             try:
                 ray.kill(replica, no_restart=True)
             except Exception:
                 logger.debug("replica actor already gone", exc_info=True)
-        for router in self.routers:
-            router.stop()
         if self.owns_ray:
             ray.shutdown()
 

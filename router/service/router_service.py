@@ -70,6 +70,7 @@ from kvroute.router.openai.chat import ChatTemplate
 from kvroute.router.openai.protocol import CompletionInput, ModelNotFoundError, RoutedResult
 from kvroute.router.openai.tokenizer import load_tokenizer, tokenizer_file
 from kvroute.router.policy import make_policy
+from kvroute.router.service.decision_log import DecisionLog
 from kvroute.router.service.loop_lag import LoopLag
 from kvroute.router.service.metrics import RouterMetrics, ScrapeView
 from kvroute.router.service.peer_routers import PeerRouters
@@ -183,6 +184,7 @@ class RouterService:
         model_digest = hashlib.sha256(msgspec.json.encode(config.model)).hexdigest()
         self.fingerprint = f"fp_{model_digest[:12]}"
         self.metrics = RouterMetrics(self._scrape_view)
+        self.decisions = DecisionLog(logger)
         self.replicas: dict[str, ReplicaLink] = {}
         self.started_at = time.time()
         self.http_url: str | None = None
@@ -728,6 +730,13 @@ class RouterService:
         link: ReplicaLink,
     ) -> RoutedResult:
         self.core.finish(decision, result.num_prompt_tokens, result.num_cached_tokens)
+        self.decisions.record(
+            result.request_id,
+            decision.replica_id,
+            result.num_prompt_tokens,
+            decision.predicted_hit_tokens,
+            result.num_cached_tokens,
+        )
         if link.external:
             self.external.succeeded(decision.replica_id)
         self.metrics.requests.labels("ok").inc()
