@@ -90,10 +90,13 @@ def measure_once(
         seconds = time.monotonic() - started
         c1 = procs.cpu_seconds(router)
         after = _scrape(fleet)
-        notes = path.notes()
+        notes, samples = path.notes()
     finally:
         path.pause()
     ok = [o for o in outcomes if o.ok]
+    for failed in (o for o in outcomes if not o.ok):
+        kind = f"failed: {failed.error}"
+        notes[kind] = notes.get(kind, 0) + 1
     return report.Run(
         workload=workload.name,
         path=path.spec.label,
@@ -110,6 +113,7 @@ def measure_once(
         router_idle=(r1 - r0) / (t1 - t0),
         engines_idle=(e1 - e0) / (t1 - t0),
         notes=notes,
+        samples=samples,
     )
 
 

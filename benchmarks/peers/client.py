@@ -26,6 +26,7 @@ class Outcome:
     ttft_s: float = 0.0
     e2e_s: float = 0.0
     cached_tokens: int = 0
+    error: str = ""  # why it failed: "HTTP 503", "error event", "no [DONE]", ...
 
 
 async def _one(
@@ -46,7 +47,7 @@ async def _one(
         async with session.post(f"{url}/v1/completions", json=body) as response:
             if response.status != 200:
                 await response.read()
-                return Outcome(False)
+                return Outcome(False, error=f"HTTP {response.status}")
             async for raw in response.content:
                 line = raw.strip()
                 if not line.startswith(b"data: "):
@@ -57,14 +58,16 @@ async def _one(
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
-                    return Outcome(False)
+                    return Outcome(False, error="error event")
                 if not ttft and chunk.get("choices"):
                     ttft = time.perf_counter() - started
                 details = (chunk.get("usage") or {}).get("prompt_tokens_details") or {}
                 cached = details.get("cached_tokens") or cached
-    except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError):
-        return Outcome(False)
-    return Outcome(done and ttft > 0, ttft, time.perf_counter() - started, cached)
+    except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError) as exc:
+        return Outcome(False, error=type(exc).__name__)
+    if not done or not ttft:
+        return Outcome(False, error="no [DONE]" if not done else "no tokens")
+    return Outcome(True, ttft, time.perf_counter() - started, cached)
 
 
 async def run_workload(

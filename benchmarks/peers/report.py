@@ -7,6 +7,7 @@ notes (failed requests, a degraded peer) is never named best.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,8 @@ class Run:
     router_cpu_s: float  # the router's whole process tree during the run
     router_idle: float  # cores the router used while idle, before the run
     engines_idle: float  # cores all engines together used meanwhile
-    notes: list[str] = field(default_factory=list)
+    notes: dict[str, int] = field(default_factory=dict)  # degraded-mode events by kind
+    samples: list[str] = field(default_factory=list)  # e.g. the first warning logged
 
     @property
     def hit_rate(self) -> float:
@@ -71,6 +73,18 @@ def percentile(values: list[float], q: float) -> float:
         return 0.0
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+def _totals(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for one in counts:
+        for kind, n in one.items():
+            out[kind] = out.get(kind, 0) + n
+    return dict(sorted(out.items()))
+
+
+def _notes(notes: dict[str, int]) -> str:
+    return "; ".join(f"{kind} x{n}" for kind, n in notes.items())
 
 
 def _spread(values: list[float]) -> float:
@@ -97,7 +111,7 @@ class Row:
     router_idle: float | None
     engines_idle: float
     per_engine: list[float]
-    notes: list[str]
+    notes: dict[str, int]  # totals over the runs
 
     @property
     def clean(self) -> bool:
@@ -139,7 +153,7 @@ def summarize(runs: list[Run]) -> list[Row]:
                 per_engine=[
                     med(r.per_engine[i] for r in group) for i in range(len(group[0].per_engine))
                 ],
-                notes=sorted({n for r in group for n in r.notes}),
+                notes=_totals(r.notes for r in group),
             )
         )
     return rows
@@ -172,7 +186,7 @@ def table(rows: list[Row]) -> str:
             f"| {_ms(r.ttft_p50)} / {_ms(r.ttft_p90)} / {_ms(r.ttft_p99)} "
             f"| {_ms(r.ttft_p90_spread)} | {_ms(r.e2e_p50)} / {_ms(r.e2e_p90)} "
             f"| {r.throughput:.1f} | {cpu} | {idle} | {r.engines_idle:.1%} "
-            f"| {' / '.join(f'{n:g}' for n in r.per_engine)} | {'; '.join(r.notes) or ''} |"
+            f"| {' / '.join(f'{n:g}' for n in r.per_engine)} | {_notes(r.notes)} |"
         )
     return "\n".join(lines)
 
@@ -195,7 +209,7 @@ def verdicts(rows: list[Row]) -> str:
                 f"{peer.hit_rate:.1%} ({(mine.hit_rate - peer.hit_rate) * 100:+.1f} pts); "
                 f"TTFT p90 {_ms(mine.ttft_p90)} vs {_ms(peer.ttft_p90)} ms "
                 f"({ttft}, spread {_ms(noise)} ms)"
-                + ("" if mine.clean else f"; kvroute row not clean: {'; '.join(mine.notes)}")
+                + ("" if mine.clean else f"; not clean: {mine.failed} failed, {_notes(mine.notes)}")
             )
     return "\n".join(lines)
 

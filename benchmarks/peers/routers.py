@@ -8,8 +8,9 @@ A path is named `ROUTER[:POLICY[:KEY=VALUE,...]]`: `direct`, `kvroute:kv_aware`,
 
 Degraded modes are read from the router itself: vllm-router counts how it got each
 request's tokens (`vllm_router_kv_routing_inputs_total{result}`; anything but
-`render` means it fell back), and every router's warnings and errors in its log
-during a run are reported with the row.
+`render` means it fell back, e.g. `preparation_unavailable` when the render call
+did not answer in time), and every router's warnings and errors in its log during a
+run are counted with the row.
 """
 
 from __future__ import annotations
@@ -216,27 +217,26 @@ class RouterPath:
             return {}
         return _counters(text, "vllm_router_kv_routing_inputs_total", "result")
 
-    def notes(self) -> list[str]:
-        """What ran degraded since the checkpoint: tokens not from the engine's
-        render endpoint, warnings or errors in the router's log."""
-        out = []
+    def notes(self) -> tuple[dict[str, int], list[str]]:
+        """What ran degraded since the checkpoint, counted by kind (tokens not from
+        the engine's render endpoint, warning or error lines in the router's log),
+        and the first such log line as a sample."""
+        counts: dict[str, int] = {}
         after = self._routing_inputs()
-        fallbacks = {
-            k: v - self._inputs.get(k, 0.0)
-            for k, v in after.items()
-            if k != "render" and v > self._inputs.get(k, 0.0)
-        }
-        if fallbacks:
-            got = ", ".join(f"{k} x{v:g}" for k, v in sorted(fallbacks.items()))
-            out.append(f"routing tokens not rendered by the engine: {got}")
+        for result, total in after.items():
+            grew = int(total - self._inputs.get(result, 0.0))
+            if result != "render" and grew > 0:
+                counts[f"routing tokens: {result}"] = grew
+        samples: list[str] = []
         if self.process is not None:
             with self.process.log.open("rb") as log:
                 log.seek(self._log_offset)
                 text = _ANSI.sub("", log.read().decode(errors="replace"))
             warnings = [line for line in text.splitlines() if _WARNING.search(line)]
             if warnings:
-                out.append(f"{len(warnings)} warning/error lines in its log: {warnings[0][:160]}")
-        return out
+                counts["log warnings"] = len(warnings)
+                samples.append(warnings[0][:240])
+        return counts, samples
 
     def pause(self) -> None:
         if self.process is not None:

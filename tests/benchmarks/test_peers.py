@@ -103,27 +103,30 @@ def test_percentile_is_nearest_rank() -> None:
 def test_rows_are_medians_over_runs_with_the_run_to_run_spread() -> None:
     runs = [
         _run("kvroute kv_aware", 0, 80.0, [0.1, 0.2, 0.3, 0.4]),
-        _run("kvroute kv_aware", 1, 90.0, [0.1, 0.2, 0.3, 0.6], failed=1),
+        _run("kvroute kv_aware", 1, 90.0, [0.1, 0.2, 0.3, 0.6], failed=1, notes={"a": 1}),
+        _run("kvroute kv_aware", 2, 85.0, [0.1, 0.2, 0.3, 0.5], notes={"a": 2, "b": 1}),
         _run("direct", 0, 40.0, [0.5, 0.5, 0.5, 0.5]),
     ]
     mine, direct = report.summarize(runs)
-    assert (mine.runs, mine.ok, mine.failed) == (2, 8, 1)
+    assert (mine.runs, mine.ok, mine.failed) == (3, 12, 1)
     assert mine.hit_rate == pytest.approx(0.85) and mine.hit_spread == pytest.approx(0.1)
     assert mine.ttft_p90 == pytest.approx(0.5) and mine.ttft_p90_spread == pytest.approx(0.2)
     assert mine.throughput == 2.0
-    # 40 ms of router CPU over 4 and over 5 requests: 10 and 8 ms, median 9.
-    assert mine.router_cpu_ms_per_request == pytest.approx(9.0)
-    assert mine.per_engine == [2.0, 1.0, 1.0] and not mine.clean
+    # 40 ms of router CPU over 4, 5 and 4 requests: 10, 8 and 10 ms.
+    assert mine.router_cpu_ms_per_request == pytest.approx(10.0)
+    assert mine.per_engine == [2.0, 1.0, 1.0]
+    assert mine.notes == {"a": 3, "b": 1} and not mine.clean
     assert direct.router_cpu_ms_per_request is None and direct.router_idle is None
     table = report.table([mine, direct])
-    assert "| w | kvroute kv_aware | 8 / 1 | 85.0% (±5.0%) | 200 / 500 / 500 |" in table
+    assert "| w | kvroute kv_aware | 12 / 1 | 85.0% (±5.0%) | 200 / 500 / 500 |" in table
+    assert table.splitlines()[2].endswith("| 2 / 1 / 1 | a x3; b x1 |")
     assert "| w | direct | 4 / 0 | 40.0% (±0.0%) |" in table
 
 
 def test_a_degraded_peer_is_never_the_best_peer() -> None:
     rows = report.summarize(
         [
-            _run("vllm-router cache_aware", 0, 95.0, [0.1], notes=["fell back"]),
+            _run("vllm-router cache_aware", 0, 95.0, [0.1], notes={"routing tokens: x": 3}),
             _run("sglang-router cache_aware", 0, 70.0, [0.2]),
             _run("kvroute kv_aware", 0, 90.0, [0.1]),
         ]
