@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     scale = (
         Scale(requests=24, sessions=6, engine_tokens=ENGINE_TOKENS, engines=ENGINES)
         if args.quick
-        else Scale(requests=72, sessions=16, engine_tokens=ENGINE_TOKENS, engines=ENGINES)
+        else Scale(requests=48, sessions=12, engine_tokens=ENGINE_TOKENS, engines=ENGINES)
     )
     if args.quick and args.workloads == list(GENERATORS):
         args.workloads = ["tenants", "pressure", "hybrid"]
