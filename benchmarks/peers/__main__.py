@@ -79,6 +79,7 @@ def measure_once(
     path.resume()
     try:
         fleet.reset_prefix_caches()
+        path.wait_index_cleared()
         time.sleep(args.settle)
         r0, e0, t0 = procs.cpu_seconds(router), procs.cpu_seconds(fleet.pids), time.monotonic()
         time.sleep(args.idle)

@@ -193,6 +193,22 @@ class RouterPath:
             time.sleep(0.25)
         raise TimeoutError(f"{self.spec.label} was not ready within {READY_DEADLINE_S:g} s")
 
+    def wait_index_cleared(self) -> None:
+        """After the engines' caches were reset: until kvroute's index holds nothing
+        (it has applied every engine's AllBlocksCleared, and the events the engines
+        published while it was paused), so no run starts from a stale index."""
+        if self.spec.router != "kvroute":
+            return
+        deadline = time.monotonic() + READY_DEADLINE_S
+        while time.monotonic() < deadline:
+            try:
+                if json.loads(_get(f"{self.url}/status")).get("index_entries") == 0:
+                    return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.spec.label} still indexed blocks after the caches were reset")
+
     # ------------------------------------------------------------------- runs
 
     def target(self, i: int) -> str:
