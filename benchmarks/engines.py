@@ -114,8 +114,8 @@ class Engine:
     def log(self) -> Path:
         return self.config.with_name(f"{self.name}.log")
 
-    def wait_healthy(self) -> None:
-        deadline = time.monotonic() + DEADLINE_S
+    def wait_healthy(self, deadline_s: float = DEADLINE_S) -> None:
+        deadline = time.monotonic() + deadline_s
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-2000:]}")
@@ -126,7 +126,7 @@ class Engine:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.1)
-        raise TimeoutError(f"{self.name} was not healthy within {DEADLINE_S:g} s")
+        raise TimeoutError(f"{self.name} was not healthy within {deadline_s:g} s")
 
     def kill(self) -> None:
         """SIGKILL: the engine vanishes without closing anything."""

@@ -35,8 +35,8 @@ from kvroute.replicas.api import (
 )
 from kvroute.replicas.http_server.backend import ServedEngine, ServedModel
 from kvroute.replicas.http_server.generation import ReplicaCall, ReplicaGenerator
-from kvroute.replicas.http_server.metrics import ReplicaCollector
-from kvroute.replicas.http_server.responses import ReplicaFrontend
+from kvroute.replicas.http_server.metrics import ReplicaCollector, RequestTally
+from kvroute.replicas.http_server.responses import ReplicaFrontend, rendered
 from kvroute.router.openai.chat import ChatTemplate
 from kvroute.router.openai.http import Handler, decode_json, error_body
 from kvroute.router.openai.protocol import ModelNotFoundError, parse_chat, parse_completions
@@ -103,30 +103,38 @@ def _sse_line(payload: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
 
-async def _sse(request: web.Request, chunks: AsyncIterator[dict[str, Any]]) -> web.StreamResponse:
-    """Server-sent events; a failure once the stream has begun is vLLM's error event,
-    then `[DONE]`. A client that leaves mid-stream is a DEBUG line, not an error."""
+async def _sse(
+    request: web.Request, chunks: AsyncIterator[dict[str, Any]]
+) -> tuple[web.StreamResponse, bool]:
+    """Server-sent events, and whether every chunk was sent; a failure once the
+    stream has begun is vLLM's error event, then `[DONE]`. A client that leaves
+    mid-stream is a DEBUG line, not an error."""
     async with contextlib.aclosing(chunks):
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
         try:
-            await _stream(request, response, chunks)
+            ok = await _stream(request, response, chunks)
         except ConnectionResetError:
             logger.debug("stream %s: the client disconnected", request.path)
-    return response
+            ok = False
+    return response, ok
 
 
 async def _stream(
     request: web.Request, response: web.StreamResponse, chunks: AsyncIterator[dict[str, Any]]
-) -> None:
+) -> bool:
+    """Write every chunk, then `[DONE]`; False if a failure cut the stream short (its
+    error event is written in its place). A client that left raises ConnectionResetError."""
+    ok = True
     try:
         async for chunk in chunks:
             await response.write(_sse_line(chunk))
     except ConnectionResetError:
         raise
     except Exception as exc:
+        ok = False
         reply = _reply_to(exc)
         if reply is None or reply.text is None:
             logger.exception("stream %s failed", request.path)
@@ -136,6 +144,7 @@ async def _stream(
         await response.write(_sse_line(body))
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
+    return ok
 
 
 def build_replica_app(
@@ -144,7 +153,8 @@ def build_replica_app(
     generator = ReplicaGenerator(backend, model, tokenizer, template)
     front = ReplicaFrontend(generator)
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(ReplicaCollector(backend, model))
+    tally = RequestTally()
+    registry.register(ReplicaCollector(backend, model, tally))
 
     async def body_of(request: web.Request) -> Any:
         return decode_json(await request.read())
@@ -163,9 +173,12 @@ def build_replica_app(
             body = await body_of(request)
             call = expand(parse(body), _flag(body, "return_token_ids"))
             if _flag(body, "stream"):
-                return await _sse(request, chunks(call))
-            await generator.collect(call)
-            return web.json_response(whole(call))
+                response, ok = await _sse(request, chunks(call))
+            else:
+                await generator.collect(call)
+                response, ok = web.json_response(whole(call)), True
+            tally.success += ok
+            return response
 
         return handler
 
@@ -203,6 +216,21 @@ def build_replica_app(
             }
         )
 
+    def render(
+        parse: Callable[[Any], Parsed],
+        expand: Callable[[Parsed, bool], ReplicaCall],
+        one: bool,
+    ) -> Handler:
+        """vLLM's render endpoints (`--enable-scale-out`): the request as the token
+        ids and sampling parameters the engine would run, without running it; chat
+        renders its one prompt as one object, completions a list."""
+
+        async def handler(request: web.Request) -> web.Response:
+            requests = rendered(expand(parse(await body_of(request)), False))
+            return web.json_response(requests[0] if one else requests)
+
+        return handler
+
     async def models(request: web.Request) -> web.Response:
         return web.json_response(front.models())
 
@@ -227,6 +255,11 @@ def build_replica_app(
             web.post("/v1/completions", completions),
             web.post("/v1/chat/completions", chat_completions),
             web.post("/tokenize", tokenize),
+            web.post(
+                "/v1/completions/render",
+                render(parse_completions, generator.completions_call, False),
+            ),
+            web.post("/v1/chat/completions/render", render(parse_chat, generator.chat_call, True)),
             web.get("/v1/models", models),
             web.get("/health", health),
             web.get("/metrics", metrics),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -17,15 +18,26 @@ METRIC_HELP = {
     "prefix_cache_hits": "Prefix cache hits, in terms of number of cached tokens.",
     "prompt_tokens": "Number of prefill tokens processed.",
     "generation_tokens": "Number of generation tokens processed.",
+    "request_success": "Count of successfully processed requests.",
 }
+
+
+@dataclass
+class RequestTally:
+    """Requests the server answered in full (every choice finished, the body or the
+    stream's `[DONE]` sent): vLLM's `vllm:request_success`, without its
+    `finished_reason` label. Benchmarks read requests per engine from it."""
+
+    success: int = 0
 
 
 class ReplicaCollector(Collector):
     """vLLM's metric names, read from the backend at scrape time (levels as gauges,
     totals as counters), labelled `model_name` and `engine` as vLLM labels them."""
 
-    def __init__(self, backend: ServedEngine, model: ServedModel) -> None:
+    def __init__(self, backend: ServedEngine, model: ServedModel, tally: RequestTally) -> None:
         self._backend = backend
+        self._tally = tally
         self._labels = [model.name, str(model.engine_index)]
 
     def collect(self) -> Iterator[Metric]:
@@ -42,6 +54,7 @@ class ReplicaCollector(Collector):
             "prefix_cache_hits": totals.prefix_cache_hits,
             "prompt_tokens": totals.prompt_tokens,
             "generation_tokens": totals.generation_tokens,
+            "request_success": self._tally.success,
         }
         families = ((GaugeMetricFamily, levels), (CounterMetricFamily, counts))
         for family, values in families:

@@ -9,7 +9,10 @@ As vLLM's OpenAI server writes them:
   choice's first chunk only), then, with `stream_options.include_usage`, a chunk
   with no choices and the usage;
 - `usage.prompt_tokens_details.cached_tokens` with `--enable-prompt-tokens-details`
-  (on by default), else `prompt_tokens_details` is null.
+  (on by default), else `prompt_tokens_details` is null;
+- the render endpoints (vLLM's `--enable-scale-out`) answer with vLLM's
+  `GenerateRequest`: a list of them, one per prompt, for `/v1/completions/render`,
+  one for `/v1/chat/completions/render`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,40 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from kvroute.replicas.http_server.generation import ReplicaCall, ReplicaGenerator
+
+
+def rendered(call: ReplicaCall) -> list[dict[str, Any]]:
+    """A call as vLLM's render endpoints return it: per prompt, the token ids the
+    engine would run and its sampling parameters (first choice's; `n` counts them).
+    Routers tokenize through this (vllm-router's `cache_aware` does)."""
+    requests = []
+    for p, prompt in enumerate(call.prompts):
+        choices = [c for c in call.choices if c.prompt_index == p]
+        first = choices[0].request
+        sampling = first.sampling
+        requests.append(
+            {
+                "request_id": call.response_id,
+                "token_ids": prompt,
+                "features": None,
+                "sampling_params": {
+                    "n": len(choices),
+                    "max_tokens": first.max_tokens,
+                    "temperature": sampling.temperature,
+                    "top_p": sampling.top_p,
+                    "top_k": sampling.top_k,
+                    "seed": sampling.seed,
+                    "stop_token_ids": list(sampling.stop_token_ids),
+                    "ignore_eos": sampling.ignore_eos,
+                },
+                "model": call.model,
+                "stream": False,
+                "cache_salt": first.cache_salt,
+                "priority": 0,
+                "kv_transfer_params": None,
+            }
+        )
+    return requests
 
 
 class ReplicaFrontend:

@@ -175,6 +175,7 @@ def test_metrics_are_vllms_and_exact_after_requests(tmp_path: Path) -> None:
         "vllm:prefix_cache_hits_total": (labels, 8.0),
         "vllm:prompt_tokens_total": (labels, 20.0),
         "vllm:generation_tokens_total": (labels, 6.0),
+        "vllm:request_success_total": (labels, 2.0),
     }
 
 
@@ -300,3 +301,34 @@ def test_a_bad_kv_events_config_is_one_clear_error_and_exit_2(
     code = main(["serve-replica", config, "--port", "0", "--kv-events-config", events])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: --kv-events-config") and message in err
+
+
+def test_render_endpoints_return_vllms_generate_requests_without_running_them(
+    tmp_path: Path,
+) -> None:
+    with serve_replica(tiny_config(tmp_path), rank=0) as server:
+        body = {"model": "tiny", "prompt": [PROMPT, "hi"], "max_tokens": 3, "n": 2, "seed": 7}
+        completions = post(server.url, "/v1/completions/render", body).json()
+        chat_body = {"model": "adapter-a", "messages": [{"role": "user", "content": "hi"}]}
+        chat = post(server.url, "/v1/chat/completions/render", chat_body).json()
+        chat_tokens = post(server.url, "/tokenize", chat_body).json()["tokens"]
+        unknown = post(server.url, "/v1/completions/render", {"model": "nope", "prompt": "x"})
+        metrics = fetch(server.url + "/metrics").text
+    assert [r["token_ids"] for r in completions] == [list(PROMPT.encode()), list(b"hi")]
+    first = completions[0]
+    assert first["request_id"].startswith("cmpl-") and first["model"] == "tiny"
+    assert first["sampling_params"] == {
+        "n": 2,
+        "max_tokens": 3,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "seed": 7,
+        "stop_token_ids": [],
+        "ignore_eos": False,
+    }
+    assert chat["request_id"].startswith("chatcmpl-") and chat["model"] == "adapter-a"
+    assert chat["token_ids"] == chat_tokens
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
+    # Rendering runs nothing: no prompt reached the engine.
+    assert 'vllm:prompt_tokens_total{engine="0",model_name="tiny"} 0.0' in metrics
