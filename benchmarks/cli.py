@@ -12,7 +12,6 @@ import importlib.util
 from typing import Any
 
 from kvroute.configs import resolve_config
-from kvroute.router.policy import POLICIES
 
 
 def add_bench_command(sub: Any) -> None:
@@ -21,7 +20,7 @@ def add_bench_command(sub: Any) -> None:
     bench.add_argument("--trace", default="conversation", help="comma-separated workloads")
     bench.add_argument("--replicas", type=int, help="default: replicas.count in the config")
     bench.add_argument("--speed", default="1.5", help="comma-separated trace speeds")
-    bench.add_argument("--policies", default=",".join(POLICIES))
+    bench.add_argument("--policies", help="comma-separated (default: every registered policy)")
     bench.add_argument("--limit", type=int, help="only the first N requests")
     bench.add_argument("--config", default="bench", help="benchmark parameters: path or name")
     bench.add_argument("--out", default="kvroute-bench", help="results folder (created)")
@@ -37,11 +36,12 @@ def run_bench(args: argparse.Namespace) -> int:
             "pip install 'kvroute[bench]' first"
         )
     from kvroute.benchmarks.quality import main as quality_main
+    from kvroute.router.policy import POLICIES
 
     argv = [
         f"--workloads={args.trace}",
         f"--speeds={args.speed}",
-        f"--policies={args.policies}",
+        f"--policies={args.policies or ','.join(POLICIES)}",
         f"--out={args.out}",
         f"--config={resolve_config(args.config)}",
     ]
