@@ -79,6 +79,7 @@ class ReplicaServer:
             tuple(config.model.lora_names),
             publish_token_ids=config.events.publish_token_ids,
             on_death=self._exit,
+            step_in_thread=config.replicas.executor == "torch",
         )
         self._starting: asyncio.Future[ReplicaInfo] | None = None
         self._publisher: ZmqEventPublisher | None = None
@@ -162,10 +163,10 @@ class ReplicaServer:
         """Stop a request and free its blocks (see `ReplicaCore.abort`)."""
         return self.core.abort(request_id)
 
-    def snapshot(self) -> Snapshot:
+    async def snapshot(self) -> Snapshot:
         """Every cached block as one batch, valid up to the publisher's next seq."""
         assert self._publisher is not None
-        return self.core.snapshot()
+        return await self.core.snapshot()
 
     def load(self) -> ReplicaLoad:
         return self.core.load()

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from kvroute.events.kv_events import KVEventBatch, without_token_ids
@@ -40,7 +41,7 @@ from kvroute.replicas.api import (
     lora_request_for,
     validate_sampling,
 )
-from kvroute.replicas.engine import Engine, RequestOutput
+from kvroute.replicas.engine import Engine, RequestOutput, StepResult
 from kvroute.replicas.kv_cache.utils import BlockHash
 from kvroute.replicas.request import SamplingParams
 
@@ -61,6 +62,14 @@ class ReplicaCore:
 
     `start()` must run on the event loop that will serve; every other method
     runs on that loop too (the engine is single-threaded).
+
+    With `step_in_thread` (a model that really computes), each step runs on one
+    worker thread, so the loop keeps answering load, health and metrics while a
+    step computes. The engine is touched by one thread at a time: while a step
+    runs, admissions wait for it to end (`_engine_free`), aborts are queued and
+    applied after it, `load()` answers the load measured after the last step, and
+    a prefix-cache reset is refused (False, as while blocks are in use). The loop
+    yields once between steps, so waiting admissions always get in.
     """
 
     def __init__(
@@ -70,8 +79,16 @@ class ReplicaCore:
         lora_names: tuple[str, ...] = (),
         publish_token_ids: bool = True,
         on_death: Callable[[], None] | None = None,
+        step_in_thread: bool = False,
     ) -> None:
         self.replica_id = replica_id
+        self.step_in_thread = step_in_thread
+        self._stepping = False
+        self._between_steps: asyncio.Event | None = None
+        self._step_future: asyncio.Future[StepResult] | None = None
+        self._step_thread: ThreadPoolExecutor | None = None
+        self._pending_aborts: set[str] = set()
+        self._load = ReplicaLoad()
         self.on_death = on_death
         self.death: BaseException | None = None  # what stopped the loop, once it has
         self.engine = engine
@@ -98,6 +115,10 @@ class ReplicaCore:
         if publisher is not None:
             publisher.start()
         self._wake = asyncio.Event()
+        self._between_steps = asyncio.Event()
+        self._between_steps.set()
+        if self.step_in_thread:
+            self._step_thread = ThreadPoolExecutor(1, thread_name_prefix="engine-step")
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     @property
@@ -145,7 +166,14 @@ class ReplicaCore:
             return None
         return [BlockHash(h) for h in hashes]
 
+    async def _engine_free(self) -> None:
+        """Return once no step runs (at once without `step_in_thread`)."""
+        while self._stepping:
+            assert self._between_steps is not None
+            await self._between_steps.wait()
+
     async def generate(self, request: GenerateRequest) -> GenerateResult:
+        await self._engine_free()
         flight = self._admit(request)
         try:
             while not (out := await self._next(flight, request.request_id)).finished:
@@ -159,6 +187,7 @@ class ReplicaCore:
     ) -> AsyncIterator[StreamChunk | GenerateResult]:
         """A StreamChunk per step that produced tokens (the last one included), then
         the GenerateResult. Closing the iterator early aborts the request."""
+        await self._engine_free()
         flight = self._admit(request)
         try:
             while True:
@@ -200,6 +229,9 @@ class ReplicaCore:
         flight = self._flights.pop(request_id, None)
         if flight is not None:
             flight.queue.put_nowait(None)
+        if self._stepping:
+            self._pending_aborts.add(request_id)
+            return flight is not None
         return self.engine.abort_request(request_id)
 
     def result(self, out: RequestOutput) -> GenerateResult:
@@ -246,7 +278,7 @@ class ReplicaCore:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            result = self.engine.step()
+            result = await self._step()
             self.steps += 1
             self._count_prefix_cache()
             if result.events is not None:
@@ -269,6 +301,35 @@ class ReplicaCore:
                     flight.queue.put_nowait(out)
                     if out.finished:
                         self._flights.pop(out.request_id, None)
+
+    async def _step(self) -> StepResult:
+        """One engine step: here, or on the step thread with `step_in_thread`. A
+        cancelled caller does not stop a step under way; `stop()` waits for it."""
+        if self._step_thread is None:
+            result = self.engine.step()
+        else:
+            assert self._between_steps is not None
+            self._stepping = True
+            self._between_steps.clear()
+            loop = asyncio.get_running_loop()
+            self._step_future = loop.run_in_executor(self._step_thread, self.engine.step)
+            try:
+                result = await asyncio.shield(self._step_future)
+            finally:
+                if self._step_future is not None and self._step_future.done():
+                    self._end_step()
+        self._load = self.engine.load()
+        return result
+
+    def _end_step(self) -> None:
+        """The step thread is done with the engine: apply the aborts it queued."""
+        self._stepping = False
+        self._step_future = None
+        for request_id in self._pending_aborts:
+            self.engine.abort_request(request_id)
+        self._pending_aborts.clear()
+        if self._between_steps is not None:
+            self._between_steps.set()
 
     def _count_output(self, out: RequestOutput) -> None:
         """vLLM's counting: a prompt when its first token comes, every token made."""
@@ -297,15 +358,19 @@ class ReplicaCore:
 
     # ------------------------------------------------------------------- state
 
-    def snapshot(self) -> Snapshot:
+    async def snapshot(self) -> Snapshot:
         """Every cached block as one batch, valid up to the publisher's next seq."""
+        await self._engine_free()
         next_seq = self.publisher.next_seq if self.publisher is not None else 0
         return Snapshot(next_seq, self.engine.snapshot_batch())
 
     def load(self) -> ReplicaLoad:
         """The engine's load; EngineDeadError once the loop has died (not ready)."""
         self._check_alive()
-        return self.engine.load()
+        if self._stepping:
+            return self._load
+        self._load = self.engine.load()
+        return self._load
 
     def counters(self) -> ReplicaCounters:
         """Totals since start: a copy, safe to keep."""
@@ -319,8 +384,9 @@ class ReplicaCore:
 
     def reset_prefix_cache(self) -> bool:
         """Drop the prefix cache and publish AllBlocksCleared at once, so a router
-        knows before the next request; refused (False) while blocks are in use."""
-        if not self.engine.kv_cache.reset_prefix_cache():
+        knows before the next request; refused (False) while blocks are in use or
+        a step runs."""
+        if self._stepping or not self.engine.kv_cache.reset_prefix_cache():
             return False
         batch = self.engine.take_event_batch()
         if batch is not None:
@@ -334,6 +400,12 @@ class ReplicaCore:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._step_future is not None:
+            with contextlib.suppress(Exception):
+                await self._step_future
+            self._end_step()
+        if self._step_thread is not None:
+            self._step_thread.shutdown(wait=False)
         for request_id in list(self._flights):
             self.abort(request_id)
         self.close_publisher()
@@ -346,4 +418,6 @@ class ReplicaCore:
         """Stop the loop and close the publisher without awaiting (a sync caller)."""
         if self._loop_task is not None:
             self._loop_task.cancel()
+        if self._step_thread is not None:
+            self._step_thread.shutdown(wait=False)
         self.close_publisher()

@@ -123,7 +123,12 @@ class ReplicaProcess:
             none_hash=self.hash_root,
             data_parallel_rank=options.rank,
         )
-        self.core = ReplicaCore(f"replica-{options.rank}", self.engine, tuple(model.lora_names))
+        self.core = ReplicaCore(
+            f"replica-{options.rank}",
+            self.engine,
+            tuple(model.lora_names),
+            step_in_thread=settings.replicas.executor == "torch",
+        )
         self.served = ServedModel(
             name=options.served_model_name or model.name,
             root=model.path or model.name,

@@ -11,9 +11,8 @@ from kvroute.replicas.api import GenerateRequest
 from kvroute.replicas.kv_cache.prompt import PromptKeys
 from kvroute.replicas.request import SamplingParams
 from kvroute.router.config import load_config
-from kvroute.router.core import Router
+from kvroute.router.core import Router, router_settings
 from kvroute.router.policy import make_policy
-from kvroute.router.service.router_service import router_settings
 
 PROMPT = list(range(1, 41))  # 2 full blocks of 16 tokens and 8 more
 
@@ -25,7 +24,8 @@ def server_and_router() -> tuple[ReplicaServer, Router]:
     )
     router_key = CurveKeyPair.generate().public_key
     server = ReplicaServer("replica-0", config.replica_settings(), "router", 0, router_key)
-    return server, Router(router_settings(config), make_policy("round_robin"))
+    settings = router_settings(config.router, config.hashing, config.model, config.engine_count)
+    return server, Router(settings, make_policy("round_robin"))
 
 
 def test_the_router_hashes_are_the_replicas_own() -> None:
