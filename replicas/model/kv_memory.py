@@ -10,24 +10,29 @@ largest group, and a memory budget sizes `num_blocks` by that.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import msgspec
 import torch
 
 from kvroute.replicas.config import ModelConfig, ReplicasConfig
 from kvroute.replicas.kv_cache.specs import AttentionSpec, KVCacheTensor
-from kvroute.replicas.model.config import ModelArch, attention_specs, model_arch
+from kvroute.replicas.model.config import ModelArch, attention_specs, model_arch, tokenizer_file
+from kvroute.replicas.model.weights import check_checkpoint
 
 
 def resolve_model(model: ModelConfig, replicas: ReplicasConfig) -> ModelConfig:
     """The model section as every replica builds it, so that the router's config
-    agrees: checked for the torch executor (a group it cannot compute is an
-    error before any replica starts), `num_blocks` sized from
-    `replicas.kv_cache_memory` if set."""
+    agrees: checked for the torch executor (a group it cannot compute, or a
+    checkpoint whose weights or tokenizer do not fit, is an error before any
+    replica starts), `num_blocks` sized from `replicas.kv_cache_memory` if set."""
+    tokenizer_file(model.tokenizer, model.path)
     budget = replicas.kv_cache_bytes()
     if replicas.executor == "simulated" and budget is None:
         return model
     arch = model_arch(model)
+    if model.path is not None:
+        check_checkpoint(Path(model.path), arch)
     if budget is None:
         return model
     num_blocks = num_blocks_for_budget(budget, attention_specs(model)[0], arch)

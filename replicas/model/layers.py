@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvroute.replicas.model.config import ModelArch
+from kvroute.replicas.model.config import Llama3Rope, ModelArch
 
 
 class Attend(Protocol):
@@ -40,11 +40,16 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary position embeddings (rotate-half layout), cached up to max_model_len."""
+    """Rotary position embeddings (rotate-half layout), cached up to max_model_len;
+    frequencies scaled as Llama 3 does when `scaling` is set."""
 
-    def __init__(self, head_dim: int, max_len: int, theta: float) -> None:
+    def __init__(
+        self, head_dim: int, max_len: int, theta: float, scaling: Llama3Rope | None = None
+    ) -> None:
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        if scaling is not None:
+            inv_freq = scaling.scale(inv_freq)
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("cos", emb.cos().float(), persistent=False)
@@ -126,7 +131,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.rotary = Rotary(arch.head_dim, arch.max_model_len, arch.rope_theta)
+        self.rotary = Rotary(arch.head_dim, arch.max_model_len, arch.rope_theta, arch.rope_scaling)
 
     def init_random(self, seed: int) -> None:
         """Seeded weights whose logits spread out (std 1/sqrt(fan_in)), so greedy

@@ -38,6 +38,7 @@ def settings(
     caching: bool = True,
     poison: bool = False,
     path: str | None = None,
+    tokenizer: str | None = None,
     dtype: str = "float32",
 ) -> ReplicaSettings:
     kv = {"num_kv_heads": 2, "head_size": 8, "dtype": dtype}
@@ -57,6 +58,7 @@ def settings(
             num_heads=4,
             intermediate_size=64,
             path=path,
+            tokenizer=tokenizer,
         ),
         hashing=HashingConfig(),
         replicas=ReplicasConfig(
