@@ -9,11 +9,18 @@
 3. TTFT of a 4,096-token prompt at 0%, 50% and 90% prefix hit, through the
    real engine (one prefill step), and the paged prefill against the dense
    reference (the same weights, plain attention, no cache) on the same prompt.
+4. Against Hugging Face transformers (SDPA attention) on the same weights (the
+   model saved with `save_checkpoint`, loaded by transformers) at 1 thread:
+   prefill tokens/s of a 2,048-token prompt (transformers keeping only the last
+   token's logits, as generate does) and decode tokens/s at batch 8 (~512-token
+   contexts). CPU time of this process, in paired rounds that alternate the two
+   (a prefill each; 4 decode steps each), so load from other processes hits
+   both alike; ratios are kvroute / HF speed.
 
 The model is the one in the config (default: configs/default.yaml, a 4-layer
 hybrid), with enough KV memory for the 4,096-token prompts. Times are medians.
 
-Run: python -m benchmarks.model [--config PATH] [--repeats N]
+Run: python -m benchmarks.model [--config PATH] [--repeats N] [--rounds N] [--hf-only]
 """
 
 from __future__ import annotations
@@ -22,8 +29,10 @@ import argparse
 import os
 import random
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import msgspec
 import numpy as np
@@ -36,6 +45,7 @@ from kvroute.replicas.engine import Engine
 from kvroute.replicas.executor_torch import TorchExecutor
 from kvroute.replicas.factory import build_engine
 from kvroute.replicas.model.attention import DenseAttention
+from kvroute.replicas.model.weights import save_checkpoint
 from kvroute.replicas.request import SamplingParams
 from kvroute.router.config import load_config
 
@@ -43,6 +53,9 @@ PROMPT = 4096
 PREFILL_TOKENS = (128, 512, 1024, 2048)
 DECODE_SEQS = (1, 4, 8, 16, 32)
 GREEDY_ONE = SamplingParams(max_tokens=1, temperature=0.0)
+# Decode steps per side in each paired round: back to back, as a server runs
+# them, so each side is timed with its own weights in the CPU caches.
+DECODE_RUN = 4
 
 
 def settings(path: str) -> ReplicaSettings:
@@ -157,20 +170,107 @@ class Bench:
         return self.median(run)
 
 
+def cpu_time(run: Callable[[], object]) -> float:
+    """CPU seconds (all threads of this process) that `run` takes."""
+    start = time.process_time()
+    run()
+    return time.process_time() - start
+
+
+class HFComparison:
+    """kvroute's engine and transformers' model on the same weights."""
+
+    def __init__(self, bench: Bench, context: int = 512, batch: int = 8) -> None:
+        import transformers  # a dev dependency: imported only for this part
+
+        self.bench = bench
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(bench.executor.model, Path(tmp))
+            self.hf = transformers.AutoModelForCausalLM.from_pretrained(
+                tmp, attn_implementation="sdpa", dtype=bench.executor.arch.dtype
+            ).eval()
+        self.context, self.batch = context, batch
+
+    def prefill(self, rounds: int) -> tuple[float, float]:
+        """Median CPU seconds of a 2,048-token prefill: (kvroute, HF)."""
+        ours, theirs = [], []
+        for _ in range(rounds):
+            prompt = self.bench.tokens(2048)
+            ids = torch.tensor([prompt])
+            with torch.inference_mode():
+                theirs.append(cpu_time(lambda ids=ids: self.hf(ids, logits_to_keep=1)))
+            ours.append(cpu_time(lambda prompt=prompt: self.bench.ttft(prompt)))
+        return statistics.median(ours), statistics.median(theirs)
+
+    def decode(self, rounds: int) -> tuple[float, float]:
+        """Median CPU seconds of one decode step of `batch` sequences: (kvroute, HF)."""
+        import transformers
+
+        prompts = [self.bench.tokens(self.context) for _ in range(self.batch)]
+        for prompt in prompts:
+            self.bench.add(prompt, max_tokens=rounds * DECODE_RUN + 2)
+        while self.bench.engine.step().num_scheduled_tokens > self.batch:
+            pass  # prefill (and the first sampled token) until every step is a decode
+        cache = transformers.DynamicCache(config=self.hf.config)
+        with torch.inference_mode():
+            logits = self.hf(torch.tensor(prompts), cache=cache, logits_to_keep=1).logits
+            step = logits[:, -1].argmax(-1, keepdim=True)
+            ours, theirs = [], []
+            for _ in range(rounds):
+                for _ in range(DECODE_RUN):
+                    theirs.append(cpu_time(lambda: self.hf(step, cache=cache, logits_to_keep=1)))
+                for _ in range(DECODE_RUN):
+                    ours.append(cpu_time(self.bench.engine.step))
+        self.bench.drain()
+        return statistics.median(ours), statistics.median(theirs)
+
+
+def compare_with_hf(bench: Bench, rounds: int) -> None:
+    torch.set_num_threads(1)
+    comparison = HFComparison(bench)
+    comparison.prefill(1)  # warm-up
+    prefill_ours, prefill_hf = comparison.prefill(rounds)
+    decode_ours, decode_hf = comparison.decode(rounds)
+    batch = comparison.batch
+    print(f"\nvs Hugging Face transformers {_hf_version()} (SDPA), same weights, 1 thread, ")
+    print(f"CPU time, median of {rounds} paired rounds:")
+    print(f"{'measure':<44} {'kvroute':>12} {'HF':>12} {'ratio':>8}")
+    print(
+        f"{'prefill tokens/s (2,048-token prompt)':<44} {2048 / prefill_ours:>12,.0f} "
+        f"{2048 / prefill_hf:>12,.0f} {prefill_hf / prefill_ours:>7.2f}x"
+    )
+    print(
+        f"{f'decode tokens/s (batch {batch}, ~512 tokens)':<44} {batch / decode_ours:>12,.0f} "
+        f"{batch / decode_hf:>12,.0f} {decode_hf / decode_ours:>7.2f}x"
+    )
+    print("  (target: both ratios >= 0.9)")
+
+
+def _hf_version() -> str:
+    import transformers
+
+    return str(transformers.__version__)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7, help="paired rounds against HF")
+    parser.add_argument("--hf-only", action="store_true", help="only part 4")
     args = parser.parse_args()
     config = settings(args.config)
     bench = Bench(config, args.repeats)
     m = config.model
     print(
         f"model {m.name}: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads, "
-        f"{len(m.groups)} KV cache groups, vocab {m.vocab_size}, {m.dtype}; "
-        f"device {bench.executor.device}; {os.cpu_count()} CPUs, load average "
-        f"{os.getloadavg()[0]:.1f} (threads compete with other processes for cores)"
+        f"{len(m.groups)} KV cache groups ({', '.join(g.dtype for g in m.groups)} K/V), "
+        f"vocab {m.vocab_size}, {m.dtype}; device {bench.executor.device}; {os.cpu_count()} "
+        f"CPUs, load average {os.getloadavg()[0]:.1f} (threads compete with other processes)"
     )
+    if args.hf_only:
+        compare_with_hf(bench, args.rounds)
+        return
     steps = tqdm(total=5, desc="benchmark", unit="part")
     torch.set_num_threads(1)
     bench.prefill_step(256)  # warm-up
@@ -211,6 +311,7 @@ def main() -> None:
     print(f"{'  paged (engine step, no hit)':<44} {paged * 1000:>10.1f}ms")
     print(f"{'  dense reference (no cache)':<44} {dense * 1000:>10.1f}ms")
     print(f"  paged / dense = {paged / dense:.2f} (target <= 1.5)")
+    compare_with_hf(bench, args.rounds)
 
 
 if __name__ == "__main__":

@@ -70,14 +70,19 @@ def layer_names(arch: ModelArch, slot: int) -> list[str]:
 
 
 class PagedKVMemory:
-    """K and V pages for every layer, indexed by the block manager's block ids."""
+    """K and V pages for every layer, indexed by the block manager's block ids.
+
+    One page past the pool (block id `num_blocks`, which the block manager never
+    hands out, never written nor poisoned) stays zero: padded key views read it
+    instead of masking gathered K/V, since a masked NaN still poisons softmax."""
 
     def __init__(
         self, spec: AttentionSpec, arch: ModelArch, num_blocks: int, device: torch.device
     ) -> None:
         self.block_size = spec.block_size
         self.num_groups = len(arch.group_windows)
-        shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size)
+        self.zero_slot = num_blocks * spec.block_size
+        shape = (num_blocks + 1, spec.block_size, spec.num_kv_heads, spec.head_size)
         self.k = [
             torch.zeros(shape, dtype=spec.dtype, device=device)
             for _ in range(arch.layers_per_group)

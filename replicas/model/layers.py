@@ -8,7 +8,7 @@ serving, dense over the whole sequence as the reference, with the same weights.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -55,13 +55,22 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos().float(), persistent=False)
         self.register_buffer("sin", emb.sin().float(), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, d] rotated to `positions` [T]."""
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryAngles:
+        """cos and sin [T, 1, d] of `positions` [T], once per step for every layer."""
+        return RotaryAngles(
+            self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+        )
+
+
+class RotaryAngles(NamedTuple):
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, d] rotated to the angles' positions."""
         half = x.shape[-1] // 2
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+        return x * self.cos + rotated * self.sin
 
 
 class SelfAttention(nn.Module):
@@ -78,13 +87,12 @@ class SelfAttention(nn.Module):
         self,
         layer: int,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: Rotary,
+        angles: RotaryAngles,
         attend: Attend,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = rotary(self.q_proj(x).view(t, self.num_heads, self.head_dim), positions)
-        k = rotary(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), positions)
+        q = angles.rotate(self.q_proj(x).view(t, self.num_heads, self.head_dim))
+        k = angles.rotate(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         return self.o_proj(attend(layer, q, k, v).reshape(t, -1))
 
@@ -157,8 +165,9 @@ class CausalLM(nn.Module):
         """Logits [len(logits_indices), vocab] (every token when None) of a flat
         batch: token ids and their positions [T]."""
         x = self.model.embed_tokens(input_ids)
+        angles = self.rotary(positions, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = x + layer.self_attn(i, layer.input_layernorm(x), positions, self.rotary, attend)
+            x = x + layer.self_attn(i, layer.input_layernorm(x), angles, attend)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         if logits_indices is not None:
             x = x[logits_indices]
