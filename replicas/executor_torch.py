@@ -67,14 +67,14 @@ class TorchExecutor:
             self._poison()
         # Sampling runs on the CPU, where each request's generator lives.
         logits = self.forward(batch).cpu()
-        sampled = [s for s in batch if s.sample]
-        tokens = {
-            s.request.request_id: self.sampler.sample(
-                s.request.request_id, s.request.sampling_params or _GREEDY, logits[i]
-            )
-            for i, s in enumerate(sampled)
+        sampled = [
+            (s.request.request_id, s.request.sampling_params or _GREEDY) for s in batch if s.sample
+        ]
+        tokens = self.sampler.sample_rows(sampled, logits)
+        by_request = {
+            request_id: token for (request_id, _), token in zip(sampled, tokens, strict=True)
         }
-        return StepOutput(time.perf_counter() - started, tokens)
+        return StepOutput(time.perf_counter() - started, by_request)
 
     @torch.inference_mode()
     def forward(self, batch: Sequence[ScheduledRequest]) -> torch.Tensor:

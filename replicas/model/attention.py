@@ -170,41 +170,61 @@ class PagedAttention:
         self.arch = arch
         self.memory = memory
         self.groups = groups
-        # Per group, the decode slots to gather, invalid ones reading the zero
-        # page: a masked weight of 0 times a stale NaN would still be NaN.
-        self.decode_slots = [
+        # Per group, the decode slots to gather (invalid ones read the zero page:
+        # a masked weight of 0 times a stale NaN would still be NaN) and keys.
+        self.decodes = [
             None
             if g.decode_keys is None
-            else torch.where(g.decode_keys.valid, g.decode_keys.slots, memory.zero_slot).flatten()
+            else (
+                torch.where(g.decode_keys.valid, g.decode_keys.slots, memory.zero_slot).flatten(),
+                g.decode_keys,
+            )
             for g in groups
         ]
 
     def __call__(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
-        meta = self.groups[self.arch.layer_group(layer)]
+        group = self.arch.layer_group(layer)
+        meta = self.groups[group]
         k_cache, v_cache = self.memory.layer(layer)
         k_stored, v_stored = k.to(k_cache.dtype), v.to(v_cache.dtype)
         k_cache.index_copy_(0, meta.slot_mapping, k_stored)
         v_cache.index_copy_(0, meta.slot_mapping, v_stored)
-        out = torch.empty_like(q)
-        if meta.prefills:  # what a read of the cache returns for this step's tokens
-            k_new, v_new = k_stored.to(q.dtype), v_stored.to(q.dtype)
+        decodes = self.decodes[group]
+        if not meta.prefills and decodes is not None:  # every token decodes
+            return self._decode(q, k_cache, v_cache, *decodes)
+        # What a read of the cache returns for this step's tokens.
+        k_new, v_new = k_stored.to(q.dtype), v_stored.to(q.dtype)
+        parts = []
         for chunk in meta.prefills:
             span = chunk.span
             k_pre = k_cache[chunk.prefix_slots].to(q.dtype)
             v_pre = v_cache[chunk.prefix_slots].to(q.dtype)
-            out[span] = attend_chunk(q[span], k_pre, v_pre, k_new[span], v_new[span], meta.window)
-        slots = self.decode_slots[self.arch.layer_group(layer)]
-        if slots is not None and meta.decode_index is not None and meta.decode_keys is not None:
-            keys = meta.decode_keys
-            shape = (*keys.slots.shape, *k_cache.shape[1:])
-            k_dec = k_cache.index_select(0, slots).view(shape).to(q.dtype)
-            v_dec = v_cache.index_select(0, slots).view(shape).to(q.dtype)
-            out[meta.decode_index] = _sdpa(
-                q[meta.decode_index].unsqueeze(1), k_dec, v_dec, keys.mask
-            )[:, 0]
+            attended = attend_chunk(q[span], k_pre, v_pre, k_new[span], v_new[span], meta.window)
+            if chunk.num_new == q.shape[0]:  # the step is this one chunk
+                return attended
+            parts.append((span, attended))
+        out = torch.empty_like(q)
+        for span, attended in parts:
+            out[span] = attended
+        if decodes is not None and meta.decode_index is not None:
+            out[meta.decode_index] = self._decode(q[meta.decode_index], k_cache, v_cache, *decodes)
         return out
+
+    @staticmethod
+    def _decode(
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slots: torch.Tensor,
+        keys: KeyView,
+    ) -> torch.Tensor:
+        """One query per sequence [B, H, d] over the padded key view."""
+        shape = (*keys.slots.shape, *k_cache.shape[1:])
+        k = k_cache.index_select(0, slots).view(shape).to(q.dtype)
+        v = v_cache.index_select(0, slots).view(shape).to(q.dtype)
+        return _sdpa(q.unsqueeze(1), k, v, keys.mask)[:, 0]
 
 
 def attend_chunk(

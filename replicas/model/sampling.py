@@ -21,6 +21,18 @@ class Sampler:
         self.seed = seed
         self._generators: dict[str, torch.Generator] = {}
 
+    def sample_rows(
+        self, requests: list[tuple[str, SamplingParams]], logits: torch.Tensor
+    ) -> list[int]:
+        """One token per row of logits [len(requests), vocab]; greedy rows take
+        one batched argmax."""
+        greedy = [i for i, (_, params) in enumerate(requests) if params.temperature <= 0.0]
+        tokens = dict(zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True))
+        return [
+            tokens[i] if i in tokens else self.sample(request_id, params, logits[i])
+            for i, (request_id, params) in enumerate(requests)
+        ]
+
     def sample(self, request_id: str, params: SamplingParams, logits: torch.Tensor) -> int:
         """One token from float32 logits [vocab]."""
         if params.temperature <= 0.0:

@@ -78,3 +78,16 @@ def test_top_k_one_is_greedy_and_top_p_keeps_the_nucleus() -> None:
     # (over the whole vocabulary it had 0.46 and token 3 stayed, as above).
     kept = _top_k_top_p(logits, top_k=2, top_p=0.5)
     assert torch.isfinite(kept).tolist() == [False, True, False, False, False]
+
+
+def test_a_batch_of_rows_samples_as_each_row_alone() -> None:
+    """Greedy rows share one argmax; seeded rows still draw from their own generator."""
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(3))
+    greedy = SamplingParams(temperature=0.0)
+    requests = [("g0", greedy), ("s1", SEEDED), ("g2", greedy), ("s3", SEEDED), ("g4", greedy)]
+    batched = Sampler(seed=7).sample_rows(requests, logits)
+    alone = Sampler(seed=7)
+    assert batched == [
+        alone.sample(r, p, row) for (r, p), row in zip(requests, logits, strict=True)
+    ]
+    assert batched[0::2] == logits[0::2].argmax(-1).tolist()
