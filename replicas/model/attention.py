@@ -220,11 +220,23 @@ class PagedAttention:
         slots: torch.Tensor,
         keys: KeyView,
     ) -> torch.Tensor:
-        """One query per sequence [B, H, d] over the padded key view."""
-        shape = (*keys.slots.shape, *k_cache.shape[1:])
-        k = k_cache.index_select(0, slots).view(shape).to(q.dtype)
-        v = v_cache.index_select(0, slots).view(shape).to(q.dtype)
-        return _sdpa(q.unsqueeze(1), k, v, keys.mask)[:, 0]
+        """One query per sequence [B, H, d] over the padded key view. The heads
+        sharing a KV head attend as that head's queries (head h reads KV head
+        h // group, as GQA does), over K/V gathered straight into SDPA's
+        contiguous [B, KV heads, keys, d] layout in the query's dtype."""
+        batch, width = keys.slots.shape
+        kv_heads, head_dim = k_cache.shape[1:]
+
+        def gather(cache: torch.Tensor) -> torch.Tensor:
+            rows = cache.index_select(0, slots).view(batch, width, kv_heads, head_dim)
+            out = torch.empty((batch, kv_heads, width, head_dim), dtype=q.dtype, device=q.device)
+            return out.copy_(rows.transpose(1, 2))
+
+        grouped = q.reshape(batch, kv_heads, -1, head_dim)
+        out = F.scaled_dot_product_attention(
+            grouped, gather(k_cache), gather(v_cache), attn_mask=keys.mask.unsqueeze(1)
+        )
+        return out.reshape(q.shape)
 
 
 def attend_chunk(

@@ -57,20 +57,44 @@ class Rotary(nn.Module):
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryAngles:
         """cos and sin [T, 1, d] of `positions` [T], once per step for every layer."""
-        return RotaryAngles(
-            self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
-        )
+        cos = self.cos[positions].unsqueeze(1).to(dtype)
+        sin = self.sin[positions].unsqueeze(1).to(dtype)
+        half = sin.shape[-1] // 2
+        return RotaryAngles(cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1))
 
 
 class RotaryAngles(NamedTuple):
+    """cos, and sin with its first half negated: rotate-half(x) * sin equals
+    x rolled by half * this, one op fewer per rotation."""
+
     cos: torch.Tensor
-    sin: torch.Tensor
+    signed_sin: torch.Tensor
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, heads, d] rotated to the angles' positions."""
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * self.cos + rotated * self.sin
+        return x * self.cos + x.roll(x.shape[-1] // 2, -1) * self.signed_sin
+
+
+def _pack(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for projections of the same input, so they run as one
+    matmul; each projection's parameters become views of it (the same values and
+    memory, and the state dict keeps Hugging Face's names)."""
+    weight = torch.cat([m.weight.detach() for m in linears])
+    biases = [m.bias.detach() for m in linears if m.bias is not None]
+    bias = torch.cat(biases) if biases else None
+    row = 0
+    for m in linears:
+        rows = m.weight.shape[0]
+        m.weight = nn.Parameter(weight[row : row + rows], requires_grad=False)
+        if bias is not None:
+            m.bias = nn.Parameter(bias[row : row + rows], requires_grad=False)
+        row += rows
+    return weight, bias
+
+
+class _Unpacked(RuntimeError):
+    def __init__(self) -> None:
+        super().__init__("CausalLM.pack() must run after the weights are loaded and placed")
 
 
 class SelfAttention(nn.Module):
@@ -82,6 +106,11 @@ class SelfAttention(nn.Module):
         self.k_proj = nn.Linear(h, kvh * d, bias=arch.attention_bias)
         self.v_proj = nn.Linear(h, kvh * d, bias=arch.attention_bias)
         self.o_proj = nn.Linear(arch.num_heads * d, h, bias=False)
+        self.sizes = [arch.num_heads * d, kvh * d, kvh * d]
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def pack(self) -> None:
+        self.qkv = _pack([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(
         self,
@@ -90,10 +119,13 @@ class SelfAttention(nn.Module):
         angles: RotaryAngles,
         attend: Attend,
     ) -> torch.Tensor:
+        if self.qkv is None:
+            raise _Unpacked
         t = x.shape[0]
-        q = angles.rotate(self.q_proj(x).view(t, self.num_heads, self.head_dim))
-        k = angles.rotate(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = F.linear(x, *self.qkv).split(self.sizes, dim=-1)
+        q = angles.rotate(q.reshape(t, self.num_heads, self.head_dim))
+        k = angles.rotate(k.reshape(t, self.num_kv_heads, self.head_dim))
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
         return self.o_proj(attend(layer, q, k, v).reshape(t, -1))
 
 
@@ -105,9 +137,16 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_up: torch.Tensor | None = None
+
+    def pack(self) -> None:
+        self.gate_up = _pack([self.gate_proj, self.up_proj])[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is None:
+            raise _Unpacked
+        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -140,6 +179,13 @@ class CausalLM(nn.Module):
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = Rotary(arch.head_dim, arch.max_model_len, arch.rope_theta, arch.rope_scaling)
+
+    def pack(self) -> None:
+        """Run q/k/v and gate/up as one matmul each. Call once the weights are
+        loaded and on their device and dtype (a later `.to()` copies them apart)."""
+        for layer in self.model.layers:
+            layer.self_attn.pack()
+            layer.mlp.pack()
 
     def init_random(self, seed: int) -> None:
         """Seeded weights whose logits spread out (std 1/sqrt(fan_in)), so greedy

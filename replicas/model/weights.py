@@ -51,6 +51,7 @@ def load_model(config: ModelConfig, device: torch.device) -> LoadedModel:
     model = model.to(device=device, dtype=arch.dtype).eval()
     model.rotary.float()  # position tables stay float32 whatever the model dtype
     model.requires_grad_(False)
+    model.pack()
     return LoadedModel(model, arch, tokenizer, eos)
 
 
@@ -173,7 +174,8 @@ def save_checkpoint(model: CausalLM, path: Path) -> None:
     """Write config.json and model.safetensors that `load_model` reads back."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(hf_config(model.arch), indent=2))
-    state = {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items()}
+    # Cloned: packed projections are views of one tensor, which safetensors refuses.
+    state = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
     if model.arch.tie_word_embeddings:
         state.pop("lm_head.weight")
     save_file(state, str(path / "model.safetensors"))
