@@ -174,8 +174,12 @@ def save_checkpoint(model: CausalLM, path: Path) -> None:
     """Write config.json and model.safetensors that `load_model` reads back."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(hf_config(model.arch), indent=2))
-    # Cloned: packed projections are views of one tensor, which safetensors refuses.
-    state = {n: t.detach().cpu().clone() for n, t in model.state_dict().items()}
+    # Cloned contiguous: packed projections are views of one tensor, and the LM
+    # head a transposed view, neither of which safetensors writes.
+    state = {
+        n: t.detach().cpu().clone(memory_format=torch.contiguous_format)
+        for n, t in model.state_dict().items()
+    }
     if model.arch.tie_word_embeddings:
         state.pop("lm_head.weight")
     save_file(state, str(path / "model.safetensors"))
