@@ -26,13 +26,14 @@ def resolve_model(model: ModelConfig, replicas: ReplicasConfig) -> ModelConfig:
     agrees: checked for the torch executor (a group it cannot compute, or a
     checkpoint whose weights or tokenizer do not fit, is an error before any
     replica starts), `num_blocks` sized from `replicas.kv_cache_memory` if set."""
-    tokenizer_file(model.tokenizer, model.path)
     budget = replicas.kv_cache_bytes()
     if replicas.executor == "simulated" and budget is None:
+        tokenizer_file(model.tokenizer, model.path)
         return model
     arch = model_arch(model)
     if model.path is not None:
         check_checkpoint(Path(model.path), arch)
+    tokenizer_file(model.tokenizer, model.path)
     if budget is None:
         return model
     num_blocks = num_blocks_for_budget(budget, attention_specs(model)[0], arch)
