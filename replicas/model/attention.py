@@ -280,7 +280,7 @@ def _merged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: int) -> torch.
     lse = torch.logaddexp(lse_pre, lse_new)
     weight_pre = (lse_pre - lse).exp().unsqueeze(-1)
     weight_new = (lse_new - lse).exp().unsqueeze(-1)
-    return out_pre * weight_pre + out_new * weight_new
+    return (out_pre * weight_pre + out_new * weight_new).to(q.dtype)  # lse is float32
 
 
 def _windowed(

@@ -175,3 +175,15 @@ def test_every_form_of_chunk_attention_equals_masked_attention(
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, enable_gqa=True
     ).transpose(0, 1)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("prefix", [0, 6], ids=["first-chunk", "after-prefix"])
+def test_chunk_attention_keeps_a_16_bit_models_dtype(prefix: int) -> None:
+    gen = torch.Generator().manual_seed(prefix)
+    q = torch.randn(9, 4, 8, generator=gen)
+    k, v = torch.randn(2, prefix + 9, 2, 8, generator=gen)
+    expected = attend_chunk(q, k[:prefix], v[:prefix], k[prefix:], v[prefix:], None)
+    q16, k16, v16 = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    out = attend_chunk(q16, k16[:prefix], v16[:prefix], k16[prefix:], v16[prefix:], None)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=3e-2)
