@@ -9,11 +9,20 @@
 3. TTFT of a 4,096-token prompt at 0%, 50% and 90% prefix hit, through the
    real engine (one prefill step), and the paged prefill against the dense
    reference (the same weights, plain attention, no cache) on the same prompt.
+4. Against Hugging Face transformers (SDPA attention) on the same weights (the
+   model saved with `save_checkpoint`, loaded by transformers) at 1 thread:
+   prefill tokens/s of a 2,048-token prompt (transformers keeping only the last
+   token's logits, as generate does) and decode tokens/s at batch 8 (~512-token
+   contexts). CPU time of this process, in paired rounds that alternate the two
+   (a prefill each; 4 decode steps each), so load from other processes hits
+   both alike; ratios are kvroute / HF speed.
 
 The model is the one in the config (default: configs/default.yaml, a 4-layer
-hybrid), with enough KV memory for the 4,096-token prompts. Times are medians.
+hybrid), with enough KV memory for the 4,096-token prompts. Times are medians,
+in CPU time of this process at 1 thread (steady on a shared machine) and in
+wall time for the 1- vs 2-thread throughput.
 
-Run: python -m benchmarks.model [--config PATH] [--repeats N]
+Run: python -m benchmarks.model [--config PATH] [--repeats N] [--rounds N] [--hf-only]
 """
 
 from __future__ import annotations
@@ -22,8 +31,10 @@ import argparse
 import os
 import random
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import msgspec
 import numpy as np
@@ -36,6 +47,7 @@ from kvroute.replicas.engine import Engine
 from kvroute.replicas.executor_torch import TorchExecutor
 from kvroute.replicas.factory import build_engine
 from kvroute.replicas.model.attention import DenseAttention
+from kvroute.replicas.model.weights import save_checkpoint
 from kvroute.replicas.request import SamplingParams
 from kvroute.router.config import load_config
 
@@ -43,6 +55,9 @@ PROMPT = 4096
 PREFILL_TOKENS = (128, 512, 1024, 2048)
 DECODE_SEQS = (1, 4, 8, 16, 32)
 GREEDY_ONE = SamplingParams(max_tokens=1, temperature=0.0)
+# Decode steps per side in each paired round: back to back, as a server runs
+# them, so each side is timed with its own weights in the CPU caches.
+DECODE_RUN = 4
 
 
 def settings(path: str) -> ReplicaSettings:
@@ -70,6 +85,9 @@ class Bench:
         self.repeats = repeats
         self.rng = random.Random(0)
         self.ids = 0
+        # CPU seconds of this process: at 1 thread what an idle core would take,
+        # whatever else runs on the machine; wall time where threads differ.
+        self.clock: Callable[[], float] = time.process_time
 
     def tokens(self, n: int) -> list[int]:
         return [self.rng.randrange(self.vocab) for _ in range(n)]
@@ -89,11 +107,11 @@ class Bench:
     def ttft(self, prompt: list[int]) -> tuple[float, int]:
         """Seconds from adding a request on an idle engine to its first token,
         and its number of cached (hit) tokens."""
-        start = time.perf_counter()
+        start = self.clock()
         self.add(prompt)
         while not (outputs := [o for o in self.engine.step().outputs if o.new_token_ids]):
             pass
-        elapsed = time.perf_counter() - start
+        elapsed = self.clock() - start
         self.drain()
         return elapsed, outputs[0].num_cached_tokens
 
@@ -109,10 +127,12 @@ class Bench:
         waiting = {self.add(self.tokens(context), max_tokens=8) for _ in range(seqs)}
         while waiting:  # prefill (over several steps if the budget is short)
             waiting -= {o.request_id for o in self.engine.step().outputs if o.new_token_ids}
+        start = self.clock()
         result = self.engine.step()  # every sequence decodes one token
+        elapsed = self.clock() - start
         assert result.num_scheduled_tokens == seqs
         self.drain()
-        return result.duration
+        return elapsed
 
     def fit(self) -> tuple[float, float, float, list[tuple[str, float]]]:
         """(prefill tokens/s, step base s, decode s per seq): base and per-sequence
@@ -144,7 +164,7 @@ class Bench:
         model, arch = self.executor.model, self.executor.arch
 
         def run() -> float:
-            start = time.perf_counter()
+            start = self.clock()
             with torch.inference_mode():
                 model(
                     prompt,
@@ -152,31 +172,119 @@ class Bench:
                     DenseAttention(arch, PROMPT, torch.device("cpu")),
                     torch.tensor([PROMPT - 1]),
                 )
-            return time.perf_counter() - start
+            return self.clock() - start
 
         return self.median(run)
+
+
+def cpu_time(run: Callable[[], object]) -> float:
+    """CPU seconds (all threads of this process) that `run` takes."""
+    start = time.process_time()
+    run()
+    return time.process_time() - start
+
+
+class HFComparison:
+    """kvroute's engine and transformers' model on the same weights."""
+
+    def __init__(self, bench: Bench, context: int = 512, batch: int = 8) -> None:
+        import transformers  # a dev dependency: imported only for this part
+
+        self.bench = bench
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(bench.executor.model, Path(tmp))
+            self.hf = transformers.AutoModelForCausalLM.from_pretrained(
+                tmp, attn_implementation="sdpa", dtype=bench.executor.arch.dtype
+            ).eval()
+        self.context, self.batch = context, batch
+
+    def prefill(self, rounds: int) -> tuple[float, float]:
+        """Median CPU seconds of a 2,048-token prefill: (kvroute, HF)."""
+        ours, theirs = [], []
+        for _ in range(rounds):
+            prompt = self.bench.tokens(2048)
+            ids = torch.tensor([prompt])
+            with torch.inference_mode():
+                theirs.append(cpu_time(lambda ids=ids: self.hf(ids, logits_to_keep=1)))
+            ours.append(cpu_time(lambda prompt=prompt: self.bench.ttft(prompt)))
+        return statistics.median(ours), statistics.median(theirs)
+
+    def decode(self, rounds: int) -> tuple[float, float]:
+        """Median CPU seconds of one decode step of `batch` sequences: (kvroute, HF)."""
+        import transformers
+
+        prompts = [self.bench.tokens(self.context) for _ in range(self.batch)]
+        for prompt in prompts:
+            self.bench.add(prompt, max_tokens=rounds * DECODE_RUN + 2)
+        while self.bench.engine.step().num_scheduled_tokens > self.batch:
+            pass  # prefill (and the first sampled token) until every step is a decode
+        cache = transformers.DynamicCache(config=self.hf.config)
+        with torch.inference_mode():
+            logits = self.hf(torch.tensor(prompts), cache=cache, logits_to_keep=1).logits
+            step = logits[:, -1].argmax(-1, keepdim=True)
+            ours, theirs = [], []
+            for _ in range(rounds):
+                for _ in range(DECODE_RUN):
+                    theirs.append(cpu_time(lambda: self.hf(step, cache=cache, logits_to_keep=1)))
+                for _ in range(DECODE_RUN):
+                    ours.append(cpu_time(self.bench.engine.step))
+        self.bench.drain()
+        return statistics.median(ours), statistics.median(theirs)
+
+
+def compare_with_hf(bench: Bench, rounds: int) -> None:
+    torch.set_num_threads(1)
+    comparison = HFComparison(bench)
+    comparison.prefill(1)  # warm-up
+    prefill_ours, prefill_hf = comparison.prefill(rounds)
+    decode_ours, decode_hf = comparison.decode(rounds)
+    batch = comparison.batch
+    print(f"\nvs Hugging Face transformers {_hf_version()} (SDPA), same weights, 1 thread, ")
+    print(f"CPU time, median of {rounds} paired rounds:")
+    print(f"{'measure':<44} {'kvroute':>12} {'HF':>12} {'ratio':>8}")
+    print(
+        f"{'prefill tokens/s (2,048-token prompt)':<44} {2048 / prefill_ours:>12,.0f} "
+        f"{2048 / prefill_hf:>12,.0f} {prefill_hf / prefill_ours:>7.2f}x"
+    )
+    print(
+        f"{f'decode tokens/s (batch {batch}, ~512 tokens)':<44} {batch / decode_ours:>12,.0f} "
+        f"{batch / decode_hf:>12,.0f} {decode_hf / decode_ours:>7.2f}x"
+    )
+    print("  (target: both ratios >= 0.9)")
+
+
+def _hf_version() -> str:
+    import transformers
+
+    return str(transformers.__version__)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/default.yaml")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7, help="paired rounds against HF")
+    parser.add_argument("--hf-only", action="store_true", help="only part 4")
     args = parser.parse_args()
     config = settings(args.config)
     bench = Bench(config, args.repeats)
     m = config.model
     print(
         f"model {m.name}: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads, "
-        f"{len(m.groups)} KV cache groups, vocab {m.vocab_size}, {m.dtype}; "
-        f"device {bench.executor.device}; {os.cpu_count()} CPUs, load average "
-        f"{os.getloadavg()[0]:.1f} (threads compete with other processes for cores)"
+        f"{len(m.groups)} KV cache groups ({', '.join(g.dtype for g in m.groups)} K/V), "
+        f"vocab {m.vocab_size}, {m.dtype}; device {bench.executor.device}; {os.cpu_count()} "
+        f"CPUs, load average {os.getloadavg()[0]:.1f} (threads compete with other processes)"
     )
+    if args.hf_only:
+        compare_with_hf(bench, args.rounds)
+        return
     steps = tqdm(total=5, desc="benchmark", unit="part")
     torch.set_num_threads(1)
     bench.prefill_step(256)  # warm-up
     speed, base, per_seq, rows = bench.fit()
     steps.update()
     throughput = {}
+    bench.clock = time.perf_counter  # 2 threads' CPU time would add up, not speed up
     for threads in (1, 2):
         torch.set_num_threads(threads)
         prefill = 2048 / bench.median(lambda: bench.prefill_step(2048))
@@ -184,6 +292,7 @@ def main() -> None:
         throughput[threads] = (prefill, decode)
         steps.update()
     torch.set_num_threads(1)
+    bench.clock = time.process_time
     ttfts = [bench.hit_ttft(f) for f in (0.0, 0.5, 0.9)]
     steps.update()
     paged = ttfts[0][1]
@@ -191,14 +300,14 @@ def main() -> None:
     steps.update()
     steps.close()
 
-    print(f"\nmeasured steps (1 thread, median of {args.repeats}):")
+    print(f"\nmeasured steps (1 thread, CPU time, median of {args.repeats}):")
     for label, t in rows:
         print(f"  {label:<14} {t * 1000:8.1f} ms")
     print("\nfitted cost model (replicas.cost for the simulated executor):")
     print(f"  prefill_tokens_per_s: {speed:.0f}")
     print(f"  step_base_s: {base:.4f}")
     print(f"  decode_s_per_seq: {per_seq:.5f}")
-    print(f"\n{'measure':<44} {'1 thread':>12} {'2 threads':>12}")
+    print(f"\n{'measure (wall time)':<44} {'1 thread':>12} {'2 threads':>12}")
     print(f"{'prefill tokens/s (2,048-token prompt)':<44}", end="")
     print(f" {throughput[1][0]:>12,.0f} {throughput[2][0]:>12,.0f}")
     print(f"{'decode tokens/s (32 seqs x ~512 tokens)':<44}", end="")
@@ -211,6 +320,7 @@ def main() -> None:
     print(f"{'  paged (engine step, no hit)':<44} {paged * 1000:>10.1f}ms")
     print(f"{'  dense reference (no cache)':<44} {dense * 1000:>10.1f}ms")
     print(f"  paged / dense = {paged / dense:.2f} (target <= 1.5)")
+    compare_with_hf(bench, args.rounds)
 
 
 if __name__ == "__main__":

@@ -109,9 +109,11 @@ class ModelConfig(Struct):
     )
     use_eagle: bool = False
     lora_names: list[str] = msgspec.field(default_factory=list)
-    tokenizer: str | None = None  # path to a Hugging Face tokenizer.json; None: bytes
-    # The torch executor's model. `path`: a local Hugging Face directory
-    # (config.json, *.safetensors of Llama / Qwen2 / Mistral); None: seeded random
+    # A Hugging Face tokenizer.json, or "byte" (one token per UTF-8 byte). None:
+    # the checkpoint's tokenizer.json with `path` (an error if it has none), else bytes.
+    tokenizer: str | None = None
+    # The torch executor's model. `path`: a local Hugging Face directory (config.json,
+    # *.safetensors of Llama / Mistral / Ministral / Qwen2); None: seeded random
     # weights of the shape below. KV heads and head size come from `groups`, and
     # layer i attends as group i % len(groups) (full attention or sliding window).
     path: str | None = None

@@ -67,16 +67,10 @@ class TorchExecutor:
             self._poison()
         # Sampling runs on the CPU, where each request's generator lives.
         logits = self.forward(batch).cpu()
-        sampled = [s for s in batch if s.sample]
-        tokens: dict[str, int] = {}
-        failed: dict[str, Exception] = {}
-        for i, s in enumerate(sampled):
-            request_id = s.request.request_id
-            try:
-                params = s.request.sampling_params or _GREEDY
-                tokens[request_id] = self.sampler.sample(request_id, params, logits[i])
-            except Exception as exc:  # its own generator or parameters: it fails alone
-                failed[request_id] = exc
+        sampled = [
+            (s.request.request_id, s.request.sampling_params or _GREEDY) for s in batch if s.sample
+        ]
+        tokens, failed = self.sampler.sample_rows(sampled, logits)
         return StepOutput(time.perf_counter() - started, tokens, failed)
 
     @torch.inference_mode()

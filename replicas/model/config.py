@@ -10,6 +10,7 @@ Layer i belongs to group i % len(groups).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,41 @@ from kvroute.replicas.kv_cache.specs import AttentionSpec, KVCacheSpecKind, Slid
 COMPUTE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 COMPUTABLE_KINDS = (KVCacheSpecKind.FULL_ATTENTION, KVCacheSpecKind.SLIDING_WINDOW)
 # Hugging Face model types whose weights use the Llama parameter names.
-LLAMA_FAMILY = {"llama": False, "mistral": False, "qwen2": True}  # value: q/k/v have a bias
+LLAMA_FAMILY = ("llama", "mistral", "ministral", "qwen2")
+# The `model.tokenizer` value that asks for one token per UTF-8 byte.
+BYTE_TOKENIZER = "byte"
+# transformers' defaults for keys a config.json may leave out.
+_DEFAULT_THETA = 10_000.0
+_DEFAULT_WINDOW = 4096  # Mistral, Ministral and Qwen2's `sliding_window`
+_DEFAULT_MAX_WINDOW_LAYERS = 28  # Qwen2
 
 
 class ModelLoadError(ValueError):
     """A model the torch executor cannot build; the message names the cause."""
+
+
+@dataclass(frozen=True)
+class Llama3Rope:
+    """Llama 3.x RoPE scaling (`rope_type: llama3`): frequencies whose wavelength
+    exceeds original_max_position_embeddings / low_freq_factor are divided by
+    `factor`, those under original / high_freq_factor are kept, and those between
+    are interpolated linearly in original / wavelength."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+    def scale(self, inv_freq: torch.Tensor) -> torch.Tensor:
+        wavelength = 2 * math.pi / inv_freq
+        ratio = self.original_max_position_embeddings / wavelength
+        smooth = (ratio - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+        blended = (1 - smooth) * inv_freq / self.factor + smooth * inv_freq
+        long_waves = wavelength > self.original_max_position_embeddings / self.low_freq_factor
+        short_waves = wavelength < self.original_max_position_embeddings / self.high_freq_factor
+        return torch.where(
+            long_waves, inv_freq / self.factor, torch.where(short_waves, inv_freq, blended)
+        )
 
 
 @dataclass(frozen=True)
@@ -48,6 +79,7 @@ class ModelArch:
     tie_word_embeddings: bool
     # Per KV cache group: its sliding window, or None for full attention.
     group_windows: tuple[int | None, ...]
+    rope_scaling: Llama3Rope | None = None
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
@@ -153,15 +185,16 @@ def model_arch(model: ModelConfig) -> ModelArch:
 
 
 def _arch_from_hf(hf: dict[str, Any], model: ModelConfig, specs: list[AttentionSpec]) -> ModelArch:
+    where = model.path
     model_type = hf.get("model_type")
     if model_type not in LLAMA_FAMILY:
-        raise ModelLoadError(
-            f"{model.path}: model_type {model_type!r} is not one of {sorted(LLAMA_FAMILY)}"
-        )
+        raise ModelLoadError(f"{where}: model_type {model_type!r} is not one of {LLAMA_FAMILY}")
+    _refuse_unsupported(hf, where)
     try:
         hidden = int(hf["hidden_size"])
         heads = int(hf["num_attention_heads"])
         arch_max_len = int(hf.get("max_position_embeddings", model.max_model_len))
+        theta, scaling = _rope(hf, where, arch_max_len)
         arch = ModelArch(
             vocab_size=int(hf["vocab_size"]),
             hidden_size=hidden,
@@ -171,21 +204,20 @@ def _arch_from_hf(hf: dict[str, Any], model: ModelConfig, specs: list[AttentionS
             head_dim=int(hf.get("head_dim") or hidden // heads),
             intermediate_size=int(hf["intermediate_size"]),
             max_model_len=model.max_model_len,
-            rope_theta=float(hf.get("rope_theta", 10_000.0)),
+            rope_theta=theta,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             dtype=COMPUTE_DTYPES[model.dtype],
-            attention_bias=bool(hf.get("attention_bias", LLAMA_FAMILY[model_type])),
+            attention_bias=_attention_bias(hf, model_type),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             group_windows=_windows(specs),
+            rope_scaling=scaling,
         )
     except KeyError as exc:
-        raise ModelLoadError(f"{model.path}/config.json: missing {exc.args[0]!r}") from None
-    if hf.get("rope_scaling"):
-        raise ModelLoadError(f"{model.path}: rope_scaling is not supported")
-    _check_windows(hf, model, arch)
+        raise ModelLoadError(f"{where}/config.json: missing {exc.args[0]!r}") from None
+    _check_windows(trained_windows(hf, arch.num_layers, where), model, arch)
     if arch.vocab_size != model.vocab_size:
         raise ModelLoadError(
-            f"model.vocab_size is {model.vocab_size}, but {model.path} has {arch.vocab_size}"
+            f"model.vocab_size is {model.vocab_size}, but {where} has {arch.vocab_size}"
         )
     if model.max_model_len > arch_max_len:
         raise ModelLoadError(
@@ -195,32 +227,120 @@ def _arch_from_hf(hf: dict[str, Any], model: ModelConfig, specs: list[AttentionS
     return arch
 
 
-def _check_windows(hf: dict[str, Any], model: ModelConfig, arch: ModelArch) -> None:
-    """Every layer must attend as the checkpoint was trained: a sliding-window
-    group over a full-attention layer (or the reverse) is another model. Per-layer
-    kinds come from `layer_types` (Hugging Face's hybrid convention), else one
-    window for all layers (Mistral; Qwen2 with use_sliding_window). A window of
-    at least max_model_len is full attention."""
-    window = hf.get("sliding_window")
-    layer_types = hf.get("layer_types")
-    if layer_types is None:
-        if hf.get("model_type") == "qwen2" and hf.get("use_sliding_window"):
-            raise ModelLoadError(f"{model.path}: Qwen2's max_window_layers is not supported")
-        uniform = hf.get("model_type") == "mistral" or hf.get("use_sliding_window")
-        layer_types = ["sliding_attention" if uniform and window else "full_attention"] * (
-            arch.num_layers
+def _refuse_unsupported(hf: dict[str, Any], where: object) -> None:
+    """Keys that would make this a different network than the one computed here."""
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ModelLoadError(f"{where}: hidden_act {hf['hidden_act']!r} is not supported (silu)")
+    if hf.get("model_type") == "llama" and hf.get("mlp_bias"):
+        raise ModelLoadError(f"{where}: mlp_bias is not supported")
+
+
+def _attention_bias(hf: dict[str, Any], model_type: str) -> bool:
+    """Whether q/k/v have biases, as each family's transformers class decides:
+    Qwen2 always, Mistral and Ministral never, Llama as `attention_bias` says."""
+    if model_type == "qwen2":
+        return True
+    return model_type == "llama" and bool(hf.get("attention_bias", False))
+
+
+def _rope(hf: dict[str, Any], where: object, max_positions: int) -> tuple[float, Llama3Rope | None]:
+    """(theta, scaling) from wherever transformers puts them: transformers 5's
+    `rope_parameters` (theta inside), 4.x's `rope_scaling` beside a top-level
+    `rope_theta`. Every rope_type but default and llama3 is refused by name:
+    served unscaled it would change every logit past the first positions."""
+    params = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+        raise ModelLoadError(f"{where}: RoPE parameters per layer type are not supported")
+    theta = float(params.get("rope_theta", hf.get("rope_theta", _DEFAULT_THETA)))
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if float(partial) != 1.0:
+        raise ModelLoadError(f"{where}: partial_rotary_factor {partial} is not supported")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "llama3":
+        raise ModelLoadError(
+            f"{where}: rope_type {rope_type!r} is not supported (default and llama3 are)"
         )
-    if len(layer_types) != arch.num_layers:
-        raise ModelLoadError(f"{model.path}: layer_types does not list {arch.num_layers} layers")
+    original = hf.get("original_max_position_embeddings") or params.get(
+        "original_max_position_embeddings", max_positions
+    )
+    try:
+        scaling = Llama3Rope(
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(original),
+        )
+    except KeyError as exc:
+        raise ModelLoadError(f"{where}: llama3 RoPE scaling needs {exc.args[0]!r}") from None
+    if scaling.high_freq_factor <= scaling.low_freq_factor:
+        raise ModelLoadError(f"{where}: llama3 RoPE needs high_freq_factor > low_freq_factor")
+    return theta, scaling
+
+
+def trained_windows(hf: dict[str, Any], num_layers: int, where: object) -> list[int | None]:
+    """Each layer's sliding window (None: full attention), as the model_type's
+    transformers class reads its config: Llama ignores every window key; Mistral
+    windows all layers by `sliding_window` (ignoring `layer_types`); Ministral and
+    Qwen2 follow `layer_types`, else Ministral windows every layer and Qwen2 the
+    layers from `max_window_layers` on, and Qwen2 only with `use_sliding_window`."""
+    model_type = hf.get("model_type")
+    if model_type == "llama":
+        return [None] * num_layers
+    window: int | None = hf.get("sliding_window", _DEFAULT_WINDOW)
+    if model_type == "mistral":
+        return [window] * num_layers
+    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+        window = None
+    if model_type == "qwen2":
+        first = int(hf.get("max_window_layers", _DEFAULT_MAX_WINDOW_LAYERS))
+        default = [
+            "sliding_attention" if i >= first else "full_attention" for i in range(num_layers)
+        ]
+    else:
+        default = ["sliding_attention"] * num_layers
+    layer_types = hf.get("layer_types") or default
+    if len(layer_types) != num_layers:
+        raise ModelLoadError(f"{where}: layer_types does not list {num_layers} layers")
+    unknown = set(layer_types) - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise ModelLoadError(f"{where}: layer type {sorted(unknown)[0]!r} is not supported")
+    return [window if kind == "sliding_attention" else None for kind in layer_types]
+
+
+def _check_windows(trained: list[int | None], model: ModelConfig, arch: ModelArch) -> None:
+    """Every layer must attend as the checkpoint was trained: a sliding-window
+    group over a full-attention layer (or the reverse) is another model. A window
+    of at least max_model_len is full attention."""
 
     def effective(w: int | None) -> int | None:
         return None if w is None or w >= model.max_model_len else w
 
-    for layer, kind in enumerate(layer_types):
-        trained = effective(window if kind == "sliding_attention" else None)
+    for layer, window in enumerate(trained):
         mine = effective(arch.layer_window(layer))
-        if mine != trained:
+        if mine != effective(window):
             raise ModelLoadError(
                 f"model.groups[{arch.layer_group(layer)}] attends with sliding window {mine}, "
-                f"but layer {layer} of {model.path} was trained with {trained}"
+                f"but layer {layer} of {model.path} was trained with {effective(window)}"
             )
+
+
+def tokenizer_file(tokenizer: str | None, model_path: str | None) -> str | None:
+    """The tokenizer.json that router and replicas use, None for one token per
+    UTF-8 byte: `model.tokenizer` when it names a file, the byte tokenizer when it
+    says `byte` or no checkpoint is set (seeded weights), else the checkpoint's
+    own tokenizer.json, which must exist: bytes are not the checkpoint's tokens."""
+    if tokenizer == BYTE_TOKENIZER:
+        return None
+    if tokenizer is not None:
+        return tokenizer
+    if model_path is None:
+        return None
+    file = Path(model_path) / "tokenizer.json"
+    if not file.is_file():
+        raise ModelLoadError(
+            f"model.path {model_path} has no tokenizer.json: set model.tokenizer to the "
+            f"checkpoint's tokenizer.json, or to {BYTE_TOKENIZER!r} for one token per byte"
+        )
+    return str(file)

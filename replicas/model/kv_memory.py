@@ -10,24 +10,30 @@ largest group, and a memory budget sizes `num_blocks` by that.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import msgspec
 import torch
 
 from kvroute.replicas.config import ModelConfig, ReplicasConfig
 from kvroute.replicas.kv_cache.specs import AttentionSpec, KVCacheTensor
-from kvroute.replicas.model.config import ModelArch, attention_specs, model_arch
+from kvroute.replicas.model.config import ModelArch, attention_specs, model_arch, tokenizer_file
+from kvroute.replicas.model.weights import check_checkpoint
 
 
 def resolve_model(model: ModelConfig, replicas: ReplicasConfig) -> ModelConfig:
     """The model section as every replica builds it, so that the router's config
-    agrees: checked for the torch executor (a group it cannot compute is an
-    error before any replica starts), `num_blocks` sized from
-    `replicas.kv_cache_memory` if set."""
+    agrees: checked for the torch executor (a group it cannot compute, or a
+    checkpoint whose weights or tokenizer do not fit, is an error before any
+    replica starts), `num_blocks` sized from `replicas.kv_cache_memory` if set."""
     budget = replicas.kv_cache_bytes()
     if replicas.executor == "simulated" and budget is None:
+        tokenizer_file(model.tokenizer, model.path)
         return model
     arch = model_arch(model)
+    if model.path is not None:
+        check_checkpoint(Path(model.path), arch)
+    tokenizer_file(model.tokenizer, model.path)
     if budget is None:
         return model
     num_blocks = num_blocks_for_budget(budget, attention_specs(model)[0], arch)
@@ -65,14 +71,19 @@ def layer_names(arch: ModelArch, slot: int) -> list[str]:
 
 
 class PagedKVMemory:
-    """K and V pages for every layer, indexed by the block manager's block ids."""
+    """K and V pages for every layer, indexed by the block manager's block ids.
+
+    One page past the pool (block id `num_blocks`, which the block manager never
+    hands out, never written nor poisoned) stays zero: padded key views read it
+    instead of masking gathered K/V, since a masked NaN still poisons softmax."""
 
     def __init__(
         self, spec: AttentionSpec, arch: ModelArch, num_blocks: int, device: torch.device
     ) -> None:
         self.block_size = spec.block_size
         self.num_groups = len(arch.group_windows)
-        shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size)
+        self.zero_slot = num_blocks * spec.block_size
+        shape = (num_blocks + 1, spec.block_size, spec.num_kv_heads, spec.head_size)
         self.k = [
             torch.zeros(shape, dtype=spec.dtype, device=device)
             for _ in range(arch.layers_per_group)

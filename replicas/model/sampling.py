@@ -22,6 +22,25 @@ class Sampler:
         self.seed = seed
         self._generators: dict[str, torch.Generator] = {}
 
+    def sample_rows(
+        self, requests: list[tuple[str, SamplingParams]], logits: torch.Tensor
+    ) -> tuple[dict[str, int], dict[str, Exception]]:
+        """One token per row of logits [len(requests), vocab], by request id; greedy
+        rows take one batched argmax. A row whose own generator or parameters fail
+        is returned among the failures, and every other row is drawn exactly once."""
+        greedy = [i for i, (_, params) in enumerate(requests) if params.temperature <= 0.0]
+        argmax = logits[greedy].argmax(-1).tolist()
+        tokens = {requests[i][0]: token for i, token in zip(greedy, argmax, strict=True)}
+        failed: dict[str, Exception] = {}
+        for i, (request_id, params) in enumerate(requests):
+            if params.temperature <= 0.0:
+                continue
+            try:
+                tokens[request_id] = self.sample(request_id, params, logits[i])
+            except Exception as exc:  # its own generator or parameters: it fails alone
+                failed[request_id] = exc
+        return tokens, failed
+
     def sample(self, request_id: str, params: SamplingParams, logits: torch.Tensor) -> int:
         """One token from float32 logits [vocab]."""
         if params.temperature <= 0.0:

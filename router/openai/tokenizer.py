@@ -1,14 +1,19 @@
 """Text <-> token ids for the HTTP API.
 
-The default needs no download: one token per UTF-8 byte (ids 0-255). A local
-Hugging Face `tokenizer.json` is used when the config names one (through the
-`tokenizers` package, imported only then).
+The seeded model needs no download: one token per UTF-8 byte (ids 0-255). A
+checkpoint's `tokenizer.json` (or the file `model.tokenizer` names) is read
+through the `tokenizers` package, imported only then; which file applies is
+`tokenizer_file`'s rule, shared with the replicas.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Protocol
+
+from kvroute.replicas.model.config import tokenizer_file
+
+__all__ = ["ByteTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer", "tokenizer_file"]
 
 
 class Tokenizer(Protocol):
@@ -38,7 +43,10 @@ class HFTokenizer:
             ) from exc
         if not Path(path).is_file():
             raise ValueError(f"model.tokenizer: no such file {path}")
-        self._tokenizer = _Tokenizer.from_file(str(path))
+        try:
+            self._tokenizer = _Tokenizer.from_file(str(path))
+        except Exception as exc:  # the tokenizers package raises a bare Exception
+            raise ValueError(f"{path}: not a tokenizer.json ({exc})") from None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; a rendered chat template already holds its special
@@ -51,13 +59,3 @@ class HFTokenizer:
 
 def load_tokenizer(path: str | None) -> Tokenizer:
     return ByteTokenizer() if path is None else HFTokenizer(path)
-
-
-def tokenizer_file(tokenizer: str | None, model_path: str | None) -> str | None:
-    """The tokenizer.json the router uses: `model.tokenizer` when set, else the one in
-    the model directory `model.path` (the replicas' checkpoint) when there is one."""
-    if tokenizer is not None:
-        return tokenizer
-    if model_path is not None and (Path(model_path) / "tokenizer.json").is_file():
-        return str(Path(model_path) / "tokenizer.json")
-    return None

@@ -52,6 +52,7 @@ def test_the_router_finds_the_checkpoints_tokenizer_by_the_model_path(model_dir:
     assert tokenizer_file(None, str(model_dir)) == str(model_dir / "tokenizer.json")
     assert tokenizer_file("/x/tokenizer.json", str(model_dir)) == "/x/tokenizer.json"
     assert tokenizer_file(None, None) is None
+    assert tokenizer_file("byte", str(model_dir)) is None
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -59,8 +60,7 @@ def test_router_and_replica_give_the_same_ids_for_multibyte_and_special_tokens(
     model_dir: Path, text: str
 ) -> None:
     router = HFTokenizer(tokenizer_file(None, str(model_dir)) or "")
-    replica = load_checkpoint_tokenizer(model_dir, ARCH)
-    assert replica is not None
+    replica = load_checkpoint_tokenizer(model_dir / "tokenizer.json", ARCH)
     ids = router.encode(text)
     assert ids == replica.encode(text).ids
     assert router.decode(ids) == replica.decode(ids)

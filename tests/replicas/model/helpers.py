@@ -38,6 +38,7 @@ def settings(
     caching: bool = True,
     poison: bool = False,
     path: str | None = None,
+    tokenizer: str | None = None,
     dtype: str = "float32",
 ) -> ReplicaSettings:
     kv = {"num_kv_heads": 2, "head_size": 8, "dtype": dtype}
@@ -57,6 +58,7 @@ def settings(
             num_heads=4,
             intermediate_size=64,
             path=path,
+            tokenizer=tokenizer,
         ),
         hashing=HashingConfig(),
         replicas=ReplicasConfig(
@@ -121,11 +123,13 @@ def run(e: Engine, max_steps: int = 10_000) -> dict[str, RequestOutput]:
     raise AssertionError("engine did not go idle")
 
 
-def dense_logits(e: Engine, token_ids: Sequence[int]) -> torch.Tensor:
-    """The reference: the same weights over the whole sequence, no cache."""
+def dense_logits(
+    e: Engine, token_ids: Sequence[int], kv_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """The reference: the same weights over the whole sequence, no cache (K/V
+    rounded to `kv_dtype` if given)."""
     ex = executor(e)
     ids = torch.tensor(token_ids)
+    attend = DenseAttention(ex.arch, len(ids), torch.device("cpu"), kv_dtype)
     with torch.inference_mode():
-        return ex.model(
-            ids, torch.arange(len(ids)), DenseAttention(ex.arch, len(ids), torch.device("cpu"))
-        )
+        return ex.model(ids, torch.arange(len(ids)), attend)

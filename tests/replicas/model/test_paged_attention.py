@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvroute.replicas.engine import Engine
-from kvroute.replicas.model.attention import SeqSpan, build_metadata
+from kvroute.replicas.model.attention import SeqSpan, attend_chunk, build_metadata
 from tests.replicas.model.helpers import (
     BLOCK,
     GREEDY,
@@ -99,21 +99,38 @@ def test_window_reads_start_at_the_first_in_window_block() -> None:
     assert meta.slot_mapping.tolist() == [29]
 
 
+# Stated tolerance of 16-bit K/V against float32 dense attention (max |logit
+# difference|; measured here: float16 1.0e-3, bfloat16 6.2e-3). The attention
+# itself stays exact: against dense attention over K/V rounded the same way, 1e-4.
+KV_TOLERANCE = {"float16": 2e-3, "bfloat16": 2e-2}
+
+
+@pytest.mark.parametrize("hybrid", [False, True], ids=["full", "hybrid"])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_kv_memory_is_allocated_in_the_groups_dtype(dtype: str) -> None:
-    e = engine(settings(hybrid=True, dtype=dtype))
+def test_16_bit_kv_is_exact_up_to_its_rounding_and_within_its_tolerance_of_float32(
+    dtype: str, hybrid: bool
+) -> None:
+    e = engine(settings(hybrid=hybrid, dtype=dtype, chunk=8))
     memory = executor(e).memory
     assert {t.dtype for t in [*memory.k, *memory.v]} == {getattr(torch, dtype)}
-    # One K and one V tensor per layer of a group, shared by the two groups.
+    # One K and one V tensor per layer of a group (shared by the groups), plus
+    # the zero page past the pool's 128 blocks.
     assert len(memory.k) == 2
-    assert memory.k[0].shape == (128, BLOCK, 2, 8)
+    assert memory.k[0].shape == (129, BLOCK, 2, 8)
     rec = Recorder()
     rec.attach(e)
-    e.add_request("a", PROMPT, GREEDY)
-    outputs = run(e)
-    dense = dense_logits(e, PROMPT + outputs["a"].output_token_ids)
-    for _, position, row in rec.rows:
-        torch.testing.assert_close(row, dense[position], rtol=0, atol=0.1)  # 16-bit K/V
+    prompts = {"a": PROMPT, "b": PROMPT[: 3 * BLOCK] + tokens(4, 20)}  # b: after a hit
+    outputs: dict[str, list[int]] = {}
+    for request_id, prompt in prompts.items():
+        e.add_request(request_id, prompt, GREEDY)
+        outputs |= {r: o.output_token_ids for r, o in run(e).items()}
+    assert rec.rows
+    for request_id, position, row in rec.rows:
+        sequence = prompts[request_id] + outputs[request_id]
+        rounded = dense_logits(e, sequence, getattr(torch, dtype))[position]
+        torch.testing.assert_close(row, rounded, rtol=0, atol=1e-4)
+        full = dense_logits(e, sequence)[position]
+        torch.testing.assert_close(row, full, rtol=0, atol=KV_TOLERANCE[dtype])
 
 
 def test_window_group_forgets_blocks_and_attention_never_reads_them() -> None:
@@ -137,3 +154,36 @@ def test_window_group_forgets_blocks_and_attention_never_reads_them() -> None:
     null = e.kv_cache.block_pool.null_block.block_id
     assert window_tables[-1][:5] == [null] * 5
     _check_against_dense(e, rec, {"a": PROMPT + outputs["a"].output_token_ids})
+
+
+@pytest.mark.parametrize("merge_on_cpu", [True, False], ids=["lse-merge", "masked"])
+@pytest.mark.parametrize("window", [None, 5, 300], ids=["full", "window-5", "window-300"])
+@pytest.mark.parametrize(("prefix", "new"), [(0, 9), (0, 300), (6, 9), (4, 290)])
+def test_every_form_of_chunk_attention_equals_masked_attention(
+    prefix: int, new: int, window: int | None, merge_on_cpu: bool
+) -> None:
+    """The causal fast path, the log-sum-exp merge after a prefix, the masked
+    fallback and query blocks over a window all equal one masked SDPA call."""
+    gen = torch.Generator().manual_seed(prefix + new)
+    q = torch.randn(new, 4, 8, generator=gen)
+    k, v = torch.randn(2, prefix + new, 2, 8, generator=gen)
+    out = attend_chunk(q, k[:prefix], v[:prefix], k[prefix:], v[prefix:], window, merge_on_cpu)
+    key = torch.arange(prefix + new)
+    query = prefix + torch.arange(new)[:, None]
+    mask = (key <= query) & ((key > query - window) if window else True)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, enable_gqa=True
+    ).transpose(0, 1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("prefix", [0, 6], ids=["first-chunk", "after-prefix"])
+def test_chunk_attention_keeps_a_16_bit_models_dtype(prefix: int) -> None:
+    gen = torch.Generator().manual_seed(prefix)
+    q = torch.randn(9, 4, 8, generator=gen)
+    k, v = torch.randn(2, prefix + 9, 2, 8, generator=gen)
+    expected = attend_chunk(q, k[:prefix], v[:prefix], k[prefix:], v[prefix:], None)
+    q16, k16, v16 = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    out = attend_chunk(q16, k16[:prefix], v16[:prefix], k16[prefix:], v16[prefix:], None)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=3e-2)

@@ -89,3 +89,17 @@ def test_a_tiny_temperature_samples_as_the_minimum_one_instead_of_overflowing() 
     drawn = [Sampler().sample(f"r{i}", tiny, logits) for i in range(5)]
     assert drawn == [Sampler().sample(f"r{i}", floor, logits) for i in range(5)]
     assert drawn == [49] * 5  # at 0.01 the top logit takes almost all the mass
+
+
+def test_a_batch_of_rows_samples_as_each_row_alone() -> None:
+    """Greedy rows share one argmax; seeded rows still draw from their own generator."""
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(3))
+    greedy = SamplingParams(temperature=0.0)
+    requests = [("g0", greedy), ("s1", SEEDED), ("g2", greedy), ("s3", SEEDED), ("g4", greedy)]
+    batched, failed = Sampler(seed=7).sample_rows(requests, logits)
+    alone = Sampler(seed=7)
+    assert failed == {}
+    assert batched == {
+        r: alone.sample(r, p, row) for (r, p), row in zip(requests, logits, strict=True)
+    }
+    assert [batched[r] for r in ("g0", "g2", "g4")] == logits[0::2].argmax(-1).tolist()

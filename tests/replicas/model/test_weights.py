@@ -13,9 +13,11 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from kvroute.replicas.config import ReplicaSettings
-from kvroute.replicas.model.config import ModelLoadError
+from kvroute.replicas.model.config import ModelLoadError, tokenizer_file
 from kvroute.replicas.model.weights import save_checkpoint
 from kvroute.replicas.request import SamplingParams
+from kvroute.router.config import ConfigError, parse_config
+from kvroute.router.openai.tokenizer import HFTokenizer
 from tests.replicas.model.helpers import (
     VOCAB,
     dense_logits,
@@ -53,6 +55,17 @@ def _with_group(config: ReplicaSettings, index: int, **changes: object) -> Repli
     return msgspec.structs.replace(
         config, model=msgspec.structs.replace(config.model, groups=groups)
     )
+
+
+def _edit_config(path: Path, **changes: object) -> None:
+    file = path / "config.json"
+    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+
+
+def _as_config(config: ReplicaSettings) -> dict[str, object]:
+    """The replica sections as a cluster config file's data."""
+    sections = msgspec.to_builtins(config)
+    return {"model": sections["model"], "replicas": sections["replicas"]}
 
 
 def test_saved_checkpoint_reloads_to_identical_logits(checkpoint: Path) -> None:
@@ -150,7 +163,8 @@ def test_qwen2_checkpoints_carry_attention_biases(checkpoint: Path) -> None:
     config_file = checkpoint / "config.json"
     hf = json.loads(config_file.read_text())
     del hf["attention_bias"]  # Qwen2 configs do not say it: the family implies it
-    config_file.write_text(json.dumps({**hf, "model_type": "qwen2"}))
+    qwen2 = {"model_type": "qwen2", "use_sliding_window": True}
+    config_file.write_text(json.dumps({**hf, **qwen2, "attention_bias": False}))
     with pytest.raises(
         ModelLoadError, match=r"missing weight model.layers.0.self_attn.k_proj.bias"
     ):
@@ -179,6 +193,88 @@ def test_groups_must_attend_as_the_checkpoint_was_trained(checkpoint: Path) -> N
     config_file.write_text(json.dumps({**hf, "model_type": "mistral"}))
     with pytest.raises(ModelLoadError, match=r"model.groups\[0\] .* layer 0 .* trained with 7"):
         engine(settings(hybrid=True, path=str(checkpoint)))
-    config_file.write_text(json.dumps({**hf, "rope_scaling": {"type": "linear", "factor": 2.0}}))
-    with pytest.raises(ModelLoadError, match="rope_scaling is not supported"):
+
+
+@pytest.mark.parametrize(
+    ("key", "rope"),
+    [
+        ("rope_scaling", {"type": "linear", "factor": 2.0}),
+        ("rope_scaling", {"rope_type": "dynamic", "factor": 2.0}),
+        ("rope_parameters", {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
+        ("rope_parameters", {"rope_type": "longrope", "rope_theta": 1e4}),
+    ],
+)
+def test_rope_types_other_than_default_and_llama3_are_refused_by_name(
+    checkpoint: Path, key: str, rope: dict[str, object]
+) -> None:
+    _edit_config(checkpoint, **{key: rope})
+    kind = rope.get("rope_type", rope.get("type"))
+    with pytest.raises(ModelLoadError, match=rf"rope_type '{kind}' is not supported"):
         engine(settings(hybrid=True, path=str(checkpoint)))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5 is not supported"),
+        (
+            {"rope_parameters": {"full_attention": {"rope_type": "default"}}},
+            "RoPE parameters per layer type are not supported",
+        ),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3 RoPE scaling needs"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+    ],
+)
+def test_config_keys_that_change_the_network_are_refused_by_name(
+    checkpoint: Path, changes: dict[str, object], message: str
+) -> None:
+    _edit_config(checkpoint, **changes)
+    with pytest.raises(ModelLoadError, match=message):
+        engine(settings(hybrid=True, path=str(checkpoint)))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_weight_holding_nan_or_inf_is_refused_by_name(checkpoint: Path, bad: float) -> None:
+    file = checkpoint / "model.safetensors"
+    state = load_file(str(file))
+    state["model.layers.3.self_attn.o_proj.weight"][5, 7] = bad
+    save_file(state, str(file))
+    with pytest.raises(
+        ModelLoadError, match=r"weight model.layers.3.self_attn.o_proj.weight holds NaN or Inf"
+    ):
+        engine(settings(hybrid=True, path=str(checkpoint)))
+
+
+def test_a_checkpoint_without_tokenizer_json_needs_the_byte_tokenizer_by_name(
+    checkpoint: Path,
+) -> None:
+    (checkpoint / "tokenizer.json").unlink()
+    with pytest.raises(ModelLoadError, match=r"has no tokenizer.json: set model.tokenizer"):
+        engine(settings(hybrid=True, path=str(checkpoint)))
+    with pytest.raises(ConfigError, match=r"has no tokenizer.json"):
+        parse_config(_as_config(settings(hybrid=True, path=str(checkpoint))))
+    e = engine(settings(hybrid=True, path=str(checkpoint), tokenizer="byte"))
+    assert executor(e).tokenizer is None
+    assert tokenizer_file("byte", str(checkpoint)) is None
+
+
+def test_a_corrupt_tokenizer_json_is_named_by_replica_and_router(checkpoint: Path) -> None:
+    file = checkpoint / "tokenizer.json"
+    file.write_text('{"version": "1.0", 7: "x"}')
+    with pytest.raises(ModelLoadError, match=rf"{file}: not a tokenizer"):
+        engine(settings(hybrid=True, path=str(checkpoint)))
+    with pytest.raises(ValueError, match=rf"{file}: not a tokenizer.json"):
+        HFTokenizer(file)
+
+
+def test_weight_shapes_are_checked_when_the_config_loads(checkpoint: Path) -> None:
+    """Before any replica (or Ray) starts: the router's config parse reads the
+    safetensors headers and names the first weight that does not fit."""
+    file = checkpoint / "model.safetensors"
+    state = load_file(str(file))
+    state["model.layers.1.mlp.gate_proj.weight"] = torch.zeros(64, 31)
+    save_file(state, str(file))
+    with pytest.raises(
+        ConfigError, match=r"weight model.layers.1.mlp.gate_proj.weight has shape \(64, 31\)"
+    ):
+        parse_config(_as_config(settings(hybrid=True, path=str(checkpoint))))
