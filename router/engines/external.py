@@ -53,7 +53,8 @@ def external_registration(engine: ExternalEngineConfig, config: Config) -> Regis
 
 
 def external_source(engine: ExternalEngineConfig) -> SourceSpec:
-    """An external engine's event stream, followed from its next batch."""
+    """An external engine's event stream, caught up from its replay buffer (what it
+    cached before the router joined) where it has one, then followed live."""
     events = engine.events
     return SourceSpec(
         name=engine.name,
@@ -61,6 +62,7 @@ def external_source(engine: ExternalEngineConfig) -> SourceSpec:
         replay_endpoint=events.replay_endpoint,
         topic=events.topic,
         start_seq=None,
+        catch_up=True,
         curve_server_key=events.curve_public_key(),
     )
 
@@ -102,7 +104,7 @@ class ExternalEngines:
     async def discover(self) -> None:
         """Admit every configured external engine that answers `/health` and is not
         routed to yet: at boot, and again after it failed and came back. Its entries
-        start empty and follow its event stream from the next batch."""
+        start from what its replay buffer still holds, then follow its stream."""
         for engine in self.config.external:
             if engine.name in self.routed or engine.name in self.refused:
                 continue
