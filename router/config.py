@@ -26,6 +26,7 @@ from kvroute.replicas.config import (
     Struct,
 )
 from kvroute.replicas.model.kv_memory import resolve_model
+from kvroute.router.index.dialect import HashDialect
 from kvroute.router.policy import check_policy
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -160,13 +161,17 @@ class ExternalEngineConfig(Struct):
     `hash_mode: tokens` keys its blocks by the router's own hash of the token ids
     its events carry, so its hash seed need not be known; `seeded` trusts its
     block hashes and needs `hash_seed` (the engine's PYTHONHASHSEED) to equal
-    the router's `hashing.seed`, which registration checks."""
+    the router's `hashing.seed`, which registration checks. `hash_dialect` is how
+    the engine puts cache salts and LoRA names into its hashes (vLLM >= 0.33 tags
+    them: "vllm-0.33"); seeded mode re-keys a "vllm-0.33" engine's blocks, and
+    refuses an engine whose first salted or LoRA block contradicts the setting."""
 
     name: str
     url: str
     events: ExternalEventsConfig
     hash_mode: Literal["tokens", "seeded"] = "tokens"
     hash_seed: str | None = None
+    hash_dialect: HashDialect = "vllm-0.23"
     layout: ModelConfig | None = None
 
     def __post_init__(self) -> None:

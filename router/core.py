@@ -35,6 +35,7 @@ from kvroute.events.kv_events import KVEventBatch
 from kvroute.replicas.api import InvalidRequestError, ModelLimits, ReplicaLoad, validate_generate
 from kvroute.replicas.kv_cache.prompt import HashedPrompt, PromptKeys
 from kvroute.replicas.kv_cache.specs import KVCacheConfig
+from kvroute.router.index.dialect import HashDialect
 from kvroute.router.index.kv_index import HashMode, KVIndex
 from kvroute.router.policy import Candidate, RouteRequest, RoutingPolicy
 from kvroute.router.reuse import ReuseTracker
@@ -94,6 +95,9 @@ class Registration:
     # "tokens": the index re-keys this replica's blocks from its events' token
     # ids, so its hash function and seed need not match the router's.
     hash_mode: HashMode = "seeded"
+    # How the engine puts extra keys into its hashes (external engines; None: as the
+    # router does, unchecked).
+    hash_dialect: HashDialect | None = None
 
 
 @dataclass
@@ -191,6 +195,7 @@ class Router:
             hash_seed=registration.hash_seed,
             prefix_cache_retention_interval=registration.retention_interval,
             hash_mode=registration.hash_mode,
+            hash_dialect=registration.hash_dialect,
         )
         self.replicas[registration.replica_id] = ReplicaState(registration)
 

@@ -49,6 +49,7 @@ def external_registration(engine: ExternalEngineConfig, config: Config) -> Regis
         hash_seed=(engine.hash_seed or "") if seeded else config.hashing.seed,
         limits=ModelLimits(layout.max_model_len, layout.vocab_size, tuple(layout.lora_names)),
         hash_mode=engine.hash_mode,
+        hash_dialect=engine.hash_dialect,
     )
 
 
@@ -144,16 +145,16 @@ class ExternalEngines:
                 logger.warning("engine %s failed its health check", rid)
                 self._remove(rid)
 
-    def refuse(self, replica_id: str, registration: Registration) -> None:
-        """An external engine whose events contradict its configured layout would be
-        mispredicted: it leaves routing and is not admitted again until the router
-        restarts (with its layout fixed)."""
+    def refuse(self, replica_id: str, registration: Registration, why: str = "") -> None:
+        """An external engine whose events contradict its configured layout (or, given
+        `why`, its hash settings) would be mispredicted: it leaves routing and is not
+        admitted again until the router restarts (with its config fixed)."""
         groups = registration.kv_cache_config.kv_cache_groups
         layout = ", ".join(
             f"group {i}: {g.kv_cache_spec.kind.value} of block size {g.kv_cache_spec.block_size}"
             for i, g in enumerate(groups)
         )
-        reason = (
+        reason = why or (
             f"its KV events do not match its configured layout ({layout}): an unknown group, "
             "or another kind or block size"
         )

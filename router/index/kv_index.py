@@ -29,11 +29,12 @@ from typing import Literal
 import numpy as np
 
 from kvroute.events.hashing import get_hash_fn_by_name
-from kvroute.events.kv_events import KVEventBatch
+from kvroute.events.kv_events import BlockStored, KVEventBatch
 from kvroute.replicas.kv_cache.prompt import HashedPrompt, PromptSource
 from kvroute.replicas.kv_cache.specs import KVCacheConfig
 from kvroute.replicas.kv_cache.utils import BlockHash, RequestBlockHasher
 from kvroute.router.index.block_table import BlockTable, warm_up
+from kvroute.router.index.dialect import ROUTER_DIALECT, DialectCheck, HashDialect
 from kvroute.router.index.ingest import EventIngest, event_hash, event_keys
 from kvroute.router.index.predictions import Predictions
 from kvroute.router.index.registry import ReplicaEntry, ReplicaRegistry
@@ -76,6 +77,9 @@ class KVIndex:
         self._ingest = EventIngest(self._groups, self._predictions, self.stats)
         self._hashers: dict[int, RequestBlockHasher] = {}
         self._rekeyers: dict[str, Rekeyer] = {}
+        self._dialect_checks: dict[str, DialectCheck] = {}
+        # Seeded replicas whose hashes contradicted their dialect, and why.
+        self.contradictions: dict[str, str] = {}
 
     # ---------------------------------------------------------------- replicas
 
@@ -91,12 +95,15 @@ class KVIndex:
         hash_seed: str | None = None,
         prefix_cache_retention_interval: int | None = None,
         hash_mode: HashMode = "seeded",
+        hash_dialect: HashDialect | None = None,
     ) -> None:
         """Admit a replica. Refused if its id is taken or, in "seeded" mode, if its
         hash settings differ from the index's; in "tokens" mode the index re-keys
         its blocks and ignores its hash settings. The retention interval changes
         which blocks a replica caches, not how it looks them up; only re-keying
-        needs to know it."""
+        needs to know it. A seeded replica with a `hash_dialect` has it checked
+        against its first salted or LoRA block (`contradictions` says why it
+        failed), and is re-keyed when the dialect is not the router's."""
         if hash_mode == "tokens":
             if prefix_cache_retention_interval is not None:
                 raise ValueError(
@@ -116,8 +123,13 @@ class KVIndex:
             hash_algo=hash_algo,
             hash_seed=hash_seed,
         )
-        if hash_mode == "tokens":
+        foreign = hash_dialect is not None and hash_dialect != ROUTER_DIALECT
+        if hash_mode == "tokens" or foreign:
             self._rekeyers[replica_id] = Rekeyer(entry, self.hash_fn, self.none_hash, self.stats)
+        if hash_mode == "seeded" and hash_dialect is not None:
+            self._dialect_checks[replica_id] = DialectCheck(
+                hash_dialect, self.hash_fn, self.none_hash, hash_block_size
+            )
         num_groups = len(kv_cache_config.kv_cache_groups)
         while len(self._groups) < num_groups:
             self._groups.append(BlockTable())
@@ -127,6 +139,8 @@ class KVIndex:
         """Forget a replica and everything it held (e.g. it died)."""
         bit = self._registry.release(replica_id).bit
         self._rekeyers.pop(replica_id, None)
+        self._dialect_checks.pop(replica_id, None)
+        self.contradictions.pop(replica_id, None)
         self._ingest.clear(bit)
         self._predictions.clear_bit(bit)
 
@@ -167,6 +181,16 @@ class KVIndex:
                 "unknown_replica", "dropping events of unknown replica %r", replica_id
             )
             return
+        check = self._dialect_checks.get(replica_id)
+        if check is not None and not check.settled:
+            for event in batch.events:
+                reason = check.contradiction(event) if type(event) is BlockStored else None
+                if reason is not None:
+                    self.contradictions[replica_id] = reason
+                    self.stats.log_once(
+                        f"dialect_{replica_id}", "replica %r: %s", replica_id, reason
+                    )
+                    return
         rekeyer = self._rekeyers.get(replica_id)
         if rekeyer is not None:
             batch = rekeyer.rekey(batch)

@@ -323,7 +323,12 @@ class RouterService:
         stats = self.core.index.stats
         misfits = stats.unknown_group + stats.mismatched_group
         self.core.apply(source, batch)
-        if link.external and stats.unknown_group + stats.mismatched_group > misfits:
+        if not link.external:
+            return
+        contradiction = self.core.index.contradictions.get(source)
+        if contradiction is not None:
+            self.external.refuse(source, link.registration, contradiction)
+        elif stats.unknown_group + stats.mismatched_group > misfits:
             self.external.refuse(source, link.registration)
 
     def _on_resync_thread(self, source: str, reason: ResyncReason) -> None:

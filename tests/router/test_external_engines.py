@@ -9,10 +9,12 @@ import asyncio
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from kvroute.events.curve import CurveKeyPair
 from kvroute.router.config import Config, parse_config
+from kvroute.router.openai.protocol import CompletionInput
 from kvroute.router.service.router_service import RouterService
 from tests.replicas.serve_helpers import events_json, serve_replica, tiny_config
 from tests.replicas.test_serve_replica import free_port, post
@@ -102,3 +104,44 @@ def test_an_engine_whose_events_contradict_its_layout_is_refused_by_name(tmp_pat
         "engine-a": "its KV events do not match its configured layout (group 0: "
         "full_attention of block size 8): an unknown group, or another kind or block size"
     }
+
+
+def test_an_engine_that_cached_prompts_before_the_router_joined_gets_predicted_hits(
+    tmp_path: Path,
+) -> None:
+    """The router catches up from the engine's replay buffer on joining: blocks the
+    engine cached before the router started are indexed, so they are predicted."""
+    port, replay_port = free_port(), free_port()
+    events = events_json(port).replace(
+        '"topic"', f'"replay_endpoint": "tcp://127.0.0.1:{replay_port}", "topic"'
+    )
+    prompts = ["0123456789abcdef", "fedcba9876543210xyz"]
+    with serve_replica(tiny_config(tmp_path), events) as server:
+        for prompt in prompts:
+            post(server.url, "/v1/completions", {"prompt": prompt, "max_tokens": 1})
+        config = _config(server.url, port, block_size=4)
+        engine = config.external[0]
+        engine = msgspec.structs.replace(
+            engine,
+            events=msgspec.structs.replace(
+                engine.events, replay_endpoint=f"tcp://127.0.0.1:{replay_port}"
+            ),
+        )
+        config = msgspec.structs.replace(config, external=[engine])
+
+        async def join_then_predict() -> list[dict[str, int]]:
+            service = _service(config)
+            try:
+                await asyncio.wait_for(service.ready(), DEADLINE_S)
+                deadline = time.monotonic() + DEADLINE_S
+                while True:
+                    hits = [service.predict_hits(CompletionInput(text=p)) for p in prompts]
+                    if all(h["engine-a"] for h in hits) or time.monotonic() > deadline:
+                        return hits
+                    await asyncio.sleep(0.05)
+            finally:
+                await service.shutdown()
+
+        hits = asyncio.run(join_then_predict())
+    # Byte tokens, 4-token blocks: every full block, short of the prompt's last token.
+    assert hits == [{"engine-a": 12}, {"engine-a": 16}]
