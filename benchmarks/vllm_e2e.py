@@ -60,7 +60,8 @@ REQUEST_DEADLINE_S = 300.0
 
 
 def write_checkpoint(path: Path, seed: int) -> None:
-    """A random 2-layer Llama (hidden 64) and a word-level tokenizer of VOCAB words."""
+    """A random 2-layer Llama (hidden 64, head size 32: vLLM's CPU attention has no
+    kernel for 16) and a word-level tokenizer of VOCAB words."""
     import torch
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -71,7 +72,7 @@ def write_checkpoint(path: Path, seed: int) -> None:
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
+        num_attention_heads=2,
         num_key_value_heads=2,
         max_position_embeddings=MAX_LEN,
         bos_token_id=1,
@@ -117,7 +118,7 @@ class VllmServer:
             "VLLM_CPU_KVCACHE_SPACE": "1",
             "VLLM_CPU_OMP_THREADS_BIND": "nobind",
             "OMP_NUM_THREADS": "1",
-            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "VLLM_SERVER_DEV_MODE": "1",  # for /reset_prefix_cache
         }
         command = [
             python,
@@ -266,7 +267,7 @@ def router_config(servers: list[VllmServer], checkpoint: Path) -> Config:
                 "block_size": BLOCK,
                 "vocab_size": VOCAB,
                 "max_model_len": MAX_LEN,
-                "groups": [{"kind": "full_attention", "num_kv_heads": 2, "head_size": 16}],
+                "groups": [{"kind": "full_attention", "num_kv_heads": 2, "head_size": 32}],
             },
             "hashing": {"algo": "sha256", "seed": ROUTER_SEED},
             "replicas": {"count": 0},
@@ -303,7 +304,7 @@ async def _complete(url: str, probe: Probe) -> tuple[str, int, int]:
 
 async def _drive(
     config: Config, servers: list[VllmServer], probes: list[Probe], warm: list[Probe]
-) -> tuple[list[Row], dict[str, int], dict[str, str]]:
+) -> tuple[list[Row], dict[str, int], list[str]]:
     service = RouterService(config, serve_http=True, curve=CurveKeyPair.generate())
     try:
         url = await asyncio.wait_for(service.ready(), 60.0)
@@ -324,12 +325,13 @@ async def _drive(
         for probe in probes:
             engine, predicted, cached = await _complete(url, probe)
             rows.append(Row("workload", engine, probe.salt is not None, predicted, cached))
+        problems = [f"{name} refused: {why}" for name, why in service.refused.items()]
         if not await service.reset_prefix_caches():
-            raise RuntimeError("an engine did not reset its prefix cache")
+            return rows, caught_up, [*problems, "an engine did not reset its prefix cache"]
         for probe in probes[:6]:
             engine, predicted, cached = await _complete(url, probe)
             rows.append(Row("after reset", engine, probe.salt is not None, predicted, cached))
-        return rows, caught_up, dict(service.refused)
+        return rows, caught_up, problems
     finally:
         await service.shutdown()
 
@@ -345,7 +347,9 @@ def _expected_warm_hit(probe: Probe) -> int:
     return (len(probe.tokens) - 1) // BLOCK * BLOCK
 
 
-def report(rows: list[Row], caught_up: dict[str, int], warm: list[Probe], refused: dict) -> int:
+def report(
+    rows: list[Row], caught_up: dict[str, int], warm: list[Probe], problems: list[str]
+) -> int:
     """Print the table; the number of failures."""
     groups: dict[tuple[str, str, str], Counter[str]] = {}
     for row in rows:
@@ -368,8 +372,8 @@ def report(rows: list[Row], caught_up: dict[str, int], warm: list[Probe], refuse
     expected = {f"warm-{i}": _expected_warm_hit(p) for i, p in enumerate(warm)}
     print(f"\nrequests: {len(rows)}, prediction == cached tokens: {len(rows) - mismatches}")
     print(f"caught up from the replay buffer (predicted / expected): {caught_up} / {expected}")
-    print(f"refused engines: {refused or 'none'}")
-    return mismatches + (reset_hits > 0) + (caught_up != expected) + len(refused)
+    print(f"refused engines and failed resets: {problems or 'none'}")
+    return mismatches + (reset_hits > 0) + (caught_up != expected) + len(problems)
 
 
 def main() -> int:
@@ -408,7 +412,7 @@ def main() -> int:
                     REQUEST_DEADLINE_S,
                 )
             config = router_config(servers, checkpoint)
-            rows, caught_up, refused = asyncio.run(_drive(config, servers, probes, warm))
+            rows, caught_up, problems = asyncio.run(_drive(config, servers, probes, warm))
         except BaseException:
             for server in servers:
                 if server.log.exists():
@@ -418,7 +422,7 @@ def main() -> int:
         finally:
             for server in servers:
                 server.stop()
-    failures = report(rows, caught_up, warm, refused)
+    failures = report(rows, caught_up, warm, problems)
     print("PASS" if not failures else f"FAIL ({failures} failures)")
     return 1 if failures else 0
 
