@@ -302,22 +302,28 @@ async def _complete(url: str, probe: Probe) -> tuple[str, int, int]:
     return section["replica_id"], section["predicted_hit_tokens"], cached
 
 
+@dataclass
+class Outcome:
+    rows: list[Row]
+    caught_up: dict[str, int]  # warm prompt -> predicted on its engine once the router joined
+    indexed_after_reset: int  # predicted tokens right after the reset, before any request
+    problems: list[str]
+
+
 async def _drive(
-    config: Config, servers: list[VllmServer], probes: list[Probe], warm: list[Probe]
-) -> tuple[list[Row], dict[str, int], list[str]]:
+    config: Config, servers: list[VllmServer], probes: list[Probe], warm: dict[str, Probe]
+) -> Outcome:
     service = RouterService(config, serve_http=True, curve=CurveKeyPair.generate())
     try:
         url = await asyncio.wait_for(service.ready(), 60.0)
         assert url is not None
         await service.wait_for_replicas(len(servers), timeout_s=60.0)
-        # Blocks the last engine cached before the router started, from its replay buffer.
-        last = servers[-1].name
+        # What engines cached before the router started, from their replay buffers.
+        index = service.core.index
         deadline = time.monotonic() + 30.0
         caught_up: dict[str, int] = {}
         while time.monotonic() < deadline:
-            caught_up = {
-                f"warm-{i}": service.core.index.predict(_keys(p))[last] for i, p in enumerate(warm)
-            }
+            caught_up = {name: index.predict(_keys(p))[name] for name, p in warm.items()}
             if all(caught_up.values()):
                 break
             await asyncio.sleep(0.2)
@@ -327,11 +333,12 @@ async def _drive(
             rows.append(Row("workload", engine, probe.salt is not None, predicted, cached))
         problems = [f"{name} refused: {why}" for name, why in service.refused.items()]
         if not await service.reset_prefix_caches():
-            return rows, caught_up, [*problems, "an engine did not reset its prefix cache"]
+            problems.append("an engine did not reset its prefix cache")
+        indexed = sum(sum(index.predict(_keys(p)).values()) for p in probes)
         for probe in probes[:6]:
             engine, predicted, cached = await _complete(url, probe)
             rows.append(Row("after reset", engine, probe.salt is not None, predicted, cached))
-        return rows, caught_up, problems
+        return Outcome(rows, caught_up, indexed, problems)
     finally:
         await service.shutdown()
 
@@ -347,10 +354,9 @@ def _expected_warm_hit(probe: Probe) -> int:
     return (len(probe.tokens) - 1) // BLOCK * BLOCK
 
 
-def report(
-    rows: list[Row], caught_up: dict[str, int], warm: list[Probe], problems: list[str]
-) -> int:
+def report(outcome: Outcome, warm: dict[str, Probe]) -> int:
     """Print the table; the number of failures."""
+    rows = outcome.rows
     groups: dict[tuple[str, str, str], Counter[str]] = {}
     for row in rows:
         key = (row.phase, row.engine, "salted" if row.salted else "unsalted")
@@ -368,12 +374,20 @@ def report(
             f"{c['predicted']:>10} {c['cached']:>10} {c['mismatches']:>10}"
         )
     mismatches = sum(row.predicted != row.cached for row in rows)
-    reset_hits = sum(row.cached + row.predicted for row in rows if row.phase == "after reset")
-    expected = {f"warm-{i}": _expected_warm_hit(p) for i, p in enumerate(warm)}
+    expected = {name: _expected_warm_hit(p) for name, p in warm.items()}
     print(f"\nrequests: {len(rows)}, prediction == cached tokens: {len(rows) - mismatches}")
-    print(f"caught up from the replay buffer (predicted / expected): {caught_up} / {expected}")
-    print(f"refused engines and failed resets: {problems or 'none'}")
-    return mismatches + (reset_hits > 0) + (caught_up != expected) + len(problems)
+    print(
+        "cached before the router started, predicted once it joined (replay buffer): "
+        f"{outcome.caught_up}, expected {expected}"
+    )
+    print(f"predicted tokens right after the reset (expected 0): {outcome.indexed_after_reset}")
+    print(f"refused engines and failed resets: {outcome.problems or 'none'}")
+    return (
+        mismatches
+        + (outcome.indexed_after_reset > 0)
+        + (outcome.caught_up != expected)
+        + len(outcome.problems)
+    )
 
 
 def main() -> int:
@@ -397,22 +411,25 @@ def main() -> int:
         write_checkpoint(checkpoint, args.seed)
         servers = _servers(args.engines, workdir)
         probes = workload(args.requests, args.seed)
-        warm = [
-            Probe(9, None, [random.Random(9 + i).randrange(3, VOCAB) for _ in range(100)])
-            for i in range(2)
-        ]
+        # Sent straight to an engine before the router starts: an unsalted prompt to
+        # the last (tokens mode), a salted one to engine-1 (seeded, tagged dialect).
+        rng = random.Random(args.seed + 1)
+        warm = {
+            servers[-1].name: Probe(-1, None, [rng.randrange(3, VOCAB) for _ in range(100)]),
+            servers[0].name: Probe(-1, "warm-salt", [rng.randrange(3, VOCAB) for _ in range(100)]),
+        }
         try:
             for server in servers:
                 server.start(args.python, checkpoint)
             _wait_healthy(servers)
-            for probe in warm:
-                _http(
-                    servers[-1].url + "/v1/completions",
-                    {"model": MODEL, "prompt": probe.tokens, "max_tokens": 1},
-                    REQUEST_DEADLINE_S,
-                )
+            urls = {server.name: server.url for server in servers}
+            for name, probe in warm.items():
+                body = {"model": MODEL, "prompt": probe.tokens, "max_tokens": 1}
+                if probe.salt is not None:
+                    body["cache_salt"] = probe.salt
+                _http(urls[name] + "/v1/completions", body, REQUEST_DEADLINE_S)
             config = router_config(servers, checkpoint)
-            rows, caught_up, problems = asyncio.run(_drive(config, servers, probes, warm))
+            outcome = asyncio.run(_drive(config, servers, probes, warm))
         except BaseException:
             for server in servers:
                 if server.log.exists():
@@ -422,7 +439,7 @@ def main() -> int:
         finally:
             for server in servers:
                 server.stop()
-    failures = report(rows, caught_up, warm, problems)
+    failures = report(outcome, warm)
     print("PASS" if not failures else f"FAIL ({failures} failures)")
     return 1 if failures else 0
 
