@@ -13,6 +13,8 @@ import msgspec
 import pytest
 
 from kvroute.events.curve import CurveKeyPair
+from kvroute.events.kv_events import BlockStored, KVEventBatch
+from kvroute.replicas.kv_cache.prompt import PromptKeys
 from kvroute.router.config import Config, parse_config
 from kvroute.router.openai.protocol import CompletionInput
 from kvroute.router.service.router_service import RouterService
@@ -145,3 +147,38 @@ def test_an_engine_that_cached_prompts_before_the_router_joined_gets_predicted_h
         hits = asyncio.run(join_then_predict())
     # Byte tokens, 4-token blocks: every full block, short of the prompt's last token.
     assert hits == [{"engine-a": 12}, {"engine-a": 16}]
+
+
+def test_a_reset_empties_the_engine_in_the_index_before_its_event_arrives(
+    tmp_path: Path,
+) -> None:
+    """vLLM publishes AllBlocksCleared only at its next step: the router must not wait
+    for it. Here the engine's events go where the router does not listen, so only the
+    reset itself can empty the index."""
+    engine_events, silent = free_port(), free_port()
+    prompt = tuple(range(40, 60))
+    stored = BlockStored(
+        block_hashes=[1, 2, 3, 4],
+        parent_block_hash=None,
+        token_ids=list(prompt[:16]),
+        block_size=4,
+        lora_id=None,
+        medium="GPU",
+        lora_name=None,
+    )
+    with serve_replica(tiny_config(tmp_path), events_json(engine_events)) as server:
+        config = _config(server.url, silent, block_size=4)
+
+        async def index_then_reset() -> tuple[dict[str, int], bool, dict[str, int]]:
+            service = _service(config)
+            try:
+                await asyncio.wait_for(service.ready(), DEADLINE_S)
+                service.core.apply("engine-a", KVEventBatch(ts=0.0, events=[stored]))
+                before = service.core.index.predict(PromptKeys(prompt))
+                reset = await service.reset_prefix_caches()
+                return before, reset, service.core.index.predict(PromptKeys(prompt))
+            finally:
+                await service.shutdown()
+
+        before, reset, after = asyncio.run(index_then_reset())
+    assert (before, reset, after) == ({"engine-a": 16}, True, {"engine-a": 0})
