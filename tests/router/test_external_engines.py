@@ -182,3 +182,44 @@ def test_a_reset_empties_the_engine_in_the_index_before_its_event_arrives(
 
         before, reset, after = asyncio.run(index_then_reset())
     assert (before, reset, after) == ({"engine-a": 16}, True, {"engine-a": 0})
+
+
+def test_a_seeded_engine_whose_salted_blocks_contradict_its_dialect_is_refused_by_name(
+    tmp_path: Path,
+) -> None:
+    """serve-replica hashes untagged; an entry that says `tagged` is refused at its
+    first salted block, with the dialect it does hash in."""
+    port = free_port()
+    with serve_replica(tiny_config(tmp_path, seed="s1"), events_json(port)) as server:
+        config = _config(server.url, port, block_size=4)
+        engine = msgspec.structs.replace(
+            config.external[0], hash_mode="seeded", hash_seed="s1", hash_dialect="tagged"
+        )
+        config = msgspec.structs.replace(
+            config,
+            hashing=msgspec.structs.replace(config.hashing, seed="s1"),
+            external=[engine],
+        )
+
+        async def serve_salted() -> dict:
+            service = _service(config)
+            try:
+                await asyncio.wait_for(service.ready(), DEADLINE_S)
+                deadline = time.monotonic() + DEADLINE_S
+                attempt = 0
+                while "engine-a" not in service.refused:
+                    assert time.monotonic() < deadline, "the engine was never refused"
+                    attempt += 1
+                    body = {"prompt": f"{attempt:04d}salted", "max_tokens": 1, "cache_salt": "t"}
+                    await asyncio.to_thread(post, server.url, "/v1/completions", body)
+                    await asyncio.sleep(0.1)
+                return service.status()
+            finally:
+                await service.shutdown()
+
+        status = asyncio.run(serve_salted())
+    assert status["replicas"] == []
+    assert status["refused"] == {
+        "engine-a": "its salted or LoRA blocks hash as untagged, but its hash_dialect is "
+        "tagged: set hash_dialect: untagged"
+    }
