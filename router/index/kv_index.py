@@ -26,10 +26,11 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
+import msgspec
 import numpy as np
 
 from kvroute.events.hashing import get_hash_fn_by_name
-from kvroute.events.kv_events import BlockStored, KVEventBatch
+from kvroute.events.kv_events import AllBlocksCleared, BlockStored, KVEventBatch
 from kvroute.replicas.kv_cache.prompt import HashedPrompt, PromptSource
 from kvroute.replicas.kv_cache.specs import KVCacheConfig
 from kvroute.replicas.kv_cache.utils import BlockHash, RequestBlockHasher
@@ -78,6 +79,9 @@ class KVIndex:
         self._hashers: dict[int, RequestBlockHasher] = {}
         self._rekeyers: dict[str, Rekeyer] = {}
         self._dialect_checks: dict[str, DialectCheck] = {}
+        # Replicas whose prefix cache the router reset and whose AllBlocksCleared has
+        # not arrived: everything they publish before it predates the reset.
+        self._clearing: set[str] = set()
         # Seeded replicas whose hashes contradicted their dialect, and why.
         self.contradictions: dict[str, str] = {}
 
@@ -140,17 +144,28 @@ class KVIndex:
         bit = self._registry.release(replica_id).bit
         self._rekeyers.pop(replica_id, None)
         self._dialect_checks.pop(replica_id, None)
+        self._clearing.discard(replica_id)
         self.contradictions.pop(replica_id, None)
         self._ingest.clear(bit)
         self._predictions.clear_bit(bit)
 
-    def reset(self, replica_id: str) -> None:
+    def reset(self, replica_id: str, *, until_cleared: bool = False) -> None:
         """Forget a replica's confirmed blocks but keep it registered (before a
-        resync). Its predictions stay: they describe requests still in flight."""
-        self._ingest.clear(self._registry.require(replica_id).bit)
+        resync). Its predictions stay: they describe requests still in flight.
+        `until_cleared` (the replica reset its prefix cache, which it does only with
+        no request running): its predictions go too, and its events are stale until
+        its AllBlocksCleared arrives (vLLM publishes it at its next step, after any
+        batch still in flight), so they are dropped until then."""
+        bit = self._registry.require(replica_id).bit
+        self._ingest.clear(bit)
         rekeyer = self._rekeyers.get(replica_id)
         if rekeyer is not None:
             rekeyer.clear()
+        if until_cleared:
+            self._predictions.clear_bit(bit)
+            self._clearing.add(replica_id)
+        else:
+            self._clearing.discard(replica_id)
 
     @property
     def replica_ids(self) -> list[str]:
@@ -181,6 +196,13 @@ class KVIndex:
                 "unknown_replica", "dropping events of unknown replica %r", replica_id
             )
             return
+        if replica_id in self._clearing:
+            cleared = [i for i, e in enumerate(batch.events) if type(e) is AllBlocksCleared]
+            if not cleared:
+                self.stats.stale_after_reset += 1
+                return
+            self._clearing.discard(replica_id)
+            batch = msgspec.structs.replace(batch, events=batch.events[cleared[-1] :])
         check = self._dialect_checks.get(replica_id)
         if check is not None and not check.settled:
             for event in batch.events:

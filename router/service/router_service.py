@@ -606,8 +606,9 @@ class RouterService:
 
     async def reset_prefix_caches(self) -> bool:
         """Ask every engine to drop its prefix cache (all at once); True if all did.
-        Each one that did is emptied in the index at once: vLLM publishes its
-        AllBlocksCleared only at its next step, which may be long after."""
+        Each one that did is emptied in the index at once, and its events are
+        ignored until its AllBlocksCleared: vLLM publishes that only at its next step,
+        and batches from before the reset may still be on their way."""
         links = dict(self.replicas)
         results = await asyncio.gather(
             *(link.backend.reset_prefix_cache() for link in links.values()),
@@ -615,7 +616,7 @@ class RouterService:
         )
         for replica_id, result in zip(links, results, strict=True):
             if result is True and replica_id in self.replicas:
-                self.core.index.reset(replica_id)
+                self.core.index.reset(replica_id, until_cleared=True)
         return all(result is True for result in results)
 
     def set_policy(self, name: str, **options: Any) -> None:
