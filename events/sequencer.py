@@ -237,6 +237,7 @@ class SourceSequencer:
         if self._replay_active:
             self._port.cancel_replay()
             self._replay_active = False
+        self._catching_up = False  # the consumer's state now stands in for the replay
         self._replayed.clear()
         held = self._held
         if next_seq is None:

@@ -432,3 +432,14 @@ def test_a_source_without_a_replay_socket_does_not_catch_up() -> None:
     live(sequencer, 5)
     assert port.requests == []
     assert port.delivered == [5]
+
+
+def test_a_restart_during_a_catch_up_ends_it_at_the_resync() -> None:
+    sequencer, port = make(start_seq=None, catch_up=True)
+    sequencer.tick(0.0)
+    live(sequencer, 5, 2)
+    assert port.resyncs == [ResyncReason.PUBLISHER_RESTARTED]
+    sequencer.resynced(None, 0.0)
+    live(sequencer, 3)
+    assert port.delivered == [2, 3]
+    assert sequencer.state is SourceState.EXACT
