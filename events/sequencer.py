@@ -25,6 +25,12 @@ Ordering rules:
   source's state from a snapshot and names the first seq the snapshot lacks.
 - An idle source is probed with a replay from its next seq, so loss at the tail
   of a burst is found without waiting for the next batch.
+- A source that catches up (`catch_up`, with a replay socket and no `start_seq`)
+  asks for a replay from seq 0 on its first tick: the first seq the publisher
+  still holds becomes the next expected one, so what it published before the
+  subscriber joined is delivered first. Live batches are held until that replay
+  ends; one that never answers is given up after `replay_attempts`, and delivery
+  starts from the live stream.
 
 Everything is bounded: held batches (`max_held`), replay attempts, and the time
 a replay may go without progress.
@@ -109,6 +115,7 @@ class SourceSequencer:
         start_seq: int | None,
         stats: SourceStats,
         now: float,
+        catch_up: bool = False,
     ) -> None:
         self._port = port
         self._config = config
@@ -126,6 +133,8 @@ class SourceSequencer:
         self._replay_attempts = 0
         self._replay_deadline = 0.0
         self._replay_known_sent = -1  # newest seq known to be published when the request left
+        # Waiting for the replay of everything the publisher holds (see the ordering rules).
+        self._catching_up = catch_up and has_replay and start_seq is None
 
     def snapshot(self) -> SourceStats:
         stats = self._stats
@@ -142,7 +151,7 @@ class SourceSequencer:
         if last is not None and seq <= last:
             self._restart(seq, payload)
             return
-        if self.state is SourceState.DEGRADED:
+        if self.state is SourceState.DEGRADED or self._catching_up:
             self._hold(seq, payload, replayed=False)
             return
         if self._next is None:
@@ -160,10 +169,13 @@ class SourceSequencer:
             return
         self._replay_deadline = now + self._config.replay_timeout_s
         self._replay_known_sent = max(self._replay_known_sent, seq)
+        if self._catching_up and self._next is None:
+            self._next = seq  # the oldest batch the publisher still holds
         if self._next is None or seq < self._next:
             self._stats.duplicates += 1
             return
-        self._found_gap(now)  # a probe that returns an unseen seq has found a loss
+        if not self._catching_up:
+            self._found_gap(now)  # a probe that returns an unseen seq has found a loss
         if seq == self._next:
             self._deliver(seq, payload, replayed=True)
         else:
@@ -174,6 +186,9 @@ class SourceSequencer:
             return
         self._replay_active = False
         self._last_activity = now
+        if self._catching_up:
+            self._caught_up(now)
+            return
         if self.state is not SourceState.RECOVERING:
             return
         if not self._held:
@@ -184,7 +199,8 @@ class SourceSequencer:
             self._start_replay(now)
 
     def tick(self, now: float) -> None:
-        """Enforce the replay timeout and probe an idle source; call it periodically."""
+        """Catch up, enforce the replay timeout and probe an idle source; call it
+        periodically."""
         if self._replay_active:
             if now >= self._replay_deadline:
                 self._port.cancel_replay()
@@ -192,6 +208,14 @@ class SourceSequencer:
                 self._last_activity = now
                 if self.state is SourceState.RECOVERING:
                     self._start_replay(now)
+            return
+        if self._catching_up:
+            if self._replay_attempts >= self._config.replay_attempts:
+                self._caught_up(now)  # the replay socket never answered: follow the live stream
+            else:
+                self._replay_attempts += 1
+                self._stats.replays += 1
+                self._request(0, now)
             return
         probe_s = self._config.idle_probe_s
         if (
@@ -213,6 +237,7 @@ class SourceSequencer:
         if self._replay_active:
             self._port.cancel_replay()
             self._replay_active = False
+        self._catching_up = False  # the consumer's state now stands in for the replay
         self._replayed.clear()
         held = self._held
         if next_seq is None:
@@ -247,10 +272,25 @@ class SourceSequencer:
 
     def _send_replay(self, now: float) -> None:
         assert self._next is not None
+        self._request(self._next, now)
+
+    def _request(self, start_seq: int, now: float) -> None:
         self._replay_active = True
         self._replay_deadline = now + self._config.replay_timeout_s
         self._replay_known_sent = -1 if self._last_live is None else self._last_live
-        self._port.request_replay(self._next)
+        self._port.request_replay(start_seq)
+
+    def _caught_up(self, now: float) -> None:
+        """End the catch-up: deliver what the live stream brought meanwhile, from the
+        replay's end (or, if nothing was replayed, from the first live batch held)."""
+        self._catching_up = False
+        self._replay_attempts = 0
+        held = self._held
+        if self._next is None:
+            self._next = min(held) if held else None
+        self._drain_held()
+        if held:
+            self._found_gap(now)
 
     def _late_live_copy(self, seq: int, payload: bytes) -> None:
         """A live seq below the next expected one: a duplicate, or a restarted publisher."""

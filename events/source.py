@@ -41,9 +41,12 @@ class SourceSpec:
 
     `replay_endpoint=None` means gaps cannot be repaired and lead to a resync.
     `start_seq` is the first seq expected (0: a replica registers before it
-    publishes); None accepts whatever arrives first. `curve_server_key` is the
-    publisher's CURVE public key when it requires CURVE. `decoder` reads this
-    publisher's payloads; None: the subscriber's (vLLM's wire format).
+    publishes); None accepts whatever arrives first. `catch_up` (with a replay
+    endpoint and no `start_seq`) first replays everything the publisher still
+    holds, so a subscriber that joins late sees what was published before it.
+    `curve_server_key` is the publisher's CURVE public key when it requires CURVE.
+    `decoder` reads this publisher's payloads; None: the subscriber's (vLLM's wire
+    format).
     """
 
     name: str
@@ -51,6 +54,7 @@ class SourceSpec:
     replay_endpoint: str | None = None
     topic: str = ""
     start_seq: int | None = 0
+    catch_up: bool = False
     curve_server_key: str | None = None
     decoder: EventDecoder | None = None
 
@@ -98,6 +102,7 @@ class SourceLink:
             start_seq=spec.start_seq,
             stats=self.stats,
             now=time.monotonic(),
+            catch_up=spec.catch_up,
         )
 
     def _socket(self, kind: int, rcvhwm: int) -> zmq.Socket:

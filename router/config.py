@@ -26,6 +26,7 @@ from kvroute.replicas.config import (
     Struct,
 )
 from kvroute.replicas.model.kv_memory import resolve_model
+from kvroute.router.index.dialect import HashDialect
 from kvroute.router.index.predictions import DEFAULT_PREDICTION_TTL_S
 from kvroute.router.policy import check_policy
 
@@ -191,7 +192,10 @@ class ExternalEngineConfig(Struct):
     block hashes and needs `hash_seed` (the engine's PYTHONHASHSEED) to equal
     the router's `hashing.seed`, which registration checks. `kind` names its engine
     kind in `router/engines/registry.py` (its request dialect, event format and hit
-    rule): `vllm` for vLLM and `kvroute serve-replica`."""
+    rule): `vllm` for vLLM and `kvroute serve-replica`. `hash_dialect` is how the
+    engine puts cache salts and LoRA names into its hashes (vLLM 0.32 and later tag
+    them: "tagged"); seeded mode re-keys a "tagged" engine's blocks, and refuses an
+    engine whose first salted or LoRA block contradicts the setting."""
 
     name: str
     url: str
@@ -199,6 +203,7 @@ class ExternalEngineConfig(Struct):
     kind: str = "vllm"
     hash_mode: Literal["tokens", "seeded"] = "tokens"
     hash_seed: str | None = None
+    hash_dialect: HashDialect = "untagged"
     layout: ModelConfig | None = None
 
     def __post_init__(self) -> None:

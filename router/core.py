@@ -39,6 +39,7 @@ from kvroute.replicas.config import HashingConfig, ModelConfig
 from kvroute.replicas.kv_cache.prompt import HashedPrompt, PromptKeys
 from kvroute.replicas.kv_cache.specs import KVCacheConfig
 from kvroute.router.config import RouterConfig
+from kvroute.router.index.dialect import HashDialect
 from kvroute.router.index.hit_rules import VLLM_HIT_RULE, HitRule
 from kvroute.router.index.kv_index import HashMode, KVIndex
 from kvroute.router.policy import Candidate, RouteRequest, RoutingPolicy
@@ -126,6 +127,9 @@ class Registration:
     hash_mode: HashMode = "seeded"
     # How its cached blocks become a prompt's computed tokens (its engine kind's rule).
     hit_rule: HitRule = VLLM_HIT_RULE
+    # How the engine puts extra keys into its hashes (external engines; None: as the
+    # router does, unchecked).
+    hash_dialect: HashDialect | None = None
 
 
 @dataclass
@@ -232,6 +236,7 @@ class Router:
             prefix_cache_retention_interval=registration.retention_interval,
             hash_mode=registration.hash_mode,
             hit_rule=registration.hit_rule,
+            hash_dialect=registration.hash_dialect,
         )
         self.replicas[registration.replica_id] = ReplicaState(registration)
 

@@ -57,14 +57,16 @@ def external_registration(engine: ExternalEngineConfig, config: Config) -> Regis
         limits=ModelLimits(layout.max_model_len, layout.vocab_size, tuple(layout.lora_names)),
         hash_mode=engine.hash_mode,
         hit_rule=external_kind(engine.kind).hit_rule,
+        hash_dialect=engine.hash_dialect,
     )
 
 
 def external_source(
     engine: ExternalEngineConfig, limits: DecodeLimits = DEFAULT_LIMITS
 ) -> SourceSpec:
-    """An external engine's event stream, followed from its next batch and read by its
-    kind's decoder."""
+    """An external engine's event stream, read by its kind's decoder: caught up from
+    its replay buffer (what it cached before the router joined) where it has one,
+    then followed live."""
     events = engine.events
     return SourceSpec(
         name=engine.name,
@@ -72,6 +74,7 @@ def external_source(
         replay_endpoint=events.replay_endpoint,
         topic=events.topic,
         start_seq=None,
+        catch_up=True,
         curve_server_key=events.curve_public_key(),
         decoder=external_kind(engine.kind).decoder(limits),
     )
@@ -127,7 +130,7 @@ class ExternalEngines:
     async def discover(self) -> None:
         """Admit every configured external engine that answers `/health` and is not
         routed to yet: at boot, and again after it failed and came back. Its entries
-        start empty and follow its event stream from the next batch."""
+        start from what its replay buffer still holds, then follow its stream."""
         for engine in self.config.external:
             if engine.name in self.routed or engine.name in self.refused:
                 continue
@@ -196,16 +199,16 @@ class ExternalEngines:
             self.core.mark_failing(replica_id, False)
             logger.info("engine %s answers again: routing to it", replica_id)
 
-    def refuse(self, replica_id: str, registration: Registration) -> None:
-        """An external engine whose events contradict its configured layout would be
-        mispredicted: it leaves routing and is not admitted again until the router
-        restarts (with its layout fixed)."""
+    def refuse(self, replica_id: str, registration: Registration, why: str = "") -> None:
+        """An external engine whose events contradict its configured layout (or, given
+        `why`, its hash settings) would be mispredicted: it leaves routing and is not
+        admitted again until the router restarts (with its config fixed)."""
         groups = registration.kv_cache_config.kv_cache_groups
         layout = ", ".join(
             f"group {i}: {g.kv_cache_spec.kind.value} of block size {g.kv_cache_spec.block_size}"
             for i, g in enumerate(groups)
         )
-        reason = (
+        reason = why or (
             f"its KV events do not match its configured layout ({layout}): an unknown group, "
             "or another kind or block size"
         )

@@ -26,14 +26,16 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
+import msgspec
 import numpy as np
 
 from kvroute.events.hashing import get_hash_fn_by_name
-from kvroute.events.kv_events import KVEventBatch
+from kvroute.events.kv_events import AllBlocksCleared, BlockStored, KVEventBatch
 from kvroute.replicas.kv_cache.prompt import HashedPrompt, PromptSource
 from kvroute.replicas.kv_cache.specs import KVCacheConfig
 from kvroute.replicas.kv_cache.utils import BlockHash, RequestBlockHasher
 from kvroute.router.index.block_table import BlockTable, warm_up
+from kvroute.router.index.dialect import ROUTER_DIALECT, DialectCheck, HashDialect
 from kvroute.router.index.hit_rules import VLLM_HIT_RULE, HitRule
 from kvroute.router.index.ingest import EventIngest, event_hash, event_keys
 from kvroute.router.index.predictions import DEFAULT_PREDICTION_TTL_S, Predictions
@@ -77,6 +79,12 @@ class KVIndex:
         self._ingest = EventIngest(self._groups, self._predictions, self.stats)
         self._hashers: dict[int, RequestBlockHasher] = {}
         self._rekeyers: dict[str, Rekeyer] = {}
+        self._dialect_checks: dict[str, DialectCheck] = {}
+        # Replicas whose prefix cache the router reset and whose AllBlocksCleared has
+        # not arrived: everything they publish before it predates the reset.
+        self._clearing: set[str] = set()
+        # Seeded replicas whose hashes contradicted their dialect, and why.
+        self.contradictions: dict[str, str] = {}
 
     # ---------------------------------------------------------------- replicas
 
@@ -93,12 +101,15 @@ class KVIndex:
         prefix_cache_retention_interval: int | None = None,
         hash_mode: HashMode = "seeded",
         hit_rule: HitRule = VLLM_HIT_RULE,
+        hash_dialect: HashDialect | None = None,
     ) -> None:
         """Admit a replica. Refused if its id is taken or, in "seeded" mode, if its
         hash settings differ from the index's; in "tokens" mode the index re-keys
         its blocks and ignores its hash settings. The retention interval changes
         which blocks a replica caches, not how it looks them up; only re-keying
-        needs to know it."""
+        needs to know it. A seeded replica with a `hash_dialect` has it checked
+        against its first salted or LoRA block (`contradictions` says why it
+        failed), and is re-keyed when the dialect is not the router's."""
         if hash_mode == "tokens":
             if prefix_cache_retention_interval is not None:
                 raise ValueError(
@@ -119,8 +130,13 @@ class KVIndex:
             hash_seed=hash_seed,
             hit_rule=hit_rule,
         )
-        if hash_mode == "tokens":
+        foreign = hash_dialect is not None and hash_dialect != ROUTER_DIALECT
+        if hash_mode == "tokens" or foreign:
             self._rekeyers[replica_id] = Rekeyer(entry, self.hash_fn, self.none_hash, self.stats)
+        if hash_mode == "seeded" and hash_dialect is not None:
+            self._dialect_checks[replica_id] = DialectCheck(
+                hash_dialect, self.hash_fn, self.none_hash, hash_block_size
+            )
         num_groups = len(kv_cache_config.kv_cache_groups)
         while len(self._groups) < num_groups:
             self._groups.append(BlockTable())
@@ -130,16 +146,29 @@ class KVIndex:
         """Forget a replica and everything it held (e.g. it died)."""
         bit = self._registry.release(replica_id).bit
         self._rekeyers.pop(replica_id, None)
+        self._dialect_checks.pop(replica_id, None)
+        self._clearing.discard(replica_id)
+        self.contradictions.pop(replica_id, None)
         self._ingest.clear(bit)
         self._predictions.clear_bit(bit)
 
-    def reset(self, replica_id: str) -> None:
+    def reset(self, replica_id: str, *, until_cleared: bool = False) -> None:
         """Forget a replica's confirmed blocks but keep it registered (before a
-        resync). Its predictions stay: they describe requests still in flight."""
-        self._ingest.clear(self._registry.require(replica_id).bit)
+        resync). Its predictions stay: they describe requests still in flight.
+        `until_cleared` (the replica reset its prefix cache, which it does only with
+        no request running): its predictions go too, and its events are stale until
+        its AllBlocksCleared arrives (vLLM publishes it at its next step, after any
+        batch still in flight), so they are dropped until then."""
+        bit = self._registry.require(replica_id).bit
+        self._ingest.clear(bit)
         rekeyer = self._rekeyers.get(replica_id)
         if rekeyer is not None:
             rekeyer.clear()
+        if until_cleared:
+            self._predictions.clear_bit(bit)
+            self._clearing.add(replica_id)
+        else:
+            self._clearing.discard(replica_id)
 
     @property
     def replica_ids(self) -> list[str]:
@@ -170,6 +199,23 @@ class KVIndex:
                 "unknown_replica", "dropping events of unknown replica %r", replica_id
             )
             return
+        if replica_id in self._clearing:
+            cleared = [i for i, e in enumerate(batch.events) if type(e) is AllBlocksCleared]
+            if not cleared:
+                self.stats.stale_after_reset += 1
+                return
+            self._clearing.discard(replica_id)
+            batch = msgspec.structs.replace(batch, events=batch.events[cleared[-1] :])
+        check = self._dialect_checks.get(replica_id)
+        if check is not None and not check.settled:
+            for event in batch.events:
+                reason = check.contradiction(event) if type(event) is BlockStored else None
+                if reason is not None:
+                    self.contradictions[replica_id] = reason
+                    self.stats.log_once(
+                        f"dialect_{replica_id}", "replica %r: %s", replica_id, reason
+                    )
+                    return
         rekeyer = self._rekeyers.get(replica_id)
         if rekeyer is not None:
             batch = rekeyer.rekey(batch)

@@ -66,7 +66,7 @@ class _Rekeyed(NamedTuple):
     inner: tuple[BlockHash, ...] | None
 
 
-def _event_key(block_hash: int | bytes) -> int | None:
+def engine_event_key(block_hash: int | bytes) -> int | None:
     """The event key of an engine hash as the event carries it (None: malformed)."""
     if type(block_hash) is int and 0 <= block_hash <= UINT64_MAX:
         return block_hash
@@ -147,7 +147,7 @@ class Rekeyer:
         scale = self._scale(event)
         if scale is None:
             return event
-        maybe_keys = [_event_key(h) for h in event.block_hashes]
+        maybe_keys = [engine_event_key(h) for h in event.block_hashes]
         if None in maybe_keys:
             return self._drop(event, "bad_hash", "a malformed block hash")
         keys: list[int] = maybe_keys  # type: ignore[assignment]
@@ -191,7 +191,7 @@ class Rekeyer:
         if event.parent_block_hash is None:
             parent, first_block = self.none_hash, 0
         else:
-            parent_key = _event_key(event.parent_block_hash)
+            parent_key = engine_event_key(event.parent_block_hash)
             found = self._own.get(parent_key) if parent_key is not None else None
             if found is None or self._ends[parent_key] % scale:  # type: ignore[index]
                 return self._drop(event, "unknown_parent", "a parent block it never stored")
@@ -237,7 +237,7 @@ class Rekeyer:
                 inner[key] = mine.inner
             refs[key] = refs.get(key, 0) + 1
         parent = event.parent_block_hash
-        parent_key = _event_key(parent) if parent is not None else None
+        parent_key = engine_event_key(parent) if parent is not None else None
         parent_own = own.get(parent_key) if parent_key is not None else None
         return msgspec.structs.replace(
             event,
@@ -250,7 +250,7 @@ class Rekeyer:
             return event
         own_keys: list[int] = []
         for block_hash in event.block_hashes:
-            key = _event_key(block_hash)
+            key = engine_event_key(block_hash)
             own = self._own.get(key) if key is not None else None
             if key is None or own is None:
                 self.stats.removed_unknown += 1

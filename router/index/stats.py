@@ -21,6 +21,8 @@ class IndexStats:
     removed_unknown: int = 0
     # BlockStored events a hash-agnostic replica sent that could not be re-keyed.
     unkeyable: int = 0
+    # Batches a replica published before a prefix-cache reset the router asked for.
+    stale_after_reset: int = 0
     predictions_added: int = 0
     predictions_confirmed: int = 0
     predictions_expired: int = 0

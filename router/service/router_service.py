@@ -357,7 +357,12 @@ class RouterService:
         stats = self.core.index.stats
         misfits = stats.unknown_group + stats.mismatched_group
         self.core.apply(source, batch)
-        if link.external and stats.unknown_group + stats.mismatched_group > misfits:
+        if not link.external:
+            return
+        contradiction = self.core.index.contradictions.get(source)
+        if contradiction is not None:
+            self.external.refuse(source, link.registration, contradiction)
+        elif stats.unknown_group + stats.mismatched_group > misfits:
             self.external.refuse(source, link.registration)
 
     def _on_resync_thread(self, source: str, reason: ResyncReason) -> None:
@@ -800,11 +805,17 @@ class RouterService:
 
     async def reset_prefix_caches(self) -> bool:
         """Ask every engine to drop its prefix cache (all at once); True if all did.
-        Their AllBlocksCleared events then empty the index."""
-        links = list(self.replicas.values())
+        Each one that did is emptied in the index at once, and its events are
+        ignored until its AllBlocksCleared: vLLM publishes that only at its next step,
+        and batches from before the reset may still be on their way."""
+        links = dict(self.replicas)
         results = await asyncio.gather(
-            *(link.backend.reset_prefix_cache() for link in links), return_exceptions=True
+            *(link.backend.reset_prefix_cache() for link in links.values()),
+            return_exceptions=True,
         )
+        for replica_id, result in zip(links, results, strict=True):
+            if result is True and replica_id in self.replicas:
+                self.core.index.reset(replica_id, until_cleared=True)
         return all(result is True for result in results)
 
     def set_policy(self, name: str, **options: Any) -> None:

@@ -40,11 +40,21 @@ class FakePort:
 
 
 def make(
-    config: RecoveryConfig = CONFIG, *, has_replay: bool = True, start_seq: int | None = 0
+    config: RecoveryConfig = CONFIG,
+    *,
+    has_replay: bool = True,
+    start_seq: int | None = 0,
+    catch_up: bool = False,
 ) -> tuple[SourceSequencer, FakePort]:
     port = FakePort()
     sequencer = SourceSequencer(
-        port, config, has_replay=has_replay, start_seq=start_seq, stats=SourceStats(), now=0.0
+        port,
+        config,
+        has_replay=has_replay,
+        start_seq=start_seq,
+        stats=SourceStats(),
+        now=0.0,
+        catch_up=catch_up,
     )
     return sequencer, port
 
@@ -353,3 +363,83 @@ def test_a_gap_repaired_on_its_last_attempt_leaves_the_next_gap_all_its_attempts
     assert port.cancels == 20
     stats = sequencer.snapshot()
     assert (stats.gaps, stats.replays, stats.resyncs) == (10, 30, 0)
+
+
+def test_catching_up_replays_from_the_oldest_batch_the_publisher_holds() -> None:
+    sequencer, port = make(start_seq=None, catch_up=True)
+    sequencer.tick(0.0)
+    assert port.requests == [0]
+    replay(sequencer, 7, 8, 9)
+    assert port.delivered == [7, 8, 9]
+    assert port.replayed == [7, 8, 9]
+    assert sequencer.snapshot().next_seq == 10
+    assert sequencer.snapshot().gaps == 0
+    assert sequencer.state is SourceState.EXACT
+
+
+def test_live_batches_during_a_catch_up_wait_for_it_and_overlaps_are_delivered_once() -> None:
+    sequencer, port = make(start_seq=None, catch_up=True)
+    sequencer.tick(0.0)
+    live(sequencer, 3, 4)
+    assert port.delivered == []
+    replay(sequencer, 2, 3)
+    assert port.delivered == [2, 3, 4]
+    live(sequencer, 5)
+    assert port.delivered == [2, 3, 4, 5]
+    assert port.resyncs == []
+
+
+def test_an_empty_catch_up_starts_from_the_first_live_batch() -> None:
+    sequencer, port = make(start_seq=None, catch_up=True)
+    sequencer.tick(0.0)
+    live(sequencer, 0)
+    replay(sequencer)
+    assert port.delivered == [0]
+    assert sequencer.snapshot().next_seq == 1
+
+
+def test_a_live_batch_lost_after_the_catch_up_is_replayed_as_a_gap() -> None:
+    sequencer, port = make(start_seq=None, catch_up=True)
+    sequencer.tick(0.0)
+    live(sequencer, 6)
+    replay(sequencer, 3, 4)
+    assert port.delivered == [3, 4]
+    assert port.requests == [0, 5]
+    assert sequencer.state is SourceState.RECOVERING
+    replay(sequencer, 5, 6)
+    assert port.delivered == [3, 4, 5, 6]
+
+
+def test_an_unanswered_catch_up_is_retried_then_follows_the_live_stream() -> None:
+    sequencer, port = make(start_seq=None, catch_up=True)
+    now = 0.0
+    for _ in range(CONFIG.replay_attempts):
+        sequencer.tick(now)
+        now += CONFIG.replay_timeout_s
+        sequencer.tick(now)
+    assert port.requests == [0, 0, 0]
+    assert port.cancels == 3
+    live(sequencer, 4, now=now)
+    assert port.delivered == []
+    sequencer.tick(now)
+    assert port.delivered == [4]
+    assert port.resyncs == []
+
+
+def test_a_source_without_a_replay_socket_does_not_catch_up() -> None:
+    sequencer, port = make(has_replay=False, start_seq=None, catch_up=True)
+    sequencer.tick(0.0)
+    live(sequencer, 5)
+    assert port.requests == []
+    assert port.delivered == [5]
+
+
+def test_a_restart_during_a_catch_up_ends_it_at_the_resync() -> None:
+    sequencer, port = make(start_seq=None, catch_up=True)
+    sequencer.tick(0.0)
+    live(sequencer, 5, 2)
+    assert port.resyncs == [ResyncReason.PUBLISHER_RESTARTED]
+    sequencer.resynced(None, 0.0)
+    live(sequencer, 3)
+    assert port.delivered == [2, 3]
+    assert sequencer.state is SourceState.EXACT

@@ -356,3 +356,28 @@ def test_every_group_of_a_shared_spec_must_hold_the_hit(
         ]
         index.apply("h", KVEventBatch(ts=0.0, events=removed))
     assert index.predict(_request(index, list(range(25))))["h"] == expected
+
+
+def test_after_a_prefix_cache_reset_events_are_stale_until_all_blocks_cleared() -> None:
+    index = _index("a", "b")
+    index.apply("a", KVEventBatch(ts=0.0, events=[_stored([1, 2])]))
+    index.reset("a", until_cleared=True)
+    # Published before the reset, delivered after it: dropped.
+    index.apply("a", KVEventBatch(ts=0.0, events=[_stored([3, 4])]))
+    index.apply("b", KVEventBatch(ts=0.0, events=[_stored([5])]))
+    assert (index.replica_block_count("a"), index.replica_block_count("b")) == (0, 1)
+    assert index.stats.stale_after_reset == 1
+    # The batch with the reset's AllBlocksCleared: what follows it counts again.
+    cleared = [_stored([6]), AllBlocksCleared(), _stored([7, 8])]
+    index.apply("a", KVEventBatch(ts=0.0, events=cleared))
+    index.apply("a", KVEventBatch(ts=0.0, events=[_stored([9])]))
+    assert index.replica_block_count("a") == 3
+
+
+def test_a_prefix_cache_reset_drops_the_replicas_predictions() -> None:
+    index = _index("a")
+    request = _request(index, list(range(12)))
+    index.add_prediction("a", request)
+    assert index.predict(request, include_predicted=True) == {"a": 8}
+    index.reset("a", until_cleared=True)
+    assert index.predict(request, include_predicted=True) == {"a": 0}
