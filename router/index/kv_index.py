@@ -191,12 +191,18 @@ class KVIndex:
         """Per replica, the prompt tokens its `get_computed_blocks` would report as
         computed, given its cache as known from the events applied so far (plus
         unexpired predictions when `include_predicted`)."""
+        hits = self.predict_bits(prompt, include_predicted)
+        return {entry.replica_id: int(hits[entry.bit]) for entry in self._registry.entries.values()}
+
+    def predict_bits(self, prompt: PromptSource, include_predicted: bool = False) -> np.ndarray:
+        """`predict` as an int64 array indexed by replica bit (0 for free bits): the
+        form a vectorized policy reads without a per-replica Python step."""
         registry = self._registry
+        result = np.zeros(registry.bit_span, np.int64)
         if not registry.entries:
-            return {}
+            return result
         if include_predicted:
             self._predictions.expire()
-        result = registry.zeros.copy()
         extra = self._predictions.tables if include_predicted else None
         hashed: dict[int, tuple[HashedPrompt, np.ndarray]] = {}
         by_bit = registry.by_bit
@@ -224,7 +230,7 @@ class KVIndex:
                 _, hit = first.finder.find_longest_cache_hit(
                     view, prompt_hashes.block_hashes, max_length
                 )
-                result[entry.replica_id] = hit
+                result[entry.bit] = hit
         return result
 
     # ------------------------------------------------------------ predictions

@@ -114,6 +114,11 @@ class ReplicaRegistry:
         self._rebuild_lookups()
         return entry
 
+    @property
+    def bit_span(self) -> int:
+        """One more than the highest bit ever given out: every bit is below it."""
+        return self._next_bit
+
     def require(self, replica_id: str) -> ReplicaEntry:
         entry = self.entries.get(replica_id)
         if entry is None:
