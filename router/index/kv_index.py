@@ -1,11 +1,12 @@
 """The router's global block index, and exact per-replica hit prediction.
 
 Layout: one `BlockTable` per KV cache group index, mapping a block's event
-hash (the low 64 bits of the engine's hash, as BlockStored carries it) to a
-bitmask of the replicas holding it: a compact open-addressing table of uint64
-keys and mask words (8 B per 64 replicas) whose probe loops are compiled by
-numba. A lookup is one probe per (block, group) no matter how many replicas
-exist; replicas are bits. `KVIndex` composes three parts, each with its own
+hash (the low 64 bits of the engine's hash, as BlockStored carries it) to the
+replicas holding it: a compact open-addressing table of uint64 keys with up to
+four 2-byte replica ids inline (a bitmask row, 8 B per 64 replicas, for blocks
+held more widely) whose probe loops are compiled by numba. A lookup is one probe
+per (block, group) no matter how many replicas exist, and answers in bitmasks;
+replicas are bits. `KVIndex` composes three parts, each with its own
 invariants: the replica registry (`index_registry.py`), event ingest
 (`index_ingest.py`) and predicted entries (`index_predictions.py`).
 
