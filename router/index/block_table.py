@@ -61,6 +61,7 @@ _FIBONACCI = np.uint64(0x9E3779B97F4A7C15)
 _ZERO = np.uint64(0)
 _ONE = np.uint64(1)
 _ALL = ~np.uint64(0)
+_SCAN_CHUNK = 32
 
 
 @njit(cache=True)
@@ -268,21 +269,6 @@ def _discard(
     return cleared
 
 
-@njit(cache=True, inline="always")
-def _or_into(holders: np.ndarray, masks: np.ndarray, entry: np.intp, row: np.ndarray) -> None:
-    """OR the entry's holders into `row`, a mask of at least the table's width."""
-    if holders[entry, 0] == SPILLED:
-        spill = _spill_row(holders, entry)
-        for w in range(min(row.size, masks.shape[1])):
-            row[w] |= masks[spill, w]
-        return
-    for k in range(INLINE):
-        holder = holders[entry, k]
-        if holder == NOBODY:
-            break
-        row[holder >> 6] |= _ONE << np.uint64(holder & 63)
-
-
 @njit(cache=True)
 def _lookup_into(
     slots: np.ndarray,
@@ -293,11 +279,24 @@ def _lookup_into(
     batch: np.ndarray,
     out: np.ndarray,
 ) -> None:
-    """OR each key's holders into its row of `out` (absent keys add nothing)."""
+    """OR each key's holders into its row of `out` (absent keys add nothing). The
+    one place holders become mask bits; written out in the loop, since a helper
+    call per key (arrays passed as structs) costs more than the probe."""
     for j in range(batch.size):
         slot, _ = _find(slots, keys, batch[j], shift)
-        if slot >= 0:
-            _or_into(holders, masks, slots[slot], out[j])
+        if slot < 0:
+            continue
+        entry = slots[slot]
+        if holders[entry, 0] == SPILLED:
+            spill = _spill_row(holders, entry)
+            for w in range(min(out.shape[1], masks.shape[1])):
+                out[j, w] |= masks[spill, w]
+            continue
+        for k in range(INLINE):
+            holder = np.intp(holders[entry, k])
+            if holder == NOBODY:
+                break
+            out[j, holder >> 6] |= _ONE << np.uint64(holder & 63)
 
 
 @njit(cache=True)
@@ -340,7 +339,9 @@ def _prefix_and(
     index (the number of live rows).
 
     Rows only shrink, so the scan carries `running` (row j-1, or the start set)
-    and ANDs each key's holders into it, over the words still non-zero."""
+    and ANDs each key's holders into it, over the words still non-zero. Keys are
+    looked up _SCAN_CHUNK at a time, so a scan that dies early probes little past
+    its end."""
     width = out.shape[1]
     running = np.empty(width, np.uint64)
     for w in range(width):
@@ -350,35 +351,34 @@ def _prefix_and(
             running[w] = alive[w]
         else:
             running[w] = _ALL
-    held = np.zeros(width, np.uint64)
+    held = np.empty((_SCAN_CHUNK, width), np.uint64)
     low, high = 0, width
-    for j in range(batch.size):
-        key = batch[j]
-        for w in range(low, high):
-            held[w] = _ZERO
-        slot, _ = _find(slots, keys, key, shift)
-        if slot >= 0:
-            _or_into(holders, masks, slots[slot], held)
+    for start in range(0, batch.size, _SCAN_CHUNK):
+        end = min(batch.size, start + _SCAN_CHUNK)
+        chunk = batch[start:end]
+        held[:] = _ZERO
+        _lookup_into(slots, keys, holders, masks, shift, chunk, held)
         if use_extra:
-            extra_slot, _ = _find(extra_slots, extra_keys, key, extra_shift)
-            if extra_slot >= 0:
-                _or_into(extra_holders, extra_masks, extra_slots[extra_slot], held)
-        live = False
-        new_low, new_high = high, low
-        for w in range(low, high):
-            row = running[w] & held[w]
-            if not first:
-                row &= out[j, w]
-            running[w] = row
-            if row != _ZERO:
-                live = True
-                new_low = min(new_low, w)
-                new_high = max(new_high, w + 1)
-        for w in range(width):
-            out[j, w] = running[w] if low <= w < high else _ZERO
-        if not live:
-            return j
-        low, high = new_low, new_high
+            _lookup_into(
+                extra_slots, extra_keys, extra_holders, extra_masks, extra_shift, chunk, held
+            )
+        for j in range(start, end):
+            live = False
+            new_low, new_high = high, low
+            for w in range(low, high):
+                row = running[w] & held[j - start, w]
+                if not first:
+                    row &= out[j, w]
+                running[w] = row
+                if row != _ZERO:
+                    live = True
+                    new_low = min(new_low, w)
+                    new_high = max(new_high, w + 1)
+            for w in range(width):
+                out[j, w] = running[w] if low <= w < high else _ZERO
+            if not live:
+                return j
+            low, high = new_low, new_high
     return batch.size
 
 
