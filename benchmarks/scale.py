@@ -17,9 +17,14 @@ shared with other work, wall time measures the neighbours as much as the code.
 4. Routing CPU: `Router.prepare` (validate + hash) and `choose` (index lookup +
    kv_aware policy) for the trace's prompts, with 8 and 1,024 registered replicas
    (the captured cache of 8 engines, plus random blocks on the others).
-5. Projection to --engines x --blocks (default 1,024 x 1M) from the figures above.
+5. Hashing: a prompt's block hashes (`PromptKeys.hashed_prompt`), per 16-token block,
+   with the router's own function in `tokens` mode (--tokens-hash, default
+   xxh64_tokens) and with the seeded functions an engine may share (the bench
+   config's, and vLLM's default sha256).
+6. Projection to --engines x --blocks (default 1,024 x 1M) from the figures above,
+   and the issue-22 targets next to what this run measured.
 
-Run: python -m benchmarks.scale [--quick]
+Run: python -m benchmarks.scale [--quick] [--tokens-hash NAME]
 Writes benchmarks/results/scale/scale.md and scale.json (--out).
 """
 
@@ -44,11 +49,13 @@ from kvroute.benchmarks.sim.config import BenchConfig, load_bench_config
 from kvroute.benchmarks.sim.simulator import SimResult, Simulator, engine_registration
 from kvroute.benchmarks.sim.traces import load_mooncake
 from kvroute.configs import CONFIG_DIR
+from kvroute.events.hashing import get_hash_fn_by_name
 from kvroute.events.kv_events import BlockRemoved, BlockStored, KVEventBatch, KVEventDecoder
 from kvroute.replicas.api import ReplicaLoad
 from kvroute.replicas.clock import VirtualClock
 from kvroute.replicas.factory import build_engine
 from kvroute.replicas.kv_cache.prompt import PromptKeys
+from kvroute.replicas.kv_cache.utils import BlockHash, RequestBlockHasher
 from kvroute.router.core import Router, router_settings
 from kvroute.router.index.kv_index import KVIndex
 from kvroute.router.policy import make_policy
@@ -94,6 +101,17 @@ class IngestRate:
     batches_per_s: float
     events_per_s: float
     blocks_per_s: float
+    # Router.apply alone, on batches decoded beforehand: the index's share.
+    apply_blocks_per_s: float = 0.0
+    decode_us_per_event: float = 0.0
+    apply_us_per_event: float = 0.0
+
+
+@dataclass
+class HashCost:
+    mode: str
+    algo: str
+    us_per_block: float
 
 
 @dataclass
@@ -221,15 +239,31 @@ def ingest_rate(config: BenchConfig, frames: list[tuple[str, bytes]], repeats: i
         for event in decoder.decode(payload).events:
             events += 1
             blocks += len(getattr(event, "block_hashes", ()))
-    times = []
+    times, decode_times, apply_times = [], [], []
     for _ in tqdm(range(repeats), desc="ingest", leave=False):
         router = fresh_router(config, engines)
         started = time.thread_time()
         for rid, payload in frames:
             router.apply(rid, decoder.decode(payload))
         times.append(time.thread_time() - started)
+        started = time.thread_time()
+        decoded = [(rid, decoder.decode(payload)) for rid, payload in frames]
+        decode_times.append(time.thread_time() - started)
+        router = fresh_router(config, engines)
+        started = time.thread_time()
+        for rid, batch in decoded:
+            router.apply(rid, batch)
+        apply_times.append(time.thread_time() - started)
     elapsed = statistics.median(times)
-    return IngestRate(len(frames) / elapsed, events / elapsed, blocks / elapsed)
+    applying = statistics.median(apply_times)
+    return IngestRate(
+        len(frames) / elapsed,
+        events / elapsed,
+        blocks / elapsed,
+        apply_blocks_per_s=blocks / applying,
+        decode_us_per_event=1e6 * statistics.median(decode_times) / events,
+        apply_us_per_event=1e6 * applying / events,
+    )
 
 
 def request_cost(
@@ -267,6 +301,63 @@ def request_cost(
         choose_us=1e6 * statistics.median(choose_times),
         mean_prompt_tokens=statistics.mean(len(p) for p in prompts),
     )
+
+
+def hash_costs(prompts: list[list[int]], modes: list[tuple[str, str]]) -> list[HashCost]:
+    """Median thread CPU time per 16-token block to hash each prompt, per function."""
+    costs = []
+    for mode, algo in modes:
+        fn = get_hash_fn_by_name(algo)
+        hasher = RequestBlockHasher(BLOCK, fn, BlockHash(fn(SEED)))
+        per_block = []
+        for tokens in prompts:
+            keys = PromptKeys(tuple(tokens))
+            started = time.thread_time()
+            keys.hashed_prompt(hasher)
+            per_block.append((time.thread_time() - started) / (len(tokens) // BLOCK))
+        costs.append(HashCost(mode, algo, 1e6 * statistics.median(per_block)))
+    return costs
+
+
+def targets(
+    memory: list[MemoryRow], ingest: IngestRate, costs: list[RequestCost], hashing: list[HashCost]
+) -> list[tuple[str, str, str, bool]]:
+    """(target, measured, goal, met) for each routing-cost target of issue 22."""
+    tokens = next(h for h in hashing if h.mode == "tokens")
+    wide = max(costs, key=lambda c: c.replicas)
+    entry = max((m for m in memory if m.holders == 1), key=lambda m: m.replicas)
+    return [
+        (
+            f"hashing, tokens mode ({tokens.algo})",
+            f"{tokens.us_per_block:.3f} us/block",
+            "<= 0.2 us/block",
+            tokens.us_per_block <= 0.2,
+        ),
+        (
+            f"choose at {wide.replicas:,} replicas",
+            f"{wide.choose_us / 1000:.2f} ms",
+            "<= 0.3 ms",
+            wide.choose_us <= 300,
+        ),
+        (
+            "ingest on one core (decode + apply)",
+            f"{ingest.blocks_per_s / 1e6:.2f}M blocks/s",
+            ">= 5M blocks/s",
+            ingest.blocks_per_s >= 5e6,
+        ),
+        (
+            "ingest on one core, Router.apply alone",
+            f"{ingest.apply_blocks_per_s / 1e6:.2f}M blocks/s",
+            ">= 5M blocks/s",
+            ingest.apply_blocks_per_s >= 5e6,
+        ),
+        (
+            f"index memory at {entry.replicas:,} replicas (H=1)",
+            f"{entry.bytes_per_entry:.1f} B/entry",
+            "<= 40 B/entry",
+            entry.bytes_per_entry <= 40,
+        ),
+    ]
 
 
 def projection(
@@ -315,9 +406,25 @@ def render(
     events: EngineEvents,
     ingest: IngestRate,
     costs: list[RequestCost],
+    hashing: list[HashCost],
     projected: dict[str, Any],
 ) -> str:
     lines = [
+        "## Issue 22 targets (this run)",
+        "",
+        "| target | measured | goal | met |",
+        "|---|---|---|---|",
+        *(
+            f"| {name} | {measured} | {goal} | {'yes' if met else 'no'} |"
+            for name, measured, goal, met in targets(memory, ingest, costs, hashing)
+        ),
+        "",
+        "## Hashing a prompt (trace prompts, median thread CPU time per 16-token block)",
+        "",
+        "| mode | function | us per block |",
+        "|---|---|---|",
+        *(f"| {h.mode} | {h.algo} | {h.us_per_block:.3f} |" for h in hashing),
+        "",
         "## Index memory (tracemalloc; RSS delta as a check)",
         "",
         "| replicas | blocks each | holders per hash | unique entries | B/entry "
@@ -350,6 +457,9 @@ def render(
         "",
         f"- {ingest.batches_per_s:,.0f} batches/s, {ingest.events_per_s:,.0f} events/s, "
         f"{ingest.blocks_per_s:,.0f} blocks/s (median of {args.repeats})",
+        f"- of which decoding {ingest.decode_us_per_event:.2f} us/event and Router.apply "
+        f"{ingest.apply_us_per_event:.2f} us/event; apply alone (batches decoded "
+        f"beforehand): {ingest.apply_blocks_per_s:,.0f} blocks/s",
         "",
         "## Routing CPU per request (trace prompts, median thread CPU time)",
         "",
@@ -395,6 +505,11 @@ def main() -> None:
     parser.add_argument("--engines", type=int, default=1024)
     parser.add_argument("--blocks", type=int, default=1_000_000)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scale"))
+    parser.add_argument(
+        "--tokens-hash",
+        default="xxh64_tokens",
+        help="the router's own hash function in tokens mode (xxhash on code without it)",
+    )
     args = parser.parse_args()
     shapes = [(64, 100_000, 1), (64, 100_000, 4), (1024, 4_000, 1), (1024, 4_000, 4)]
     filler = 2_000
@@ -413,15 +528,21 @@ def main() -> None:
     step = max(1, len(workload.requests) // args.prompts)
     prompts = [request.token_ids() for request in workload.requests[::step][: args.prompts]]
     costs = [request_cost(config, result, frames, n, prompts, filler) for n in (8, 1024)]
+    hashing = hash_costs(
+        prompts,
+        [("tokens", args.tokens_hash), ("seeded", config.hashing.algo), ("seeded", "sha256")],
+    )
     projected = projection(args.engines, args.blocks, memory, events, ingest, costs)
 
     command = "python -m benchmarks.scale" + (" --quick" if args.quick else "")
+    if args.tokens_hash != "xxh64_tokens":
+        command += f" --tokens-hash {args.tokens_hash}"
     note = (
         f"`{command}`: {os.cpu_count()} cores shared with other work, load average "
         f"{load_before[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end; "
         f"{time.perf_counter() - started:.0f} s."
     )
-    text = render(args, memory, events, ingest, costs, projected)
+    text = render(args, memory, events, ingest, costs, hashing, projected)
     print(f"\n{note}\n\n{text}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scale.md").write_text(f"# Scale inputs\n\n{note}\n\n{text}\n")
@@ -431,6 +552,7 @@ def main() -> None:
         "engine_events": asdict(events),
         "ingest": asdict(ingest),
         "request_cost": [asdict(c) for c in costs],
+        "hashing": [asdict(h) for h in hashing],
         "projection": projected,
     }
     (args.out / "scale.json").write_text(json.dumps(payload, indent=2) + "\n")

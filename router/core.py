@@ -42,7 +42,7 @@ from kvroute.router.config import RouterConfig
 from kvroute.router.index.dialect import HashDialect
 from kvroute.router.index.hit_rules import VLLM_HIT_RULE, HitRule
 from kvroute.router.index.kv_index import HashMode, KVIndex
-from kvroute.router.policy import Candidate, RouteRequest, RoutingPolicy
+from kvroute.router.policy import Candidate, CandidateColumns, RouteRequest, RoutingPolicy
 from kvroute.router.reuse import ReuseTracker
 from kvroute.router.tier.peer import PeerDecision
 
@@ -135,7 +135,9 @@ class Registration:
 @dataclass
 class ReplicaState:
     """The core's view of one replica: its last report, the router's own pending
-    count since, and what it served."""
+    count since, and what it served. Setting any field adds the replica's id to
+    `watcher` (the router's `LoadColumns.dirty`), so whoever changes a state, the
+    columns the policy scores are refreshed before the next choice."""
 
     registration: Registration
     reported: ReplicaLoad = field(default_factory=ReplicaLoad)
@@ -150,6 +152,13 @@ class ReplicaState:
     requests: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    watcher: set[str] | None = field(default=None, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        watcher = self.__dict__.get("watcher")
+        if watcher is not None:
+            watcher.add(self.registration.replica_id)
 
     @property
     def open(self) -> bool:
@@ -168,6 +177,53 @@ class ReplicaState:
     @property
     def hit_rate(self) -> float:
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+class LoadColumns:
+    """What `choose` reads of every replica, as arrays whose rows follow the order
+    of `Router.replicas`: the load (last report plus pending), in-flight count,
+    suspicion and index bit. Rows are refreshed from their `ReplicaState` only when
+    it changed (`dirty`), and all of them after a register or remove (`stale`), so
+    a choice does no Python step per replica."""
+
+    def __init__(self) -> None:
+        self.dirty: set[str] = set()
+        self.stale = True
+        self.ids: list[str] = []
+        self.rows: dict[str, int] = {}
+        self.queued = np.zeros(0, np.int64)
+        self.active = np.zeros(0, np.int64)
+        self.kv_usage = np.zeros(0, np.float64)
+        self.in_flight = np.zeros(0, np.int64)
+        self.closed = np.zeros(0, bool)  # suspect or failing: not open
+        self.bits = np.zeros(0, np.intp)
+
+    def refresh(self, replicas: Mapping[str, ReplicaState], index: KVIndex) -> None:
+        if self.stale:
+            count = len(replicas)
+            self.ids = list(replicas)
+            self.rows = {rid: row for row, rid in enumerate(self.ids)}
+            self.queued = np.zeros(count, np.int64)
+            self.active = np.zeros(count, np.int64)
+            self.kv_usage = np.zeros(count, np.float64)
+            self.in_flight = np.zeros(count, np.int64)
+            self.closed = np.zeros(count, bool)
+            self.bits = np.fromiter((index.replica(rid).bit for rid in self.ids), np.intp, count)
+            self.dirty.update(self.ids)
+            self.stale = False
+        rows = self.rows
+        for rid in self.dirty:
+            row = rows.get(rid)
+            state = replicas.get(rid)
+            if row is None or state is None:
+                continue
+            load = state.load()
+            self.queued[row] = load.queued_prefill_tokens
+            self.active[row] = load.active_seqs
+            self.kv_usage[row] = load.kv_usage
+            self.in_flight[row] = state.in_flight
+            self.closed[row] = not state.open
+        self.dirty.clear()
 
 
 @dataclass(frozen=True)
@@ -220,6 +276,7 @@ class Router:
             settings.reuse_memory, settings.cluster_blocks, settings.hash_block_size
         )
         self.replicas: dict[str, ReplicaState] = {}
+        self.columns = LoadColumns()
 
     # ------------------------------------------------------------ replicas
 
@@ -238,12 +295,16 @@ class Router:
             hit_rule=registration.hit_rule,
             hash_dialect=registration.hash_dialect,
         )
-        self.replicas[registration.replica_id] = ReplicaState(registration)
+        self.replicas[registration.replica_id] = ReplicaState(
+            registration, watcher=self.columns.dirty
+        )
+        self.columns.stale = True
 
     def remove(self, replica_id: str) -> bool:
         """Forget a replica (it died or left); False if it was not registered."""
         if self.replicas.pop(replica_id, None) is None:
             return False
+        self.columns.stale = True
         self.index.remove(replica_id)
         self.policy.forget(replica_id)
         return True
@@ -336,22 +397,26 @@ class Router:
         accounting (admission by requests in flight) rather than refuse traffic.
         Raises NoReplicaError when no replica is left at all."""
         started = time.perf_counter()
-        open_replicas = self.open_replicas(exclude)
-        if not open_replicas:
-            open_replicas = [rid for rid in self.replicas if rid not in exclude]
-        if not open_replicas:
+        columns = self.columns
+        columns.refresh(self.replicas, self.index)
+        allowed = np.ones(len(columns.ids), bool)
+        for rid in exclude:
+            row = columns.rows.get(rid)
+            if row is not None:
+                allowed[row] = False
+        open_rows = allowed & ~columns.closed
+        if not open_rows.any():
+            open_rows = allowed
+        open_count = int(np.count_nonzero(open_rows))
+        if not open_count:
             raise NoReplicaError("no replica is available")
-        loads = {
-            rid: load
-            for rid in open_replicas
-            if self._admits(self.replicas[rid], load := self.replicas[rid].load(), prepared)
-        }
-        if not loads:
+        rows = np.flatnonzero(open_rows & self._admits(columns, prepared))
+        if not rows.size:
             raise ReplicasBusyError(
-                f"all {len(open_replicas)} replicas are at their admission limit; retry later",
+                f"all {open_count} replicas are at their admission limit; retry later",
                 self.settings.retry_after_s,
             )
-        replica_id, hit = self._pick(prepared.prompt, loads)
+        replica_id, hit = self._pick(prepared.prompt, rows)
         state = self.replicas[replica_id]
         uncached = prepared.num_tokens - hit
         state.pending_prefill += uncached
@@ -365,27 +430,45 @@ class Router:
             routing_s=time.perf_counter() - started,
         )
 
-    def _admits(self, state: ReplicaState, load: ReplicaLoad, prepared: PreparedPrompt) -> bool:
-        """Whether a replica may take one more request: under both limits, or idle."""
-        if state.in_flight == 0:
-            return True
+    def _admits(self, columns: LoadColumns, prepared: PreparedPrompt) -> np.ndarray:
+        """Which replicas may take one more request: under both limits, or idle."""
+        admits = np.ones(len(columns.ids), bool)
         max_requests = self.settings.max_requests_per_replica
-        if max_requests is not None and state.in_flight >= max_requests:
-            return False
+        if max_requests is not None:
+            admits &= columns.in_flight < max_requests
         max_prefill = self.settings.max_queued_prefill_tokens
-        queued = load.queued_prefill_tokens + prepared.num_tokens
-        return max_prefill is None or queued <= max_prefill
+        if max_prefill is not None:
+            admits &= columns.queued + prepared.num_tokens <= max_prefill
+        return admits | (columns.in_flight == 0)
 
-    def _pick(self, prompt: HashedPrompt, loads: Mapping[str, ReplicaLoad]) -> tuple[str, int]:
+    def _pick(self, prompt: HashedPrompt, rows: np.ndarray) -> tuple[str, int]:
+        """The policy's choice among `rows` of the columns, and its predicted hit."""
         use_predictions = self.settings.use_predictions
-        hits = self.index.predict(prompt, include_predicted=use_predictions)
-        candidates = [Candidate(rid, hits.get(rid, 0), load) for rid, load in loads.items()]
-        choice = self.policy.choose(
-            RouteRequest(prompt.num_tokens, prompt.block_hashes), candidates
-        )
+        columns = self.columns
+        hits = self.index.predict_bits(prompt, include_predicted=use_predictions)[
+            columns.bits[rows]
+        ]
+        request = RouteRequest(prompt.num_tokens, prompt.block_hashes)
+        choose_row = getattr(self.policy, "choose_row", None)
+        if choose_row is not None:
+            picked = choose_row(
+                request,
+                CandidateColumns(
+                    hits, columns.queued[rows], columns.active[rows], columns.kv_usage[rows]
+                ),
+            )
+            choice, hit = columns.ids[rows[picked]], int(hits[picked])
+        else:
+            ids = [columns.ids[row] for row in rows.tolist()]
+            candidates = [
+                Candidate(rid, hit, self.replicas[rid].load())
+                for rid, hit in zip(ids, hits.tolist(), strict=True)
+            ]
+            choice = self.policy.choose(request, candidates)
+            hit = int(hits[ids.index(choice)])
         if use_predictions:
             self.index.add_prediction(choice, prompt)
-        return choice, hits.get(choice, 0)
+        return choice, hit
 
     def finish(self, decision: Decision, num_prompt_tokens: int, num_cached_tokens: int) -> None:
         """The attempt succeeded: it leaves the pending count, and its tokens count."""
@@ -427,6 +510,7 @@ class Router:
 __all__ = [
     "Decision",
     "InvalidRequestError",
+    "LoadColumns",
     "NoReplicaError",
     "PreparedPrompt",
     "Registration",

@@ -1,9 +1,13 @@
-"""A compact hash table from 64-bit block keys to replica bitmasks.
+"""A compact hash table from 64-bit block keys to the replicas holding them.
 
 Why not a `dict[int, int]`: each entry costs a Python int key object plus the
-dict's own slot, about 78 B at 1M entries. Here an entry costs its key (8 B),
-its mask (8 B per 64 replica bits) and 6-16 B of slot array (up to ~32 B after
-many deletes: slots shrink only below 1/8 load).
+dict's own slot, about 78 B at 1M entries. Why not a bitmask per entry: at
+1,024 replicas it is 128 B even for a block one replica holds, and most blocks
+are held by one or a few. Here an entry costs its key (8 B), INLINE 2-byte
+replica ids (8 B) and 6-16 B of slot array (up to ~32 B after many deletes:
+slots shrink only below 1/8 load): about 28 B at any replica count. A block
+held by more than INLINE replicas spills to a row of a bitmask pool (8 B per
+64 replica bits), which it keeps until its last holder goes.
 
 Layout, after CPython's compact dict:
 - `slots`: int32[capacity], a power of two. A slot is EMPTY, DELETED (a
@@ -11,17 +15,22 @@ Layout, after CPython's compact dict:
   home slot is the top bits of key * 2^64/phi (Fibonacci hashing), so keys
   sharing low bits (small ints in tests, structured hashes) still spread;
   collisions probe linearly.
-- `keys`: uint64[n] and `masks`: uint64[n, width] are dense: entries 0..size-1
-  are live. Deleting an entry moves the last one into its place and re-points
-  that entry's slot, so there are no holes.
-- Replica bit b is bit b % 64 of word b // 64. `width` grows when a bit past
-  64 * width is stored, and never shrinks.
+- `keys`: uint64[n] and `holders`: uint16[n, INLINE] are dense: entries
+  0..size-1 are live. Deleting an entry moves the last one into its place and
+  re-points that entry's slot (and its spill row's owner), so there are no holes.
+- An entry's holder ids fill its row from the front, then NOBODY; or its row is
+  SPILLED followed by the spill row's index (low 16 bits, high 16 bits). Spill
+  rows are dense too: freeing one moves the last into its place.
+- Replica bit b is bit b % 64 of word b // 64 in masks and in lookup results.
+  `width` (words per result row) grows when a bit past 64 * width is stored,
+  and never shrinks.
 
 Slots are rebuilt, dropping tombstones, at twice the needed size (at least
 MIN_CAPACITY) when live plus tombstones would pass 2/3 of capacity; entry
 arrays grow by 1.25x in place and, above SHRINK_ABOVE, shrink when three
 quarters are unused. numpy allocates every array in Python (so tracemalloc
-sees them); the numba kernels only read and write them in place.
+sees them); the numba kernels only read and write them in place, and stop to
+let Python grow the spill pool when it is full.
 Every kernel takes a whole batch of keys: a numba call costs ~1 us to dispatch,
 a per-key probe loop in Python ~250 ns per probe.
 """
@@ -35,6 +44,11 @@ from numba import njit
 
 EMPTY = -1
 DELETED = -2
+# Holder ids kept in the entry itself; a block held by more spills to a mask row.
+INLINE = 4
+NOBODY = 0xFFFF
+SPILLED = 0xFFFE
+MAX_BITS = SPILLED  # replica bits 0..MAX_BITS-1 fit an inline id
 # Small tables churn (a replica storing and evicting a few blocks per batch):
 # a floor of 4 KB of slots, and entry arrays of up to 4,096 entries that never
 # shrink, keep them from rebuilding on every batch.
@@ -45,6 +59,9 @@ SHRINK_ABOVE = 1 << 12
 CHUNK = 1 << 14
 _FIBONACCI = np.uint64(0x9E3779B97F4A7C15)
 _ZERO = np.uint64(0)
+_ONE = np.uint64(1)
+_ALL = ~np.uint64(0)
+_SCAN_CHUNK = 32
 
 
 @njit(cache=True)
@@ -72,28 +89,57 @@ def _find(
         i = (i + 1) & last
 
 
+@njit(cache=True, inline="always")
+def _spill_row(holders: np.ndarray, entry: np.intp) -> np.intp:
+    return np.intp(holders[entry, 1]) | (np.intp(holders[entry, 2]) << 16)
+
+
+@njit(cache=True, inline="always")
+def _has(holders: np.ndarray, masks: np.ndarray, entry: np.intp, bit: np.intp) -> bool:
+    if holders[entry, 0] == SPILLED:
+        return (masks[_spill_row(holders, entry), bit >> 6] >> np.uint64(bit & 63)) & _ONE != 0
+    found = False
+    for k in range(INLINE):
+        found |= holders[entry, k] == bit
+    return found
+
+
 @njit(cache=True)
-def _row_is_empty(masks: np.ndarray, entry: np.intp) -> bool:
-    return not masks[entry].any()
+def _free_spill(
+    holders: np.ndarray, masks: np.ndarray, owners: np.ndarray, spilled: np.intp, row: np.intp
+) -> np.intp:
+    """Free spill row `row` (moving the last into it); returns the new spill count."""
+    last = spilled - 1
+    if row != last:
+        masks[row, :] = masks[last, :]
+        owner = owners[last]
+        owners[row] = owner
+        holders[owner, 1] = row & 0xFFFF
+        holders[owner, 2] = row >> 16
+    return last
 
 
 @njit(cache=True)
 def _delete(
     slots: np.ndarray,
     keys: np.ndarray,
-    masks: np.ndarray,
+    holders: np.ndarray,
+    owners: np.ndarray,
     size: np.intp,
     shift: np.uint64,
     slot: np.intp,
 ) -> np.intp:
-    """Tombstone `slot`, move the last entry into the freed one; returns the new size."""
+    """Tombstone `slot`, move the last entry into the freed one; returns the new size.
+    The entry's spill row, if any, must be freed already."""
     entry = slots[slot]
     slots[slot] = DELETED
     last = size - 1
     if entry != last:
         moved = keys[last]
         keys[entry] = moved
-        masks[entry, :] = masks[last, :]
+        holders[entry, :] = holders[last, :]
+        if holders[entry, 0] == SPILLED:
+            owners[_spill_row(holders, entry)] = entry
         j = _home(moved, shift)
         while slots[j] != last:
             j = (j + 1) & (slots.size - 1)
@@ -105,94 +151,180 @@ def _delete(
 def _store(
     slots: np.ndarray,
     keys: np.ndarray,
+    holders: np.ndarray,
     masks: np.ndarray,
-    size: np.intp,
-    filled: np.intp,
+    owners: np.ndarray,
+    counts: np.ndarray,
     shift: np.uint64,
     batch: np.ndarray,
-    word: np.intp,
-    flag: np.uint64,
-) -> tuple[np.intp, np.intp, np.intp]:
-    """Set `flag` in word `word` for every key, inserting absent keys. Keys whose
-    flag was already set are written, in order, to the front of `batch`.
-    Returns (size, filled, number of such keys)."""
-    held = 0
-    for j in range(batch.size):
+    start: np.intp,
+    bit: np.intp,
+) -> np.intp:
+    """Add `bit` to every key of batch[start:], inserting absent keys. Keys that
+    had it already are written, in order, to the front of `batch`.
+    `counts` = [size, filled, spill rows, held keys] is updated in place.
+    Returns where it stopped: batch.size, or the key that needs a spill row
+    when the pool is full."""
+    size, filled, spilled, held = counts[0], counts[1], counts[2], counts[3]
+    word, flag = bit >> 6, _ONE << np.uint64(bit & 63)
+    j = start
+    while j < batch.size:
         key = batch[j]
         slot, free = _find(slots, keys, key, shift)
-        if slot >= 0:
-            entry = slots[slot]
-            if masks[entry, word] & flag:
-                batch[held] = key
-                held += 1
-            else:
-                masks[entry, word] |= flag
-        else:
+        if slot < 0:
             if slots[free] == EMPTY:
                 filled += 1
             slots[free] = size
             keys[size] = key
-            masks[size, :] = _ZERO
-            masks[size, word] = flag
+            holders[size, :] = NOBODY
+            holders[size, 0] = bit
             size += 1
-    return size, filled, held
+            j += 1
+            continue
+        entry = slots[slot]
+        if _has(holders, masks, entry, bit):
+            batch[held] = key
+            held += 1
+            j += 1
+            continue
+        if holders[entry, 0] == SPILLED:
+            masks[_spill_row(holders, entry), word] |= flag
+            j += 1
+            continue
+        placed = False
+        for k in range(INLINE):
+            if holders[entry, k] == NOBODY:
+                holders[entry, k] = bit
+                placed = True
+                break
+        if not placed:
+            if spilled == masks.shape[0]:
+                break
+            row = spilled
+            spilled += 1
+            masks[row, :] = _ZERO
+            for k in range(INLINE):
+                other = np.intp(holders[entry, k])
+                masks[row, other >> 6] |= _ONE << np.uint64(other & 63)
+            masks[row, word] |= flag
+            owners[row] = entry
+            holders[entry, 0] = SPILLED
+            holders[entry, 1] = row & 0xFFFF
+            holders[entry, 2] = row >> 16
+            holders[entry, 3] = NOBODY
+        j += 1
+    counts[0], counts[1], counts[2], counts[3] = size, filled, spilled, held
+    return j
 
 
 @njit(cache=True)
 def _discard(
     slots: np.ndarray,
     keys: np.ndarray,
+    holders: np.ndarray,
     masks: np.ndarray,
-    size: np.intp,
+    owners: np.ndarray,
+    counts: np.ndarray,
     shift: np.uint64,
     batch: np.ndarray,
-    word: np.intp,
-    flag: np.uint64,
-) -> tuple[np.intp, np.intp]:
-    """Clear `flag` for every key that has it; entries left with no bit go.
-    Returns (size, number of keys that had the flag)."""
+    bit: np.intp,
+) -> np.intp:
+    """Remove `bit` from every key that has it; entries left with no holder go.
+    Updates counts = [size, filled, spill rows, _] and returns how many keys had it."""
+    size, spilled = counts[0], counts[2]
+    word, flag = bit >> 6, _ONE << np.uint64(bit & 63)
     cleared = 0
     for j in range(batch.size):
         slot, _ = _find(slots, keys, batch[j], shift)
         if slot < 0:
             continue
         entry = slots[slot]
-        if not masks[entry, word] & flag:
-            continue
+        empty = False
+        if holders[entry, 0] == SPILLED:
+            row = _spill_row(holders, entry)
+            if not masks[row, word] & flag:
+                continue
+            masks[row, word] &= ~flag
+            if not masks[row].any():
+                spilled = _free_spill(holders, masks, owners, spilled, row)
+                empty = True
+        else:
+            at = -1
+            filled_ids = 0
+            for k in range(INLINE):
+                if holders[entry, k] == NOBODY:
+                    break
+                if holders[entry, k] == bit:
+                    at = k
+                filled_ids += 1
+            if at < 0:
+                continue
+            holders[entry, at] = holders[entry, filled_ids - 1]
+            holders[entry, filled_ids - 1] = NOBODY
+            empty = filled_ids == 1
         cleared += 1
-        masks[entry, word] &= ~flag
-        if _row_is_empty(masks, entry):
-            size = _delete(slots, keys, masks, size, shift, slot)
-    return size, cleared
+        if empty:
+            size = _delete(slots, keys, holders, owners, size, shift, slot)
+    counts[0], counts[2] = size, spilled
+    return cleared
 
 
 @njit(cache=True)
 def _lookup_into(
     slots: np.ndarray,
     keys: np.ndarray,
+    holders: np.ndarray,
     masks: np.ndarray,
     shift: np.uint64,
     batch: np.ndarray,
     out: np.ndarray,
 ) -> None:
-    """OR each key's mask into its row of `out` (absent keys add nothing)."""
-    width = masks.shape[1]
+    """OR each key's holders into its row of `out` (absent keys add nothing). The
+    one place holders become mask bits; written out in the loop, since a helper
+    call per key (arrays passed as structs) costs more than the probe."""
     for j in range(batch.size):
         slot, _ = _find(slots, keys, batch[j], shift)
-        if slot >= 0:
-            entry = slots[slot]
-            for w in range(width):
-                out[j, w] |= masks[entry, w]
+        if slot < 0:
+            continue
+        entry = slots[slot]
+        if holders[entry, 0] == SPILLED:
+            spill = _spill_row(holders, entry)
+            for w in range(min(out.shape[1], masks.shape[1])):
+                out[j, w] |= masks[spill, w]
+            continue
+        for k in range(INLINE):
+            holder = np.intp(holders[entry, k])
+            if holder == NOBODY:
+                break
+            out[j, holder >> 6] |= _ONE << np.uint64(holder & 63)
+
+
+@njit(cache=True)
+def _holding(
+    slots: np.ndarray,
+    keys: np.ndarray,
+    holders: np.ndarray,
+    masks: np.ndarray,
+    shift: np.uint64,
+    batch: np.ndarray,
+    bit: np.intp,
+    out: np.ndarray,
+) -> None:
+    for j in range(batch.size):
+        slot, _ = _find(slots, keys, batch[j], shift)
+        out[j] = slot >= 0 and _has(holders, masks, slots[slot], bit)
 
 
 @njit(cache=True)
 def _prefix_and(
     slots: np.ndarray,
     keys: np.ndarray,
+    holders: np.ndarray,
     masks: np.ndarray,
     shift: np.uint64,
     extra_slots: np.ndarray,
     extra_keys: np.ndarray,
+    extra_holders: np.ndarray,
     extra_masks: np.ndarray,
     extra_shift: np.uint64,
     use_extra: bool,
@@ -202,57 +334,61 @@ def _prefix_and(
     first: bool,
 ) -> np.intp:
     """Row j of `out` becomes `alive` (if `first`, else row j itself) AND the
-    masks of keys 0..j, each or'ed with the extra table's. An empty `alive`
+    holders of keys 0..j, each or'ed with the extra table's. An empty `alive`
     stands for every replica. Stops at the first all-zero row and returns its
-    index (the number of live rows)."""
+    index (the number of live rows).
+
+    Rows only shrink, so the scan carries `running` (row j-1, or the start set)
+    and ANDs each key's holders into it, over the words still non-zero. Keys are
+    looked up _SCAN_CHUNK at a time, so a scan that dies early probes little past
+    its end."""
     width = out.shape[1]
-    running = np.full(width, ~_ZERO)
-    for j in range(batch.size):
-        key = batch[j]
-        slot, _ = _find(slots, keys, key, shift)
-        entry = slots[slot] if slot >= 0 else -1
-        extra_entry = -1
+    running = np.empty(width, np.uint64)
+    for w in range(width):
+        if not first:
+            running[w] = out[0, w] if batch.size else _ZERO
+        elif alive.size:
+            running[w] = alive[w]
+        else:
+            running[w] = _ALL
+    held = np.empty((_SCAN_CHUNK, width), np.uint64)
+    low, high = 0, width
+    for start in range(0, batch.size, _SCAN_CHUNK):
+        end = min(batch.size, start + _SCAN_CHUNK)
+        chunk = batch[start:end]
+        held[:] = _ZERO
+        _lookup_into(slots, keys, holders, masks, shift, chunk, held)
         if use_extra:
-            extra_slot, _ = _find(extra_slots, extra_keys, key, extra_shift)
-            if extra_slot >= 0:
-                extra_entry = extra_slots[extra_slot]
-        live = False
-        for w in range(width):
-            mask = _ZERO
-            if entry >= 0 and w < masks.shape[1]:
-                mask = masks[entry, w]
-            if extra_entry >= 0 and w < extra_masks.shape[1]:
-                mask |= extra_masks[extra_entry, w]
-            running[w] &= mask
-            if not first:
-                row = running[w] & out[j, w]
-            elif alive.size:
-                row = running[w] & alive[w]
-            else:
-                row = running[w]
-            out[j, w] = row
-            live = live or row != _ZERO
-        if not live:
-            return j
+            _lookup_into(
+                extra_slots, extra_keys, extra_holders, extra_masks, extra_shift, chunk, held
+            )
+        for j in range(start, end):
+            live = False
+            new_low, new_high = high, low
+            for w in range(low, high):
+                row = running[w] & held[j - start, w]
+                if not first:
+                    row &= out[j, w]
+                running[w] = row
+                if row != _ZERO:
+                    live = True
+                    new_low = min(new_low, w)
+                    new_high = max(new_high, w + 1)
+            for w in range(width):
+                out[j, w] = running[w] if low <= w < high else _ZERO
+            if not live:
+                return j
+            low, high = new_low, new_high
     return batch.size
 
 
 @njit(cache=True)
-def _sweep(
-    keys: np.ndarray, masks: np.ndarray, size: np.intp, word: np.intp, flag: np.uint64
-) -> np.intp:
-    """Clear `flag` everywhere and compact away entries left with no bit, in
-    order. Returns the new size; slots must be rebuilt if it shrank."""
-    kept = 0
+def _with_bit(holders: np.ndarray, masks: np.ndarray, size: np.intp, bit: np.intp) -> np.ndarray:
+    """Entries 0..size-1 holding `bit`, as a bool array."""
+    out = np.zeros(size, np.bool_)
     for entry in range(size):
-        masks[entry, word] &= ~flag
-        if _row_is_empty(masks, entry):
-            continue
-        if kept != entry:
-            keys[kept] = keys[entry]
-            masks[kept, :] = masks[entry, :]
-        kept += 1
-    return kept
+        out[entry] = _has(holders, masks, entry, bit)
+    return out
 
 
 @njit(cache=True)
@@ -264,13 +400,6 @@ def _rebuild(slots: np.ndarray, keys: np.ndarray, size: np.intp, shift: np.uint6
         while slots[i] != EMPTY:
             i = (i + 1) & last
         slots[i] = entry
-
-
-_FLAGS = tuple(np.uint64(1 << i) for i in range(64))
-
-
-def _bit(bit: int) -> tuple[int, np.uint64]:
-    return bit >> 6, _FLAGS[bit & 63]
 
 
 def mask_ints(masks: np.ndarray, span_row: np.ndarray | None = None) -> list[int]:
@@ -300,34 +429,44 @@ def warm_up() -> None:
     table, extra = BlockTable(), BlockTable()
     keys = np.arange(1, 4, dtype=np.uint64)
     extra.store(keys.copy(), 0)
-    table.store(keys.copy(), 0)
+    for bit in range(INLINE + 1):
+        table.store(keys.copy(), bit)
     out = np.zeros((keys.size, 1), np.uint64)
     table.lookup_into(keys, out)
+    table.holding(keys, 0)
     table.prefix_and(keys, extra, np.empty(0, np.uint64), out, True)
     table.discard(keys[:1], 0)
     table.clear_bit(0)
 
 
 class BlockTable:
-    """uint64 key -> replica bitmask, with batch operations only."""
+    """uint64 key -> the replica bits holding it, with batch operations only."""
 
-    __slots__ = ("_filled", "_keys", "_masks", "_shift", "_size", "_slots")
+    __slots__ = ("_counts", "_holders", "_keys", "_masks", "_owners", "_shift", "_slots", "_width")
 
     def __init__(self) -> None:
-        self._size = 0
-        self._filled = 0  # live entries plus tombstones, in slots
+        # size (live entries), filled (live entries plus tombstones, in slots),
+        # spill rows in use, scratch: one array, so kernels update them in place.
+        self._counts = np.zeros(4, np.intp)
         self._keys = np.empty(0, np.uint64)
+        self._holders = np.empty((0, INLINE), np.uint16)
         self._masks = np.zeros((0, 1), np.uint64)
+        self._owners = np.empty(0, np.intp)
         self._slots = np.full(MIN_CAPACITY, EMPTY, np.int32)
         self._shift = np.uint64(64 - MIN_CAPACITY.bit_length() + 1)
+        self._width = 1
 
     def __len__(self) -> int:
-        return self._size
+        return int(self._counts[0])
+
+    @property
+    def _size(self) -> int:
+        return int(self._counts[0])
 
     @property
     def width(self) -> int:
-        """Mask words per entry: 64 replica bits each."""
-        return self._masks.shape[1]
+        """Words per lookup row: 64 replica bits each, enough for every bit stored."""
+        return self._width
 
     @property
     def capacity(self) -> int:
@@ -341,38 +480,57 @@ class BlockTable:
         if keys.size > CHUNK:
             parts = [self.store(keys[i : i + CHUNK], bit) for i in range(0, keys.size, CHUNK)]
             return np.concatenate(parts)
-        word, flag = _bit(bit)
-        if word >= self._masks.shape[1]:
-            self._widen(word + 1)
+        if not 0 <= bit < MAX_BITS:
+            raise ValueError(f"replica bit {bit} is out of range: at most {MAX_BITS} replicas")
+        self._width = max(self._width, (bit >> 6) + 1)
+        if self._width > self._masks.shape[1]:
+            self._widen_masks(self._width)
         self._reserve(keys.size)
-        self._size, self._filled, held = _store(
-            self._slots,
-            self._keys,
-            self._masks,
-            self._size,
-            self._filled,
-            self._shift,
-            keys,
-            word,
-            flag,
-        )
-        return keys[:held]
+        counts = self._counts
+        counts[3] = 0
+        start = 0
+        while True:
+            start = _store(
+                self._slots,
+                self._keys,
+                self._holders,
+                self._masks,
+                self._owners,
+                counts,
+                self._shift,
+                keys,
+                start,
+                bit,
+            )
+            if start == keys.size:
+                break
+            self._resize_spill(max(16, self._masks.shape[0] + self._masks.shape[0] // 4))
+        return keys[: counts[3]]
 
     def discard(self, keys: np.ndarray, bit: int) -> int:
         """Clear `bit` for every key; returns how many keys had it."""
-        word, flag = _bit(bit)
-        if word >= self.width or not self._size:
+        if not 0 <= bit < MAX_BITS or bit >> 6 >= self._width or not self._size:
             return 0
-        self._size, cleared = _discard(
-            self._slots, self._keys, self._masks, self._size, self._shift, keys, word, flag
+        cleared = _discard(
+            self._slots,
+            self._keys,
+            self._holders,
+            self._masks,
+            self._owners,
+            self._counts,
+            self._shift,
+            keys,
+            bit,
         )
         self._shrink()
-        return cleared
+        return int(cleared)
 
     def lookup_into(self, keys: np.ndarray, out: np.ndarray) -> None:
         """OR each key's mask into its row of `out` (uint64[len(keys), >= width])."""
         if self._size:
-            _lookup_into(self._slots, self._keys, self._masks, self._shift, keys, out)
+            _lookup_into(
+                self._slots, self._keys, self._holders, self._masks, self._shift, keys, out
+            )
 
     def prefix_and(
         self,
@@ -387,48 +545,48 @@ class BlockTable:
         an empty `alive` stands for every replica. Stops at the first all-zero
         row; returns the number of live rows before it."""
         other = self if extra is None else extra
-        return _prefix_and(
-            self._slots,
-            self._keys,
-            self._masks,
-            self._shift,
-            other._slots,
-            other._keys,
-            other._masks,
-            other._shift,
-            extra is not None,
-            keys,
-            alive,
-            out,
-            first,
+        return int(
+            _prefix_and(
+                self._slots,
+                self._keys,
+                self._holders,
+                self._masks,
+                self._shift,
+                other._slots,
+                other._keys,
+                other._holders,
+                other._masks,
+                other._shift,
+                extra is not None,
+                keys,
+                alive,
+                out,
+                first,
+            )
         )
 
     def holding(self, keys: np.ndarray, bit: int) -> np.ndarray:
         """Which of `keys` have `bit` set, as a bool array."""
-        word, flag = _bit(bit)
-        if word >= self.width or not self._size:
-            return np.zeros(keys.size, bool)
-        out = np.zeros((keys.size, self.width), np.uint64)
-        self.lookup_into(keys, out)
-        return out[:, word] & flag != 0
+        out = np.zeros(keys.size, bool)
+        if 0 <= bit < MAX_BITS and bit >> 6 < self._width and self._size:
+            _holding(
+                self._slots, self._keys, self._holders, self._masks, self._shift, keys, bit, out
+            )
+        return out
 
     def clear_bit(self, bit: int) -> None:
-        """Clear `bit` in every entry: a full sweep, for replica death or reset."""
-        word, flag = _bit(bit)
-        if word >= self.width or not self._size:
+        """Clear `bit` in every entry: a full scan, for replica death or reset."""
+        if not 0 <= bit < MAX_BITS or bit >> 6 >= self._width or not self._size:
             return
-        size = _sweep(self._keys, self._masks, self._size, word, flag)
-        if size != self._size:
-            self._size = size
-            self._rehash(size)
-            self._shrink()
+        size = self._size
+        held = self._keys[:size][_with_bit(self._holders, self._masks, size, bit)]
+        self.discard(held, bit)
 
     def count_bit(self, bit: int) -> int:
         """Entries with `bit` set."""
-        word, flag = _bit(bit)
-        if word >= self.width:
+        if not 0 <= bit < MAX_BITS or bit >> 6 >= self._width or not self._size:
             return 0
-        return int(np.count_nonzero(self._masks[: self._size, word] & flag))
+        return int(np.count_nonzero(_with_bit(self._holders, self._masks, self._size, bit)))
 
     def _reserve(self, count: int) -> None:
         """Make room for `count` more entries, so the kernel never runs out."""
@@ -436,7 +594,7 @@ class BlockTable:
         allocated = self._keys.size
         if need > allocated:
             self._resize_entries(max(need, allocated + allocated // 4, 16))
-        if (self._filled + count) * 3 > self._slots.size * 2:
+        if (int(self._counts[1]) + count) * 3 > self._slots.size * 2:
             self._rehash(need)
 
     def _rehash(self, need: int) -> None:
@@ -445,7 +603,7 @@ class BlockTable:
         self._slots = np.full(capacity, EMPTY, np.int32)
         self._shift = np.uint64(64 - capacity.bit_length() + 1)
         _rebuild(self._slots, self._keys, self._size, self._shift)
-        self._filled = self._size
+        self._counts[1] = self._size
 
     def _shrink(self) -> None:
         size = self._size
@@ -453,13 +611,21 @@ class BlockTable:
             self._resize_entries(max(size + size // 4, 16))
         if size * 8 < self._slots.size and self._slots.size > MIN_CAPACITY:
             self._rehash(size)
+        spilled, rows = int(self._counts[2]), self._masks.shape[0]
+        if spilled < rows // 4 and rows > SHRINK_ABOVE // 16:
+            self._resize_spill(max(spilled + spilled // 4, 16))
 
     def _resize_entries(self, allocated: int) -> None:
         # In place (realloc, often a page remap): the arrays are never shared.
         self._keys.resize(allocated, refcheck=False)
-        self._masks.resize((allocated, self._masks.shape[1]), refcheck=False)
+        self._holders.resize((allocated, INLINE), refcheck=False)
 
-    def _widen(self, width: int) -> None:
-        masks = np.zeros((self._keys.size, width), np.uint64)
-        masks[: self._size, : self.width] = self._masks[: self._size]
+    def _resize_spill(self, rows: int) -> None:
+        self._masks.resize((rows, self._masks.shape[1]), refcheck=False)
+        self._owners.resize(rows, refcheck=False)
+
+    def _widen_masks(self, width: int) -> None:
+        masks = np.zeros((self._masks.shape[0], width), np.uint64)
+        spilled = int(self._counts[2])
+        masks[:spilled, : self._masks.shape[1]] = self._masks[:spilled]
         self._masks = masks

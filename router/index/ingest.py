@@ -74,29 +74,38 @@ class EventIngest:
         self.stats.batches += 1
         # Runs of different groups touch different tables, so they commute.
         runs: dict[int, _EventRun] = {}
+        groups = len(entry.group_kinds)
+        untagged = 0 if groups == 1 else None
         for event in batch.events:
             kind = type(event)
-            if kind is BlockStored or kind is BlockRemoved:
+            if kind is BlockRemoved:
+                # The common event (one per evicted block): a removal needs only
+                # a known group; anything unusual takes the checked path.
+                group = event.group_idx
+                if group is None:
+                    group = untagged
+                if group is None or not 0 <= group < groups:
+                    group = self._group_of(entry, event)
+                    if group is None:
+                        continue
+            elif kind is BlockStored:
                 group = self._group_of(entry, event)
                 if group is None:
                     continue
-                keys = event.block_hashes
-                # Ints are range-checked when the run becomes an array.
-                if not _INT_ONLY.issuperset(map(type, keys)):
-                    keys = self._keys(keys)
-                    if keys is None:
-                        continue
-                run = runs.get(group)
-                if run is None or run.kind is not kind:
-                    if run is not None:
-                        self._flush(entry.bit, group, run)
-                    run = runs[group] = _EventRun(kind)
-                run.keys.extend(keys)
-                run.sizes.append(len(keys))
-            elif kind is AllBlocksCleared:
-                self._flush_all(entry.bit, runs)
-                self.stats.cleared += 1
-                self.clear(entry.bit)
+            else:
+                if kind is AllBlocksCleared:
+                    self._flush_all(entry.bit, runs)
+                    self.stats.cleared += 1
+                    self.clear(entry.bit)
+                continue
+            run = runs.get(group)
+            if run is None or run.kind is not kind:
+                if run is not None:
+                    self._flush(entry.bit, group, run)
+                run = runs[group] = _EventRun(kind)
+            keys = event.block_hashes
+            run.keys.extend(keys)
+            run.sizes.append(len(keys))
         self._flush_all(entry.bit, runs)
 
     def clear(self, bit: int) -> None:
@@ -113,17 +122,25 @@ class EventIngest:
         runs.clear()
 
     def _flush(self, bit: int, group: int, run: _EventRun) -> None:
-        try:
-            batch = np.array(run.keys, np.uint64)
-        except OverflowError:
-            batch = np.array(self._in_range(run), np.uint64)
+        """One table call for the run. Its hashes are checked all at once: ints in
+        uint64 go straight to an array; otherwise each event is checked alone, and
+        one holding a malformed hash is dropped and counted."""
+        keys = run.keys
+        batch = None
+        if _INT_ONLY.issuperset(map(type, keys)):
+            try:
+                batch = np.array(keys, np.uint64)
+            except OverflowError:
+                batch = None
+        if batch is None:
+            batch = np.array(self._checked(run), np.uint64)
         if run.kind is BlockStored:
             self._store(bit, group, batch)
         else:
             self._remove(bit, group, batch)
 
-    def _in_range(self, run: _EventRun) -> list[int]:
-        """The run's keys without the events holding an int outside uint64."""
+    def _checked(self, run: _EventRun) -> list[int]:
+        """The run's keys without the events holding a malformed hash."""
         keys: list[int] = []
         start = 0
         for size in run.sizes:

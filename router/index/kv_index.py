@@ -1,11 +1,12 @@
 """The router's global block index, and exact per-replica hit prediction.
 
 Layout: one `BlockTable` per KV cache group index, mapping a block's event
-hash (the low 64 bits of the engine's hash, as BlockStored carries it) to a
-bitmask of the replicas holding it: a compact open-addressing table of uint64
-keys and mask words (8 B per 64 replicas) whose probe loops are compiled by
-numba. A lookup is one probe per (block, group) no matter how many replicas
-exist; replicas are bits. `KVIndex` composes three parts, each with its own
+hash (the low 64 bits of the engine's hash, as BlockStored carries it) to the
+replicas holding it: a compact open-addressing table of uint64 keys with up to
+four 2-byte replica ids inline (a bitmask row, 8 B per 64 replicas, for blocks
+held more widely) whose probe loops are compiled by numba. A lookup is one probe
+per (block, group) no matter how many replicas exist, and answers in bitmasks;
+replicas are bits. `KVIndex` composes three parts, each with its own
 invariants: the replica registry (`index_registry.py`), event ingest
 (`index_ingest.py`) and predicted entries (`index_predictions.py`).
 
@@ -240,12 +241,18 @@ class KVIndex:
         """Per replica, the prompt tokens its `get_computed_blocks` would report as
         computed, given its cache as known from the events applied so far (plus
         unexpired predictions when `include_predicted`)."""
+        hits = self.predict_bits(prompt, include_predicted)
+        return {entry.replica_id: int(hits[entry.bit]) for entry in self._registry.entries.values()}
+
+    def predict_bits(self, prompt: PromptSource, include_predicted: bool = False) -> np.ndarray:
+        """`predict` as an int64 array indexed by replica bit (0 for free bits): the
+        form a vectorized policy reads without a per-replica Python step."""
         registry = self._registry
+        result = np.zeros(registry.bit_span, np.int64)
         if not registry.entries:
-            return {}
+            return result
         if include_predicted:
             self._predictions.expire()
-        result = registry.zeros.copy()
         extra = self._predictions.tables if include_predicted else None
         hashed: dict[int, tuple[HashedPrompt, np.ndarray]] = {}
         by_bit = registry.by_bit
@@ -273,7 +280,7 @@ class KVIndex:
                 _, hit = first.finder.find_longest_cache_hit(
                     view, prompt_hashes.block_hashes, max_length
                 )
-                result[entry.replica_id] = hit
+                result[entry.bit] = hit
         return result
 
     # ------------------------------------------------------------ predictions

@@ -4,8 +4,8 @@ Invariants:
 - A replica is admitted only if its hash function and seed equal the index's;
   otherwise every lookup would silently miss.
 - Each registered replica owns one bit, reused after it leaves.
-- `by_signature`, `by_bit` and `zeros` are rebuilt on every admit and release,
-  so a prediction does no per-replica work for replicas that hold nothing.
+- `by_signature` and `by_bit` are rebuilt on every admit and release, so a
+  prediction does no per-replica work for replicas that hold nothing.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ class ReplicaRegistry:
         self.entries: dict[str, ReplicaEntry] = {}
         self.by_signature: dict[tuple, list[ReplicaEntry]] = {}
         self.by_bit: dict[int, ReplicaEntry] = {}
-        self.zeros: dict[str, int] = {}
         self._free_bits: list[int] = []
         self._next_bit = 0
 
@@ -119,6 +118,11 @@ class ReplicaRegistry:
         self._rebuild_lookups()
         return entry
 
+    @property
+    def bit_span(self) -> int:
+        """One more than the highest bit ever given out: every bit is below it."""
+        return self._next_bit
+
     def require(self, replica_id: str) -> ReplicaEntry:
         entry = self.entries.get(replica_id)
         if entry is None:
@@ -130,4 +134,3 @@ class ReplicaRegistry:
         for entry in self.entries.values():
             self.by_signature.setdefault(entry.signature, []).append(entry)
         self.by_bit = {entry.bit: entry for entry in self.entries.values()}
-        self.zeros = dict.fromkeys(self.entries, 0)

@@ -203,6 +203,10 @@ class Rekeyer:
         stored_at = {p: i for i, p in enumerate(reachable[len(reachable) - len(keys) :])}
         known = self._known_hash_blocks(keys)
         lora = _lora_only(event.lora_name)
+        if scale == 1 and extras is None and lora is None and not known:
+            chained = self._chain(parent, tokens, hash_size)
+            if chained is not None:
+                return [_Rekeyed(chained[p], first_block + p + 1, None) for p in stored_at]
         rekeyed: list[_Rekeyed] = []
         for position in range(blocks):
             stored = stored_at.get(position)
@@ -226,6 +230,14 @@ class Rekeyer:
             if stored is not None:
                 rekeyed.append(_Rekeyed(parent, end, tuple(hashes) if scale > 1 else None))
         return rekeyed
+
+    def _chain(
+        self, parent: BlockHash, tokens: list[int], hash_size: int
+    ) -> list[BlockHash] | None:
+        """Every plain hash block's hash in one call, when the function has a
+        compiled chain (equal to hashing block by block)."""
+        chain = getattr(self.hash_fn, "chain", None)
+        return None if chain is None else chain(parent, tokens, 0, hash_size)
 
     def _emit(self, event: BlockStored, keys: list[int], rekeyed: list[_Rekeyed]) -> BlockStored:
         """Remember each block's keying, and rewrite the event in the router's keys."""
