@@ -11,6 +11,7 @@ import ray
 import yaml
 
 from kvroute.router.app.client import KVRouteClient
+from kvroute.router.app.in_process import InProcessRouter
 from kvroute.router.app.launch import needs_ray, start_cluster
 from kvroute.router.config import parse_config
 from tests.replicas.serve_helpers import events_json, serve_replica, tiny_config
@@ -44,9 +45,15 @@ def test_an_external_only_router_serves_without_ray_and_stops_cleanly(tmp_path: 
     model = yaml.safe_load(engine_config.read_text())["model"]
     with serve_replica(engine_config, events_json(events_port)) as server:
         config = parse_config(_external_only(server.url, events_port, model))
+        ray_before = ray.is_initialized()  # another test's Ray may already run here
         cluster = start_cluster(config)
         try:
-            assert not ray.is_initialized()
+            assert isinstance(cluster.router, InProcessRouter)
+            assert (cluster.owns_ray, cluster.replicas, ray.is_initialized()) == (
+                False,
+                [],
+                ray_before,
+            )
             assert cluster.router.call("wait_for_replicas", 1) == ["engine-a"]
             client = KVRouteClient(cluster.url, timeout_s=30.0)
             prompt = list(range(1, 41))
