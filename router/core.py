@@ -143,6 +143,9 @@ class ReplicaState:
     reported: ReplicaLoad = field(default_factory=ReplicaLoad)
     pending_prefill: int = 0
     pending_seqs: int = 0
+    # Requests the last report counted that have finished since: the report is
+    # read without them, so a scrape a second old does not keep a replica busy.
+    finished_since_report: int = 0
     in_flight: int = 0
     # Missed its last load report: routed around until it answers again.
     suspect: bool = False
@@ -166,12 +169,16 @@ class ReplicaState:
         return not (self.suspect or self.failing)
 
     def load(self) -> ReplicaLoad:
-        """The last report plus what the router sent since: queued, not yet running."""
+        """The last report less the requests it counted that have finished since, plus
+        what the router sent since (queued, not yet running)."""
         reported = self.reported
+        left = max(0, reported.active_seqs - self.finished_since_report)
+        running = min(reported.running_seqs, left)
         return msgspec.structs.replace(
             reported,
             queued_prefill_tokens=reported.queued_prefill_tokens + self.pending_prefill,
-            waiting_seqs=reported.waiting_seqs + self.pending_seqs,
+            running_seqs=running,
+            waiting_seqs=left - running + self.pending_seqs,
         )
 
     @property
@@ -324,7 +331,7 @@ class Router:
         state = self.replicas.get(replica_id)
         if state is not None:
             state.reported = load
-            state.pending_prefill = state.pending_seqs = 0
+            state.pending_prefill = state.pending_seqs = state.finished_since_report = 0
 
     def mark_suspect(self, replica_id: str, suspect: bool) -> None:
         """A replica that stops answering (frozen, overloaded, cut off) gets no new
@@ -503,7 +510,11 @@ class Router:
         if state is not None:
             state.in_flight -= 1
             state.pending_prefill = max(0, state.pending_prefill - decision.uncached_tokens)
-            state.pending_seqs = max(0, state.pending_seqs - 1)
+            # The oldest requests finish first: those the last report already counted.
+            if state.finished_since_report < state.reported.active_seqs:
+                state.finished_since_report += 1
+            else:
+                state.pending_seqs = max(0, state.pending_seqs - 1)
         return state
 
 
