@@ -147,8 +147,12 @@ class CostWeights:
     # Weight of the replica's queued prefill relative to this prompt's own
     # uncached tokens. Below 1, the router keeps a prompt with its prefix a
     # little longer under load: a miss also duplicates the prefix and evicts
-    # other hits, a cost the current request's TTFT does not show.
-    queue_weight: float = 1.0
+    # other hits, a cost the current request's TTFT does not show. 0.15 won in
+    # the simulator (benchmarks/tuning.py, configs/bench.yaml) and on real
+    # engines against the peer routers (benchmarks/results/peers/queue-weight/:
+    # at 1.0 kv_aware lost 11-19 points of hit rate to prefix trees; at 0.15 it
+    # ties them).
+    queue_weight: float = 0.15
 
 
 class KVAware(StatelessPolicy):

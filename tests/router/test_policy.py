@@ -60,10 +60,18 @@ def test_kv_aware_prefers_the_hit_when_load_is_equal() -> None:
 
 
 def test_kv_aware_trades_hit_against_queued_prefill() -> None:
-    policy = KVAware(CostWeights(prefill_s_per_token=1e-4, decode_s_per_seq=0.0))
+    policy = KVAware(CostWeights(prefill_s_per_token=1e-4, decode_s_per_seq=0.0, queue_weight=1))
     # b saves 2048 tokens but has 3000 queued: cost a = 4096, b = 2048 + 3000.
     assert policy.choose(PROMPT, [_c("a", 0), _c("b", 2048, queued=3000)]) == "a"
     assert policy.choose(PROMPT, [_c("a", 0), _c("b", 2048, queued=1000)]) == "b"
+
+
+def test_by_default_a_prompt_stays_with_its_prefix_under_a_queue_worth_its_hit() -> None:
+    policy = KVAware(CostWeights(prefill_s_per_token=1e-4, decode_s_per_seq=0.0))
+    # Queued prefill weighs 0.15: b costs 2048 + 0.15 x 3000 = 2498 < a's 4096; only a
+    # queue over 2048 / 0.15 tokens sends the prompt away from its prefix.
+    assert policy.choose(PROMPT, [_c("a", 0), _c("b", 2048, queued=3000)]) == "b"
+    assert policy.choose(PROMPT, [_c("a", 0), _c("b", 2048, queued=13700)]) == "a"
 
 
 def test_kv_aware_counts_decode_load() -> None:
@@ -73,13 +81,17 @@ def test_kv_aware_counts_decode_load() -> None:
 
 
 def test_kv_aware_cost_is_the_weighted_sum() -> None:
-    policy = KVAware(CostWeights(prefill_s_per_token=1e-4, decode_s_per_seq=2e-3, kv_usage_s=0.5))
+    weights = CostWeights(
+        prefill_s_per_token=1e-4, decode_s_per_seq=2e-3, kv_usage_s=0.5, queue_weight=1
+    )
+    policy = KVAware(weights)
     cost = policy.cost(PROMPT, _c("a", hit=1024, queued=500, running=3, usage=0.5))
     assert cost == pytest.approx(1e-4 * (3072 + 500) + 2e-3 * 3 + 0.25)
 
 
 def test_kv_aware_breaks_cost_ties_by_load_then_seeded_random() -> None:
-    policy = KVAware(CostWeights(prefill_s_per_token=1e-4, decode_s_per_seq=0.0))
+    policy = KVAware(CostWeights(prefill_s_per_token=1e-4, decode_s_per_seq=0.0, queue_weight=1))
+    # Equal cost (a: 3096 uncached + 1000 queued; b: 4096): the less loaded wins.
     tied = [_c("a", 1000, queued=1000), _c("b", 0, queued=0)]
     assert policy.choose(PROMPT, tied) == "b"
     # Among equal cost and load: a seeded uniform pick, repeated by the same seed.

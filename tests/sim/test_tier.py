@@ -100,7 +100,13 @@ def test_one_router_is_the_single_router_simulator_exactly(
         ),
     }[name]
     config = SimConfig(
-        settings=SETTINGS, replicas=3, event_drop_rate=drop_rate, seed=5, share_decisions=share
+        settings=SETTINGS,
+        replicas=3,
+        event_drop_rate=drop_rate,
+        seed=5,
+        share_decisions=share,
+        # The weight kv_aware had by default when these fingerprints were taken.
+        policy_options={"weights": {"queue_weight": 1.0}},
     )
     result = Simulator(config, workload).run(progress=False)
     assert (fingerprint(result), hits(result)) == (expected, cached)
