@@ -11,7 +11,10 @@ frozen (SIGSTOP) from 35% to 55%; engine-2 killed at 70%.
 
 Every request carries a `timeout`; "hung" is one with no answer DEADLINE_GRACE_S
 past it, "lost" one that ended with no HTTP answer or a 5xx other than 503/504.
-The table: ok, 4xx, 429, 503, 504, lost, hung, the router's loop-lag p99 (its own
+"cut" is a stream whose engine was killed after it had sent tokens: it ends with
+the router's `died mid-stream` error event (tokens already sent cannot be taken back
+and re-run elsewhere), an honest answer, not a 503 from a live cluster.
+The table: ok, 4xx, 429, 503, 504, cut, lost, hung, the router's loop-lag p99 (its own
 /status), the slowest /health seen, and the huge body's refusal time.
 
 Run: python -m benchmarks.soak [--duration 600] [--out benchmarks/results/soak]
@@ -150,6 +153,9 @@ async def _one(session: aiohttp.ClientSession, url: str, kind: str, tally: Tally
             status = response.status
             if status == 200 and body.get("stream") and b"[DONE]" not in payload:
                 status = 599  # the stream ended without its end
+            if status == 200 and body.get("stream") and b"died mid-stream" in payload:
+                tally.outcomes["cut"] += 1
+                return
             if status == 200 and body.get("stream") and b'"error"' in payload:
                 status = 503 if b"no_replica" in payload else 599
             tally.status(status)
@@ -303,6 +309,7 @@ def soak(duration: float, engines_count: int = 3) -> dict[str, Any]:
         "429": outcomes["429"],
         "503": outcomes["503"],
         "504": outcomes["504"],
+        "cut": outcomes["cut"],
         "lost": outcomes["lost"],
         "hung": outcomes["hung"],
         "loop_lag_p99_s": status["loop_lag"]["p99_s"],
@@ -318,7 +325,7 @@ def soak(duration: float, engines_count: int = 3) -> dict[str, Any]:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    columns = ["ok", "4xx", "429", "503", "504", "lost", "hung"]
+    columns = ["ok", "4xx", "429", "503", "504", "cut", "lost", "hung"]
     head = (
         " ".join(f"{c:>7}" for c in columns) + f" {'lag p99':>9} {'lag max':>9} {'health max':>11}"
     )

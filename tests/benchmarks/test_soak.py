@@ -1,5 +1,6 @@
 """A short soak (60 s) of the router under stolen CPU, a frozen and a killed engine:
-nothing lost, nothing hung past its deadline, no 503 while engines live."""
+nothing lost, nothing hung past its deadline, no 503 while engines live (a stream cut
+by the killed engine after its first tokens is counted apart, as `cut`)."""
 
 from __future__ import annotations
 
