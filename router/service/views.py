@@ -72,6 +72,8 @@ def status_view(
             "received": decisions.stats.received,
             "lost": decisions.stats.lost,
             "peers": sorted(decisions.peers),
+            "live_peers": decisions.live_peers,
+            "beats": decisions.stats.beats,
             "peer_predictions": stats.peer_decisions,
             "peer_unknown_replica": stats.peer_unknown_replica,
         },

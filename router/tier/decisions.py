@@ -3,7 +3,10 @@
 Each router binds one PUB socket and connects one SUB socket to every peer's PUB.
 A message is two frames, `[TOPIC, msgpack PeerDecision]`; the receiver applies it
 with `Router.apply_peer`, so a burst of one conversation split over several
-routers still lands on one replica.
+routers still lands on one replica. Every `beat_s` each router also publishes
+`[BEAT_TOPIC, msgpack PeerBeat]`: a peer is *live* once anything of it arrived,
+since a SUB joins a PUB late and silently and decisions sent before then are
+never seen.
 
 Threading. Sends happen on the router's event loop, right after `Router.choose`:
 a NOBLOCK send on PUB only hands the frames to ZeroMQ's I/O thread, so routing
@@ -15,7 +18,9 @@ index has a single thread, so a receiver thread would only add a hop
 Loss rules. Decisions are hints with a TTL, never repaired:
 - A send that ZeroMQ refuses is dropped and counted (`send_dropped`). PUB itself
   drops silently for a peer past its high-water mark, so every decision carries
-  its sender's seq and the receiver counts the seqs it never saw (`lost`).
+  its sender's seq and the receiver counts the seqs it never saw (`lost`); the
+  beat's next seq reveals a lost tail. Decisions sent before a receiver's
+  subscription was live are not counted: they were never meant for it.
 - A malformed message (frame layout, size, msgpack, types) is counted per
   `MalformedKind`, logged once per kind, and dropped; an exception in the
   consumer is counted and logged once. Nothing that arrives stops the task.
@@ -48,11 +53,18 @@ from kvroute.events.curve import (
 from kvroute.events.endpoints import bound_endpoint, is_loopback
 from kvroute.events.errors import MalformedKind
 from kvroute.replicas.kv_cache.prompt import HashedPrompt
-from kvroute.router.tier.peer import MAX_PEER_KEYS, DecisionOrigin, PeerDecision, PeerDecisionCodec
+from kvroute.router.tier.peer import (
+    MAX_PEER_KEYS,
+    DecisionOrigin,
+    PeerBeat,
+    PeerDecision,
+    PeerDecisionCodec,
+)
 
 logger = logging.getLogger(__name__)
 
 TOPIC = b"kvroute.decision.v1"
+BEAT_TOPIC = b"kvroute.beat.v1"
 # A decision's payload: ~9 bytes per key plus the ids; anything beyond is malformed.
 MAX_PAYLOAD_BYTES = 9 * MAX_PEER_KEYS + 4096
 
@@ -62,10 +74,12 @@ DecisionCallback = Callable[[PeerDecision], object]
 @dataclass(frozen=True)
 class DecisionChannelConfig:
     """`endpoint`: where this router's PUB binds (`*`: a free port, read back from
-    `DecisionChannel.endpoint`). `hwm`: decisions queued per peer before PUB drops."""
+    `DecisionChannel.endpoint`). `hwm`: decisions queued per peer before PUB drops.
+    `beat_s`: how often this router tells its peers it is alive, and its next seq."""
 
     endpoint: str = "tcp://127.0.0.1:*"
     hwm: int = 10_000
+    beat_s: float = 1.0
     curve: CurveKeyPair | None = None
     linger_s: float = 0.0  # decisions are hints: closing never waits to flush them
 
@@ -78,6 +92,7 @@ class DecisionChannelStats:
     lost: int = 0  # seqs of a peer that never arrived
     restarts: int = 0  # a peer's seq went backwards: it restarted
     own: int = 0  # this router's own decisions, ignored
+    beats: int = 0  # well-formed beats from peers
     callback_errors: int = 0
     malformed: dict[MalformedKind, int] = field(default_factory=dict)
 
@@ -104,7 +119,8 @@ class DecisionChannel:
         self._last_seq: dict[str, int] = {}
         self._logged: set[str] = set()
         self._peers: dict[str, str] = {}  # name -> endpoint
-        self._task: asyncio.Task[None] | None = None
+        self._heard: set[str] = set()  # senders anything has arrived from
+        self._tasks: list[asyncio.Task[None]] = []
         self._ctx = zmq.Context(io_threads=1)
         curve = config.curve
         self._auth = (
@@ -130,6 +146,7 @@ class DecisionChannel:
             sub.rcvhwm = config.hwm
             sub.linger = 0
             sub.setsockopt(zmq.SUBSCRIBE, TOPIC)
+            sub.setsockopt(zmq.SUBSCRIBE, BEAT_TOPIC)
             self._sub = zmq.asyncio.Socket.from_socket(sub)
         except (zmq.ZMQError, ValueError):
             self._release()
@@ -153,10 +170,17 @@ class DecisionChannel:
     def remove_peer(self, name: str) -> None:
         assert self._sub is not None
         self._sub.disconnect(self._peers.pop(name))
+        self._heard.discard(name)
+        self._last_seq.pop(name, None)
 
     @property
     def peers(self) -> dict[str, str]:
         return dict(self._peers)
+
+    @property
+    def live_peers(self) -> list[str]:
+        """Followed peers whose decisions or beats arrive: their subscription is live."""
+        return sorted(name for name in self._peers if name in self._heard)
 
     # ----------------------------------------------------------------- send
 
@@ -179,9 +203,19 @@ class DecisionChannel:
     # -------------------------------------------------------------- receive
 
     def start(self) -> None:
-        """Start receiving on the running event loop."""
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._receive())
+        """Start receiving and beating on the running event loop."""
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._receive()), loop.create_task(self._beat())]
+
+    async def _beat(self) -> None:
+        assert self._pub is not None
+        pub = self._pub
+        while True:
+            beat = self._codec.encode(self.origin.beat())
+            with contextlib.suppress(zmq.Again):  # a full queue: the next beat says it all
+                pub.send_multipart((BEAT_TOPIC, beat), zmq.NOBLOCK)
+            await asyncio.sleep(self.config.beat_s)
 
     async def _receive(self) -> None:
         assert self._sub is not None
@@ -191,30 +225,34 @@ class DecisionChannel:
             self.on_frames(frames)
 
     def on_frames(self, frames: list[bytes]) -> PeerDecision | None:
-        """Check, decode and deliver one message; the decision, or None if dropped."""
-        if len(frames) != 2 or frames[0] != TOPIC:
+        """Check, decode and deliver one message; the decision, or None if dropped
+        (or a beat)."""
+        if len(frames) != 2 or frames[0] not in (TOPIC, BEAT_TOPIC):
             return self._malformed(MalformedKind.FRAME_COUNT, f"{len(frames)} frames")
-        payload = frames[1]
+        topic, payload = frames
         if len(payload) > MAX_PAYLOAD_BYTES:
             return self._malformed(MalformedKind.OVERSIZED_PAYLOAD, f"{len(payload)} bytes")
         try:
-            decision = self._codec.decode(payload)
+            message: PeerDecision | PeerBeat = (
+                self._codec.decode(payload) if topic == TOPIC else self._codec.decode_beat(payload)
+            )
         except msgspec.ValidationError as exc:
             return self._malformed(MalformedKind.WRONG_TYPE, str(exc))
         except msgspec.DecodeError as exc:
             return self._malformed(MalformedKind.NOT_MSGPACK, str(exc))
         stats = self.stats
-        sender = decision.router_id
+        sender = message.router_id
         if sender == self.router_id:
-            stats.own += 1
+            if isinstance(message, PeerDecision):
+                stats.own += 1
             return None
-        last = self._last_seq.get(sender)
-        if last is not None:
-            if decision.seq > last + 1:
-                stats.lost += decision.seq - last - 1
-            elif decision.seq <= last:
-                stats.restarts += 1
-        self._last_seq[sender] = decision.seq
+        self._heard.add(sender)
+        if isinstance(message, PeerBeat):
+            stats.beats += 1
+            self._seen_through(sender, message.next_seq - 1, is_beat=True)
+            return None
+        decision = message
+        self._seen_through(sender, decision.seq, is_beat=False)
         stats.received += 1
         try:
             self._on_decision(decision)
@@ -224,6 +262,20 @@ class DecisionChannel:
                 self._logged.add("callback")
                 logger.exception("applying a peer decision failed")
         return decision
+
+    def _seen_through(self, sender: str, last_sent: int, is_beat: bool) -> None:
+        """`sender` has sent every seq up to `last_sent`: count the ones that never
+        came. A decision is seq `last_sent` itself; a beat only states it (-1: none
+        yet), so a beat repeating the last decision's seq is no restart."""
+        stats = self.stats
+        last = self._last_seq.get(sender)
+        if last is not None:
+            expected = last if is_beat else last + 1
+            if last_sent > expected:
+                stats.lost += last_sent - expected
+            elif last_sent < expected:
+                stats.restarts += 1
+        self._last_seq[sender] = last_sent
 
     def _malformed(self, kind: MalformedKind, detail: str) -> None:
         malformed = self.stats.malformed
@@ -238,12 +290,12 @@ class DecisionChannel:
     # ------------------------------------------------------------ lifecycle
 
     async def close(self) -> None:
-        """Stop receiving and release the sockets; idempotent."""
-        if self._task is not None:
-            self._task.cancel()
+        """Stop receiving and beating, and release the sockets; idempotent."""
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
+        self._tasks = []
         self._release()
 
     def _release(self) -> None:
@@ -261,6 +313,7 @@ class DecisionChannel:
 
 
 __all__ = [
+    "BEAT_TOPIC",
     "TOPIC",
     "DecisionChannel",
     "DecisionChannelConfig",

@@ -13,6 +13,9 @@ Invariants:
   from its own registration of the replica, exactly as for its own prediction.
 - `seq` counts one sender's decisions from 0, so a receiver can count the ones it
   lost; a lower seq than the last seen means the sender restarted.
+- A `PeerBeat` carries the sender's next seq about once a second: it tells a
+  receiver its subscription is live (PUB/SUB joins late and silently), and lets
+  it count decisions lost at the tail of a burst, which no later decision reveals.
 - Decoding is bounded and typed: ids are short strings, keys are uint64.
 """
 
@@ -50,6 +53,13 @@ class PeerDecision(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_
     ts: float
 
 
+class PeerBeat(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
+    """A sender is alive, and `next_seq` is the seq its next decision will carry."""
+
+    router_id: ShortId
+    next_seq: Annotated[int, msgspec.Meta(ge=0)]
+
+
 class DecisionOrigin:
     """One router as a sender: its id and the seq of its next decision."""
 
@@ -71,20 +81,28 @@ class DecisionOrigin:
             ts=self.wall_clock(),
         )
 
+    def beat(self) -> PeerBeat:
+        return PeerBeat(router_id=self.router_id, next_seq=self.next_seq)
+
 
 class PeerDecisionCodec:
-    """msgpack encoder and typed decoder of `PeerDecision`s (one of each, reused)."""
+    """msgpack encoder and typed decoders of `PeerDecision`s and `PeerBeat`s (reused)."""
 
     def __init__(self) -> None:
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(PeerDecision)
+        self._beat_decoder = msgspec.msgpack.Decoder(PeerBeat)
 
-    def encode(self, decision: PeerDecision) -> bytes:
-        return self._encoder.encode(decision)
+    def encode(self, message: PeerDecision | PeerBeat) -> bytes:
+        return self._encoder.encode(message)
 
     def decode(self, payload: bytes) -> PeerDecision:
         """Raises msgspec.DecodeError (ValidationError included) on a malformed payload."""
         return self._decoder.decode(payload)
 
+    def decode_beat(self, payload: bytes) -> PeerBeat:
+        """Raises msgspec.DecodeError (ValidationError included) on a malformed payload."""
+        return self._beat_decoder.decode(payload)
 
-__all__ = ["MAX_PEER_KEYS", "DecisionOrigin", "PeerDecision", "PeerDecisionCodec"]
+
+__all__ = ["MAX_PEER_KEYS", "DecisionOrigin", "PeerBeat", "PeerDecision", "PeerDecisionCodec"]

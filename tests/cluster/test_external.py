@@ -89,7 +89,8 @@ def test_predictions_equal_every_engines_cached_tokens_without_knowing_their_see
 ) -> None:
     _, client, peer = fleet
     _wait(lambda: len(client.status()["replicas"]) == 3, "three engines")
-    _wait(lambda: peer.status()["decisions"]["peers"] == ["router"], "the routers to pair up")
+    # A SUB joins late and silently: wait until the peer hears the first router's beats.
+    _wait(lambda: peer.status()["decisions"]["live_peers"] == ["router"], "the routers to pair up")
     seen: dict[str, int] = {}
     hits = 0
     for prompt in _tenant_prompts(seed=1, tenants=4, rounds=3):

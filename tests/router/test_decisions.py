@@ -16,11 +16,16 @@ import zmq
 
 from kvroute.events.curve import CurveKeyPair
 from kvroute.events.errors import MalformedKind
-from kvroute.replicas.kv_cache.prompt import PromptKeys
+from kvroute.replicas.kv_cache.prompt import HashedPrompt, PromptKeys
 from kvroute.router.core import Router
 from kvroute.router.policy import make_policy
-from kvroute.router.tier.decisions import TOPIC, DecisionChannel, DecisionChannelConfig
-from kvroute.router.tier.peer import PeerDecision
+from kvroute.router.tier.decisions import (
+    BEAT_TOPIC,
+    TOPIC,
+    DecisionChannel,
+    DecisionChannelConfig,
+)
+from kvroute.router.tier.peer import PeerBeat, PeerDecision
 from tests.router.test_core import PROMPT, registration, settings
 
 pytestmark = pytest.mark.timeout(60)
@@ -212,3 +217,56 @@ def test_seq_gaps_restarts_own_decisions_and_failing_callbacks_are_counted() -> 
             await receiver.close()
 
     asyncio.run(scenario())
+
+
+def beat(router_id: str, next_seq: int) -> list[bytes]:
+    return [BEAT_TOPIC, msgspec.msgpack.encode(PeerBeat(router_id, next_seq))]
+
+
+def test_a_beat_sets_the_baseline_reveals_a_lost_tail_and_a_restart() -> None:
+    async def scenario() -> None:
+        receiver = DecisionChannel("b", Inbox())
+        try:
+            receiver.on_frames(beat("a", 7))  # joined late: seqs 0-6 were never ours
+            receiver.on_frames(frames(decision("a", 7)))
+            receiver.on_frames(beat("a", 8))  # repeats what we saw: nothing lost
+            receiver.on_frames(beat("a", 11))  # 8, 9 and 10 sent, none arrived
+            receiver.on_frames(beat("a", 0))  # restarted, nothing sent yet
+            receiver.on_frames(frames(decision("a", 0)))
+            receiver.on_frames(beat("b", 3))  # its own
+            stats = receiver.stats
+            assert (stats.received, stats.beats, stats.lost, stats.restarts) == (2, 4, 3, 1)
+            assert stats.own == 0
+        finally:
+            await receiver.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_peer_is_live_once_its_beats_arrive_and_not_after_it_is_removed() -> None:
+    async def scenario() -> None:
+        a_got, b_got = Inbox(), Inbox()
+        a = DecisionChannel("a", a_got, DecisionChannelConfig(beat_s=0.02))
+        b = channel("b", b_got)
+        a.start()
+        try:
+            b.add_peer("a", a.endpoint)
+            assert b.live_peers == []
+            await until(lambda: b.live_peers == ["a"], "A's beats at B")
+            # Live means subscribed: the very next decision arrives, with none lost.
+            assert a.share("r0", a_core_prompt()) is True
+            await until(lambda: len(b_got.got) == 1, "the first decision at B")
+            assert b_got.got[0].seq == 0 and b.stats.lost == 0
+            b.remove_peer("a")
+            assert b.live_peers == [] and b.peers == {}
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(scenario())
+
+
+def a_core_prompt() -> HashedPrompt:
+    core = Router(settings(), make_policy("kv_aware"))
+    core.register(registration("r0"))
+    return core.prepare(PromptKeys(PROMPT), max_tokens=1).prompt
