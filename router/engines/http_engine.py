@@ -201,23 +201,44 @@ async def _error_message(response: aiohttp.ClientResponse) -> str:
 
 
 async def _sse_events(response: aiohttp.ClientResponse, name: str) -> AsyncIterator[dict[str, Any]]:
-    """Each `data:` event of an SSE body as JSON, until `[DONE]`."""
+    """Each `data:` event of an SSE body as JSON, until `[DONE]`. The body is read in
+    whatever pieces arrive and cut into lines here: one await per piece, not one per
+    line (an event is a data line and a blank one)."""
+    rest = b""
     try:
-        async for raw in response.content:
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                return
-            try:
-                event = msgspec.json.decode(data)
-            except msgspec.DecodeError:
-                raise ReplicaUnavailableError(f"engine {name} sent malformed JSON") from None
-            if isinstance(event, dict) and "error" in event:
-                raise ReplicaUnavailableError(f"engine {name} failed mid-stream: {event['error']}")
-            if isinstance(event, dict):
-                yield event
+        async for piece in response.content.iter_any():
+            lines = (rest + piece).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                event = _sse_event(line, name)
+                if event is _DONE:
+                    return
+                if event is not None:
+                    yield event  # type: ignore[misc]
     except (aiohttp.ClientError, OSError) as exc:
         raise ReplicaUnavailableError(f"engine {name} dropped the stream: {exc}") from None
+    if _sse_event(rest, name) is _DONE:
+        return
     raise ReplicaUnavailableError(f"engine {name} ended the stream without [DONE]")
+
+
+_DONE = object()
+
+
+def _sse_event(line: bytes, name: str) -> dict[str, Any] | object | None:
+    """One SSE line: its JSON event, `_DONE` at `[DONE]`, None for anything else."""
+    line = line.strip()
+    if not line.startswith(b"data:"):
+        return None
+    data = line[5:].strip()
+    if data == b"[DONE]":
+        return _DONE
+    try:
+        event = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        raise ReplicaUnavailableError(f"engine {name} sent malformed JSON") from None
+    if not isinstance(event, dict):
+        return None
+    if "error" in event:
+        raise ReplicaUnavailableError(f"engine {name} failed mid-stream: {event['error']}")
+    return event

@@ -181,7 +181,11 @@ class FrontDoor:
             async for out in self._run(i, units.inputs[i], units.prompt_of[i], True):
                 yield dataclasses.replace(out)  # a copy: `out` is reused
 
-        streams = [copies(i) for i in range(len(units.inputs))]
+        if len(units.inputs) == 1:
+            # Read in place: each output is consumed before the next is made.
+            streams = [self._run(0, units.inputs[0], units.prompt_of[0], True)]
+        else:
+            streams = [copies(i) for i in range(len(units.inputs))]
         async with contextlib.aclosing(interleave(streams)) as outputs:
             async for out in outputs:
                 yield out

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -229,16 +230,21 @@ async def _sse(request: web.Request, chunks: AsyncIterator[dict[str, Any]]) -> w
         await response.prepare(request)
         chunk: dict[str, Any] | None = first
         while chunk is not None:
-            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            await response.write(b"data: " + _encode_event(chunk) + b"\n\n")
             try:
                 chunk = await anext(chunks, None)
             except Exception as exc:
-                await response.write(b"data: " + json.dumps(_stream_error(request, exc)).encode())
-                await response.write(b"\n\n")
+                error = _encode_event(_stream_error(request, exc))
+                await response.write(b"data: " + error + b"\n\n")
                 break
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
     return response
+
+
+# One encoder for every event: msgspec writes UTF-8 JSON several times faster than
+# json.dumps, and an event is encoded per streamed token.
+_encode_event = msgspec.json.Encoder().encode
 
 
 def _stream_error(request: web.Request, exc: Exception) -> dict[str, Any]:
