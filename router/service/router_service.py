@@ -174,7 +174,13 @@ class RouterService:
         self.model_name = config.model.name
         policy = make_policy(config.router.policy, **config.router.policy_options)
         self.core = Router(
-            router_settings(config.router, config.hashing, config.model, config.engine_count),
+            router_settings(
+                config.router,
+                config.hashing,
+                config.model,
+                config.engine_count,
+                hash_algo=config.router_hash_algo,
+            ),
             policy,
         )
         tokenizer = tokenizer_file(config.model.tokenizer, config.model.path)

@@ -191,3 +191,27 @@ def test_an_external_engines_public_key_is_read_from_its_file(tmp_path: Path) ->
     }
     config = parse_config({"external": [_engine(events=events)]})
     assert config.external[0].events.curve_public_key() == engine_keys.public_key
+
+
+@pytest.mark.parametrize(
+    ("data", "algo"),
+    [
+        # Every block is re-keyed from token ids: the router's hash is its own.
+        ({"replicas": {"count": 0}, "external": [_engine()]}, "xxh64_tokens"),
+        # Its own replicas hash as configured, and so must the router.
+        ({"replicas": {"count": 1}, "external": [_engine()]}, "sha256"),
+        # A seeded engine's hashes are trusted as they come: the router must share them.
+        (
+            {
+                "replicas": {"count": 0},
+                "external": [_engine(), _engine(name="b", hash_mode="seeded", hash_seed="7")],
+            },
+            "sha256",
+        ),
+    ],
+)
+def test_the_router_owns_its_hash_only_when_no_engine_needs_the_configured_one(
+    data: dict, algo: str
+) -> None:
+    config = parse_config({**data, "hashing": {"algo": "sha256"}})
+    assert config.router_hash_algo == algo
