@@ -32,6 +32,7 @@ BLOCK = 32
 START_DEADLINE_S = 900.0  # a vLLM server's start on a busy 2-core machine
 STOP_GRACE_S = 30.0
 TOKENIZERS = ("words", "bytes")
+KV_SPACE = "VLLM_CPU_KVCACHE_SPACE"  # GiB of KV cache per server
 
 
 @dataclass(frozen=True)
@@ -137,14 +138,18 @@ def _byte_tokenizer() -> Any:
 
 @dataclass(frozen=True)
 class ServerOptions:
-    """What every server of one fleet shares. `kv_cache_bytes` None leaves vLLM's
-    CPU default (VLLM_CPU_KVCACHE_SPACE, here 1 GiB: nothing is ever evicted)."""
+    """What every server of one fleet shares. `kv_cache_bytes` None gives each 1 GiB
+    (VLLM_CPU_KVCACHE_SPACE: nothing is ever evicted); set, it is the server's
+    `--kv-cache-memory-bytes` and VLLM_CPU_KVCACHE_SPACE is left unset, as vLLM's
+    CPU platform lets that variable override the flag. `scale_out` serves the
+    render endpoints (`/v1/completions/render`) vllm-router tokenizes through."""
 
     model: str
     max_len: int
     max_num_seqs: int = 4
     max_num_batched_tokens: int | None = None  # None: max_len
     kv_cache_bytes: int | None = None
+    scale_out: bool = False
 
 
 @dataclass
@@ -162,15 +167,18 @@ class VllmServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def environment(self) -> dict[str, str]:
-        """What the server's environment adds to ours."""
-        return {
-            "PYTHONHASHSEED": self.seed,
-            "VLLM_CPU_KVCACHE_SPACE": "1",
-            "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-            "OMP_NUM_THREADS": "1",
-            "VLLM_SERVER_DEV_MODE": "1",  # for /reset_prefix_cache
-        }
+    def environment(self, options: ServerOptions) -> dict[str, str]:
+        """The server's environment: ours, with its hash seed and vLLM's settings."""
+        env = {k: v for k, v in os.environ.items() if k != KV_SPACE}
+        env.update(
+            PYTHONHASHSEED=self.seed,
+            VLLM_CPU_OMP_THREADS_BIND="nobind",
+            OMP_NUM_THREADS="1",
+            VLLM_SERVER_DEV_MODE="1",  # for /reset_prefix_cache
+        )
+        if options.kv_cache_bytes is None:
+            env[KV_SPACE] = "1"
+        return env
 
     def command(self, python: str, checkpoint: Path, options: ServerOptions) -> list[str]:
         events = {
@@ -191,6 +199,8 @@ class VllmServer:
         command += ["--enable-prompt-tokens-details", "--enforce-eager"]
         if options.kv_cache_bytes is not None:
             command += ["--kv-cache-memory-bytes", str(options.kv_cache_bytes)]
+        if options.scale_out:
+            command.append("--enable-scale-out")
         command += ["--kv-events-config", json.dumps(events)]
         return command
 
@@ -198,7 +208,7 @@ class VllmServer:
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(
                 self.command(python, checkpoint, options),
-                env={**os.environ, **self.environment()},
+                env=self.environment(options),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -42,6 +42,7 @@ VLLM_OPTIONS = ServerOptions(
     max_num_seqs=16,
     max_num_batched_tokens=2048,
     kv_cache_bytes=ENGINE_TOKENS * VLLM_MODEL.kv_bytes_per_token,
+    scale_out=True,
 )
 
 _GROUPS: dict[str, list[dict[str, Any]]] = {

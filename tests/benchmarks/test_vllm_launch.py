@@ -92,7 +92,9 @@ def test_servers_get_distinct_ports_seeds_and_bound_event_endpoints(tmp_path: Pa
 def test_the_command_carries_caching_events_and_the_kv_budget(tmp_path: Path) -> None:
     server = plan_servers(1, tmp_path)[0]
     checkpoint = tmp_path / "ckpt"
-    options = ServerOptions(model="m", max_len=2560, max_num_seqs=16, kv_cache_bytes=4096)
+    options = ServerOptions(
+        model="m", max_len=2560, max_num_seqs=16, kv_cache_bytes=4096, scale_out=True
+    )
     command = server.command("/venv/bin/python", checkpoint, options)
     assert command[:3] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
     assert _option(command, "--model") == str(checkpoint)
@@ -104,7 +106,7 @@ def test_the_command_carries_caching_events_and_the_kv_budget(tmp_path: Path) ->
     assert _option(command, "--max-num-batched-tokens") == "2560"  # defaults to max_len
     assert _option(command, "--kv-cache-memory-bytes") == "4096"
     assert _option(command, "--prefix-caching-hash-algo") == "sha256"
-    assert "--enable-prefix-caching" in command
+    assert "--enable-prefix-caching" in command and "--enable-scale-out" in command
     assert json.loads(_option(command, "--kv-events-config")) == {
         "enable_kv_cache_events": True,
         "publisher": "zmq",
@@ -112,11 +114,23 @@ def test_the_command_carries_caching_events_and_the_kv_budget(tmp_path: Path) ->
         "replay_endpoint": f"tcp://127.0.0.1:{server.replay_port}",
         "topic": "kv",
     }
-    default = server.command("python", checkpoint, ServerOptions(model="m", max_len=512))
-    assert "--kv-cache-memory-bytes" not in default
+    defaults = ServerOptions(model="m", max_len=512)
+    default = server.command("python", checkpoint, defaults)
+    assert "--kv-cache-memory-bytes" not in default and "--enable-scale-out" not in default
     assert _option(default, "--max-num-batched-tokens") == "512"
-    env = server.environment()
+
+
+def test_an_explicit_kv_budget_is_not_overridden_by_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # vLLM's CPU platform lets VLLM_CPU_KVCACHE_SPACE override --kv-cache-memory-bytes.
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "8")
+    server = plan_servers(1, tmp_path)[0]
+    env = server.environment(ServerOptions(model="m", max_len=512, kv_cache_bytes=4096))
+    assert "VLLM_CPU_KVCACHE_SPACE" not in env
     assert env["PYTHONHASHSEED"] == "1" and env["VLLM_SERVER_DEV_MODE"] == "1"
+    default = server.environment(ServerOptions(model="m", max_len=512))
+    assert default["VLLM_CPU_KVCACHE_SPACE"] == "1"
 
 
 def test_external_entries_are_tokens_mode_unless_the_seed_is_the_routers(tmp_path: Path) -> None:
