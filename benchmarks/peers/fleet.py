@@ -120,8 +120,11 @@ class Fleet:
         return [e.process.pid for e in self.engines if e.process is not None]
 
     def reset_prefix_caches(self) -> None:
-        """POST /reset_prefix_cache to every engine; a 409 (blocks still held by a
-        request finishing) is retried until the deadline."""
+        """POST /reset_prefix_cache to every engine (a 409, blocks still held by a
+        request finishing, is retried until the deadline), then one request of a
+        single token to each: vLLM publishes a reset's AllBlocksCleared only with its
+        next step's events, and the routers that follow the events must see it before
+        a run starts. A prompt shorter than a block caches nothing."""
         for url in self.urls:
             deadline = time.monotonic() + DEADLINE_S
             while True:
@@ -133,6 +136,9 @@ class Fleet:
                     if exc.code != 409 or time.monotonic() > deadline:
                         raise RuntimeError(f"{url} refused to reset its prefix cache") from exc
                     time.sleep(0.1)
+        step = {"model": self.model, "prompt": "x", "max_tokens": 1}
+        for url in self.urls:
+            vllm_launch.http(f"{url}/v1/completions", step, timeout=DEADLINE_S)
 
     def stop(self) -> None:
         for engine in self.engines:
