@@ -160,10 +160,11 @@ def summarize(runs: list[Run]) -> list[Row]:
 
 
 def best_peer(rows: list[Row], workload: str, exclude: str = "kvroute") -> Row | None:
-    """The clean non-kvroute row with the highest hit rate on `workload`."""
+    """The clean non-kvroute row with the highest hit rate on `workload`; of peers
+    tied on it, the one with the lowest TTFT p90 (the harder one to beat)."""
     peers = [r for r in rows if r.workload == workload and r.clean]
     peers = [r for r in peers if not r.path.startswith(exclude)]
-    return max(peers, key=lambda r: r.hit_rate, default=None)
+    return max(peers, key=lambda r: (r.hit_rate, -r.ttft_p90), default=None)
 
 
 def _ms(seconds: float) -> str:

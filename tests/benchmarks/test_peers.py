@@ -138,6 +138,18 @@ def test_a_degraded_peer_is_never_the_best_peer() -> None:
     )
 
 
+def test_of_peers_tied_on_hit_rate_the_faster_one_is_the_best_peer() -> None:
+    rows = report.summarize(
+        [
+            _run("vllm-router cache_aware", 0, 64.4, [0.9, 1.1]),
+            _run("sglang-router cache_aware", 0, 64.4, [0.4, 0.6]),
+            _run("kvroute kv_aware", 0, 64.4, [0.5]),
+        ]
+    )
+    best = report.best_peer(rows, "w")
+    assert best is not None and best.path == "sglang-router cache_aware"
+
+
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     rows = report.summarize([_run("direct", 0, 40.0, [0.5]), _run("kvroute x", 0, 90.0, [0.1])])
     report.plot(rows, tmp_path / "p.png")
