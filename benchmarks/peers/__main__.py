@@ -54,7 +54,7 @@ DEFAULT_ROUTERS = [
 ENGINES = 3
 
 
-def _scrape(fleet: Fleet) -> list[report.EngineCounters]:
+def scrape(fleet: Fleet) -> list[report.EngineCounters]:
     out = []
     for url in fleet.urls:
         with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
@@ -85,13 +85,13 @@ def measure_once(
         r0, e0, t0 = procs.cpu_seconds(router), procs.cpu_seconds(fleet.pids), time.monotonic()
         time.sleep(args.idle)
         r1, e1, t1 = procs.cpu_seconds(router), procs.cpu_seconds(fleet.pids), time.monotonic()
-        before = _scrape(fleet)
+        before = scrape(fleet)
         path.checkpoint()
         c0, started = procs.cpu_seconds(router), time.monotonic()
         outcomes = asyncio.run(run_workload(workload, fleet.model, path.target, args.concurrency))
         seconds = time.monotonic() - started
         c1 = procs.cpu_seconds(router)
-        after = _scrape(fleet)
+        after = scrape(fleet)
         notes, samples = path.notes()
     finally:
         path.pause()

@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 
 from kvroute.benchmarks.peers import procs, report
+from kvroute.benchmarks.peers.__main__ import scrape
+from kvroute.benchmarks.peers.fleet import start_fleet
 from kvroute.benchmarks.peers.routers import Spec, parse_spec
 from kvroute.benchmarks.peers.workloads import GENERATORS, Scale, build
+from kvroute.benchmarks.vllm_launch import http
 
 SCALE = Scale(requests=12, sessions=4, engine_tokens=4096, engines=3)
 
@@ -181,3 +184,30 @@ def test_tree_cpu_counts_a_busy_grandchild_and_stop_leaves_nothing(tmp_path: Pat
         launched.stop()
     # Gone (a zombie waiting for init to reap it counts as gone).
     assert all(procs.tree(pid) == [] for pid in members)
+
+
+@pytest.mark.slow
+def test_a_reset_empties_the_engines_cache_and_steps_each_engine_once(tmp_path: Path) -> None:
+    fleet = start_fleet("serve-replica", "full", 1, "simulated", tmp_path, python="unused")
+    try:
+        url = fleet.urls[0]
+        body = {"model": fleet.model, "prompt": "abcdefgh" * 8, "max_tokens": 1}
+        http(f"{url}/v1/completions", body, timeout=60)
+        http(f"{url}/v1/completions", body, timeout=60)
+        (warm,) = scrape(fleet)
+        assert warm.hits == 48 and warm.requests == 2  # 3 of the 4 blocks, short of the last
+        fleet.reset_prefix_caches()
+        (reset,) = scrape(fleet)
+        # The single-token request that makes the engine publish its clear: it ran,
+        # and, shorter than a block, found and left nothing.
+        assert reset.requests == 3 and reset.hits == 48
+        http(f"{url}/v1/completions", body, timeout=60)
+        (after,) = scrape(fleet)
+        assert after.hits == 48 and after.queries - reset.queries == 64
+    finally:
+        fleet.stop()
+
+
+def test_vllm_engines_refuse_the_hybrid_layout(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="full attention only, not 'hybrid'"):
+        start_fleet("vllm", "hybrid", 3, "torch", tmp_path, python="unused")
