@@ -62,6 +62,15 @@ def scrape(fleet: Fleet) -> list[report.EngineCounters]:
     return out
 
 
+def _mean_ttft(
+    before: list[report.EngineCounters], after: list[report.EngineCounters]
+) -> float | None:
+    """The engines' own mean TTFT between two scrapes; None if they count none."""
+    count = sum(a.ttft_count - b.ttft_count for a, b in zip(after, before, strict=True))
+    total = sum(a.ttft_sum - b.ttft_sum for a, b in zip(after, before, strict=True))
+    return total / count if count else None
+
+
 def _busy_ticks() -> tuple[int, int]:
     """(busy, total) CPU ticks of the whole machine since boot, from /proc/stat."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -116,6 +125,7 @@ def measure_once(
         engines_idle=(e1 - e0) / (t1 - t0),
         notes=notes,
         samples=samples,
+        engine_ttft_s=_mean_ttft(before, after),
     )
 
 

@@ -70,8 +70,12 @@ def test_engine_counters_sum_vllms_totals_over_label_sets() -> None:
         'vllm:prefix_cache_queries_total{engine="0",model_name="m"} 100.0\n'
         'vllm:request_success_total{engine="0",model_name="m"} 3.0\n'
         'vllm:prompt_tokens_total{engine="0",model_name="m"} 999.0\n'
+        "# TYPE vllm:time_to_first_token_seconds histogram\n"
+        'vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf"} 3.0\n'
+        'vllm:time_to_first_token_seconds_count{engine="0"} 3.0\n'
+        'vllm:time_to_first_token_seconds_sum{engine="0"} 0.75\n'
     )
-    assert report.engine_counters(text) == report.EngineCounters(64.0, 100.0, 3.0)
+    assert report.engine_counters(text) == report.EngineCounters(64.0, 100.0, 3.0, 0.75, 3.0)
 
 
 def _run(path: str, round_: int, hits: float, ttfts: list[float], **kw: object) -> report.Run:
@@ -108,7 +112,7 @@ def test_rows_are_medians_over_runs_with_the_run_to_run_spread() -> None:
         _run("kvroute kv_aware", 0, 80.0, [0.1, 0.2, 0.3, 0.4]),
         _run("kvroute kv_aware", 1, 90.0, [0.1, 0.2, 0.3, 0.6], failed=1, notes={"a": 1}),
         _run("kvroute kv_aware", 2, 85.0, [0.1, 0.2, 0.3, 0.5], notes={"a": 2, "b": 1}),
-        _run("direct", 0, 40.0, [0.5, 0.5, 0.5, 0.5]),
+        _run("direct", 0, 40.0, [0.5, 0.5, 0.5, 0.5], engine_ttft_s=0.3),
     ]
     mine, direct = report.summarize(runs)
     assert (mine.runs, mine.ok, mine.failed) == (3, 12, 1)
@@ -124,6 +128,9 @@ def test_rows_are_medians_over_runs_with_the_run_to_run_spread() -> None:
     assert "| w | kvroute kv_aware | 12 / 1 | 85.0% (±5.0%) | 200 / 500 / 500 |" in table
     assert table.splitlines()[2].endswith("| 2 / 1 / 1 | a x3; b x1 |")
     assert "| w | direct | 4 / 0 | 40.0% (±0.0%) |" in table
+    # Client mean TTFT beside the engines' own (which only vLLM reports).
+    assert mine.ttft_mean == pytest.approx(0.275) and mine.engine_ttft_mean is None
+    assert "| 200 | 275 / – |" in table and "| 0 | 500 / 300 |" in table
 
 
 def test_a_degraded_peer_is_never_the_best_peer() -> None:
