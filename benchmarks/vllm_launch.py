@@ -40,7 +40,7 @@ class TinyLlama:
     """The random checkpoint: a 2-layer Llama (hidden 64, two heads of 32: vLLM's CPU
     attention has no kernel for 16), float32, so one token's KV is 1 KiB.
 
-    `tokenizer` "words": VOCAB words `w0`..`w511`, split on whitespace (prompts are
+    `tokenizer` "words": 512 words `w0`..`w511`, split on whitespace (prompts are
     sent as token ids). "bytes": one token per UTF-8 byte, id = byte value, the
     same ids as kvroute's byte tokenizer, so a text router sees exactly the
     prefixes the engine caches."""
@@ -63,7 +63,7 @@ class TinyLlama:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """K and V of every layer, the unit vLLM sizes its KV cache in."""
+        """Bytes of KV cache one token takes: K and V of every layer."""
         return 2 * self.NUM_LAYERS * self.NUM_KV_HEADS * self.HEAD_SIZE * self.DTYPE_BYTES
 
     def group(self) -> dict[str, Any]:
