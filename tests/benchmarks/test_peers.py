@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 
 from kvroute.benchmarks.peers import procs, report
+from kvroute.benchmarks.peers.__main__ import scrape
+from kvroute.benchmarks.peers.fleet import start_fleet
 from kvroute.benchmarks.peers.routers import Spec, parse_spec
 from kvroute.benchmarks.peers.workloads import GENERATORS, Scale, build
+from kvroute.benchmarks.vllm_launch import http
 
 SCALE = Scale(requests=12, sessions=4, engine_tokens=4096, engines=3)
 
@@ -67,8 +70,12 @@ def test_engine_counters_sum_vllms_totals_over_label_sets() -> None:
         'vllm:prefix_cache_queries_total{engine="0",model_name="m"} 100.0\n'
         'vllm:request_success_total{engine="0",model_name="m"} 3.0\n'
         'vllm:prompt_tokens_total{engine="0",model_name="m"} 999.0\n'
+        "# TYPE vllm:time_to_first_token_seconds histogram\n"
+        'vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf"} 3.0\n'
+        'vllm:time_to_first_token_seconds_count{engine="0"} 3.0\n'
+        'vllm:time_to_first_token_seconds_sum{engine="0"} 0.75\n'
     )
-    assert report.engine_counters(text) == report.EngineCounters(64.0, 100.0, 3.0)
+    assert report.engine_counters(text) == report.EngineCounters(64.0, 100.0, 3.0, 0.75, 3.0)
 
 
 def _run(path: str, round_: int, hits: float, ttfts: list[float], **kw: object) -> report.Run:
@@ -105,7 +112,7 @@ def test_rows_are_medians_over_runs_with_the_run_to_run_spread() -> None:
         _run("kvroute kv_aware", 0, 80.0, [0.1, 0.2, 0.3, 0.4]),
         _run("kvroute kv_aware", 1, 90.0, [0.1, 0.2, 0.3, 0.6], failed=1, notes={"a": 1}),
         _run("kvroute kv_aware", 2, 85.0, [0.1, 0.2, 0.3, 0.5], notes={"a": 2, "b": 1}),
-        _run("direct", 0, 40.0, [0.5, 0.5, 0.5, 0.5]),
+        _run("direct", 0, 40.0, [0.5, 0.5, 0.5, 0.5], engine_ttft_s=0.3),
     ]
     mine, direct = report.summarize(runs)
     assert (mine.runs, mine.ok, mine.failed) == (3, 12, 1)
@@ -121,6 +128,9 @@ def test_rows_are_medians_over_runs_with_the_run_to_run_spread() -> None:
     assert "| w | kvroute kv_aware | 12 / 1 | 85.0% (±5.0%) | 200 / 500 / 500 |" in table
     assert table.splitlines()[2].endswith("| 2 / 1 / 1 | a x3; b x1 |")
     assert "| w | direct | 4 / 0 | 40.0% (±0.0%) |" in table
+    # Client mean TTFT beside the engines' own (which only vLLM reports).
+    assert mine.ttft_mean == pytest.approx(0.275) and mine.engine_ttft_mean is None
+    assert "| 200 | 275 / – |" in table and "| 0 | 500 / 300 |" in table
 
 
 def test_a_degraded_peer_is_never_the_best_peer() -> None:
@@ -136,6 +146,18 @@ def test_a_degraded_peer_is_never_the_best_peer() -> None:
     assert "kvroute kv_aware hit 90.0% vs sglang-router cache_aware 70.0% (+20.0 pts)" in (
         report.verdicts(rows)
     )
+
+
+def test_of_peers_tied_on_hit_rate_the_faster_one_is_the_best_peer() -> None:
+    rows = report.summarize(
+        [
+            _run("vllm-router cache_aware", 0, 64.4, [0.9, 1.1]),
+            _run("sglang-router cache_aware", 0, 64.4, [0.4, 0.6]),
+            _run("kvroute kv_aware", 0, 64.4, [0.5]),
+        ]
+    )
+    best = report.best_peer(rows, "w")
+    assert best is not None and best.path == "sglang-router cache_aware"
 
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:
@@ -169,3 +191,30 @@ def test_tree_cpu_counts_a_busy_grandchild_and_stop_leaves_nothing(tmp_path: Pat
         launched.stop()
     # Gone (a zombie waiting for init to reap it counts as gone).
     assert all(procs.tree(pid) == [] for pid in members)
+
+
+@pytest.mark.slow
+def test_a_reset_empties_the_engines_cache_and_steps_each_engine_once(tmp_path: Path) -> None:
+    fleet = start_fleet("serve-replica", "full", 1, "simulated", tmp_path, python="unused")
+    try:
+        url = fleet.urls[0]
+        body = {"model": fleet.model, "prompt": "abcdefgh" * 8, "max_tokens": 1}
+        http(f"{url}/v1/completions", body, timeout=60)
+        http(f"{url}/v1/completions", body, timeout=60)
+        (warm,) = scrape(fleet)
+        assert warm.hits == 48 and warm.requests == 2  # 3 of the 4 blocks, short of the last
+        fleet.reset_prefix_caches()
+        (reset,) = scrape(fleet)
+        # The single-token request that makes the engine publish its clear: it ran,
+        # and, shorter than a block, found and left nothing.
+        assert reset.requests == 3 and reset.hits == 48
+        http(f"{url}/v1/completions", body, timeout=60)
+        (after,) = scrape(fleet)
+        assert after.hits == 48 and after.queries - reset.queries == 64
+    finally:
+        fleet.stop()
+
+
+def test_vllm_engines_refuse_the_hybrid_layout(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="full attention only, not 'hybrid'"):
+        start_fleet("vllm", "hybrid", 3, "torch", tmp_path, python="unused")
