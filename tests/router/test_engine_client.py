@@ -229,3 +229,22 @@ def test_malformed_or_truncated_engine_output_is_the_engines_fault() -> None:
     assert asyncio.run(run(b"data: {broken\n\n")) == "engine engine-a sent malformed JSON"
     truncated = b'data: {"choices": [{"token_ids": [5]}]}\n\n'
     assert asyncio.run(run(truncated)) == "engine engine-a ended the stream without [DONE]"
+
+
+def test_load_reads_only_whole_names_past_quoted_braces_and_timestamps() -> None:
+    text = (
+        "# TYPE vllm:num_requests_running gauge\n"
+        'vllm:num_requests_running{model_name="a} \\"b{",engine="0"} 2.0 1700000000000\n'
+        "vllm:num_requests_running_total 40.0\n"
+        "vllm:num_requests_waiting\t1e1\n"
+        'vllm:kv_cache_usage_perc{engine="0"} 0.5\n'
+        '# vllm:kv_cache_usage_perc{engine="1"} 0.9\n'
+    )
+    assert parse_load(text, VLLM_DIALECT.load_metrics) == ReplicaLoad(
+        running_seqs=2, waiting_seqs=10, kv_usage=0.5
+    )
+
+
+def test_a_load_sample_that_is_not_a_number_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="vllm:num_requests_waiting: 'many' is not a number"):
+        parse_load("vllm:num_requests_waiting many\n", VLLM_DIALECT.load_metrics)
