@@ -279,6 +279,10 @@ class Router:
             clock=clock,
         )
         self.hasher = self.index.hasher(settings.hash_block_size)
+        # Hash two blocks now: a compiled hash (`xxh64_tokens`) loads its machine code
+        # on first use, about half a second that the first request would wait.
+        keys = PromptKeys((0,) * (2 * settings.hash_block_size))
+        keys.hashed_prompt(self.hasher)
         self.reuse = ReuseTracker.for_cluster(
             settings.reuse_memory, settings.cluster_blocks, settings.hash_block_size
         )

@@ -64,6 +64,11 @@ def _sample_pattern(names: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile(rf"^({alternatives}){labels}[ \t]+(\S+)", re.MULTILINE)
 
 
+# Request bodies carry every prompt token id: msgspec encodes them several times
+# faster than the json.dumps aiohttp would use.
+_encode_body = msgspec.json.Encoder().encode
+
+
 class _Usage:
     """What the stream reported so far."""
 
@@ -130,8 +135,8 @@ class HttpEngine:
         try:
             response = await self.session.post(
                 url,
-                json=self.dialect.completion_body(request, self.model),
-                headers={"X-Request-Id": request.request_id},
+                data=_encode_body(self.dialect.completion_body(request, self.model)),
+                headers={"X-Request-Id": request.request_id, "Content-Type": "application/json"},
             )
         except (aiohttp.ClientError, OSError) as exc:
             raise ReplicaUnavailableError(f"engine {self.name} unreachable: {exc}") from None
