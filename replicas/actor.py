@@ -84,6 +84,7 @@ class ReplicaServer:
         self._starting: asyncio.Future[ReplicaInfo] | None = None
         self._publisher: ZmqEventPublisher | None = None
         self._ipc_dir: str | None = None
+        self._load_calls = 0  # load() calls answered: what polling costs this replica
 
     def _endpoints(self) -> tuple[str, str]:
         events = self.config.events
@@ -169,6 +170,7 @@ class ReplicaServer:
         return await self.core.snapshot()
 
     def load(self) -> ReplicaLoad:
+        self._load_calls += 1
         return self.core.load()
 
     def health(self) -> dict[str, Any]:
@@ -180,6 +182,7 @@ class ReplicaServer:
             "in_flight": self.core.in_flight,
             "events_published": stats.published if stats else 0,
             "events_dropped": stats.dropped_queue_full if stats else 0,
+            "load_calls": self._load_calls,
         }
 
     def reset_prefix_cache(self) -> bool:
