@@ -10,6 +10,13 @@ the loop then only yields), and resolves the requests that produced tokens.
 Because steps and `snapshot()` share the event loop, a snapshot is always
 consistent with the publisher's next seq.
 
+With `load_keepalive_s` (the Ray actor sets it), the loop also pushes its load on
+the publisher (`ZmqEventPublisher.publish_load`): after a step that changed it, once
+per step at most, and when it goes idle with a load changed since (an abort); and a
+keepalive task pushes it unchanged when nothing went out for `load_keepalive_s`, so a
+router can tell an idle replica from a frozen one. Both run on the serving loop: a
+frozen loop pushes nothing.
+
 A request the engine fails (`StepResult.failed`) ends alone with
 `RequestFailedError`, its cause logged once with its id. If the loop itself
 dies, the error is logged once with the requests in flight, each of them ends
@@ -22,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -80,8 +88,16 @@ class ReplicaCore:
         publish_token_ids: bool = True,
         on_death: Callable[[], None] | None = None,
         step_in_thread: bool = False,
+        load_keepalive_s: float | None = None,
     ) -> None:
+        if load_keepalive_s is not None and load_keepalive_s <= 0:
+            raise ValueError(f"load_keepalive_s must be positive, got {load_keepalive_s}")
         self.replica_id = replica_id
+        self.load_keepalive_s = load_keepalive_s
+        self.loads_pushed = 0
+        self._pushed: ReplicaLoad | None = None  # the last load pushed
+        self._pushed_at = 0.0  # and when (time.monotonic)
+        self._keepalive_task: asyncio.Task[None] | None = None
         self.step_in_thread = step_in_thread
         self._stepping = False
         self._between_steps: asyncio.Event | None = None
@@ -119,7 +135,10 @@ class ReplicaCore:
         self._between_steps.set()
         if self.step_in_thread:
             self._step_thread = ThreadPoolExecutor(1, thread_name_prefix="engine-step")
-        self._loop_task = asyncio.get_running_loop().create_task(self._run())
+        loop = asyncio.get_running_loop()
+        self._loop_task = loop.create_task(self._run())
+        if publisher is not None and self.load_keepalive_s is not None:
+            self._keepalive_task = loop.create_task(self._keepalive(self.load_keepalive_s))
 
     @property
     def serving(self) -> bool:
@@ -232,7 +251,10 @@ class ReplicaCore:
         if self._stepping:
             self._pending_aborts.add(request_id)
             return flight is not None
-        return self.engine.abort_request(request_id)
+        aborted = self.engine.abort_request(request_id)
+        if aborted and self._wake is not None:
+            self._wake.set()  # an idle loop pushes the load this changed
+        return aborted
 
     def result(self, out: RequestOutput) -> GenerateResult:
         m = out.metrics
@@ -275,6 +297,7 @@ class ReplicaCore:
         assert self._wake is not None
         while True:
             if not self.engine.has_work:
+                self._push_load(self.engine.load())
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -283,6 +306,7 @@ class ReplicaCore:
             self._count_prefix_cache()
             if result.events is not None:
                 self.publish(result.events)
+            self._push_load(self._load)
             await asyncio.sleep(0.0 if result.duration_is_real else result.duration)
             for request_id, error in result.failed.items():
                 logger.error(
@@ -356,6 +380,27 @@ class ReplicaCore:
             batch = without_token_ids(batch)
         self.publisher.publish(batch)
 
+    def _push_load(self, load: ReplicaLoad, *, unchanged: bool = False) -> None:
+        """Push `load` if it differs from the last one pushed (or `unchanged`)."""
+        if self.load_keepalive_s is None or self.publisher is None:
+            return
+        if load == self._pushed and not unchanged:
+            return
+        self.publisher.publish_load(load)
+        self._pushed = load
+        self._pushed_at = time.monotonic()
+        self.loads_pushed += 1
+
+    async def _keepalive(self, every_s: float) -> None:
+        """Push the load, changed or not, whenever `every_s` passed without a push;
+        ends when the loop dies, so a dead engine looks dead."""
+        while self.death is None:
+            due = self._pushed_at + every_s - time.monotonic()
+            if due > 0:
+                await asyncio.sleep(due)
+                continue
+            self._push_load(self._measured_load(), unchanged=True)
+
     # ------------------------------------------------------------------- state
 
     async def snapshot(self) -> Snapshot:
@@ -367,9 +412,12 @@ class ReplicaCore:
     def load(self) -> ReplicaLoad:
         """The engine's load; EngineDeadError once the loop has died (not ready)."""
         self._check_alive()
-        if self._stepping:
-            return self._load
-        self._load = self.engine.load()
+        return self._measured_load()
+
+    def _measured_load(self) -> ReplicaLoad:
+        """The engine's load now, or while a step runs the one measured after the last."""
+        if not self._stepping:
+            self._load = self.engine.load()
         return self._load
 
     def counters(self) -> ReplicaCounters:
@@ -395,8 +443,7 @@ class ReplicaCore:
 
     async def stop(self) -> None:
         """Stop the loop, abort every request, close the publisher (idempotent)."""
-        task, self._loop_task = self._loop_task, None
-        if task is not None:
+        for task in self._take_tasks():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -410,14 +457,19 @@ class ReplicaCore:
             self.abort(request_id)
         self.close_publisher()
 
+    def _take_tasks(self) -> list[asyncio.Task[None]]:
+        tasks = [t for t in (self._loop_task, self._keepalive_task) if t is not None]
+        self._loop_task = self._keepalive_task = None
+        return tasks
+
     def close_publisher(self) -> None:
         if self.publisher is not None:
             self.publisher.close()
 
     def cancel(self) -> None:
         """Stop the loop and close the publisher without awaiting (a sync caller)."""
-        if self._loop_task is not None:
-            self._loop_task.cancel()
+        for task in self._take_tasks():
+            task.cancel()
         if self._step_thread is not None:
             self._step_thread.shutdown(wait=False)
         self.close_publisher()

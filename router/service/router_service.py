@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -49,6 +50,7 @@ from kvroute.replicas.api import (
     GenerateResult,
     InvalidRequestError,
     ReplicaInfo,
+    ReplicaLoad,
     StreamChunk,
 )
 from kvroute.replicas.kv_cache.prompt import PromptKeys
@@ -195,10 +197,17 @@ class RouterService:
         self._events_seen: dict[str, tuple[float, int]] = {}
         # Replicas whose event stream went silent while they served (flagged once).
         self.silent: set[str] = set()
+        # Loads pushed by replica actors, latest per replica, waiting for the loop.
+        self._loads_in: dict[str, ReplicaLoad] = {}
+        self._loads_lock = threading.Lock()
+        # Per replica actor that has pushed a load: when it was last heard from (loop
+        # time of its last push or answered poll).
+        self._heard_at: dict[str, float] = {}
         self.subscriber = ZmqEventSubscriber(
             self._on_batch_thread,
             self._on_resync_thread,
             SubscriberConfig(rcvhwm=config.events.hwm, curve=curve),
+            on_load=self._on_load_thread,
         )
         self.subscriber.start()
         self.name = name
@@ -250,6 +259,7 @@ class RouterService:
         self._tasks.append(
             self._loop.create_task(self._poll_loads(True, router.engine_load_poll_s))
         )
+        self._tasks.append(self._loop.create_task(self._watch_pushed_loads()))
         self._tasks.append(self._loop.create_task(self._supervise()))
 
     async def ready(self) -> str | None:
@@ -300,6 +310,7 @@ class RouterService:
             replay_endpoint=info.replay_endpoint,
             start_seq=start_seq,
             curve_server_key=info.curve_public_key,
+            loads=True,
         )
         self._admit(registration_of(info), RayReplica(handle), source, info.node_id)
 
@@ -323,6 +334,7 @@ class RouterService:
         logger.warning("replica %s is gone; removing it from the index", replica_id)
         self.core.remove(replica_id)
         self._events_seen.pop(replica_id, None)
+        self._heard_at.pop(replica_id, None)
         self.silent.discard(replica_id)
         self.subscriber.remove_source(replica_id)
         self._loop.create_task(link.backend.close())
@@ -388,10 +400,50 @@ class RouterService:
         self.core.resync(replica_id, snapshot.batch)
         self.subscriber.resynced(replica_id, snapshot.next_seq)
 
+    def _on_load_thread(self, source: str, load: ReplicaLoad) -> None:
+        """A replica actor pushed its load (subscriber thread). Coalesced: the loop is
+        called once for every load that arrives while none waits, and applies the
+        latest per replica."""
+        with self._loads_lock:
+            idle = not self._loads_in
+            self._loads_in[source] = load
+        if idle:
+            self._loop.call_soon_threadsafe(self._apply_loads)
+
+    def _apply_loads(self) -> None:
+        """Apply pushed loads as an answered poll is applied; the replica is heard."""
+        with self._loads_lock:
+            loads, self._loads_in = self._loads_in, {}
+        now = self._loop.time()
+        for replica_id, load in loads.items():
+            link = self.replicas.get(replica_id)
+            if link is None or link.external:
+                continue
+            self._heard_at[replica_id] = now
+            self.core.report_load(replica_id, load)
+            self.core.mark_suspect(replica_id, False)
+
+    async def _watch_pushed_loads(self) -> None:
+        """Judge late, by `_judge_late`'s rules, every replica actor that pushed its
+        load once and has not been heard from (push or poll) for `load_timeout_s`:
+        a missed push counts as a missed poll. Looks four times per timeout."""
+        timeout = self.config.router.load_timeout_s
+        while True:
+            await asyncio.sleep(timeout / 4)
+            now = self._loop.time()
+            late = [rid for rid, at in self._heard_at.items() if now - at >= timeout]
+            self._judge_late(late, len(self._heard_at), now - timeout)
+
+    def _heard_lately(self, replica_id: str) -> bool:
+        at = self._heard_at.get(replica_id)
+        return at is not None and self._loop.time() - at < self.config.router.load_timeout_s
+
     async def _poll_loads(self, external: bool, interval: float) -> None:
         """Refresh the load of every replica actor (`external` False) or every external
         engine (True) each `interval`, all at once, so one slow replica delays no
-        other's report; then judge the late ones of that group together."""
+        other's report; then judge the late ones of that group together. Replica actors
+        push their loads, so their poll (`load_poll_s`, 1 s) is a correction and a
+        liveness check for those not pushing."""
         while True:
             await asyncio.sleep(interval)
             started = self._loop.time()
@@ -413,7 +465,9 @@ class RouterService:
             self._backend_failed(replica_id, link, exc)
             return False
         except (TimeoutError, GetTimeoutError):
-            return True
+            return not self._heard_lately(replica_id)  # its pushes say it lives
+        if replica_id in self._heard_at:
+            self._heard_at[replica_id] = self._loop.time()
         self.core.report_load(replica_id, load)
         self.core.mark_suspect(replica_id, False)
         return False
