@@ -13,7 +13,8 @@ Ordering and loss rules:
   per client always fits and a replay never loses a batch in the middle.
 - `publish_load` puts a replica's load beside the batches as its own message kind
   (`events.frames.load_message`): no seq, never buffered nor replayed, and coalesced:
-  the sender thread sends only the latest load given since it last sent one.
+  the sender thread sends only the latest load given since it last sent one. A load
+  may overtake a batch published just before it (each wake sends both kinds).
 """
 
 from __future__ import annotations

@@ -11,11 +11,11 @@ Because steps and `snapshot()` share the event loop, a snapshot is always
 consistent with the publisher's next seq.
 
 With `load_keepalive_s` (the Ray actor sets it), the loop also pushes its load on
-the publisher (`ZmqEventPublisher.publish_load`): after a step that changed it, once
-per step at most, and when it goes idle with a load changed since (an abort); and a
-keepalive task pushes it unchanged when nothing went out for `load_keepalive_s`, so a
-router can tell an idle replica from a frozen one. Both run on the serving loop: a
-frozen loop pushes nothing.
+the publisher (`ZmqEventPublisher.publish_load`), once per loop turn at most: after a
+step that changed it, when it goes idle with a load changed since (an abort), and
+unchanged when nothing went out for `load_keepalive_s` (an idle loop wakes for it),
+so a router can tell an idle replica from a frozen one. Only the loop pushes: a
+frozen loop pushes nothing, and a push that fails kills the loop like any fault.
 
 A request the engine fails (`StepResult.failed`) ends alone with
 `RequestFailedError`, its cause logged once with its id. If the loop itself
@@ -97,7 +97,6 @@ class ReplicaCore:
         self.loads_pushed = 0
         self._pushed: ReplicaLoad | None = None  # the last load pushed
         self._pushed_at = 0.0  # and when (time.monotonic)
-        self._keepalive_task: asyncio.Task[None] | None = None
         self.step_in_thread = step_in_thread
         self._stepping = False
         self._between_steps: asyncio.Event | None = None
@@ -135,10 +134,7 @@ class ReplicaCore:
         self._between_steps.set()
         if self.step_in_thread:
             self._step_thread = ThreadPoolExecutor(1, thread_name_prefix="engine-step")
-        loop = asyncio.get_running_loop()
-        self._loop_task = loop.create_task(self._run())
-        if publisher is not None and self.load_keepalive_s is not None:
-            self._keepalive_task = loop.create_task(self._keepalive(self.load_keepalive_s))
+        self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     @property
     def serving(self) -> bool:
@@ -252,7 +248,7 @@ class ReplicaCore:
             self._pending_aborts.add(request_id)
             return flight is not None
         aborted = self.engine.abort_request(request_id)
-        if aborted and self._wake is not None:
+        if aborted and self._wake is not None and self.load_keepalive_s is not None:
             self._wake.set()  # an idle loop pushes the load this changed
         return aborted
 
@@ -299,7 +295,7 @@ class ReplicaCore:
             if not self.engine.has_work:
                 self._push_load(self.engine.load())
                 self._wake.clear()
-                await self._wake.wait()
+                await self._idle()
                 continue
             result = await self._step()
             self.steps += 1
@@ -380,26 +376,29 @@ class ReplicaCore:
             batch = without_token_ids(batch)
         self.publisher.publish(batch)
 
-    def _push_load(self, load: ReplicaLoad, *, unchanged: bool = False) -> None:
-        """Push `load` if it differs from the last one pushed (or `unchanged`)."""
-        if self.load_keepalive_s is None or self.publisher is None:
+    def _push_load(self, load: ReplicaLoad) -> None:
+        """Push `load` if it differs from the last one pushed, or if the keepalive is due."""
+        keepalive_s = self.load_keepalive_s
+        if keepalive_s is None or self.publisher is None:
             return
-        if load == self._pushed and not unchanged:
+        now = time.monotonic()
+        if load == self._pushed and now - self._pushed_at < keepalive_s:
             return
         self.publisher.publish_load(load)
         self._pushed = load
-        self._pushed_at = time.monotonic()
+        self._pushed_at = now
         self.loads_pushed += 1
 
-    async def _keepalive(self, every_s: float) -> None:
-        """Push the load, changed or not, whenever `every_s` passed without a push;
-        ends when the loop dies, so a dead engine looks dead."""
-        while self.death is None:
-            due = self._pushed_at + every_s - time.monotonic()
-            if due > 0:
-                await asyncio.sleep(due)
-                continue
-            self._push_load(self._measured_load(), unchanged=True)
+    async def _idle(self) -> None:
+        """Wait for work, or (pushing loads) until the next keepalive is due."""
+        assert self._wake is not None
+        if self.load_keepalive_s is None or self.publisher is None:
+            await self._wake.wait()
+            return
+        due = self._pushed_at + self.load_keepalive_s - time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, due)):
+                await self._wake.wait()
 
     # ------------------------------------------------------------------- state
 
@@ -412,12 +411,9 @@ class ReplicaCore:
     def load(self) -> ReplicaLoad:
         """The engine's load; EngineDeadError once the loop has died (not ready)."""
         self._check_alive()
-        return self._measured_load()
-
-    def _measured_load(self) -> ReplicaLoad:
-        """The engine's load now, or while a step runs the one measured after the last."""
-        if not self._stepping:
-            self._load = self.engine.load()
+        if self._stepping:
+            return self._load
+        self._load = self.engine.load()
         return self._load
 
     def counters(self) -> ReplicaCounters:
@@ -443,7 +439,8 @@ class ReplicaCore:
 
     async def stop(self) -> None:
         """Stop the loop, abort every request, close the publisher (idempotent)."""
-        for task in self._take_tasks():
+        task, self._loop_task = self._loop_task, None
+        if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -457,19 +454,14 @@ class ReplicaCore:
             self.abort(request_id)
         self.close_publisher()
 
-    def _take_tasks(self) -> list[asyncio.Task[None]]:
-        tasks = [t for t in (self._loop_task, self._keepalive_task) if t is not None]
-        self._loop_task = self._keepalive_task = None
-        return tasks
-
     def close_publisher(self) -> None:
         if self.publisher is not None:
             self.publisher.close()
 
     def cancel(self) -> None:
         """Stop the loop and close the publisher without awaiting (a sync caller)."""
-        for task in self._take_tasks():
-            task.cancel()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
         if self._step_thread is not None:
             self._step_thread.shutdown(wait=False)
         self.close_publisher()

@@ -29,7 +29,6 @@ import dataclasses
 import hashlib
 import logging
 import os
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -76,6 +75,7 @@ from kvroute.router.service.decision_log import DecisionLog
 from kvroute.router.service.loop_lag import LoopLag
 from kvroute.router.service.metrics import RouterMetrics, ScrapeView
 from kvroute.router.service.peer_routers import PeerRouters
+from kvroute.router.service.pushed_loads import Heard, LoadInbox
 from kvroute.router.service.views import scrape_view, status_view
 from kvroute.router.tier.decisions import DecisionChannelConfig
 
@@ -197,12 +197,10 @@ class RouterService:
         self._events_seen: dict[str, tuple[float, int]] = {}
         # Replicas whose event stream went silent while they served (flagged once).
         self.silent: set[str] = set()
-        # Loads pushed by replica actors, latest per replica, waiting for the loop.
-        self._loads_in: dict[str, ReplicaLoad] = {}
-        self._loads_lock = threading.Lock()
-        # Per replica actor that has pushed a load: when it was last heard from (loop
-        # time of its last push or answered poll).
-        self._heard_at: dict[str, float] = {}
+        # Loads replica actors push (subscriber thread -> loop), and when each pushing
+        # actor was last heard from (loop time of its last push or answered poll).
+        self._pushed_loads = LoadInbox()
+        self._heard = Heard(config.router.load_timeout_s)
         self.subscriber = ZmqEventSubscriber(
             self._on_batch_thread,
             self._on_resync_thread,
@@ -334,7 +332,7 @@ class RouterService:
         logger.warning("replica %s is gone; removing it from the index", replica_id)
         self.core.remove(replica_id)
         self._events_seen.pop(replica_id, None)
-        self._heard_at.pop(replica_id, None)
+        self._heard.forget(replica_id)
         self.silent.discard(replica_id)
         self.subscriber.remove_source(replica_id)
         self._loop.create_task(link.backend.close())
@@ -404,22 +402,17 @@ class RouterService:
         """A replica actor pushed its load (subscriber thread). Coalesced: the loop is
         called once for every load that arrives while none waits, and applies the
         latest per replica."""
-        with self._loads_lock:
-            idle = not self._loads_in
-            self._loads_in[source] = load
-        if idle:
+        if self._pushed_loads.put(source, load):
             self._loop.call_soon_threadsafe(self._apply_loads)
 
     def _apply_loads(self) -> None:
         """Apply pushed loads as an answered poll is applied; the replica is heard."""
-        with self._loads_lock:
-            loads, self._loads_in = self._loads_in, {}
         now = self._loop.time()
-        for replica_id, load in loads.items():
+        for replica_id, load in self._pushed_loads.take().items():
             link = self.replicas.get(replica_id)
             if link is None or link.external:
                 continue
-            self._heard_at[replica_id] = now
+            self._heard.pushed(replica_id, now)
             self.core.report_load(replica_id, load)
             self.core.mark_suspect(replica_id, False)
 
@@ -427,16 +420,11 @@ class RouterService:
         """Judge late, by `_judge_late`'s rules, every replica actor that pushed its
         load once and has not been heard from (push or poll) for `load_timeout_s`:
         a missed push counts as a missed poll. Looks four times per timeout."""
-        timeout = self.config.router.load_timeout_s
+        heard = self._heard
         while True:
-            await asyncio.sleep(timeout / 4)
+            await asyncio.sleep(heard.timeout_s / 4)
             now = self._loop.time()
-            late = [rid for rid, at in self._heard_at.items() if now - at >= timeout]
-            self._judge_late(late, len(self._heard_at), now - timeout)
-
-    def _heard_lately(self, replica_id: str) -> bool:
-        at = self._heard_at.get(replica_id)
-        return at is not None and self._loop.time() - at < self.config.router.load_timeout_s
+            self._judge_late(heard.late(now), len(heard), now - heard.timeout_s)
 
     async def _poll_loads(self, external: bool, interval: float) -> None:
         """Refresh the load of every replica actor (`external` False) or every external
@@ -465,9 +453,8 @@ class RouterService:
             self._backend_failed(replica_id, link, exc)
             return False
         except (TimeoutError, GetTimeoutError):
-            return not self._heard_lately(replica_id)  # its pushes say it lives
-        if replica_id in self._heard_at:
-            self._heard_at[replica_id] = self._loop.time()
+            return not self._heard.lately(replica_id, self._loop.time())  # pushes say it lives
+        self._heard.answered(replica_id, self._loop.time())
         self.core.report_load(replica_id, load)
         self.core.mark_suspect(replica_id, False)
         return False
