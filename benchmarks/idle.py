@@ -7,7 +7,8 @@ over the same window.
 
 `--ray`: kvroute's own deployment (configs/default.yaml on the simulated executor, its
 replica actors and router actor on an embedded Ray), idle; the CPU of the router actor
-and of each replica actor, and the `load()` calls each replica answers per second.
+and of each replica actor, and per second the `load()` calls each replica answers and
+the loads it pushes on its event socket.
 
 Each prints one table:
 
@@ -106,15 +107,25 @@ def ray_idle(window_s: float, settle_s: float, load_poll_s: float | None) -> Non
         after = ray.get([r.health.remote() for r in replicas], timeout=30)
     finally:
         ray.shutdown()
-    calls = [
-        (a["load_calls"] - h["load_calls"]) / window_s for h, a in zip(health, after, strict=True)
-    ]
+
+    def rate(key: str) -> list[float]:
+        """Per replica, `key` of its health counted per second over the window."""
+        pairs = zip(health, after, strict=True)
+        return [(a.get(key, 0) - h.get(key, 0)) / window_s for h, a in pairs]
+
     poll = config.router.load_poll_s
     print_table(
         f"idle CPU over {window_s:g} s, share of one core (load_poll_s {poll:g})",
         [("router actor", shares[:1]), ("replica actors (each)", shares[1:])],
     )
-    print_table("per replica, per second", [("load() calls (each)", calls)], "6.1f")
+    print_table(
+        "per replica, per second",
+        [
+            ("load() calls (each)", rate("load_calls")),
+            ("loads pushed (each)", rate("loads_pushed")),
+        ],
+        "6.1f",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
