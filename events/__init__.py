@@ -1,5 +1,6 @@
 """The contract between replicas and the router: KV cache event structs and their codec,
-block-hash functions (`events.hashing`), and the ZeroMQ publisher and subscriber."""
+a replica's load and its codec, block-hash functions (`events.hashing`), and the ZeroMQ
+publisher and subscriber."""
 
 from kvroute.events.curve import CurveKeyPair, CurveServerConfig
 from kvroute.events.endpoints import offset_endpoint
@@ -18,6 +19,7 @@ from kvroute.events.kv_events import (
     decode_batch,
     encode_batch,
 )
+from kvroute.events.load import ReplicaLoad, decode_load, encode_load
 from kvroute.events.publisher import PublisherConfig, PublisherStats, ZmqEventPublisher
 from kvroute.events.sequencer import RecoveryConfig, ResyncReason, SourceState, SourceStats
 from kvroute.events.source import SourceSpec
@@ -40,6 +42,7 @@ __all__ = [
     "PublisherConfig",
     "PublisherStats",
     "RecoveryConfig",
+    "ReplicaLoad",
     "ResyncReason",
     "SourceSpec",
     "SourceState",
@@ -49,6 +52,8 @@ __all__ = [
     "ZmqEventPublisher",
     "ZmqEventSubscriber",
     "decode_batch",
+    "decode_load",
     "encode_batch",
+    "encode_load",
     "offset_endpoint",
 ]

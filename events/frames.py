@@ -1,6 +1,9 @@
 """The ZeroMQ frame layout of vLLM's KV event transport, built and parsed in one place.
 
 - live (PUB -> SUB): `[topic, seq, payload]`
+- load (PUB -> SUB, kvroute's own replicas only): `[LOAD_TOPIC, payload]`, beside the live
+  batches on the same socket. Its own topic frame and frame count keep it apart from the
+  batches, which stay byte-identical to vLLM's; it takes no seq and is never replayed.
 - replay request (DEALER -> ROUTER): `[b"", start_seq]`, seen by the ROUTER as
   `[identity, b"", start_seq]`
 - replay reply (ROUTER -> DEALER): `[identity, b"", seq, payload]` per buffered batch with
@@ -17,6 +20,7 @@ from kvroute.events.errors import MalformedInputError, MalformedKind
 
 SEQ_BYTES = 8
 END_SEQ = b"\xff" * SEQ_BYTES
+LOAD_TOPIC = b"kvroute.load"
 
 Frames = list[bytes]
 
@@ -40,6 +44,24 @@ def parse_live(frames: Frames) -> tuple[int, bytes]:
             MalformedKind.FRAME_COUNT, f"live message of {len(frames)} frames"
         )
     return unpack_seq(frames[1]), frames[2]
+
+
+def load_message(payload: bytes) -> Frames:
+    return [LOAD_TOPIC, payload]
+
+
+def is_load(frames: Frames) -> bool:
+    """A load message, told apart from a live batch by its topic frame alone."""
+    return bool(frames) and frames[0] == LOAD_TOPIC
+
+
+def parse_load(frames: Frames) -> bytes:
+    """The payload of a load message `[LOAD_TOPIC, payload]`."""
+    if len(frames) != 2:
+        raise MalformedInputError(
+            MalformedKind.FRAME_COUNT, f"load message of {len(frames)} frames"
+        )
+    return frames[1]
 
 
 def replay_request(start_seq: int) -> Frames:

@@ -11,6 +11,10 @@ Ordering and loss rules:
   then the end marker.
 - The replay socket's send high-water mark exceeds the buffer, so one full replay
   per client always fits and a replay never loses a batch in the middle.
+- `publish_load` puts a replica's load beside the batches as its own message kind
+  (`events.frames.load_message`): no seq, never buffered nor replayed, and coalesced:
+  the sender thread sends only the latest load given since it last sent one. A load
+  may overtake a batch published just before it (each wake sends both kinds).
 """
 
 from __future__ import annotations
@@ -29,8 +33,16 @@ import zmq
 from kvroute.events.curve import CurveServerConfig, secure_server, start_authenticator
 from kvroute.events.endpoints import bound_endpoint, is_loopback, offset_endpoint
 from kvroute.events.errors import MalformedInputError
-from kvroute.events.frames import pack_seq, parse_replay_request, replay_end, replay_reply
+from kvroute.events.frames import (
+    LOAD_TOPIC,
+    load_message,
+    pack_seq,
+    parse_replay_request,
+    replay_end,
+    replay_reply,
+)
 from kvroute.events.kv_events import KVEventBatch, KVEventEncoder
+from kvroute.events.load import ReplicaLoad, encode_load
 from kvroute.events.waker import Waker
 
 logger = logging.getLogger(__name__)
@@ -72,6 +84,8 @@ class PublisherStats:
     replayed: int = 0  # batches sent in replay replies
     bad_replay_requests: int = 0
     replays_limited: int = 0  # requests answered with the end marker only
+    loads_sent: int = 0  # load messages sent
+    loads_replaced: int = 0  # loads overwritten by a newer one before they were sent
 
 
 class ZmqEventPublisher:
@@ -85,6 +99,8 @@ class ZmqEventPublisher:
         self.config = config = config or PublisherConfig()
         if config.max_replays_per_s <= 0:
             raise ValueError(f"max_replays_per_s must be positive, got {config.max_replays_per_s}")
+        if config.topic.encode() == LOAD_TOPIC:
+            raise ValueError(f"topic {config.topic!r} is reserved for load messages")
         self._replay_tokens = max(1.0, config.max_replays_per_s)
         self._replay_time = time.monotonic()
         self.stats = PublisherStats()
@@ -96,6 +112,7 @@ class ZmqEventPublisher:
         )
         self._lock = threading.Lock()  # seq assignment and enqueue happen as one step
         self._next_seq = 0
+        self._load: bytes | None = None  # the latest load not sent yet; under _lock
         self._closed = False
         self._stop = threading.Event()
         self._waker = Waker()
@@ -175,6 +192,20 @@ class ZmqEventPublisher:
                 self._waker.wake()
         return True
 
+    def publish_load(self, load: ReplicaLoad) -> None:
+        """Send `load` as a load message soon, replacing one given earlier and not sent
+        yet: only the latest load matters. Never blocks."""
+        payload = encode_load(load)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("publisher is closed")
+            replaced = self._load is not None
+            self._load = payload
+            if replaced:
+                self.stats.loads_replaced += 1
+            else:  # wake only on empty -> full; the thread takes it after draining
+                self._waker.wake()
+
     def close(self, timeout_s: float = 5.0) -> None:
         """Send what is queued (within `linger_s`), stop the thread, close the sockets.
 
@@ -227,6 +258,7 @@ class ZmqEventPublisher:
             if waker_fd in ready:
                 self._waker.drain()
             self._send_queued()
+            self._send_load()
             if self._replay is not None and self._replay in ready:
                 self._serve_replays()
         self._flush()
@@ -235,6 +267,7 @@ class ZmqEventPublisher:
         """Send everything queued; after close() nothing more can be queued."""
         for _ in range(self.config.max_queue_size // _MAX_SENDS_PER_WAKE + 1):
             self._send_queued()
+        self._send_load()
 
     def _send_queued(self) -> None:
         assert self._pub is not None
@@ -247,6 +280,14 @@ class ZmqEventPublisher:
             pub.send_multipart((topic, seq_frame, payload), copy=False)
             buffer.append((int.from_bytes(seq_frame, "big"), seq_frame, payload))
             stats.sent += 1
+
+    def _send_load(self) -> None:
+        assert self._pub is not None
+        with self._lock:
+            payload, self._load = self._load, None
+        if payload is not None:
+            self._pub.send_multipart(load_message(payload), copy=False)
+            self.stats.loads_sent += 1
 
     def _replay_allowed(self) -> bool:
         """A token bucket of `max_replays_per_s`, holding one second's worth (at least one)."""

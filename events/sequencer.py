@@ -88,6 +88,7 @@ class SourceStats:
         default_factory=lambda: dict.fromkeys(MalformedKind, 0)
     )
     callback_errors: int = 0  # exceptions raised by the delivery or resync callback
+    loads: int = 0  # load messages delivered (kvroute's replicas push their load)
     last_seen: float | None = None  # wall time of the last message, live or replayed
     last_batch_ts: float | None = None  # `ts` of the last delivered batch
 

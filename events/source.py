@@ -19,8 +19,16 @@ import zmq
 
 from kvroute.events.curve import CurveKeyPair, secure_client
 from kvroute.events.errors import MalformedInputError, MalformedKind
-from kvroute.events.frames import parse_live, parse_replay_reply, replay_request
+from kvroute.events.frames import (
+    LOAD_TOPIC,
+    is_load,
+    parse_live,
+    parse_load,
+    parse_replay_reply,
+    replay_request,
+)
 from kvroute.events.kv_events import EventDecoder, KVEventBatch
+from kvroute.events.load import ReplicaLoad, decode_load
 from kvroute.events.sequencer import (
     RecoveryConfig,
     ResyncReason,
@@ -32,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 BatchCallback = Callable[[str, int, KVEventBatch], None]
 ResyncCallback = Callable[[str, ResyncReason], None]
+LoadCallback = Callable[[str, ReplicaLoad], None]
 Handler = Callable[[float], None]
 
 
@@ -46,7 +55,8 @@ class SourceSpec:
     holds, so a subscriber that joins late sees what was published before it.
     `curve_server_key` is the publisher's CURVE public key when it requires CURVE.
     `decoder` reads this publisher's payloads; None: the subscriber's (vLLM's wire
-    format).
+    format). `loads`: also subscribe to the publisher's load messages (kvroute's own
+    replicas push them; under the empty topic they arrive anyway).
     """
 
     name: str
@@ -57,6 +67,7 @@ class SourceSpec:
     catch_up: bool = False
     curve_server_key: str | None = None
     decoder: EventDecoder | None = None
+    loads: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,7 @@ class LinkSettings:
     decoder: EventDecoder
     on_batch: BatchCallback
     on_resync: ResyncCallback
+    on_load: LoadCallback | None  # None: load messages are counted and dropped
     recovery: RecoveryConfig
     rcvhwm: int
     replay_rcvhwm: int
@@ -90,6 +102,8 @@ class SourceLink:
         self.closed = False
         try:
             self._sub.setsockopt(zmq.SUBSCRIBE, spec.topic.encode())
+            if spec.loads and not LOAD_TOPIC.startswith(spec.topic.encode()):
+                self._sub.setsockopt(zmq.SUBSCRIBE, LOAD_TOPIC)
             self._sub.connect(spec.endpoint)
             self._dealer = self._new_dealer()
         except (zmq.ZMQError, ValueError):
@@ -151,6 +165,9 @@ class SourceLink:
                 frames = sub.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            if is_load(frames):
+                self._read_load(frames)
+                continue
             try:
                 seq, payload = parse_live(frames)
             except MalformedInputError as exc:
@@ -158,6 +175,23 @@ class SourceLink:
                 continue
             self.stats.last_seen = time.time()
             sequencer.on_live(seq, payload, now)
+
+    def _read_load(self, frames: list[bytes]) -> None:
+        """Decode a load message and hand it on; it bypasses the sequencer (no seq:
+        only the latest load matters)."""
+        try:
+            load = decode_load(parse_load(frames))
+        except MalformedInputError as exc:
+            self._malformed(exc)
+            return
+        self.stats.last_seen = time.time()
+        self.stats.loads += 1
+        if self._settings.on_load is None:
+            return
+        try:
+            self._settings.on_load(self.spec.name, load)
+        except Exception:
+            self._callback_failed("on_load")
 
     def _read_replay(self, now: float) -> None:
         dealer, sequencer = self._dealer, self.sequencer

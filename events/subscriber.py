@@ -5,6 +5,9 @@
   exactly once (ordering rules in `events.sequencer`); sources are independent.
 - Sources are added and removed from any thread; changes take effect on the loop
   thread in call order. `resynced` likewise.
+- Load messages (kvroute's replicas push their `ReplicaLoad` on the same socket) go
+  to `on_load` as they arrive, beside the sequencer: bad ones are counted as
+  malformed like bad batches.
 - Callbacks run on the loop thread. A slow `on_batch` overflows this subscriber's
   high-water mark; the publisher then drops live batches for it, and the gaps are
   detected and replayed, never silent.
@@ -31,6 +34,7 @@ from kvroute.events.source import (
     BatchCallback,
     Handler,
     LinkSettings,
+    LoadCallback,
     ResyncCallback,
     SourceLink,
     SourceSpec,
@@ -58,6 +62,7 @@ class ZmqEventSubscriber:
 
     `on_resync(source, reason)` is called each time a source becomes DEGRADED;
     the source then delivers nothing until `resynced(source, next_seq)`.
+    `on_load(source, load)` gets each load message a source pushes.
     """
 
     def __init__(
@@ -65,6 +70,7 @@ class ZmqEventSubscriber:
         on_batch: BatchCallback,
         on_resync: ResyncCallback,
         config: SubscriberConfig | None = None,
+        on_load: LoadCallback | None = None,
     ) -> None:
         self.config = config = config or SubscriberConfig()
         self.loop_errors = 0
@@ -76,6 +82,7 @@ class ZmqEventSubscriber:
             decoder=KVEventDecoder(config.limits),
             on_batch=on_batch,
             on_resync=on_resync,
+            on_load=on_load,
             recovery=config.recovery,
             rcvhwm=config.rcvhwm,
             replay_rcvhwm=config.replay_rcvhwm,

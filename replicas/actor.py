@@ -1,5 +1,8 @@
 """The replica as a Ray actor: one engine, one event publisher.
 
+It pushes its load on the event socket (every step that changed it, and a keepalive
+every `LOAD_KEEPALIVE_S`), so the router's `load()` poll is only a slow correction.
+
 Lifecycle: `start()` binds the event sockets, registers with the router (a
 replica registers before it publishes), then starts the serving loop. The loop
 itself (steps, request queues, publishing, aborts) is `replicas.serving.ReplicaCore`,
@@ -36,6 +39,11 @@ from kvroute.replicas.factory import build_engine
 from kvroute.replicas.serving import ReplicaCore
 
 logger = logging.getLogger(__name__)
+
+# How often an idle replica pushes its unchanged load: well inside the router's
+# `load_timeout_s` (2 s by default, and configs go down to 1 s), after which a
+# replica heard from neither by push nor by poll is suspect.
+LOAD_KEEPALIVE_S = 0.5
 
 
 def _reachable(endpoint: str | None) -> str | None:
@@ -80,10 +88,12 @@ class ReplicaServer:
             publish_token_ids=config.events.publish_token_ids,
             on_death=self._exit,
             step_in_thread=config.replicas.executor == "torch",
+            load_keepalive_s=LOAD_KEEPALIVE_S,
         )
         self._starting: asyncio.Future[ReplicaInfo] | None = None
         self._publisher: ZmqEventPublisher | None = None
         self._ipc_dir: str | None = None
+        self._load_calls = 0  # load() calls answered: what polling costs this replica
 
     def _endpoints(self) -> tuple[str, str]:
         events = self.config.events
@@ -169,6 +179,7 @@ class ReplicaServer:
         return await self.core.snapshot()
 
     def load(self) -> ReplicaLoad:
+        self._load_calls += 1
         return self.core.load()
 
     def health(self) -> dict[str, Any]:
@@ -180,6 +191,8 @@ class ReplicaServer:
             "in_flight": self.core.in_flight,
             "events_published": stats.published if stats else 0,
             "events_dropped": stats.dropped_queue_full if stats else 0,
+            "load_calls": self._load_calls,
+            "loads_pushed": self.core.loads_pushed,
         }
 
     def reset_prefix_cache(self) -> bool:

@@ -15,6 +15,7 @@ from typing import Annotated, Protocol
 import msgspec
 
 from kvroute.events.kv_events import KVEventBatch
+from kvroute.events.load import ReplicaLoad as ReplicaLoad  # the wire format owns it
 from kvroute.replicas.kv_cache.specs import KVCacheConfig
 from kvroute.replicas.request import LoRARequest
 
@@ -221,26 +222,6 @@ class StreamChunk(msgspec.Struct, frozen=True):
     new_token_ids: list[int]
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
-
-
-class ReplicaLoad(msgspec.Struct, frozen=True):
-    """A replica's load: the one type the engine reports, the wire carries and the
-    policies weigh (the router adds its own pending requests to a report).
-
-    `queued_prefill_tokens` counts prompt tokens not yet prefilled (waiting or
-    mid-chunk); `running_seqs` the sequences scheduled, `waiting_seqs` those queued.
-    """
-
-    queued_prefill_tokens: int = 0
-    running_seqs: int = 0
-    kv_usage: float = 0.0
-    waiting_seqs: int = 0
-    num_cached_blocks: int = 0
-
-    @property
-    def active_seqs(self) -> int:
-        """Sequences the replica is serving or about to: each slows every step."""
-        return self.running_seqs + self.waiting_seqs
 
 
 class ReplicaCounters(msgspec.Struct):

@@ -10,6 +10,13 @@ the loop then only yields), and resolves the requests that produced tokens.
 Because steps and `snapshot()` share the event loop, a snapshot is always
 consistent with the publisher's next seq.
 
+With `load_keepalive_s` (the Ray actor sets it), the loop also pushes its load on
+the publisher (`ZmqEventPublisher.publish_load`), once per loop turn at most: after a
+step that changed it, when it goes idle with a load changed since (an abort), and
+unchanged when nothing went out for `load_keepalive_s` (an idle loop wakes for it),
+so a router can tell an idle replica from a frozen one. Only the loop pushes: a
+frozen loop pushes nothing, and a push that fails kills the loop like any fault.
+
 A request the engine fails (`StepResult.failed`) ends alone with
 `RequestFailedError`, its cause logged once with its id. If the loop itself
 dies, the error is logged once with the requests in flight, each of them ends
@@ -22,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -80,8 +88,15 @@ class ReplicaCore:
         publish_token_ids: bool = True,
         on_death: Callable[[], None] | None = None,
         step_in_thread: bool = False,
+        load_keepalive_s: float | None = None,
     ) -> None:
+        if load_keepalive_s is not None and load_keepalive_s <= 0:
+            raise ValueError(f"load_keepalive_s must be positive, got {load_keepalive_s}")
         self.replica_id = replica_id
+        self.load_keepalive_s = load_keepalive_s
+        self.loads_pushed = 0
+        self._pushed: ReplicaLoad | None = None  # the last load pushed
+        self._pushed_at = 0.0  # and when (time.monotonic)
         self.step_in_thread = step_in_thread
         self._stepping = False
         self._between_steps: asyncio.Event | None = None
@@ -232,7 +247,10 @@ class ReplicaCore:
         if self._stepping:
             self._pending_aborts.add(request_id)
             return flight is not None
-        return self.engine.abort_request(request_id)
+        aborted = self.engine.abort_request(request_id)
+        if aborted and self._wake is not None and self.load_keepalive_s is not None:
+            self._wake.set()  # an idle loop pushes the load this changed
+        return aborted
 
     def result(self, out: RequestOutput) -> GenerateResult:
         m = out.metrics
@@ -275,14 +293,16 @@ class ReplicaCore:
         assert self._wake is not None
         while True:
             if not self.engine.has_work:
+                self._push_load(self.engine.load())
                 self._wake.clear()
-                await self._wake.wait()
+                await self._idle()
                 continue
             result = await self._step()
             self.steps += 1
             self._count_prefix_cache()
             if result.events is not None:
                 self.publish(result.events)
+            self._push_load(self._load)
             await asyncio.sleep(0.0 if result.duration_is_real else result.duration)
             for request_id, error in result.failed.items():
                 logger.error(
@@ -355,6 +375,30 @@ class ReplicaCore:
         if not self.publish_token_ids:
             batch = without_token_ids(batch)
         self.publisher.publish(batch)
+
+    def _push_load(self, load: ReplicaLoad) -> None:
+        """Push `load` if it differs from the last one pushed, or if the keepalive is due."""
+        keepalive_s = self.load_keepalive_s
+        if keepalive_s is None or self.publisher is None:
+            return
+        now = time.monotonic()
+        if load == self._pushed and now - self._pushed_at < keepalive_s:
+            return
+        self.publisher.publish_load(load)
+        self._pushed = load
+        self._pushed_at = now
+        self.loads_pushed += 1
+
+    async def _idle(self) -> None:
+        """Wait for work, or (pushing loads) until the next keepalive is due."""
+        assert self._wake is not None
+        if self.load_keepalive_s is None or self.publisher is None:
+            await self._wake.wait()
+            return
+        due = self._pushed_at + self.load_keepalive_s - time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, due)):
+                await self._wake.wait()
 
     # ------------------------------------------------------------------- state
 

@@ -44,13 +44,16 @@ class RouterConfig(Struct):
     http_host: str = "127.0.0.1"
     http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
     max_retries: Annotated[int, msgspec.Meta(ge=0)] = 3
-    load_poll_s: Positive = 0.05
+    # Replica actors push their load on their event socket each step it changes (and
+    # a keepalive when idle); this poll of their load() only corrects and checks them.
+    load_poll_s: Positive = 1.0
     # External engines' /metrics are scraped this often: the router counts what it
     # sends and what finishes, so a scrape only corrects that (and each costs the
     # engine a Prometheus render).
     engine_load_poll_s: Positive = 1.0
-    # A replica that does not report its load within this is marked suspect and
-    # gets no new requests until it does.
+    # A replica that does not report its load within this (a poll unanswered; for a
+    # replica actor, neither push nor poll heard) is marked suspect and gets no new
+    # requests until it does.
     load_timeout_s: Positive = 2.0
     # A stalled router must not mistake its own lateness for its replicas': a missed
     # load report makes a replica suspect only if the router's loop was late by less

@@ -49,6 +49,7 @@ from kvroute.replicas.api import (
     GenerateResult,
     InvalidRequestError,
     ReplicaInfo,
+    ReplicaLoad,
     StreamChunk,
 )
 from kvroute.replicas.kv_cache.prompt import PromptKeys
@@ -74,6 +75,7 @@ from kvroute.router.service.decision_log import DecisionLog
 from kvroute.router.service.loop_lag import LoopLag
 from kvroute.router.service.metrics import RouterMetrics, ScrapeView
 from kvroute.router.service.peer_routers import PeerRouters
+from kvroute.router.service.pushed_loads import Heard, LoadInbox
 from kvroute.router.service.views import scrape_view, status_view
 from kvroute.router.tier.decisions import DecisionChannelConfig
 
@@ -201,10 +203,15 @@ class RouterService:
         self._events_seen: dict[str, tuple[float, int]] = {}
         # Replicas whose event stream went silent while they served (flagged once).
         self.silent: set[str] = set()
+        # Loads replica actors push (subscriber thread -> loop), and when each pushing
+        # actor was last heard from (loop time of its last push or answered poll).
+        self._pushed_loads = LoadInbox()
+        self._heard = Heard(config.router.load_timeout_s)
         self.subscriber = ZmqEventSubscriber(
             self._on_batch_thread,
             self._on_resync_thread,
             SubscriberConfig(rcvhwm=config.events.hwm, curve=curve),
+            on_load=self._on_load_thread,
         )
         self.subscriber.start()
         self.name = name
@@ -256,6 +263,7 @@ class RouterService:
         self._tasks.append(
             self._loop.create_task(self._poll_loads(True, router.engine_load_poll_s))
         )
+        self._tasks.append(self._loop.create_task(self._watch_pushed_loads()))
         self._tasks.append(self._loop.create_task(self._supervise()))
 
     async def ready(self) -> str | None:
@@ -306,6 +314,7 @@ class RouterService:
             replay_endpoint=info.replay_endpoint,
             start_seq=start_seq,
             curve_server_key=info.curve_public_key,
+            loads=True,
         )
         self._admit(registration_of(info), RayReplica(handle), source, info.node_id)
 
@@ -329,6 +338,7 @@ class RouterService:
         logger.warning("replica %s is gone; removing it from the index", replica_id)
         self.core.remove(replica_id)
         self._events_seen.pop(replica_id, None)
+        self._heard.forget(replica_id)
         self.silent.discard(replica_id)
         self.subscriber.remove_source(replica_id)
         self._loop.create_task(link.backend.close())
@@ -394,10 +404,40 @@ class RouterService:
         self.core.resync(replica_id, snapshot.batch)
         self.subscriber.resynced(replica_id, snapshot.next_seq)
 
+    def _on_load_thread(self, source: str, load: ReplicaLoad) -> None:
+        """A replica actor pushed its load (subscriber thread). Coalesced: the loop is
+        called once for every load that arrives while none waits, and applies the
+        latest per replica."""
+        if self._pushed_loads.put(source, load):
+            self._loop.call_soon_threadsafe(self._apply_loads)
+
+    def _apply_loads(self) -> None:
+        """Apply pushed loads as an answered poll is applied; the replica is heard."""
+        now = self._loop.time()
+        for replica_id, load in self._pushed_loads.take().items():
+            link = self.replicas.get(replica_id)
+            if link is None or link.external:
+                continue
+            self._heard.pushed(replica_id, now)
+            self.core.report_load(replica_id, load)
+            self.core.mark_suspect(replica_id, False)
+
+    async def _watch_pushed_loads(self) -> None:
+        """Judge late, by `_judge_late`'s rules, every replica actor that pushed its
+        load once and has not been heard from (push or poll) for `load_timeout_s`:
+        a missed push counts as a missed poll. Looks four times per timeout."""
+        heard = self._heard
+        while True:
+            await asyncio.sleep(heard.timeout_s / 4)
+            now = self._loop.time()
+            self._judge_late(heard.late(now), len(heard), now - heard.timeout_s)
+
     async def _poll_loads(self, external: bool, interval: float) -> None:
         """Refresh the load of every replica actor (`external` False) or every external
         engine (True) each `interval`, all at once, so one slow replica delays no
-        other's report; then judge the late ones of that group together."""
+        other's report; then judge the late ones of that group together. Replica actors
+        push their loads, so their poll (`load_poll_s`, 1 s) is a correction and a
+        liveness check for those not pushing."""
         while True:
             await asyncio.sleep(interval)
             started = self._loop.time()
@@ -419,7 +459,8 @@ class RouterService:
             self._backend_failed(replica_id, link, exc)
             return False
         except (TimeoutError, GetTimeoutError):
-            return True
+            return not self._heard.lately(replica_id, self._loop.time())  # pushes say it lives
+        self._heard.answered(replica_id, self._loop.time())
         self.core.report_load(replica_id, load)
         self.core.mark_suspect(replica_id, False)
         return False

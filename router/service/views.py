@@ -56,6 +56,7 @@ def status_view(
                 "gaps": stream.gaps,
                 "resyncs": stream.resyncs,
                 "malformed": stream.malformed,
+                "loads_pushed": stream.loads,
             }
         )
     stats = index.stats

@@ -27,6 +27,10 @@ def _live(deployment: Deployment) -> list[str]:
     return [r["replica_id"] for r in deployment.client().status()["replicas"]]
 
 
+def _pushed(deployment: Deployment) -> dict[str, int]:
+    return {r["replica_id"]: r["loads_pushed"] for r in deployment.client().status()["replicas"]}
+
+
 def test_a_frozen_replica_costs_at_most_the_deadline_and_is_routed_around(
     deployment: Deployment,
 ) -> None:
@@ -34,6 +38,13 @@ def test_a_frozen_replica_costs_at_most_the_deadline_and_is_routed_around(
     victim = ray.get_actor(victim_name, namespace="kvroute")
     pid = ray.get(victim.health.remote())["pid"]
     deadline_s = 5.0
+    # Every replica pushes its load (CURVE, on its event socket), idle ones included:
+    # the freeze below is seen by the silence of those pushes as by an unanswered poll.
+    _wait(
+        lambda: all(r["loads_pushed"] >= 2 for r in deployment.client().status()["replicas"]),
+        "every replica's pushed loads",
+    )
+    pushed = _pushed(deployment)[victim_name]
 
     async def burst() -> list[tuple[int, dict]]:
         async with aiohttp.ClientSession() as session:
@@ -66,6 +77,7 @@ def test_a_frozen_replica_costs_at_most_the_deadline_and_is_routed_around(
         lambda: not any(r["suspect"] for r in deployment.client().status()["replicas"]),
         "the thawed replica to answer again",
     )
+    _wait(lambda: _pushed(deployment)[victim_name] > pushed, "the thawed replica's pushes")
 
 
 def test_a_crashed_replica_is_restarted_and_rejoins_the_index(deployment: Deployment) -> None:

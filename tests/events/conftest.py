@@ -78,7 +78,7 @@ def make_subscriber() -> Iterator[Callable[..., tuple[ZmqEventSubscriber, Collec
         collector = collector or Collector()
         config.setdefault("recovery", FAST_RECOVERY)
         subscriber = ZmqEventSubscriber(
-            collector.on_batch, collector.on_resync, SubscriberConfig(**config)
+            collector.on_batch, collector.on_resync, SubscriberConfig(**config), collector.on_load
         )
         made.append(subscriber)
         subscriber.start()

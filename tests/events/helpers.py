@@ -12,6 +12,7 @@ import zmq
 
 from kvroute.events.frames import pack_seq, parse_replay_request, replay_end
 from kvroute.events.kv_events import BlockStored, KVEventBatch, encode_batch
+from kvroute.events.load import ReplicaLoad
 from kvroute.events.publisher import ZmqEventPublisher
 from kvroute.events.sequencer import RecoveryConfig, ResyncReason, SourceState, SourceStats
 from kvroute.events.source import SourceSpec
@@ -74,6 +75,7 @@ class Collector:
 
     delivered: dict[str, list[tuple[int, KVEventBatch]]] = field(default_factory=dict)
     resyncs: list[tuple[str, ResyncReason]] = field(default_factory=list)
+    loads: list[tuple[str, ReplicaLoad]] = field(default_factory=list)
     gate: threading.Event | None = None  # when set up, on_batch blocks until it is set
     blocked: threading.Event = field(default_factory=threading.Event)  # on_batch hit the gate
     _cond: threading.Condition = field(default_factory=threading.Condition)
@@ -90,6 +92,15 @@ class Collector:
         with self._cond:
             self.resyncs.append((source, reason))
             self._cond.notify_all()
+
+    def on_load(self, source: str, load: ReplicaLoad) -> None:
+        with self._cond:
+            self.loads.append((source, load))
+            self._cond.notify_all()
+
+    def loads_of(self, source: str) -> list[ReplicaLoad]:
+        with self._cond:
+            return [load for name, load in self.loads if name == source]
 
     def seqs(self, source: str) -> list[int]:
         with self._cond:
