@@ -10,7 +10,10 @@
    engine publishes is captured. Per engine: events/s and blocks/s over the run and
    per busy second (what a saturated engine produces), and blocks per computed token.
 3. Ingest: the captured frames replayed into a fresh router (decode + `Router.apply`)
-   on one core: batches/s, events/s, blocks/s (median of --repeats).
+   on one core: batches/s, events/s, blocks/s (median of --repeats), with decoding
+   and applying timed apart frame by frame. Each round also replays the frames
+   through the decoder's checked path alone (`KVEventDecoder.decode_checked`, the
+   only path before the fast one), in alternating order, for a ratio from one run.
 
 Ingest and routing are timed in this thread's CPU time, not wall time: on a machine
 shared with other work, wall time measures the neighbours as much as the code.
@@ -37,6 +40,7 @@ import random
 import statistics
 import time
 import tracemalloc
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -101,10 +105,13 @@ class IngestRate:
     batches_per_s: float
     events_per_s: float
     blocks_per_s: float
-    # Router.apply alone, on batches decoded beforehand: the index's share.
+    # Router.apply's share of the same replay, as if decoding were free.
     apply_blocks_per_s: float = 0.0
     decode_us_per_event: float = 0.0
     apply_us_per_event: float = 0.0
+    # The same replay decoded by the checked path alone.
+    checked_blocks_per_s: float = 0.0
+    checked_decode_us_per_event: float = 0.0
 
 
 @dataclass
@@ -230,39 +237,51 @@ def fresh_router(config: BenchConfig, replicas: int) -> Router:
     return router
 
 
+def replay(
+    config: BenchConfig, frames: list[tuple[str, bytes]], decode: Callable[[bytes], KVEventBatch]
+) -> tuple[float, float]:
+    """(decode, apply) thread CPU seconds for every frame into a fresh router, each
+    frame decoded and applied in turn, as a router's event loop does."""
+    router = fresh_router(config, len({rid for rid, _ in frames}))
+    clock = time.thread_time
+    decoding = applying = 0.0
+    for rid, payload in frames:
+        t0 = clock()
+        batch = decode(payload)
+        t1 = clock()
+        router.apply(rid, batch)
+        t2 = clock()
+        decoding += t1 - t0
+        applying += t2 - t1
+    return decoding, applying
+
+
 def ingest_rate(config: BenchConfig, frames: list[tuple[str, bytes]], repeats: int) -> IngestRate:
-    """Decode + apply of every captured frame into a fresh router, on this core."""
+    """Decode + apply of every captured frame into a fresh router, on this core, with
+    the decoder's default path and with its checked path alone, alternating."""
     decoder = KVEventDecoder()
-    engines = len({rid for rid, _ in frames})
     events = blocks = 0
     for _, payload in frames:
         for event in decoder.decode(payload).events:
             events += 1
             blocks += len(getattr(event, "block_hashes", ()))
-    times, decode_times, apply_times = [], [], []
-    for _ in tqdm(range(repeats), desc="ingest", leave=False):
-        router = fresh_router(config, engines)
-        started = time.thread_time()
-        for rid, payload in frames:
-            router.apply(rid, decoder.decode(payload))
-        times.append(time.thread_time() - started)
-        started = time.thread_time()
-        decoded = [(rid, decoder.decode(payload)) for rid, payload in frames]
-        decode_times.append(time.thread_time() - started)
-        router = fresh_router(config, engines)
-        started = time.thread_time()
-        for rid, batch in decoded:
-            router.apply(rid, batch)
-        apply_times.append(time.thread_time() - started)
-    elapsed = statistics.median(times)
-    applying = statistics.median(apply_times)
+    paths = {"fast": decoder.decode, "checked": decoder.decode_checked}
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+    for round_ in tqdm(range(repeats), desc="ingest", leave=False):
+        for name in sorted(paths, reverse=bool(round_ % 2)):
+            runs[name].append(replay(config, frames, paths[name]))
+    decoding = statistics.median(d for d, _ in runs["fast"])
+    applying = statistics.median(a for _, a in runs["fast"])
+    elapsed = statistics.median(d + a for d, a in runs["fast"])
     return IngestRate(
         len(frames) / elapsed,
         events / elapsed,
         blocks / elapsed,
         apply_blocks_per_s=blocks / applying,
-        decode_us_per_event=1e6 * statistics.median(decode_times) / events,
+        decode_us_per_event=1e6 * decoding / events,
         apply_us_per_event=1e6 * applying / events,
+        checked_blocks_per_s=blocks / statistics.median(d + a for d, a in runs["checked"]),
+        checked_decode_us_per_event=1e6 * statistics.median(d for d, _ in runs["checked"]) / events,
     )
 
 
@@ -346,7 +365,7 @@ def targets(
             ingest.blocks_per_s >= 5e6,
         ),
         (
-            "ingest on one core, Router.apply alone",
+            "ingest on one core, Router.apply's share",
             f"{ingest.apply_blocks_per_s / 1e6:.2f}M blocks/s",
             ">= 5M blocks/s",
             ingest.apply_blocks_per_s >= 5e6,
@@ -458,8 +477,11 @@ def render(
         f"- {ingest.batches_per_s:,.0f} batches/s, {ingest.events_per_s:,.0f} events/s, "
         f"{ingest.blocks_per_s:,.0f} blocks/s (median of {args.repeats})",
         f"- of which decoding {ingest.decode_us_per_event:.2f} us/event and Router.apply "
-        f"{ingest.apply_us_per_event:.2f} us/event; apply alone (batches decoded "
-        f"beforehand): {ingest.apply_blocks_per_s:,.0f} blocks/s",
+        f"{ingest.apply_us_per_event:.2f} us/event; apply's share alone: "
+        f"{ingest.apply_blocks_per_s:,.0f} blocks/s",
+        f"- decoded by the checked path alone (in alternating rounds): "
+        f"{ingest.checked_blocks_per_s:,.0f} blocks/s, decoding "
+        f"{ingest.checked_decode_us_per_event:.2f} us/event",
         "",
         "## Routing CPU per request (trace prompts, median thread CPU time)",
         "",

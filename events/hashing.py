@@ -29,6 +29,8 @@ import numpy as np
 import xxhash
 from numba import njit
 
+from kvroute.events.kv_events import TokenIds
+
 HashFn = Callable[[Any], bytes]
 
 
@@ -81,35 +83,49 @@ def _merge(acc: np.uint64, lane: np.uint64) -> np.uint64:
     return (acc ^ _round(np.uint64(0), lane)) * _P1 + _P4
 
 
-@njit(cache=True)
-def _xxh64_words(words: np.ndarray, seed: np.uint64) -> np.uint64:
-    """XXH64 of the little-endian bytes of `words` (a whole number of 8-byte words)."""
-    n = words.size
-    i = 0
-    if n >= 4:
-        v1 = seed + _P1 + _P2
-        v2 = seed + _P2
-        v3 = seed
-        v4 = seed - _P1
-        while i + 4 <= n:
-            v1 = _round(v1, words[i])
-            v2 = _round(v2, words[i + 1])
-            v3 = _round(v3, words[i + 2])
-            v4 = _round(v4, words[i + 3])
-            i += 4
-        h = _rotl(v1, 1) + _rotl(v2, 7) + _rotl(v3, 12) + _rotl(v4, 18)
-        h = _merge(_merge(_merge(_merge(h, v1), v2), v3), v4)
-    else:
-        h = seed + _P5
-    h += np.uint64(8 * n)
-    while i < n:
-        h = _rotl(h ^ _round(np.uint64(0), words[i]), 27) * _P1 + _P4
-        i += 1
+@njit(cache=True, inline="always")
+def _avalanche(h: np.uint64) -> np.uint64:
     h ^= h >> np.uint64(33)
     h *= _P2
     h ^= h >> np.uint64(29)
     h *= _P3
     return h ^ (h >> np.uint64(32))
+
+
+@njit(cache=True, inline="always")
+def _xxh64_pair(
+    words: np.ndarray, seed_a: np.uint64, seed_b: np.uint64
+) -> tuple[np.uint64, np.uint64]:
+    """XXH64 of the little-endian bytes of `words` (a whole number of 8-byte words)
+    with two seeds at once: the lanes are independent, so interleaving them lets
+    the CPU run both multiply chains side by side."""
+    n = words.size
+    i = 0
+    if n >= 4:
+        a1, a2, a3, a4 = seed_a + _P1 + _P2, seed_a + _P2, seed_a, seed_a - _P1
+        b1, b2, b3, b4 = seed_b + _P1 + _P2, seed_b + _P2, seed_b, seed_b - _P1
+        while i + 4 <= n:
+            w1, w2, w3, w4 = words[i], words[i + 1], words[i + 2], words[i + 3]
+            a1, b1 = _round(a1, w1), _round(b1, w1)
+            a2, b2 = _round(a2, w2), _round(b2, w2)
+            a3, b3 = _round(a3, w3), _round(b3, w3)
+            a4, b4 = _round(a4, w4), _round(b4, w4)
+            i += 4
+        ha = _rotl(a1, 1) + _rotl(a2, 7) + _rotl(a3, 12) + _rotl(a4, 18)
+        hb = _rotl(b1, 1) + _rotl(b2, 7) + _rotl(b3, 12) + _rotl(b4, 18)
+        ha = _merge(_merge(_merge(_merge(ha, a1), a2), a3), a4)
+        hb = _merge(_merge(_merge(_merge(hb, b1), b2), b3), b4)
+    else:
+        ha, hb = seed_a + _P5, seed_b + _P5
+    length = np.uint64(8 * n)
+    ha += length
+    hb += length
+    while i < n:
+        k = _round(np.uint64(0), words[i])
+        ha = _rotl(ha ^ k, 27) * _P1 + _P4
+        hb = _rotl(hb ^ k, 27) * _P1 + _P4
+        i += 1
+    return _avalanche(ha), _avalanche(hb)
 
 
 @njit(cache=True)
@@ -122,11 +138,12 @@ def _chain(
     lanes little-endian."""
     buf = np.empty(2 + block_words, np.uint64)
     buf[:2] = root
+    seed_a, seed_b = seeds[0], seeds[1]
     for b in range(out.shape[0]):
         buf[2:] = tokens[b * block_words : (b + 1) * block_words]
-        for lane in range(2):
-            out[b, lane] = _xxh64_words(buf, seeds[lane])
-        buf[:2] = out[b]
+        lane_a, lane_b = _xxh64_pair(buf, seed_a, seed_b)
+        out[b, 0] = buf[0] = lane_a
+        out[b, 1] = buf[1] = lane_b
 
 
 _UNPACK_CHUNK = 256
@@ -151,17 +168,31 @@ def _split_digests(raw: bytes) -> list[bytes]:
     return out
 
 
-def _token_bytes(token_ids: Sequence[int]) -> bytes | None:
-    """Token ids as little-endian uint32, or None if one does not fit."""
-    try:
-        packed = array("I", token_ids)
-    except OverflowError:
-        return None
-    if packed.itemsize != 4:
-        return None
+def _token_words(
+    token_ids: Sequence[int] | np.ndarray, start: int, count: int
+) -> np.ndarray | None:
+    """Tokens start..start+count as little-endian uint32, viewed as uint64 words
+    when they fill whole words; None if one does not fit. A uint32 array (or a
+    decoded event's `TokenIds`) is read as it is; Python ints are packed by
+    `array("I")`, the cheapest conversion of them (about 7 ns each here)."""
+    if isinstance(token_ids, TokenIds):
+        token_ids = token_ids.array
+    if isinstance(token_ids, np.ndarray) and token_ids.dtype == np.uint32:
+        packed = token_ids[start : start + count]
+        if not packed.flags.c_contiguous or packed.ctypes.data % 8:
+            packed = packed.copy()  # a fresh array is contiguous and word-aligned
+    else:
+        whole = start == 0 and count == len(token_ids)
+        try:
+            ints = array("I", token_ids if whole else token_ids[start : start + count])
+        except OverflowError:
+            return None
+        if ints.itemsize != 4:
+            return None
+        packed = np.frombuffer(ints, np.uint32)
     if sys.byteorder == "big":
-        packed.byteswap()
-    return packed.tobytes()
+        packed = packed.byteswap()
+    return packed.view(np.uint64) if packed.size % 2 == 0 else packed
 
 
 class TokenChainHash:
@@ -187,9 +218,9 @@ class TokenChainHash:
             and type(value[0]) is bytes
             and len(value[0]) == DIGEST_BYTES
         ):
-            tokens = _token_bytes(value[1])
+            tokens = _token_words(value[1], 0, len(value[1]))
             if tokens is not None:
-                data = value[0] + tokens
+                data = value[0] + tokens.tobytes()
                 return b"".join(
                     xxhash.xxh64_intdigest(data, seed=seed).to_bytes(8, "little")
                     for seed in LANE_SEEDS
@@ -197,7 +228,7 @@ class TokenChainHash:
         return xxhash.xxh3_128_digest(cbor2.dumps(value, canonical=True))
 
     def chain(
-        self, parent: bytes, token_ids: Sequence[int], start: int, block_size: int
+        self, parent: bytes, token_ids: Sequence[int] | np.ndarray, start: int, block_size: int
     ) -> list[bytes] | None:
         """Digests of the plain blocks of `token_ids` from `start`, each chained on the
         one before (`parent` for the first), as `__call__` would make them one by one;
@@ -207,12 +238,12 @@ class TokenChainHash:
         count = (len(token_ids) - start) // block_size
         if count <= 0 or len(parent) != DIGEST_BYTES or block_size % 2 or sys.byteorder == "big":
             return None
-        tokens = _token_bytes(token_ids[start : start + count * block_size])
+        tokens = _token_words(token_ids, start, count * block_size)
         if tokens is None:
             return None
         out = np.empty((count, 2), np.uint64)
         root = np.frombuffer(parent, np.uint64)
-        _chain(root, np.frombuffer(tokens, np.uint64), block_size // 2, self._seeds, out)
+        _chain(root, tokens, block_size // 2, self._seeds, out)
         return _split_digests(out.tobytes())
 
 

@@ -2,7 +2,9 @@
 
 Each group's consecutive events of one kind become one table call (groups are
 independent, so interleaved groups still batch); a malformed event is dropped
-alone and counted.
+alone and counted. Removals, one event per evicted block and nearly every event
+of a stream, are gathered a span at a time (the events between two others) with
+C-level maps, not a Python step per event.
 
 Invariants:
 - A bit is set iff the replica caches that (hash, group) at least once; the
@@ -16,6 +18,9 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import chain, compress, count, repeat
+from operator import attrgetter, is_not
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +32,8 @@ from kvroute.router.index.stats import IndexStats
 
 UINT64_MAX = (1 << 64) - 1
 _INT_ONLY = frozenset({int})
+_GROUP_OF = attrgetter("group_idx")
+_HASHES_OF = attrgetter("block_hashes")
 
 
 def event_hash(block_hash: bytes) -> int:
@@ -49,14 +56,13 @@ def event_keys(block_hashes: Sequence[bytes]) -> np.ndarray:
 
 
 class _EventRun:
-    """Keys of consecutive events of one kind and group, and each event's count."""
+    """Consecutive events of one kind and group: each event's block hashes."""
 
-    __slots__ = ("keys", "kind", "sizes")
+    __slots__ = ("hashes", "kind")
 
     def __init__(self, kind: type) -> None:
         self.kind = kind
-        self.keys: list[int] = []
-        self.sizes: list[int] = []
+        self.hashes: list[Sequence[Any]] = []
 
 
 class EventIngest:
@@ -74,39 +80,55 @@ class EventIngest:
         self.stats.batches += 1
         # Runs of different groups touch different tables, so they commute.
         runs: dict[int, _EventRun] = {}
-        groups = len(entry.group_kinds)
-        untagged = 0 if groups == 1 else None
-        for event in batch.events:
-            kind = type(event)
-            if kind is BlockRemoved:
-                # The common event (one per evicted block): a removal needs only
-                # a known group; anything unusual takes the checked path.
-                group = event.group_idx
-                if group is None:
-                    group = untagged
-                if group is None or not 0 <= group < groups:
-                    group = self._group_of(entry, event)
-                    if group is None:
-                        continue
-            elif kind is BlockStored:
-                group = self._group_of(entry, event)
-                if group is None:
-                    continue
-            else:
-                if kind is AllBlocksCleared:
-                    self._flush_all(entry.bit, runs)
-                    self.stats.cleared += 1
-                    self.clear(entry.bit)
-                continue
-            run = runs.get(group)
-            if run is None or run.kind is not kind:
-                if run is not None:
-                    self._flush(entry.bit, group, run)
-                run = runs[group] = _EventRun(kind)
-            keys = event.block_hashes
-            run.keys.extend(keys)
-            run.sizes.append(len(keys))
+        events = batch.events
+        end = len(events)
+        others = compress(count(), map(is_not, map(type, events), repeat(BlockRemoved)))
+        start = 0
+        for stop in chain(others, (end,)):
+            if start < stop:
+                self._removals(entry, events[start:stop], runs)
+            if stop < end:
+                self._other(entry, events[stop], runs)
+            start = stop + 1
         self._flush_all(entry.bit, runs)
+
+    def _removals(
+        self, entry: ReplicaEntry, span: list[BlockRemoved], runs: dict[int, _EventRun]
+    ) -> None:
+        """Consecutive BlockRemoved events: all of one known group (the usual case)
+        join that group's run at once; anything else goes event by event."""
+        groups = len(entry.group_kinds)
+        tags = list(map(_GROUP_OF, span))
+        group = tags[0]
+        if tags.count(group) == len(tags):
+            if group is None and groups == 1:
+                group = 0
+            if group is not None and 0 <= group < groups:
+                self._run(entry.bit, group, BlockRemoved, runs).hashes.extend(map(_HASHES_OF, span))
+                return
+        for event in span:
+            self._other(entry, event, runs)
+
+    def _other(self, entry: ReplicaEntry, event: Any, runs: dict[int, _EventRun]) -> None:
+        """One event of any kind, applied in its order among the batch's events."""
+        kind = type(event)
+        if kind is BlockStored or kind is BlockRemoved:
+            group = self._group_of(entry, event)
+            if group is not None:
+                self._run(entry.bit, group, kind, runs).hashes.append(event.block_hashes)
+        elif kind is AllBlocksCleared:
+            self._flush_all(entry.bit, runs)
+            self.stats.cleared += 1
+            self.clear(entry.bit)
+
+    def _run(self, bit: int, group: int, kind: type, runs: dict[int, _EventRun]) -> _EventRun:
+        """The group's open run of `kind`, after flushing its run of the other kind."""
+        run = runs.get(group)
+        if run is None or run.kind is not kind:
+            if run is not None:
+                self._flush(bit, group, run)
+            run = runs[group] = _EventRun(kind)
+        return run
 
     def clear(self, bit: int) -> None:
         """Forget every confirmed block of `bit`: a compiled sweep, O(index size),
@@ -125,7 +147,8 @@ class EventIngest:
         """One table call for the run. Its hashes are checked all at once: ints in
         uint64 go straight to an array; otherwise each event is checked alone, and
         one holding a malformed hash is dropped and counted."""
-        keys = run.keys
+        hashes = run.hashes
+        keys = hashes[0] if len(hashes) == 1 else list(chain.from_iterable(hashes))
         batch = None
         if _INT_ONLY.issuperset(map(type, keys)):
             try:
@@ -133,21 +156,19 @@ class EventIngest:
             except OverflowError:
                 batch = None
         if batch is None:
-            batch = np.array(self._checked(run), np.uint64)
+            batch = np.array(self._checked(hashes), np.uint64)
         if run.kind is BlockStored:
             self._store(bit, group, batch)
         else:
             self._remove(bit, group, batch)
 
-    def _checked(self, run: _EventRun) -> list[int]:
+    def _checked(self, hashes: list[Sequence[Any]]) -> list[int]:
         """The run's keys without the events holding a malformed hash."""
         keys: list[int] = []
-        start = 0
-        for size in run.sizes:
-            event_keys = self._keys(run.keys[start : start + size])
+        for event_hashes in hashes:
+            event_keys = self._keys(event_hashes)
             if event_keys is not None:
                 keys.extend(event_keys)
-            start += size
         return keys
 
     def _group_of(self, entry: ReplicaEntry, event: BlockStored | BlockRemoved) -> int | None:

@@ -39,7 +39,7 @@ Invariants:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import msgspec
@@ -232,10 +232,11 @@ class Rekeyer:
         return rekeyed
 
     def _chain(
-        self, parent: BlockHash, tokens: list[int], hash_size: int
+        self, parent: BlockHash, tokens: Sequence[int], hash_size: int
     ) -> list[BlockHash] | None:
         """Every plain hash block's hash in one call, when the function has a
-        compiled chain (equal to hashing block by block)."""
+        compiled chain (equal to hashing block by block); a decoded event's
+        `TokenIds` go to it as their uint32 array, never as Python ints."""
         chain = getattr(self.hash_fn, "chain", None)
         return None if chain is None else chain(parent, tokens, 0, hash_size)
 

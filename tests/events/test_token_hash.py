@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 
 import cbor2
+import numpy as np
 import pytest
 import xxhash
 
@@ -19,6 +20,7 @@ from kvroute.events.hashing import (
     hash_fn_name,
     xxh64_tokens,
 )
+from kvroute.events.kv_events import TokenIds
 from kvroute.replicas.kv_cache.prompt import PromptKeys
 from kvroute.replicas.kv_cache.utils import BlockHash, RequestBlockHasher, hash_block_tokens
 
@@ -102,3 +104,48 @@ def test_blocks_that_are_not_plain_hash_their_canonical_cbor() -> None:
 def test_it_is_named_in_configs() -> None:
     assert get_hash_fn_by_name("xxh64_tokens") is xxh64_tokens
     assert hash_fn_name(xxh64_tokens) == "xxh64_tokens"
+
+
+def _reference(parent: bytes, tokens: list[int], block_size: int) -> list[bytes]:
+    """The chain straight from its definition: each block's digest is XXH64 of the
+    parent digest followed by the block's tokens as little-endian uint32, once per
+    lane seed, each lane 8 bytes little-endian."""
+    out = []
+    for start in range(0, len(tokens) - block_size + 1, block_size):
+        data = parent + b"".join(
+            t.to_bytes(4, "little") for t in tokens[start : start + block_size]
+        )
+        parent = b"".join(
+            xxhash.xxh64_intdigest(data, seed=seed).to_bytes(8, "little") for seed in LANE_SEEDS
+        )
+        out.append(parent)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_chain_equals_the_reference_for_every_form_of_token_ids(seed: int) -> None:
+    rng = random.Random(seed)
+    block_size = rng.choice([2, 4, 8, 16, 32])
+    edges = [0, 1, 2**16, 2**32 - 1]
+    tokens = [
+        rng.choice([rng.choice(edges), rng.randrange(2**32), rng.randrange(200_000)])
+        for _ in range(rng.randrange(1, 40) * block_size + rng.randrange(block_size))
+    ]
+    start = rng.randrange(len(tokens) // block_size) * block_size
+    parent = rng.randbytes(16)
+    expected = _reference(parent, tokens[start:], block_size)
+    shifted = np.array([0, *tokens], np.uint32)[1:]  # a view 4 bytes off word alignment
+    forms = [
+        tuple(tokens),
+        tokens,
+        np.array(tokens, np.uint32),
+        shifted,
+        TokenIds(np.array(tokens, np.uint32)),
+        TokenIds(shifted),
+    ]
+    for form in forms:
+        assert xxh64_tokens.chain(parent, form, start, block_size) == expected
+    assert (
+        xxh64_tokens((parent, tuple(tokens[:block_size]), None))
+        == _reference(parent, tokens[:block_size], block_size)[0]
+    )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 
 from kvroute.events.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
@@ -381,3 +384,40 @@ def test_a_prefix_cache_reset_drops_the_replicas_predictions() -> None:
     assert index.predict(request, include_predicted=True) == {"a": 8}
     index.reset("a", until_cleared=True)
     assert index.predict(request, include_predicted=True) == {"a": 0}
+
+
+def _random_events(rng: random.Random, count: int) -> list[BlockStored | BlockRemoved]:
+    """Stores and removals over a few keys and both groups of a hybrid replica, with
+    untagged and unknown groups and malformed hashes among them."""
+    groups = [0, 0, 0, 1, 1, None, 7]
+    hashes = [*range(1, 9), -1, 1 << 64, b"\x00" * 7 + b"\x05", b""]
+    events: list[BlockStored | BlockRemoved] = []
+    for _ in range(count):
+        keys = [rng.choice(hashes) for _ in range(rng.choice([1, 1, 1, 2, 3]))]
+        group = rng.choice(groups)
+        if rng.random() < 0.3:
+            events.append(_stored(keys, group=group))  # type: ignore[arg-type]
+        else:
+            events.append(BlockRemoved(block_hashes=keys, medium="GPU", group_idx=group))
+    return events
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_a_batch_applies_as_its_events_one_batch_each(seed: int) -> None:
+    rng = random.Random(seed)
+    hybrid = config(64, full(4), swa(4, 8))
+    whole, single = KVIndex(ALGO, SEED), KVIndex(ALGO, SEED)
+    for index in (whole, single):
+        index.register("h", hybrid, hash_block_size=4, hash_algo=ALGO, hash_seed=SEED)
+    for _ in range(4):
+        events = _random_events(rng, rng.randrange(1, 40))
+        whole.apply("h", KVEventBatch(ts=0.0, events=events))
+        for event in events:
+            single.apply("h", KVEventBatch(ts=0.0, events=[event]))
+    keys = np.arange(1, 9, dtype=np.uint64)
+    for group in (0, 1):
+        held = [index._groups[group].holding(keys, 0).tolist() for index in (whole, single)]
+        assert held[0] == held[1]
+    counted = [{**vars(index.stats), "batches": 0} for index in (whole, single)]
+    assert counted[0] == counted[1]
+    assert whole.replica_block_count("h") == single.replica_block_count("h")
