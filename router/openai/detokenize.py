@@ -1,10 +1,16 @@
 """Output token ids to text, incrementally, with OpenAI's `stop` strings.
 
-The whole output is decoded again at each step and only the new suffix is sent:
-a token can change how earlier bytes decode (a multi-byte character split over
-tokens), so decoding token by token would be wrong. Text that could still turn
-out to be the start of a stop string, or an incomplete character (U+FFFD at the
-end), is held back until the next step or the end.
+A token can change how earlier bytes decode (a multi-byte character split over
+tokens), so decoding token by token would be wrong; decoding the whole output
+again at every step is right but costs O(n) a step, O(n^2) a request. So, as
+vLLM's detokenizer does, each step decodes a short window twice: from
+`prefix_offset` to `read_offset` (text already sent) and from `prefix_offset` to
+the end; the difference is the new text, kept once it no longer ends in an
+incomplete character (U+FFFD), and decoded again with the next step's otherwise.
+Starting both decodes at the same earlier token keeps a tokenizer's word-start
+rules (a leading space) the same in both.
+Text that could still turn out to be the start of a stop string is held back
+until the next step or the end.
 
 Invariant: the concatenation of every `delta` equals the final text, which is the
 decoded output cut just before the first stop string, stop string excluded.
@@ -23,6 +29,9 @@ class TextAssembler:
         self._stop = tuple(stop)
         self._hold = max((len(s) - 1 for s in self._stop), default=0)
         self._token_ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self._decoded = ""  # the text of _token_ids[:_read_offset]
         self._sent = 0
         self.stopped = False
         self.text = ""
@@ -33,7 +42,7 @@ class TextAssembler:
         if self.stopped:
             return ""
         self._token_ids.extend(token_ids)
-        text = self._decode(self._token_ids)
+        text = self._read_new(finished)
         cut = self._first_stop(text)
         if cut is not None:
             text, finished = text[:cut], True
@@ -48,6 +57,22 @@ class TextAssembler:
         self._sent = len(text)
         self.text = final if finished else text
         return delta
+
+    def _read_new(self, finished: bool) -> str:
+        """The whole output's text. The tokens past `read_offset` join `_decoded` unless
+        their text ends in an incomplete character and more may come; then they are
+        decoded again, with the next step's, until it is complete."""
+        ids = self._token_ids
+        if self._read_offset == len(ids):
+            return self._decoded
+        start = self._prefix_offset
+        known = self._decode(ids[start : self._read_offset]) if self._read_offset > start else ""
+        new = self._decode(ids[start:])[len(known) :]
+        if not finished and (not new or new.endswith(REPLACEMENT)):
+            return self._decoded + new
+        self._decoded += new
+        self._prefix_offset, self._read_offset = self._read_offset, len(ids)
+        return self._decoded
 
     def _partial_stop(self, text: str) -> int:
         """Length of the longest end of `text` that begins some stop string."""
