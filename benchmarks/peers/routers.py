@@ -1,5 +1,6 @@
 """The paths a request can take to the engines: clients round-robin straight to them,
-or one router in front of them (kvroute, vllm-router, sglang-router).
+or one router in front of them (kvroute, vllm-router, sglang-router, or `relay`: a
+bare aiohttp proxy, round-robin, relaying bytes, the floor of a Python router).
 
 A path is named `ROUTER[:POLICY[:KEY=VALUE,...]]`: `direct`, `kvroute:kv_aware`,
 `kvroute:kv_aware:load_poll_s=0.5` (any `router:` config key), `vllm-router:cache_aware`,
@@ -35,7 +36,7 @@ from kvroute.benchmarks.engines import REPO, free_port
 from kvroute.benchmarks.peers.fleet import Fleet
 from kvroute.benchmarks.peers.procs import Launched
 
-ROUTERS = ("direct", "kvroute", "vllm-router", "sglang-router")
+ROUTERS = ("direct", "relay", "kvroute", "vllm-router", "sglang-router")
 INSTALL_PEERS = ".venv/bin/python -m pip install -e '.[peers]'"
 READY_DEADLINE_S = 180.0
 _WARNING = re.compile(r"\b(WARN|WARNING|ERROR|CRITICAL|Traceback)\b")
@@ -51,7 +52,8 @@ class Spec:
     @property
     def label(self) -> str:
         extra = ",".join(f"{k}={v}" for k, v in self.options.items())
-        base = self.router if self.router == "direct" else f"{self.router} {self.policy}"
+        plain = self.router in ("direct", "relay")
+        base = self.router if plain else f"{self.router} {self.policy}"
         return f"{base} ({extra})" if extra else base
 
 
@@ -61,10 +63,10 @@ def parse_spec(text: str) -> Spec:
     if router not in ROUTERS:
         raise ValueError(f"unknown router {router!r} in {text!r}; choose from {ROUTERS}")
     policy, _, options_text = rest.partition(":")
-    if router == "direct":
+    if router in ("direct", "relay"):
         if rest:
-            raise ValueError("`direct` takes no policy: clients round-robin over the engines")
-        return Spec("direct", "round_robin")
+            raise ValueError(f"`{router}` takes no policy: it round-robins over the engines")
+        return Spec(router, "round_robin")
     options: dict[str, Any] = {}
     for item in filter(None, options_text.split(",")):
         key, sep, value = item.partition("=")
@@ -134,6 +136,9 @@ class RouterPath:
             command = self._kvroute_command(workdir, port)
         elif self.spec.router == "vllm-router":
             command = self._vllm_router_command(port)
+        elif self.spec.router == "relay":
+            command = [sys.executable, "-m", "kvroute.benchmarks.peers.relay", "--port", str(port)]
+            command += ["--engines", *self.fleet.urls]
         else:
             metrics_port = free_port()
             self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"

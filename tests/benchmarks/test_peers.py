@@ -3,16 +3,21 @@ and CPU read from /proc over a whole process tree."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from kvroute.benchmarks.peers import procs, report
 from kvroute.benchmarks.peers.__main__ import scrape
 from kvroute.benchmarks.peers.fleet import start_fleet
+from kvroute.benchmarks.peers.relay import build_app as relay_app
 from kvroute.benchmarks.peers.routers import Spec, parse_spec
 from kvroute.benchmarks.peers.workloads import GENERATORS, Scale, build
 from kvroute.benchmarks.vllm_launch import http
@@ -61,6 +66,56 @@ def test_path_specs_parse_router_policy_and_kvroute_options() -> None:
         parse_spec("sglang-router:cache_aware:x=1")
     with pytest.raises(ValueError, match="write KEY=VALUE"):
         parse_spec("kvroute:kv_aware:load_poll_s")
+    assert parse_spec("relay") == Spec("relay", "round_robin")
+    assert parse_spec("relay").label == "relay"
+    with pytest.raises(ValueError, match="`relay` takes no policy"):
+        parse_spec("relay:cache_aware")
+
+
+def test_the_relay_passes_each_engines_bytes_through_in_turn() -> None:
+    """Two upstream HTTP servers; the relay sends request i to server i mod 2 and
+    returns its status, headers and streamed body byte for byte."""
+
+    def upstream(name: str) -> web.Application:
+        async def stream(request: web.Request) -> web.StreamResponse:
+            body = await request.read()
+            response = web.StreamResponse(status=201, headers={"X-Engine": name})
+            await response.prepare(request)
+            for piece in (b"data: ", name.encode(), b" ", body, b"\n\n"):
+                await response.write(piece)
+            await response.write_eof()
+            return response
+
+        app = web.Application()
+        app.router.add_post("/v1/completions", stream)
+        return app
+
+    async def scenario() -> list[tuple[int, str, bytes]]:
+        servers = [TestServer(upstream(name)) for name in ("a", "b")]
+        for server in servers:
+            await server.start_server()
+        relay = TestServer(relay_app([str(server.make_url("")).rstrip("/") for server in servers]))
+        await relay.start_server()
+        try:
+            async with aiohttp.ClientSession() as session:
+                seen = []
+                for i in range(3):
+                    url = relay.make_url("/v1/completions")
+                    async with session.post(url, data=f"q{i}".encode()) as response:
+                        seen.append(
+                            (response.status, response.headers["X-Engine"], await response.read())
+                        )
+                return seen
+        finally:
+            await relay.close()
+            for server in servers:
+                await server.close()
+
+    assert asyncio.run(scenario()) == [
+        (201, "a", b"data: a q0\n\n"),
+        (201, "b", b"data: b q1\n\n"),
+        (201, "a", b"data: a q2\n\n"),
+    ]
 
 
 def test_engine_counters_sum_vllms_totals_over_label_sets() -> None:
