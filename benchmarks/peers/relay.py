@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator
 
@@ -41,9 +42,11 @@ def build_app(engine_urls: list[str]) -> web.Application:
                 headers={k: v for k, v in upstream.headers.items() if k.lower() not in HOP_HEADERS},
             )
             await response.prepare(request)
-            async for piece in upstream.content.iter_any():
-                await response.write(piece)
-            await response.write_eof()
+            # A client that has read its `[DONE]` may close before the last chunk.
+            with contextlib.suppress(ConnectionResetError):
+                async for piece in upstream.content.iter_any():
+                    await response.write(piece)
+                await response.write_eof()
             return response
 
     app.cleanup_ctx.append(session_context)
