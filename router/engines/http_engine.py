@@ -14,6 +14,7 @@ Load comes from the engine's Prometheus `/metrics`, by the dialect's sample name
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import re
 import time
@@ -64,6 +65,8 @@ def _sample_pattern(names: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile(rf"^({alternatives}){labels}[ \t]+(\S+)", re.MULTILINE)
 
 
+# How long a finished stream's body may take to end before its connection is closed.
+DRAIN_S = 1.0
 # Request bodies carry every prompt token id: msgspec encodes them several times
 # faster than the json.dumps aiohttp would use.
 _encode_body = msgspec.json.Encoder().encode
@@ -105,6 +108,7 @@ class HttpEngine:
         response = await self._post(request)
         self._open[request.request_id] = response
         usage = _Usage(len(request.prompt_token_ids))
+        complete = False
         try:
             async for event in _sse_events(response, self.name):
                 new_tokens = self._absorb(event, usage)
@@ -114,9 +118,12 @@ class HttpEngine:
                     yield StreamChunk(
                         request.request_id, new_tokens, usage.prompt_tokens, usage.cached_tokens
                     )
+            complete = True
         finally:
             self._open.pop(request.request_id, None)
-            response.close()
+            if not complete:
+                response.close()  # vLLM aborts a request whose connection closes
+        await _reuse(response)
         latency = time.perf_counter() - started
         yield GenerateResult(
             request_id=request.request_id,
@@ -208,6 +215,24 @@ class HttpEngine:
         for response in self._open.values():
             response.close()
         self._open.clear()
+
+
+async def _reuse(response: aiohttp.ClientResponse) -> None:
+    """Give a finished stream's connection back to the pool: its body's end follows
+    `[DONE]` at once, and a connection released before it is closed instead, which
+    would cost the router and the engine a new connection for every request. A body
+    that does not end within `DRAIN_S` (or a cancelled drain) closes it."""
+    try:
+        async with asyncio.timeout(DRAIN_S):
+            while await response.content.readany():
+                pass
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        pass
+    finally:
+        if response.content.is_eof():
+            response.release()
+        else:
+            response.close()
 
 
 async def _error_message(response: aiohttp.ClientResponse) -> str:

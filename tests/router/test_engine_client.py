@@ -137,6 +137,40 @@ def test_a_stream_relays_each_step_and_ends_with_the_engines_cached_tokens(
     assert first[-1].num_cached_tokens == 0  # type: ignore[union-attr]
 
 
+def test_finished_streams_reuse_one_connection_and_an_abandoned_one_is_not(
+    tmp_path: Path,
+) -> None:
+    """Three streams read to [DONE] share one pooled connection; a stream left early
+    closes its connection (that is how the engine learns to abort), so the next
+    request opens a new one."""
+    created: list[int] = []
+    reused: list[int] = []
+
+    async def on_create(*_: object) -> None:
+        created.append(1)
+
+    async def on_reuse(*_: object) -> None:
+        reused.append(1)
+
+    async def scenario(url: str) -> tuple[int, int, int, int]:
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_create_end.append(on_create)
+        trace.on_connection_reuseconn.append(on_reuse)
+        async with aiohttp.ClientSession(trace_configs=[trace]) as session:
+            engine = vllm_engine(EngineAddress("engine-a", url, "tiny", session))
+            for rid in ("a", "b", "c"):
+                await engine.generate(_request(rid, list(range(48, 58))))
+            finished = (len(created), len(reused))
+            stream = engine.generate_stream(_request("d", list(range(48, 58)), max_tokens=50))
+            await anext(stream)
+            await stream.aclose()
+            await engine.generate(_request("e", list(range(48, 58))))
+            return (*finished, len(created), len(reused))
+
+    with serve_replica(tiny_config(tmp_path, step_s=0.02)) as server:
+        assert asyncio.run(scenario(server.url)) == (1, 2, 2, 3)
+
+
 def test_load_and_health_come_from_the_engine(tmp_path: Path) -> None:
     async def probe(url: str) -> tuple[bool, ReplicaLoad]:
         async with aiohttp.ClientSession() as session:
