@@ -65,7 +65,8 @@ def _sample_pattern(names: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile(rf"^({alternatives}){labels}[ \t]+(\S+)", re.MULTILINE)
 
 
-# How long a finished stream's body may take to end before its connection is closed.
+# How long a finished stream's body may take to end (awaited in the background)
+# before its connection is closed.
 DRAIN_S = 1.0
 # Request bodies carry every prompt token id: msgspec encodes them several times
 # faster than the json.dumps aiohttp would use.
@@ -92,6 +93,7 @@ class HttpEngine:
         self.session = address.session
         self.dialect = dialect
         self._open: dict[str, aiohttp.ClientResponse] = {}
+        self._draining: set[asyncio.Future[None]] = set()
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         result = None
@@ -123,7 +125,7 @@ class HttpEngine:
             self._open.pop(request.request_id, None)
             if not complete:
                 response.close()  # vLLM aborts a request whose connection closes
-        await _reuse(response)
+        self._reuse(response)
         latency = time.perf_counter() - started
         yield GenerateResult(
             request_id=request.request_id,
@@ -155,6 +157,19 @@ class HttpEngine:
             status = response.status
             raise ReplicaUnavailableError(f"engine {self.name} answered {status}: {detail}")
         raise InvalidRequestError(f"engine {self.name} refused the request: {detail}")
+
+    def _reuse(self, response: aiohttp.ClientResponse) -> None:
+        """Give a finished stream's connection back to the pool. A connection released
+        before its body's end is closed instead, which would cost the router and the
+        engine a new connection for every request. The end follows `[DONE]` at once and
+        has nearly always arrived with it; otherwise it is awaited in the background,
+        so the stream's last chunk never waits for it."""
+        if response.content.is_eof():
+            response.release()
+            return
+        drain = asyncio.ensure_future(_drain(response))
+        self._draining.add(drain)
+        drain.add_done_callback(self._draining.discard)
 
     @staticmethod
     def _absorb(event: dict[str, Any], usage: _Usage) -> list[int]:
@@ -215,13 +230,14 @@ class HttpEngine:
         for response in self._open.values():
             response.close()
         self._open.clear()
+        for drain in list(self._draining):
+            drain.cancel()
+        await asyncio.gather(*self._draining, return_exceptions=True)
 
 
-async def _reuse(response: aiohttp.ClientResponse) -> None:
-    """Give a finished stream's connection back to the pool: its body's end follows
-    `[DONE]` at once, and a connection released before it is closed instead, which
-    would cost the router and the engine a new connection for every request. A body
-    that does not end within `DRAIN_S` (or a cancelled drain) closes it."""
+async def _drain(response: aiohttp.ClientResponse) -> None:
+    """Read to the body's end, then release; a body that does not end within
+    `DRAIN_S` (or a cancelled drain) closes the connection instead."""
     try:
         async with asyncio.timeout(DRAIN_S):
             while await response.content.readany():

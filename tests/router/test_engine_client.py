@@ -282,3 +282,61 @@ def test_load_reads_only_whole_names_past_quoted_braces_and_timestamps() -> None
 def test_a_load_sample_that_is_not_a_number_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="vllm:num_requests_waiting: 'many' is not a number"):
         parse_load("vllm:num_requests_waiting many\n", VLLM_DIALECT.load_metrics)
+
+
+HOLD = web.AppKey("hold", asyncio.Event)
+
+
+def test_a_stream_ends_at_done_without_waiting_for_the_bodys_end_and_still_reuses() -> None:
+    """An engine that sends [DONE] but ends its body only later: the stream's result
+    comes at [DONE] (the server holds its end until the client has that result, so
+    waiting for it would deadlock), and the connection is reused once the end comes."""
+    events = [1, 2]  # how many token events each response sends before [DONE]
+
+    async def sse(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for token in range(events.pop(0)):
+            await response.write(b'data: {"choices": [{"token_ids": [%d]}]}\n\n' % token)
+        await response.write(b"data: [DONE]\n\n")
+        await request.app[HOLD].wait()
+        await response.write_eof()
+        return response
+
+    async def run() -> tuple[list[int], list[int], int, int]:
+        app = web.Application()
+        app[HOLD] = hold = asyncio.Event()
+        app.router.add_post("/v1/completions", sse)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        created: list[int] = []
+        reused: list[int] = []
+
+        async def on_create(*_: object) -> None:
+            created.append(1)
+
+        async def on_reuse(*_: object) -> None:
+            reused.append(1)
+
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_create_end.append(on_create)
+        trace.on_connection_reuseconn.append(on_reuse)
+        try:
+            async with aiohttp.ClientSession(trace_configs=[trace]) as session:
+                url = f"http://127.0.0.1:{port}"
+                engine = vllm_engine(EngineAddress("engine-a", url, "tiny", session))
+                first = await asyncio.wait_for(engine.generate(_request("a", [1])), 10)
+                hold.set()  # only now may the body end
+                deadline = time.monotonic() + 10
+                while engine._draining and time.monotonic() < deadline:  # the drain's end
+                    await asyncio.sleep(0.01)
+                second = await asyncio.wait_for(engine.generate(_request("b", [1])), 10)
+                await engine.close()
+                return first.output_token_ids, second.output_token_ids, len(created), len(reused)
+        finally:
+            await runner.cleanup()
+
+    assert asyncio.run(run()) == ([0], [0, 1], 1, 1)
