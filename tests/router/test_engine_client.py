@@ -20,7 +20,7 @@ from kvroute.replicas.api import (
     StreamChunk,
 )
 from kvroute.router.engines.backends import ReplicaUnavailableError
-from kvroute.router.engines.http_engine import parse_load
+from kvroute.router.engines.http_engine import HttpEngine, parse_load
 from kvroute.router.engines.kind import EngineAddress
 from kvroute.router.engines.vllm import VLLM_DIALECT, vllm_engine
 from tests.replicas.serve_helpers import serve_replica, tiny_config
@@ -137,35 +137,50 @@ def test_a_stream_relays_each_step_and_ends_with_the_engines_cached_tokens(
     assert first[-1].num_cached_tokens == 0  # type: ignore[union-attr]
 
 
+class Connections:
+    """Counts the connections an aiohttp session opens and reuses (its trace hooks)."""
+
+    def __init__(self) -> None:
+        self.created = self.reused = 0
+        self.trace = aiohttp.TraceConfig()
+        self.trace.on_connection_create_end.append(self._on_create)
+        self.trace.on_connection_reuseconn.append(self._on_reuse)
+
+    async def _on_create(self, *_: object) -> None:
+        self.created += 1
+
+    async def _on_reuse(self, *_: object) -> None:
+        self.reused += 1
+
+
+async def drained(engine: HttpEngine) -> None:
+    """Until `engine` has no finished stream whose body's end it still awaits."""
+    deadline = time.monotonic() + 10
+    while engine._draining:
+        assert time.monotonic() < deadline, "a finished stream's body never ended"
+        await asyncio.sleep(0.01)
+
+
 def test_finished_streams_reuse_one_connection_and_an_abandoned_one_is_not(
     tmp_path: Path,
 ) -> None:
     """Three streams read to [DONE] share one pooled connection; a stream left early
     closes its connection (that is how the engine learns to abort), so the next
     request opens a new one."""
-    created: list[int] = []
-    reused: list[int] = []
-
-    async def on_create(*_: object) -> None:
-        created.append(1)
-
-    async def on_reuse(*_: object) -> None:
-        reused.append(1)
 
     async def scenario(url: str) -> tuple[int, int, int, int]:
-        trace = aiohttp.TraceConfig()
-        trace.on_connection_create_end.append(on_create)
-        trace.on_connection_reuseconn.append(on_reuse)
-        async with aiohttp.ClientSession(trace_configs=[trace]) as session:
+        connections = Connections()
+        async with aiohttp.ClientSession(trace_configs=[connections.trace]) as session:
             engine = vllm_engine(EngineAddress("engine-a", url, "tiny", session))
             for rid in ("a", "b", "c"):
                 await engine.generate(_request(rid, list(range(48, 58))))
-            finished = (len(created), len(reused))
+                await drained(engine)
+            finished = (connections.created, connections.reused)
             stream = engine.generate_stream(_request("d", list(range(48, 58)), max_tokens=50))
             await anext(stream)
             await stream.aclose()
             await engine.generate(_request("e", list(range(48, 58))))
-            return (*finished, len(created), len(reused))
+            return (*finished, connections.created, connections.reused)
 
     with serve_replica(tiny_config(tmp_path, step_s=0.02)) as server:
         assert asyncio.run(scenario(server.url)) == (1, 2, 2, 3)
@@ -312,30 +327,22 @@ def test_a_stream_ends_at_done_without_waiting_for_the_bodys_end_and_still_reuse
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         port = runner.addresses[0][1]
-        created: list[int] = []
-        reused: list[int] = []
-
-        async def on_create(*_: object) -> None:
-            created.append(1)
-
-        async def on_reuse(*_: object) -> None:
-            reused.append(1)
-
-        trace = aiohttp.TraceConfig()
-        trace.on_connection_create_end.append(on_create)
-        trace.on_connection_reuseconn.append(on_reuse)
+        connections = Connections()
         try:
-            async with aiohttp.ClientSession(trace_configs=[trace]) as session:
+            async with aiohttp.ClientSession(trace_configs=[connections.trace]) as session:
                 url = f"http://127.0.0.1:{port}"
                 engine = vllm_engine(EngineAddress("engine-a", url, "tiny", session))
                 first = await asyncio.wait_for(engine.generate(_request("a", [1])), 10)
                 hold.set()  # only now may the body end
-                deadline = time.monotonic() + 10
-                while engine._draining and time.monotonic() < deadline:  # the drain's end
-                    await asyncio.sleep(0.01)
+                await drained(engine)
                 second = await asyncio.wait_for(engine.generate(_request("b", [1])), 10)
                 await engine.close()
-                return first.output_token_ids, second.output_token_ids, len(created), len(reused)
+                return (
+                    first.output_token_ids,
+                    second.output_token_ids,
+                    connections.created,
+                    connections.reused,
+                )
         finally:
             await runner.cleanup()
 
