@@ -1,0 +1,149 @@
+"""A replica's data plane: `ReplicaCore.generate_stream` served on a ZeroMQ ROUTER socket.
+
+Runs on the serving loop beside the Ray methods (which stay). Each generate frame
+becomes one task streaming the request's frames back to the router that sent it
+(see `replicas.data_wire`); an abort frame, or the router's disconnection, cancels
+that task, which aborts the request in the engine. A frame that does not parse is
+counted in `malformed` and dropped: it never stops the server. With a CURVE config
+the socket takes only clients that complete the handshake with an allowed key, as
+the event sockets do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from kvroute.events.curve import CurveServerConfig, secure_server, start_authenticator
+from kvroute.events.endpoints import bound_endpoint
+from kvroute.replicas.api import (
+    EngineDeadError,
+    GenerateRequest,
+    InvalidRequestError,
+    RequestAbortedError,
+    RequestFailedError,
+    StreamChunk,
+)
+from kvroute.replicas.data_wire import ABORT, CHUNK, ERROR, GENERATE, RESULT, ErrorFrame
+from kvroute.replicas.serving import ReplicaCore
+
+logger = logging.getLogger(__name__)
+
+# Frames queued to one router before sends wait: far above one step's chunks for
+# `max_requests_per_replica` requests.
+SEND_HWM = 100_000
+
+
+def error_frame(exc: Exception) -> ErrorFrame:
+    """The frame telling the router how a request ended in `exc` (never internals)."""
+    if isinstance(exc, InvalidRequestError):
+        return ErrorFrame("invalid", str(exc), exc.param)
+    if isinstance(exc, RequestFailedError):
+        return ErrorFrame("failed", str(exc))
+    if isinstance(exc, RequestAbortedError):
+        return ErrorFrame("aborted", str(exc))
+    if isinstance(exc, EngineDeadError):
+        return ErrorFrame("unavailable", str(exc))
+    return ErrorFrame("failed", "the request failed in the replica")
+
+
+class DataServer:
+    """Binds at construction (so `endpoint` can be registered), serves from `start()`."""
+
+    def __init__(
+        self, core: ReplicaCore, endpoint: str, curve: CurveServerConfig | None = None
+    ) -> None:
+        self.core = core
+        self.malformed = 0  # frames dropped because they did not parse
+        self._ctx = zmq.asyncio.Context(io_threads=1)
+        self._auth = start_authenticator(self._ctx, curve) if curve else None
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.linger = 0
+        self._sock.sndhwm = SEND_HWM
+        # A frame to a router that has gone raises instead of vanishing, so its
+        # streams stop and their requests free their blocks.
+        self._sock.router_mandatory = True
+        if curve is not None:
+            secure_server(self._sock, curve)
+        self._sock.bind(endpoint)
+        self.endpoint = bound_endpoint(self._sock)
+        # Sends never wait: the same socket, without asyncio's futures.
+        self._tx = zmq.Socket.shadow(self._sock.underlying)
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._decode_request = msgspec.msgpack.Decoder(GenerateRequest).decode
+        self._streams: dict[tuple[bytes, bytes], asyncio.Task[None]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    @property
+    def streaming(self) -> int:
+        return len(self._streams)
+
+    async def _serve(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart()
+            try:
+                self._dispatch(frames)
+            except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, ValueError):
+                self.malformed += 1
+
+    def _dispatch(self, frames: list[bytes]) -> None:
+        if len(frames) != 3:
+            raise ValueError("a data frame has a kind and one payload")
+        peer, kind, payload = frames
+        if kind == GENERATE:
+            request = self._decode_request(payload)
+            rid = request.request_id.encode()
+            if (peer, rid) in self._streams:
+                self._send(peer, ERROR, rid, ErrorFrame("invalid", "request id already in use"))
+                return
+            task = asyncio.get_running_loop().create_task(self._stream(peer, rid, request))
+            self._streams[peer, rid] = task
+        elif kind == ABORT:
+            payload.decode()
+            stream = self._streams.pop((peer, payload), None)
+            if stream is not None:
+                stream.cancel()
+        else:
+            raise ValueError("unknown frame kind")
+
+    def _send(self, peer: bytes, kind: bytes, rid: bytes, item: object) -> None:
+        """Raises zmq.ZMQError if `peer` has gone or stopped reading (SEND_HWM queued)."""
+        self._tx.send_multipart((peer, kind, rid, self._encode(item)), zmq.NOBLOCK)
+
+    async def _stream(self, peer: bytes, rid: bytes, request: GenerateRequest) -> None:
+        """Stream one request to `peer`; cancelled by an abort frame."""
+        try:
+            items = self.core.generate_stream(request)
+            async with contextlib.aclosing(items):
+                async for item in items:
+                    self._send(peer, CHUNK if isinstance(item, StreamChunk) else RESULT, rid, item)
+        except zmq.ZMQError:
+            pass  # the router has gone or stopped reading: closing the stream aborted it
+        except Exception as exc:
+            if not isinstance(exc, InvalidRequestError | RequestAbortedError):
+                logger.warning("data plane request %s failed", request.request_id, exc_info=exc)
+            with contextlib.suppress(zmq.ZMQError):
+                self._send(peer, ERROR, rid, error_frame(exc))
+        finally:
+            if self._streams.get((peer, rid)) is asyncio.current_task():
+                del self._streams[peer, rid]
+
+    def close(self) -> None:
+        """Stop serving and cancel every stream (their requests are aborted)."""
+        if self._task is not None:
+            self._task.cancel()
+        for task in self._streams.values():
+            task.cancel()
+        self._streams.clear()
+        self._sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+        self._ctx.term()
