@@ -179,9 +179,7 @@ def test_malformed_frames_are_counted_and_dropped_and_the_server_serves_on(
     asyncio.run(run())
 
 
-def test_malformed_replies_are_counted_and_dropped_and_an_error_frame_ends_the_request() -> (
-    None
-):
+def test_malformed_replies_are_counted_and_dropped_and_an_error_frame_ends_the_request() -> None:
     async def run() -> int:
         replica = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
         replica.linger = 0
@@ -196,7 +194,7 @@ def test_malformed_replies_are_counted_and_dropped_and_an_error_frame_ends_the_r
             await replica.send_multipart([peer, CHUNK])
             frame = msgspec.msgpack.encode(ErrorFrame("invalid", "prompt is empty", "prompt"))
             await replica.send_multipart([peer, ERROR, b"r-9", frame])
-            with pytest.raises(InvalidRequestError, match="^prompt is empty$"):
+            with pytest.raises(InvalidRequestError, match=r"^prompt is empty$"):
                 await _within(call)
             return backend.malformed
         finally:
