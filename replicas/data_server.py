@@ -72,8 +72,6 @@ class DataServer:
             secure_server(self._sock, curve)
         self._sock.bind(endpoint)
         self.endpoint = bound_endpoint(self._sock)
-        # Sends never wait: the same socket, without asyncio's futures.
-        self._tx = zmq.Socket.shadow(self._sock.underlying)
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode_request = msgspec.msgpack.Decoder(GenerateRequest).decode
         self._streams: dict[tuple[bytes, bytes], asyncio.Task[None]] = {}
@@ -102,7 +100,8 @@ class DataServer:
             request = self._decode_request(payload)
             rid = request.request_id.encode()
             if (peer, rid) in self._streams:
-                self._send(peer, ERROR, rid, ErrorFrame("invalid", "request id already in use"))
+                refusal = ErrorFrame("invalid", "request id already in use")
+                self._sock.send_multipart((peer, ERROR, rid, self._encode(refusal)))
                 return
             task = asyncio.get_running_loop().create_task(self._stream(peer, rid, request))
             self._streams[peer, rid] = task
@@ -114,9 +113,11 @@ class DataServer:
         else:
             raise ValueError("unknown frame kind")
 
-    def _send(self, peer: bytes, kind: bytes, rid: bytes, item: object) -> None:
-        """Raises zmq.ZMQError if `peer` has gone or stopped reading (SEND_HWM queued)."""
-        self._tx.send_multipart((peer, kind, rid, self._encode(item)), zmq.NOBLOCK)
+    async def _send(self, peer: bytes, kind: bytes, rid: bytes, item: object) -> None:
+        """Raises zmq.ZMQError if `peer` has gone. Every operation goes through the
+        asyncio socket: a send on a shadow would swallow the readable edge of its
+        file descriptor and leave the receiving side asleep."""
+        await self._sock.send_multipart((peer, kind, rid, self._encode(item)))
 
     async def _stream(self, peer: bytes, rid: bytes, request: GenerateRequest) -> None:
         """Stream one request to `peer`; cancelled by an abort frame."""
@@ -124,14 +125,15 @@ class DataServer:
             items = self.core.generate_stream(request)
             async with contextlib.aclosing(items):
                 async for item in items:
-                    self._send(peer, CHUNK if isinstance(item, StreamChunk) else RESULT, rid, item)
+                    kind = CHUNK if isinstance(item, StreamChunk) else RESULT
+                    await self._send(peer, kind, rid, item)
         except zmq.ZMQError:
-            pass  # the router has gone or stopped reading: closing the stream aborted it
+            pass  # the router has gone: closing the stream aborted the request
         except Exception as exc:
             if not isinstance(exc, InvalidRequestError | RequestAbortedError):
                 logger.warning("data plane request %s failed", request.request_id, exc_info=exc)
             with contextlib.suppress(zmq.ZMQError):
-                self._send(peer, ERROR, rid, error_frame(exc))
+                await self._send(peer, ERROR, rid, error_frame(exc))
         finally:
             if self._streams.get((peer, rid)) is asyncio.current_task():
                 del self._streams[peer, rid]

@@ -116,7 +116,6 @@ class ZmqReplica:
             secure_client(self._sock, curve, server_key)
         self._monitor = self._sock.get_monitor_socket(_MONITORED)
         self._sock.connect(endpoint)
-        self._tx = zmq.Socket.shadow(self._sock.underlying)
         self._encode = msgspec.msgpack.Encoder().encode
         self._decoders = {
             CHUNK: msgspec.msgpack.Decoder(StreamChunk).decode,
@@ -173,9 +172,14 @@ class ZmqReplica:
                 raise ReplicaUnavailableError(
                     f"no data connection to {self.endpoint} within {self.connect_timeout_s:g} s"
                 ) from None
+        # Through the asyncio socket only: a send on a shadow socket would swallow the
+        # readable edge of its file descriptor and leave `_read` asleep.
+        sent = self._sock.send_multipart(frames)
         try:
-            self._tx.send_multipart(frames, zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
+            if not sent.done():  # the connection dropped since: wait for another
+                await asyncio.wait_for(sent, self.connect_timeout_s)
+            sent.result()
+        except (zmq.ZMQError, TimeoutError) as exc:
             raise ReplicaUnavailableError(f"cannot send to {self.endpoint}: {exc}") from None
 
     def abort(self, request_id: str) -> None:
@@ -184,8 +188,11 @@ class ZmqReplica:
         if pending is not None:
             pending.put(RequestAbortedError(f"request {request_id} was aborted"))
         if self._connected.is_set() and not self._closed:
-            with contextlib.suppress(zmq.ZMQError):
-                self._tx.send_multipart((ABORT, request_id.encode()), zmq.NOBLOCK)
+            sent = self._sock.send_multipart((ABORT, request_id.encode()))
+            if sent.done():
+                sent.exception()  # best effort: a replica gone has nothing to stop
+            else:
+                sent.cancel()
 
     # ------------------------------------------------------------------ frames
 

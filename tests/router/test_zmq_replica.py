@@ -251,3 +251,16 @@ def test_a_client_whose_key_the_replica_does_not_accept_gets_nothing(tmp_path: P
             assert not core.engine.has_work
 
     asyncio.run(run())
+
+
+def test_many_concurrent_streams_on_one_connection_all_finish(tmp_path: Path) -> None:
+    """Sends and receives interleave on both sockets; none may leave a reader asleep."""
+
+    async def run() -> list[int]:
+        async with _served(_core(tmp_path)) as (_, backend):
+            results = await _within(
+                asyncio.gather(*(backend.generate(_seeded(f"c-{i}")) for i in range(64)))
+            )
+            return [len(result.output_token_ids) for result in results]
+
+    assert asyncio.run(run()) == [8] * 64
