@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 import msgspec
 import zmq
@@ -24,12 +25,21 @@ from kvroute.events.endpoints import bound_endpoint
 from kvroute.replicas.api import (
     EngineDeadError,
     GenerateRequest,
+    GenerateResult,
     InvalidRequestError,
     RequestAbortedError,
     RequestFailedError,
     StreamChunk,
 )
-from kvroute.replicas.data_wire import ABORT, CHUNK, ERROR, GENERATE, RESULT, ErrorFrame
+from kvroute.replicas.data_wire import (
+    ABORT,
+    CHUNK,
+    ERROR,
+    GENERATE,
+    GENERATE_WHOLE,
+    RESULT,
+    ErrorFrame,
+)
 from kvroute.replicas.serving import ReplicaCore
 
 logger = logging.getLogger(__name__)
@@ -96,14 +106,19 @@ class DataServer:
         if len(frames) != 3:
             raise ValueError("a data frame has a kind and one payload")
         peer, kind, payload = frames
-        if kind == GENERATE:
+        if kind in (GENERATE, GENERATE_WHOLE):
             request = self._decode_request(payload)
             rid = request.request_id.encode()
             if (peer, rid) in self._streams:
                 refusal = ErrorFrame("invalid", "request id already in use")
                 self._sock.send_multipart((peer, ERROR, rid, self._encode(refusal)))
                 return
-            task = asyncio.get_running_loop().create_task(self._stream(peer, rid, request))
+            serve = (
+                self._stream(peer, rid, request)
+                if kind == GENERATE
+                else self._whole(peer, rid, request)
+            )
+            task = asyncio.get_running_loop().create_task(serve)
             self._streams[peer, rid] = task
         elif kind == ABORT:
             payload.decode()
@@ -121,12 +136,29 @@ class DataServer:
 
     async def _stream(self, peer: bytes, rid: bytes, request: GenerateRequest) -> None:
         """Stream one request to `peer`; cancelled by an abort frame."""
+        items = self.core.generate_stream(request)
+        async with contextlib.aclosing(items):
+            await self._answer(peer, rid, request, items)
+
+    async def _whole(self, peer: bytes, rid: bytes, request: GenerateRequest) -> None:
+        """Send `peer` one request's result alone; cancelled by an abort frame."""
+        await self._answer(peer, rid, request, self._result(request))
+
+    async def _result(self, request: GenerateRequest) -> AsyncIterator[GenerateResult]:
+        yield await self.core.generate(request)
+
+    async def _answer(
+        self,
+        peer: bytes,
+        rid: bytes,
+        request: GenerateRequest,
+        items: AsyncIterator[StreamChunk | GenerateResult],
+    ) -> None:
+        """Send `items` to `peer`, or the error frame of the exception they end in."""
         try:
-            items = self.core.generate_stream(request)
-            async with contextlib.aclosing(items):
-                async for item in items:
-                    kind = CHUNK if isinstance(item, StreamChunk) else RESULT
-                    await self._send(peer, kind, rid, item)
+            async for item in items:
+                kind = CHUNK if isinstance(item, StreamChunk) else RESULT
+                await self._send(peer, kind, rid, item)
         except zmq.ZMQError:
             pass  # the router has gone: closing the stream aborted the request
         except Exception as exc:

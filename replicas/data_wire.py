@@ -4,7 +4,8 @@ A router's DEALER talks to a replica's ROUTER socket (`replicas.data_server`) in
 multipart frames, every payload msgpack (msgspec), as vLLM's front end talks to
 its engine core; Ray only places and restarts replicas.
 
-- router -> replica: `[GENERATE, GenerateRequest]` or `[ABORT, request id]`.
+- router -> replica: `[GENERATE, GenerateRequest]` (streamed), `[GENERATE_WHOLE,
+  GenerateRequest]` (the result alone, no chunks) or `[ABORT, request id]`.
 - replica -> router: `[kind, request id, payload]`, kind `CHUNK` (a StreamChunk),
   `RESULT` (the GenerateResult, the stream's last frame) or `ERROR` (an
   `ErrorFrame`, also last). The request id travels bare, so a router demultiplexes
@@ -18,6 +19,7 @@ from typing import Literal
 import msgspec
 
 GENERATE = b"G"
+GENERATE_WHOLE = b"W"
 ABORT = b"A"
 CHUNK = b"C"
 RESULT = b"R"

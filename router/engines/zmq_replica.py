@@ -39,7 +39,15 @@ from kvroute.replicas.api import (
     Snapshot,
     StreamChunk,
 )
-from kvroute.replicas.data_wire import ABORT, CHUNK, ERROR, GENERATE, RESULT, ErrorFrame
+from kvroute.replicas.data_wire import (
+    ABORT,
+    CHUNK,
+    ERROR,
+    GENERATE,
+    GENERATE_WHOLE,
+    RESULT,
+    ErrorFrame,
+)
 from kvroute.router.engines.backends import ReplicaUnavailableError
 from kvroute.router.engines.ray_replica import RayReplica
 
@@ -135,22 +143,28 @@ class ZmqReplica:
     # ---------------------------------------------------------------- requests
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
-        items = self.generate_stream(request)
+        """The result alone: the replica sends no chunks."""
+        items = self._items(request, GENERATE_WHOLE)
         async with contextlib.aclosing(items):
             async for item in items:
                 if isinstance(item, GenerateResult):
                     return item
-        raise ReplicaUnavailableError(f"the stream of request {request.request_id} ended early")
+        raise ReplicaUnavailableError(f"replica sent no result for {request.request_id}")
 
-    async def generate_stream(
+    def generate_stream(
         self, request: GenerateRequest
+    ) -> AsyncIterator[StreamChunk | GenerateResult]:
+        return self._items(request, GENERATE)
+
+    async def _items(
+        self, request: GenerateRequest, kind: bytes
     ) -> AsyncIterator[StreamChunk | GenerateResult]:
         rid = request.request_id
         if rid in self._pending:
             raise InvalidRequestError(f"request id {rid!r} is already in flight")
         pending = self._pending[rid] = _Pending()
         try:
-            await self._send((GENERATE, self._encode(request)))
+            await self._send((kind, self._encode(request)))
             while True:
                 item = await pending.get()
                 if isinstance(item, Exception):

@@ -28,7 +28,7 @@ from kvroute.replicas.api import (
 )
 from kvroute.replicas.clock import RealClock
 from kvroute.replicas.data_server import DataServer
-from kvroute.replicas.data_wire import CHUNK, ERROR, GENERATE, ErrorFrame
+from kvroute.replicas.data_wire import CHUNK, ERROR, GENERATE, GENERATE_WHOLE, ErrorFrame
 from kvroute.replicas.factory import build_engine
 from kvroute.replicas.serving import ReplicaCore
 from kvroute.router.config import load_config
@@ -188,7 +188,7 @@ def test_malformed_replies_are_counted_and_dropped_and_an_error_frame_ends_the_r
         try:
             call = asyncio.ensure_future(backend.generate(_seeded("r-9")))
             peer, kind, _ = await _within(replica.recv_multipart())
-            assert kind == GENERATE
+            assert kind == GENERATE_WHOLE  # generate() asks for the result alone
             await replica.send_multipart([peer, CHUNK, b"r-9", b"\xc1"])
             await replica.send_multipart([peer, b"Z", b"r-9", b""])
             await replica.send_multipart([peer, CHUNK])
