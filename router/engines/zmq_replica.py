@@ -8,7 +8,9 @@ handle (`RayReplica`), which Ray keeps placed and restarted.
 
 Invariants:
 - A request is sent only on a connection whose handshake (CURVE when the replica
-  has a key) succeeded; none within `connect_timeout_s` is ReplicaUnavailableError.
+  has a key) succeeded; none within `connect_timeout_s` is ReplicaUnavailableError,
+  and so, at once, is a request while a connection that was made is down (a replica
+  binds a new port when Ray restarts it: the service must re-admit it).
 - Every pending request ends: with its result or error frame, or with
   ReplicaUnavailableError as soon as the connection drops or `close()` runs (the
   service closes a replica's backend when it learns the replica died).
@@ -132,6 +134,7 @@ class ZmqReplica:
         }
         self._pending: dict[str, _Pending] = {}
         self._connected = asyncio.Event()
+        self._dropped = False  # connected once, down since
         self._closed = False
         loop = asyncio.get_running_loop()
         self._tasks = (loop.create_task(self._read()), loop.create_task(self._watch()))
@@ -177,7 +180,7 @@ class ZmqReplica:
                 del self._pending[rid]
 
     async def _send(self, frames: tuple[bytes, bytes]) -> None:
-        if self._closed:
+        if self._closed or self._dropped:
             raise ReplicaUnavailableError(f"the data connection to {self.endpoint} is closed")
         if not self._connected.is_set():
             try:
@@ -232,8 +235,10 @@ class ZmqReplica:
             event = parse_monitor_message(await self._monitor.recv_multipart())["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._connected.set()
+                self._dropped = False
             elif event == zmq.EVENT_DISCONNECTED:
                 self._connected.clear()
+                self._dropped = True
                 self._fail_all(f"the data connection to {self.endpoint} dropped")
 
     def _fail_all(self, message: str) -> None:
