@@ -4,7 +4,8 @@ Runs on the serving loop beside the Ray methods (which stay). Each generate fram
 becomes one task streaming the request's frames back to the router that sent it
 (see `replicas.data_wire`); an abort frame, or the router's disconnection, cancels
 that task, which aborts the request in the engine. A frame that does not parse is
-counted in `malformed` and dropped: it never stops the server. With a CURVE config
+counted in `malformed` and dropped (so is a second request under an id still
+streaming to the same router): it never stops the server. With a CURVE config
 the socket takes only clients that complete the handshake with an allowed key, as
 the event sockets do.
 """
@@ -99,7 +100,7 @@ class DataServer:
             frames = await self._sock.recv_multipart()
             try:
                 self._dispatch(frames)
-            except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, ValueError):
+            except (msgspec.DecodeError, ValueError):  # UnicodeDecodeError is a ValueError
                 self.malformed += 1
 
     def _dispatch(self, frames: list[bytes]) -> None:
@@ -109,10 +110,8 @@ class DataServer:
         if kind in (GENERATE, GENERATE_WHOLE):
             request = self._decode_request(payload)
             rid = request.request_id.encode()
-            if (peer, rid) in self._streams:
-                refusal = ErrorFrame("invalid", "request id already in use")
-                self._sock.send_multipart((peer, ERROR, rid, self._encode(refusal)))
-                return
+            if (peer, rid) in self._streams:  # a router never sends one: ZmqReplica refuses it
+                raise ValueError("a request id already streaming")
             serve = (
                 self._stream(peer, rid, request)
                 if kind == GENERATE
