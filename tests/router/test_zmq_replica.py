@@ -257,10 +257,13 @@ def test_many_concurrent_streams_on_one_connection_all_finish(tmp_path: Path) ->
     """Sends and receives interleave on both sockets; none may leave a reader asleep."""
 
     async def run() -> list[int]:
-        async with _served(_core(tmp_path)) as (_, backend):
-            results = await _within(
-                asyncio.gather(*(backend.generate(_seeded(f"c-{i}")) for i in range(64)))
-            )
+        async with _served(_core(tmp_path, step_s=0.001)) as (_, backend):
+
+            async def staggered(i: int) -> GenerateResult:
+                await asyncio.sleep(i * 0.002)  # arrivals interleave with replies
+                return await backend.generate(_seeded(f"c-{i}"))
+
+            results = await _within(asyncio.gather(*(staggered(i) for i in range(64))))
             return [len(result.output_token_ids) for result in results]
 
     assert asyncio.run(run()) == [8] * 64
