@@ -10,7 +10,10 @@ replicas, same prompts, same concurrency, alternating rounds:
 - router (Ray): the driver calls the router actor's `generate`;
 - router (HTTP): aiohttp clients POST /v1/completions.
 
-Run: python -m benchmarks.cluster [--requests 2000 --concurrency 32]
+The router reaches the replicas over `--data-plane` (`router.data_plane`: zmq, the
+default, or ray).
+
+Run: python -m benchmarks.cluster [--requests 2000 --concurrency 32] [--data-plane ray]
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ async def measure(args: argparse.Namespace) -> dict[str, list[tuple[float, list[
         replicas=msgspec.structs.replace(
             config.replicas, count=args.replicas, cost=fast, executor="simulated"
         ),
-        router=msgspec.structs.replace(config.router, http_port=0),
+        router=msgspec.structs.replace(config.router, http_port=0, data_plane=args.data_plane),
     )
     cluster = start_cluster(config)
     relay = ray.remote(Relay).options(max_concurrency=10_000, num_cpus=0).remote(cluster.replicas)
@@ -153,6 +156,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--data-plane", choices=("zmq", "ray"), default="zmq")
     args = parser.parse_args()
     results = asyncio.run(measure(args))
     direct_rate = statistics.median(rate for rate, _ in results["direct"])
@@ -160,7 +164,7 @@ def main() -> None:
     print(
         f"\n{args.requests} requests x {args.rounds} rounds, {args.concurrency} in flight, "
         f"{args.replicas} replicas, {args.prompt_tokens}-token prompts, 1 output token, "
-        "zero-cost executor; medians over rounds\n"
+        f"zero-cost executor, {args.data_plane} data plane; medians over rounds\n"
     )
     header = (
         f"{'path':<15} {'req/s':>7} {'vs direct':>9} {'p50 ms':>7} {'p99 ms':>7} "

@@ -7,7 +7,8 @@ serving HTTP on its own port. Every round runs each way in, in a rotated order, 
 the same prompts and the same client concurrency:
 - direct: the driver calls the 1-router cluster's replica actors round robin;
 - N routers: `KVRouteClient` over the N routers' URLs (requests spread over them in
-  turn), POST /v1/completions with one output token.
+  turn), POST /v1/completions with one output token; with several `--data-planes`,
+  a cluster per tier size and data plane (`router.data_plane`: ZeroMQ or Ray calls).
 
 Every router of a tier ingests every replica's events, as in production. Besides
 requests/s and latency, each way's CPU time is read from /proc for the routers, the
@@ -16,6 +17,7 @@ where the 2 cores, not the router, bound the rate. Figures are medians over roun
 ratios are against direct in the same run.
 
 Run: python -m benchmarks.tier [--quick] [--rounds 5 --requests 1000 --concurrency 32]
+     [--tiers 1,2,4] [--data-planes zmq,ray]
 Writes benchmarks/results/router-tier/live.md and live.json (--out).
 """
 
@@ -27,6 +29,7 @@ import json
 import os
 import random
 import statistics
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -150,16 +153,16 @@ def actor_pid(handle: Any) -> int:
     return ray.get(handle.__ray_call__.remote(lambda _self: os.getpid()))
 
 
-def tier_config(base: Config, routers: int, replicas: int) -> Config:
+def tier_config(base: Config, routers: int, replicas: int, plane: str = "zmq") -> Config:
     """`base` with `routers` routers on free ports over `replicas` free simulated replicas,
-    in a namespace of its own."""
+    reached over data plane `plane`, in a namespace of its own."""
     return msgspec.structs.replace(
         base,
-        cluster=msgspec.structs.replace(base.cluster, namespace=f"tier-{routers}"),
+        cluster=msgspec.structs.replace(base.cluster, namespace=f"tier-{routers}-{plane}"),
         replicas=msgspec.structs.replace(
             base.replicas, count=replicas, cost=FREE, executor="simulated"
         ),
-        router=msgspec.structs.replace(base.router, http_port=0, count=routers),
+        router=msgspec.structs.replace(base.router, http_port=0, count=routers, data_plane=plane),
     )
 
 
@@ -184,40 +187,44 @@ class CpuMeter:
 async def measure(args: argparse.Namespace) -> tuple[dict[str, list[Round]], dict[str, Any]]:
     base = load_config(args.config)
     tiers = [int(n) for n in args.tiers.split(",")]
-    clusters: dict[int, Cluster] = {}
+    planes = args.data_planes.split(",")
+    clusters: dict[str, Cluster] = {}
     try:
         for routers in tqdm(tiers, desc="clusters", unit="cluster"):
-            clusters[routers] = start_cluster(tier_config(base, routers, args.replicas))
+            for plane in planes:
+                config = tier_config(base, routers, args.replicas, plane)
+                clusters[_name(routers, plane, len(planes))] = start_cluster(config)
         # Every router indexes every replica before anything is timed.
         for cluster in clusters.values():
             ray.get([r.actor.wait_for_replicas.remote(args.replicas) for r in cluster.routers])
-        return await _rounds(args, base, clusters, tiers)
+        return await _rounds(args, base, clusters)
     finally:
         for cluster in reversed(clusters.values()):  # the first one owns Ray
             cluster.stop()
 
 
 async def _rounds(
-    args: argparse.Namespace, base: Config, clusters: dict[int, Cluster], tiers: list[int]
+    args: argparse.Namespace, base: Config, clusters: dict[str, Cluster]
 ) -> tuple[dict[str, list[Round]], dict[str, Any]]:
     rng = random.Random(0)
     prompts = [
         [rng.randrange(base.model.vocab_size) for _ in range(args.prompt_tokens)] for _ in range(64)
     ]
-    direct_replicas = clusters[tiers[0]].replicas
+    first = next(iter(clusters.values()))
+    direct_replicas = first.replicas
     driver = os.getpid()
     meters: dict[str, CpuMeter] = {
         # The direct path's router does no routing, only ingest of the events it causes.
         "direct": CpuMeter(
             {
-                "router": [actor_pid(h.actor) for h in clusters[tiers[0]].routers],
+                "router": [actor_pid(h.actor) for h in first.routers],
                 "replica": [actor_pid(h) for h in direct_replicas],
                 "client": [driver],
             }
         )
     }
-    for routers, cluster in clusters.items():
-        meters[_name(routers)] = CpuMeter(
+    for name, cluster in clusters.items():
+        meters[name] = CpuMeter(
             {
                 "router": [actor_pid(h.actor) for h in cluster.routers],
                 "replica": [actor_pid(h) for h in cluster.replicas],
@@ -244,8 +251,8 @@ async def _rounds(
             return call
 
         ways: dict[str, Callable[[int], Awaitable[None]]] = {"direct": direct}
-        for routers, cluster in clusters.items():
-            ways[_name(routers)] = via(KVRouteClient(cluster.urls))
+        for name, cluster in clusters.items():
+            ways[name] = via(KVRouteClient(cluster.urls))
         for call in ways.values():
             await drive(args.concurrency * 4, args.concurrency, call)  # warm up
         names = list(ways)
@@ -258,13 +265,15 @@ async def _rounds(
         "cores": os.cpu_count(),
         "load_average_at_end": os.getloadavg(),
         "replicas_per_cluster": args.replicas,
-        "urls": {_name(n): c.urls for n, c in clusters.items()},
+        "urls": {name: c.urls for name, c in clusters.items()},
     }
     return results, conditions
 
 
-def _name(routers: int) -> str:
-    return f"{routers} router" + ("s" if routers > 1 else "")
+def _name(routers: int, plane: str, planes: int) -> str:
+    """`2 routers`, or `2 routers (zmq)` when data planes are compared."""
+    name = f"{routers} router" + ("s" if routers > 1 else "")
+    return f"{name} ({plane})" if planes > 1 else name
 
 
 def main() -> None:
@@ -277,6 +286,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--data-planes", default="zmq", help="router.data_plane values, comma-separated: zmq,ray"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/router-tier"))
     args = parser.parse_args()
     if args.quick:
@@ -297,7 +309,7 @@ def main() -> None:
     table = render_table(rows, "direct")
     print(f"\n{note}\n\n{table}")
     args.out.mkdir(parents=True, exist_ok=True)
-    command = "python -m benchmarks.tier" + (" --quick" if args.quick else "")
+    command = " ".join(["python -m benchmarks.tier", *sys.argv[1:]])
     (args.out / "live.md").write_text(f"# Router tier, live\n\n`{command}`\n\n{note}\n\n{table}\n")
     payload = {
         "command": command,

@@ -35,6 +35,7 @@ from kvroute.replicas.api import (
 )
 from kvroute.replicas.clock import RealClock
 from kvroute.replicas.config import ReplicaSettings
+from kvroute.replicas.data_server import DataServer
 from kvroute.replicas.factory import build_engine
 from kvroute.replicas.serving import ReplicaCore
 
@@ -92,15 +93,18 @@ class ReplicaServer:
         )
         self._starting: asyncio.Future[ReplicaInfo] | None = None
         self._publisher: ZmqEventPublisher | None = None
+        self._data: DataServer | None = None
         self._ipc_dir: str | None = None
         self._load_calls = 0  # load() calls answered: what polling costs this replica
 
-    def _endpoints(self) -> tuple[str, str]:
+    def _endpoints(self) -> tuple[str, str, str]:
+        """Events, replay and data endpoints: all on the events' transport and host."""
         events = self.config.events
         if events.transport == "ipc":
             self._ipc_dir = tempfile.mkdtemp(prefix=f"kvroute-{self.replica_id}-")
-            return f"ipc://{self._ipc_dir}/pub", f"ipc://{self._ipc_dir}/replay"
-        return f"tcp://{events.host}:*", f"tcp://{events.host}:*"
+            base = f"ipc://{self._ipc_dir}"
+            return f"{base}/pub", f"{base}/replay", f"{base}/data"
+        return (f"tcp://{events.host}:*",) * 3
 
     async def start(self) -> ReplicaInfo:
         """Bind, register with the router, then start serving and publishing.
@@ -113,7 +117,7 @@ class ReplicaServer:
         return await asyncio.shield(self._starting)
 
     async def _start(self) -> ReplicaInfo:
-        pub, replay = self._endpoints()
+        pub, replay, data = self._endpoints()
         events = self.config.events
         self._publisher = ZmqEventPublisher(
             PublisherConfig(
@@ -126,10 +130,12 @@ class ReplicaServer:
                 max_replays_per_s=events.max_replays_per_s,
             )
         )
+        self._data = DataServer(self.core, data, self._curve)
         info = self.info()
         router = ray.get_actor(self.router_name, namespace=self.config.namespace)
         await router.register_replica.remote(info)
         self.core.start(self._publisher)
+        self._data.start()
         return info
 
     def info(self) -> ReplicaInfo:
@@ -154,6 +160,7 @@ class ReplicaServer:
             replay_endpoint=_reachable(self._publisher.replay_endpoint),
             data_parallel_rank=self.rank,
             curve_public_key=self._curve.keys.public_key if self._curve else None,
+            data_endpoint=_reachable(self._data.endpoint) if self._data else None,
         )
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
@@ -193,6 +200,8 @@ class ReplicaServer:
             "events_dropped": stats.dropped_queue_full if stats else 0,
             "load_calls": self._load_calls,
             "loads_pushed": self.core.loads_pushed,
+            "data_streaming": self._data.streaming if self._data else 0,
+            "data_malformed": self._data.malformed if self._data else 0,
         }
 
     def reset_prefix_cache(self) -> bool:
@@ -210,5 +219,7 @@ class ReplicaServer:
 
     def shutdown(self) -> None:
         self.core.cancel()
+        if self._data is not None:
+            self._data.close()
         if self._publisher is not None:  # bound, even if registering failed
             self._publisher.close()

@@ -257,6 +257,9 @@ class ReplicaInfo(msgspec.Struct, frozen=True):
     # The replica's CURVE public key (Z85): its event sockets accept only the
     # routers' key. None: the event plane is not encrypted (events.security: none).
     curve_public_key: str | None = None
+    # The replica's data plane (`replicas.data_server`, CURVE with the same key):
+    # where a router sends requests without a Ray call. None: Ray calls only.
+    data_endpoint: str | None = None
 
 
 class Snapshot(msgspec.Struct, frozen=True):

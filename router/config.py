@@ -47,6 +47,10 @@ class RouterConfig(Struct):
     # Replica actors push their load on their event socket each step it changes (and
     # a keepalive when idle); this poll of their load() only corrects and checks them.
     load_poll_s: Positive = 1.0
+    # How requests reach replica actors: their ZeroMQ data plane (a frame per
+    # request and per chunk, Ray kept for placement, load and snapshots) or Ray
+    # actor calls (about a millisecond of CPU each across both ends).
+    data_plane: Literal["zmq", "ray"] = "zmq"
     # External engines' /metrics are scraped this often: the router counts what it
     # sends and what finishes, so a scrape only corrects that (and each costs the
     # engine a Prometheus render).

@@ -67,6 +67,7 @@ from kvroute.router.engines.backends import EngineBackend, ReplicaUnavailableErr
 from kvroute.router.engines.external import ExternalEngines
 from kvroute.router.engines.link import ReplicaLink
 from kvroute.router.engines.ray_replica import ACTOR_GONE, RayReplica
+from kvroute.router.engines.zmq_replica import ZmqReplica
 from kvroute.router.openai.chat import ChatTemplate
 from kvroute.router.openai.protocol import CompletionInput, ModelNotFoundError, RoutedResult
 from kvroute.router.openai.tokenizer import load_tokenizer, tokenizer_file
@@ -172,6 +173,7 @@ class RouterService:
         self.api_keys = api_keys
         if config.events.security == "curve" and curve is None:
             raise ValueError("events.security is curve, but the router was given no key pair")
+        self._curve = curve
         self.config = config
         self.model_name = config.model.name
         policy = make_policy(config.router.policy, **config.router.policy_options)
@@ -316,7 +318,11 @@ class RouterService:
             curve_server_key=info.curve_public_key,
             loads=True,
         )
-        self._admit(registration_of(info), RayReplica(handle), source, info.node_id)
+        backend: EngineBackend = RayReplica(handle)
+        if self.config.router.data_plane == "zmq" and info.data_endpoint is not None:
+            keys = self._curve if info.curve_public_key is not None else None
+            backend = ZmqReplica(backend, info.data_endpoint, keys, info.curve_public_key)
+        self._admit(registration_of(info), backend, source, info.node_id)
 
     def _admit(
         self,

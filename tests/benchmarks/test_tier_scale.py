@@ -51,10 +51,16 @@ def test_process_cpu_s_reads_this_process() -> None:
 
 def test_tier_config_gives_each_tier_its_namespace_routers_and_free_replicas() -> None:
     config = tier_config(load_config(CONFIG_DIR / "default.yaml"), routers=4, replicas=2)
-    assert config.cluster.namespace == "tier-4"
+    assert config.cluster.namespace == "tier-4-zmq"
     assert (config.router.count, config.router.http_port) == (4, 0)
+    assert config.router.data_plane == "zmq"
     assert (config.replicas.count, config.replicas.executor) == (2, "simulated")
     assert config.replicas.cost.step_base_s == 0.0
+
+
+def test_tier_config_over_ray_calls_has_a_namespace_of_its_own() -> None:
+    config = tier_config(load_config(CONFIG_DIR / "default.yaml"), 1, 2, plane="ray")
+    assert (config.cluster.namespace, config.router.data_plane) == ("tier-1-ray", "ray")
 
 
 def test_projection_scales_the_measured_inputs() -> None:

@@ -55,6 +55,10 @@ def test_default_config_is_a_local_hybrid_cluster_of_four() -> None:
         ),
         ({"router": {"header_timeout_s": 0}}, r"Expected `float` > 0.0 - at `\$.router.header"),
         ({"router": {"max_connections": 0}}, r"Expected `int` >= 1 - at `\$.router.max_conn"),
+        (
+            {"router": {"data_plane": "grpc"}},
+            r"Invalid enum value 'grpc' - at `\$.router.data_plane`",
+        ),
     ],
 )
 def test_bad_configs_name_the_problem(data: dict, message: str) -> None:
