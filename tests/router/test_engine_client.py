@@ -4,7 +4,9 @@ engine's load, and the real exchange with a `kvroute serve-replica`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -241,6 +243,19 @@ def test_a_prefix_cache_reset_empties_the_engines_cache(tmp_path: Path) -> None:
         assert asyncio.run(serve_reset_serve(server.url)) == (True, 0)
 
 
+@contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """`app` served on a free loopback port, as its base URL, for the block's length."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
 BODY = web.AppKey("body", bytes)
 
 
@@ -259,21 +274,11 @@ def test_malformed_or_truncated_engine_output_is_the_engines_fault() -> None:
         app = web.Application()
         app[BODY] = body
         app.router.add_post("/v1/completions", sse)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        try:
-            async with aiohttp.ClientSession() as session:
-                engine = vllm_engine(
-                    EngineAddress("engine-a", f"http://127.0.0.1:{port}", "tiny", session)
-                )
-                with pytest.raises(ReplicaUnavailableError) as caught:
-                    await engine.generate(_request("a", [1, 2, 3]))
-                return str(caught.value)
-        finally:
-            await runner.cleanup()
+        async with serving(app) as url, aiohttp.ClientSession() as session:
+            engine = vllm_engine(EngineAddress("engine-a", url, "tiny", session))
+            with pytest.raises(ReplicaUnavailableError) as caught:
+                await engine.generate(_request("a", [1, 2, 3]))
+            return str(caught.value)
 
     assert asyncio.run(run(b"data: {broken\n\n")) == "engine engine-a sent malformed JSON"
     truncated = b'data: {"choices": [{"token_ids": [5]}]}\n\n'
@@ -322,28 +327,22 @@ def test_a_stream_ends_at_done_without_waiting_for_the_bodys_end_and_still_reuse
         app = web.Application()
         app[HOLD] = hold = asyncio.Event()
         app.router.add_post("/v1/completions", sse)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
         connections = Connections()
-        try:
-            async with aiohttp.ClientSession(trace_configs=[connections.trace]) as session:
-                url = f"http://127.0.0.1:{port}"
-                engine = vllm_engine(EngineAddress("engine-a", url, "tiny", session))
-                first = await asyncio.wait_for(engine.generate(_request("a", [1])), 10)
-                hold.set()  # only now may the body end
-                await drained(engine)
-                second = await asyncio.wait_for(engine.generate(_request("b", [1])), 10)
-                await engine.close()
-                return (
-                    first.output_token_ids,
-                    second.output_token_ids,
-                    connections.created,
-                    connections.reused,
-                )
-        finally:
-            await runner.cleanup()
+        async with (
+            serving(app) as url,
+            aiohttp.ClientSession(trace_configs=[connections.trace]) as session,
+        ):
+            engine = vllm_engine(EngineAddress("engine-a", url, "tiny", session))
+            first = await asyncio.wait_for(engine.generate(_request("a", [1])), 10)
+            hold.set()  # only now may the body end
+            await drained(engine)
+            second = await asyncio.wait_for(engine.generate(_request("b", [1])), 10)
+            await engine.close()
+            return (
+                first.output_token_ids,
+                second.output_token_ids,
+                connections.created,
+                connections.reused,
+            )
 
     assert asyncio.run(run()) == ([0], [0, 1], 1, 1)
