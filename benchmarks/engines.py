@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,9 +59,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def pinned_to(cpus: frozenset[int] | None) -> Callable[[], None] | None:
+    """A `preexec_fn` that confines the new process, and every process it starts, to
+    `cpus`; None (no confinement) for None. Engines that share cores slow each other
+    down, which a real cluster, one accelerator per engine, never sees."""
+    if cpus is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
 @dataclass
 class Engine:
-    """One serve-replica process on its own HTTP, event and replay ports."""
+    """One serve-replica process on its own HTTP, event and replay ports; `cpus`, if
+    set, the only cores it runs on."""
 
     name: str
     config: Path
@@ -69,6 +80,7 @@ class Engine:
     events_port: int = field(default_factory=free_port)
     replay_port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    cpus: frozenset[int] | None = None
 
     @property
     def url(self) -> str:
@@ -107,7 +119,9 @@ class Engine:
         ]
         command += ["--port", str(self.port), "--kv-events-config", json.dumps(events)]
         with self.log.open("ab") as log:
-            self.process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
+            self.process = subprocess.Popen(
+                command, env=env, stdout=log, stderr=log, preexec_fn=pinned_to(self.cpus)
+            )
         return self
 
     @property

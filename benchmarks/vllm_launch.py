@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvroute.benchmarks.engines import free_port
+from kvroute.benchmarks.engines import free_port, pinned_to
 
 BLOCK = 32
 START_DEADLINE_S = 900.0  # a vLLM server's start on a busy 2-core machine
@@ -162,6 +162,7 @@ class VllmServer:
     replay_port: int
     log: Path
     process: subprocess.Popen[bytes] | None = None
+    cpus: frozenset[int] | None = None  # the only cores it runs on, if set
 
     @property
     def url(self) -> str:
@@ -212,6 +213,7 @@ class VllmServer:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=pinned_to(self.cpus),
             )
 
     def stop(self) -> None:

@@ -51,7 +51,6 @@ DEFAULT_ROUTERS = [
     "vllm-router:kv_aware",
     "sglang-router:cache_aware",
 ]
-ENGINES = 3
 
 
 def scrape(fleet: Fleet) -> list[report.EngineCounters]:
@@ -155,7 +154,15 @@ def run(args: argparse.Namespace, workloads: list[Workload], specs: list[Spec]) 
             mine = [w for w in workloads if w.layout == layout]
             if not mine:
                 continue
-            fleet = start_fleet(args.engines, layout, ENGINES, args.executor, workdir, args.python)
+            fleet = start_fleet(
+                args.engines,
+                layout,
+                args.engine_count,
+                args.executor,
+                workdir,
+                args.python,
+                pin=args.pin_engines,
+            )
             try:
                 with routers_for(specs, fleet, workdir) as paths:
                     for round_ in range(args.rounds):
@@ -206,6 +213,13 @@ def main(argv: list[str] | None = None) -> None:
         default=".venv-vllm/bin/python",
         help="with --engines vllm: the Python of vLLM's venv (`make vllm-e2e` builds it)",
     )
+    parser.add_argument("--engine-count", type=int, default=3, help="engines (default 3)")
+    parser.add_argument(
+        "--pin-engines",
+        action="store_true",
+        help="run engine i on core i alone, as engines with an accelerator each do not "
+        "slow each other down (at most one engine per core)",
+    )
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
@@ -215,9 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     args.settle = 0.5 if args.quick else 1.0
     args.idle = 1.5 if args.quick else 3.0
     scale = (
-        Scale(requests=24, sessions=6, engine_tokens=ENGINE_TOKENS, engines=ENGINES)
+        Scale(requests=24, sessions=6, engine_tokens=ENGINE_TOKENS, engines=args.engine_count)
         if args.quick
-        else Scale(requests=48, sessions=12, engine_tokens=ENGINE_TOKENS, engines=ENGINES)
+        else Scale(requests=48, sessions=12, engine_tokens=ENGINE_TOKENS, engines=args.engine_count)
     )
     try:
         specs = [parse_spec(s) for s in args.routers]
@@ -231,9 +245,12 @@ def main(argv: list[str] | None = None) -> None:
         names = " and ".join(missing)
         raise SystemExit(f"{names} not installed; install the peers: {INSTALL_PEERS}")
 
-    engines = f"{ENGINES} x {args.engines} ({args.executor} executor)"
+    count = args.engine_count
+    engines = f"{count} x {args.engines} ({args.executor} executor)"
     if args.engines == "vllm":
-        engines = f"{ENGINES} x vLLM {vllm_version(args.python)} (tiny random Llama, byte tokens)"
+        engines = f"{count} x vLLM {vllm_version(args.python)} (tiny random Llama, byte tokens)"
+    if args.pin_engines:
+        engines += ", each pinned to a core of its own"
     load_before, busy_before = os.getloadavg(), _busy_ticks()
     started = time.monotonic()
     runs = run(args, workloads, specs)
@@ -251,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
         "engines": engines,
         "workloads": {w.name: w.about for w in workloads},
         "requests": {w.name: w.requests for w in workloads},
+        "bounds": {w.name: round(w.bound(), 4) for w in workloads},
         "rounds": args.rounds,
         "concurrency": args.concurrency,
     }
@@ -263,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{meta['wall_s']:.0f} s\n\n"
         + report.table(rows)
         + "\n\nkvroute against the best clean peer (highest hit rate):\n\n"
-        + report.verdicts(rows)
+        + report.verdicts(rows, meta["bounds"])
         + "\n\nWorkloads:\n\n"
         + "\n".join(f"- {w.name} ({w.requests} requests): {w.about}" for w in workloads)
     )

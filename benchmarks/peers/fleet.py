@@ -13,6 +13,7 @@ is serve-replica's.
 
 from __future__ import annotations
 
+import os
 import time
 import urllib.error
 import urllib.request
@@ -162,11 +163,24 @@ def vllm_config(checkpoint: Path) -> dict[str, Any]:
     }
 
 
-def _start_vllm(count: int, python: str, workdir: Path) -> Fleet:
+def engine_cpus(count: int, pin: bool) -> list[frozenset[int] | None]:
+    """Each engine's cores: with `pin`, engine i runs on core i alone (so at most as
+    many engines as this process may use); otherwise anywhere."""
+    if not pin:
+        return [None] * count
+    cores = sorted(os.sched_getaffinity(0))
+    if count > len(cores):
+        raise ValueError(f"cannot pin {count} engines to {len(cores)} cores, one core each")
+    return [frozenset({core}) for core in cores[:count]]
+
+
+def _start_vllm(count: int, python: str, workdir: Path, pin: bool) -> Fleet:
     checkpoint = workdir / "vllm-checkpoint"
     if not checkpoint.exists():
         VLLM_MODEL.write(checkpoint, seed=0)
     servers = vllm_launch.plan_servers(count, workdir, prefix="vllm")
+    for server, cpus in zip(servers, engine_cpus(count, pin), strict=True):
+        server.cpus = cpus
     fleet = Fleet(servers, vllm_config(checkpoint))
     try:
         for server in servers:
@@ -179,17 +193,27 @@ def _start_vllm(count: int, python: str, workdir: Path) -> Fleet:
 
 
 def start_fleet(
-    kind: str, layout: str, count: int, executor: str, workdir: Path, python: str
+    kind: str,
+    layout: str,
+    count: int,
+    executor: str,
+    workdir: Path,
+    python: str,
+    pin: bool = False,
 ) -> Fleet:
-    """`count` healthy engines of `kind` for `layout`; `python` is vLLM's venv's."""
+    """`count` healthy engines of `kind` for `layout`, each on a core of its own
+    with `pin`; `python` is vLLM's venv's."""
     if kind == "vllm":
         if layout != "full":
             raise ValueError(f"--engines vllm runs full attention only, not {layout!r}")
-        return _start_vllm(count, python, workdir)
+        return _start_vllm(count, python, workdir, pin)
     config = engine_config(layout, executor)
     path = workdir / f"engine-{layout}.yaml"
     path.write_text(yaml.safe_dump(config))
-    engines = [Engine(f"{layout}-{i + 1}", path, hash_seed=str(i + 1)) for i in range(count)]
+    engines = [
+        Engine(f"{layout}-{i + 1}", path, hash_seed=str(i + 1), cpus=cpus)
+        for i, cpus in enumerate(engine_cpus(count, pin))
+    ]
     fleet = Fleet(engines, config)
     try:
         for engine in engines:

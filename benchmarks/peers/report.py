@@ -209,11 +209,22 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def verdicts(rows: list[Row]) -> str:
+def verdicts(rows: list[Row], bounds: dict[str, float] | None = None) -> str:
     """Per workload, each kvroute row against the best clean peer: hit-rate points and
-    TTFT p90, with the larger of the two rows' p90 spreads as the noise bar."""
+    TTFT p90, with the larger of the two rows' p90 spreads as the noise bar; with
+    `bounds`, each workload's never-evicting cache's hit rate first."""
     lines = []
     for workload in dict.fromkeys(r.workload for r in rows):
+        if bounds and workload in bounds:
+            reached = ", ".join(
+                f"{r.path} {r.hit_rate / bounds[workload]:.1%}"
+                for r in rows
+                if r.workload == workload and bounds[workload]
+            )
+            lines.append(
+                f"- {workload}: a cache that never evicts would hit {bounds[workload]:.1%}; "
+                f"share of it reached: {reached}"
+            )
         peer = best_peer(rows, workload)
         for mine in (r for r in rows if r.workload == workload and r.path.startswith("kvroute")):
             if peer is None:

@@ -38,6 +38,24 @@ class Workload:
     def prompt_tokens(self) -> int:
         return sum(len(p) for s in self.sessions for p in s)
 
+    def bound(self, block_size: int = 16) -> float:
+        """The prefix-cache hit rate of one cache that never evicts: the most any
+        router can reach, since each distinct block must be computed once somewhere.
+        Counted as vLLM counts (`vllm:prefix_cache_hits` over `..._queries`): one token
+        per character (the byte tokenizers), whole blocks, never a prompt's last
+        token. Sessions' turns run in order; across sessions order does not matter
+        to a cache that keeps everything."""
+        seen: set[str] = set()
+        hits = 0
+        for session in self.sessions:
+            for prompt in session:
+                usable = (len(prompt) - 1) // block_size
+                blocks = [prompt[: (k + 1) * block_size] for k in range(len(prompt) // block_size)]
+                leading = next((k for k in range(usable) if blocks[k] not in seen), usable)
+                hits += leading * block_size
+                seen.update(blocks)
+        return hits / self.prompt_tokens if self.prompt_tokens else 0.0
+
 
 @dataclass(frozen=True)
 class Scale:

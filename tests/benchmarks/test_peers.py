@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,10 +17,10 @@ from aiohttp.test_utils import TestServer
 
 from kvroute.benchmarks.peers import procs, report
 from kvroute.benchmarks.peers.__main__ import scrape
-from kvroute.benchmarks.peers.fleet import start_fleet
+from kvroute.benchmarks.peers.fleet import engine_cpus, start_fleet
 from kvroute.benchmarks.peers.relay import build_app as relay_app
 from kvroute.benchmarks.peers.routers import Spec, parse_spec
-from kvroute.benchmarks.peers.workloads import GENERATORS, Scale, build
+from kvroute.benchmarks.peers.workloads import GENERATORS, Scale, Workload, build
 from kvroute.benchmarks.vllm_launch import http
 
 SCALE = Scale(requests=12, sessions=4, engine_tokens=4096, engines=3)
@@ -47,6 +48,36 @@ def test_workload_shapes_follow_the_scale() -> None:
     assert len(heads) <= 8 and all(len(p) == 1024 + 4 + 32 for (p,) in pressure.sessions)
     assert hybrid.layout == "hybrid" and pressure.layout == "full"
     assert hybrid.sessions != pressure.sessions
+
+
+def test_the_bound_counts_whole_blocks_seen_before_and_never_a_prompts_last_token() -> None:
+    a, b = "a" * 40, "b" * 16
+    workload = Workload(
+        "w",
+        "full",
+        # `a` first: nothing seen. (a+b)'s 3 usable blocks: a's 2 seen, then one
+        # (a's tail + b) never seen. The repeat of `a`: both its blocks seen. `b`
+        # alone: its only block would hold its last token, which is never a hit.
+        sessions=((a, a + b), (a,), (b,)),
+        max_tokens=1,
+        about="",
+    )
+    assert workload.bound(block_size=16) == (0 + 32 + 32 + 0) / (40 + 56 + 40 + 16)
+
+
+def test_the_bound_is_what_kvroute_reached_on_the_committed_vllm_runs() -> None:
+    full = Scale(requests=48, sessions=12, engine_tokens=4096, engines=3)
+    tenants, pressure = build(["tenants", "pressure"], full, seed=0)
+    # benchmarks/results/peers/vllm-full: kvroute kv_aware 80.1% and 80.5%.
+    assert (round(tenants.bound(), 3), round(pressure.bound(), 3)) == (0.801, 0.805)
+
+
+def test_pinned_engines_get_a_core_each_and_too_many_are_refused() -> None:
+    cores = sorted(os.sched_getaffinity(0))
+    assert engine_cpus(2, pin=False) == [None, None]
+    assert engine_cpus(1, pin=True) == [frozenset({cores[0]})]
+    with pytest.raises(ValueError, match=rf"cannot pin {len(cores) + 1} engines to {len(cores)}"):
+        engine_cpus(len(cores) + 1, pin=True)
 
 
 def test_an_unknown_workload_is_named_in_the_error() -> None:
@@ -200,6 +231,12 @@ def test_a_degraded_peer_is_never_the_best_peer() -> None:
     assert best is not None and best.path == "sglang-router cache_aware"
     assert "kvroute kv_aware hit 90.0% vs sglang-router cache_aware 70.0% (+20.0 pts)" in (
         report.verdicts(rows)
+    )
+    # With the workload's bound, each path's share of it comes first.
+    assert report.verdicts(rows, {"w": 0.9}).splitlines()[0] == (
+        "- w: a cache that never evicts would hit 90.0%; share of it reached: "
+        "vllm-router cache_aware 105.6%, sglang-router cache_aware 77.8%, "
+        "kvroute kv_aware 100.0%"
     )
 
 
