@@ -245,7 +245,12 @@ def build_replica_app(
         return _status_error(409, "requests in flight hold blocks; the prefix cache was not reset")
 
     async def metrics(request: web.Request) -> web.Response:
-        response = web.Response(body=generate_latest(registry))
+        """The exposition; with `name[]` parameters, only those samples, as
+        prometheus_client's own app (and so vLLM's `/metrics`) answers."""
+        names = request.query.getall("name[]", [])
+        response = web.Response(
+            body=generate_latest(registry.restricted_registry(names) if names else registry)
+        )
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 

@@ -69,3 +69,27 @@ class Heard:
 
     def forget(self, replica_id: str) -> None:
         self._at.pop(replica_id, None)
+
+
+class Working:
+    """When each external engine last showed that it works: a streamed chunk or an
+    event batch from it, in the caller's clock (seconds). vLLM answers `/metrics` from
+    its API server process, which shares the host's cores with its engine: a late
+    answer from an engine that is streaming tokens says that process is busy, not
+    that the engine is gone, and routing around it would move its traffic away from
+    its cache."""
+
+    def __init__(self, within_s: float) -> None:
+        self.within_s = within_s
+        self._at: dict[str, float] = {}
+
+    def saw(self, replica_id: str, now: float) -> None:
+        self._at[replica_id] = now
+
+    def lately(self, replica_id: str, now: float) -> bool:
+        """Seen working within `within_s`."""
+        at = self._at.get(replica_id)
+        return at is not None and now - at < self.within_s
+
+    def forget(self, replica_id: str) -> None:
+        self._at.pop(replica_id, None)

@@ -76,7 +76,7 @@ from kvroute.router.service.decision_log import DecisionLog
 from kvroute.router.service.loop_lag import LoopLag
 from kvroute.router.service.metrics import RouterMetrics, ScrapeView
 from kvroute.router.service.peer_routers import PeerRouters
-from kvroute.router.service.pushed_loads import Heard, LoadInbox
+from kvroute.router.service.pushed_loads import Heard, LoadInbox, Working
 from kvroute.router.service.views import scrape_view, status_view
 from kvroute.router.tier.decisions import DecisionChannelConfig
 
@@ -209,6 +209,7 @@ class RouterService:
         # actor was last heard from (loop time of its last push or answered poll).
         self._pushed_loads = LoadInbox()
         self._heard = Heard(config.router.load_timeout_s)
+        self._working = Working(config.router.load_timeout_s)
         self.subscriber = ZmqEventSubscriber(
             self._on_batch_thread,
             self._on_resync_thread,
@@ -345,6 +346,7 @@ class RouterService:
         self.core.remove(replica_id)
         self._events_seen.pop(replica_id, None)
         self._heard.forget(replica_id)
+        self._working.forget(replica_id)
         self.silent.discard(replica_id)
         self.subscriber.remove_source(replica_id)
         self._loop.create_task(link.backend.close())
@@ -381,6 +383,7 @@ class RouterService:
         self.core.apply(source, batch)
         if not link.external:
             return
+        self._working.saw(source, self._loop.time())
         contradiction = self.core.index.contradictions.get(source)
         if contradiction is not None:
             self.external.refuse(source, link.registration, contradiction)
@@ -465,7 +468,11 @@ class RouterService:
             self._backend_failed(replica_id, link, exc)
             return False
         except (TimeoutError, GetTimeoutError):
-            return not self._heard.lately(replica_id, self._loop.time())  # pushes say it lives
+            # Late, unless its pushes, streams or events show it lives and works.
+            now = self._loop.time()
+            return not (
+                self._heard.lately(replica_id, now) or self._working.lately(replica_id, now)
+            )
         self._heard.answered(replica_id, self._loop.time())
         self.core.report_load(replica_id, load)
         self.core.mark_suspect(replica_id, False)
@@ -678,6 +685,7 @@ class RouterService:
                         if isinstance(item, StreamChunk):
                             streamed = True
                             clock.tokens(len(item.new_token_ids))
+                            self._working.saw(decision.replica_id, self._loop.time())
                             yield item
                         else:
                             ended = True

@@ -21,6 +21,7 @@ from kvroute.events.hashing import get_hash_fn_by_name
 from kvroute.replicas.http_server.serve import hash_root
 from kvroute.replicas.kv_cache.utils import BlockHash, hash_block_tokens, maybe_convert_block_hash
 from kvroute.router.app.cli import main
+from kvroute.router.engines.http_engine import metrics_url
 from tests.replicas.serve_helpers import (
     BLOCK,
     DEADLINE_S,
@@ -177,6 +178,19 @@ def test_metrics_are_vllms_and_exact_after_requests(tmp_path: Path) -> None:
         "vllm:generation_tokens_total": (labels, 6.0),
         "vllm:request_success_total": (labels, 2.0),
     }
+
+
+def test_metrics_named_in_the_query_come_alone_as_prometheus_clients_app_sends_them(
+    tmp_path: Path,
+) -> None:
+    """The router's load scrape asks for its samples by `name[]`: the engine sends
+    those, not every family."""
+    with serve_replica(tiny_config(tmp_path), rank=0) as server:
+        post(server.url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 3})
+        url = metrics_url(server.url, ["vllm:num_requests_running", "vllm:kv_cache_usage_perc"])
+        text = fetch(url).text
+    names = [s.name for family in text_string_to_metric_families(text) for s in family.samples]
+    assert names == ["vllm:num_requests_running", "vllm:kv_cache_usage_perc"]
 
 
 def test_bad_input_gets_vllms_error_envelope(tmp_path: Path) -> None:

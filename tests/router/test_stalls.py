@@ -13,7 +13,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import pytest
+from aiohttp import web
 
 from kvroute.events.curve import CurveKeyPair
 from kvroute.replicas.api import SamplingOptions, StreamChunk
@@ -141,6 +143,75 @@ def test_a_frozen_engine_is_suspected_when_the_router_is_on_time(tmp_path: Path)
                 thaw.set()
 
         assert asyncio.run(_with_service(config, watch)) == (True, False)
+
+
+async def _slow_metrics_proxy(engine_url: str, delay_s: float) -> web.AppRunner:
+    """A reverse proxy to `engine_url` whose `/metrics` answers `delay_s` late: an
+    engine whose API server is busy while its engine streams on."""
+    session = aiohttp.ClientSession()
+
+    async def relay(request: web.Request) -> web.StreamResponse:
+        if request.path == "/metrics":
+            await asyncio.sleep(delay_s)
+        async with session.request(
+            request.method, engine_url + request.path_qs, data=await request.read()
+        ) as upstream:
+            response = web.StreamResponse(status=upstream.status)
+            response.content_type = upstream.content_type
+            await response.prepare(request)
+            async for piece in upstream.content.iter_any():
+                await response.write(piece)
+            await response.write_eof()
+            return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", relay)
+    app.on_cleanup.append(lambda _: session.close())
+    runner = web.AppRunner(app)
+    await runner.setup()
+    return runner
+
+
+def test_an_engine_streaming_tokens_is_not_suspected_for_a_late_load_report(
+    tmp_path: Path,
+) -> None:
+    """Its `/metrics` answers after the load timeout, but tokens and events keep
+    coming: not suspect. Once its traffic stops, the same late answers suspect it."""
+    events, port = free_port(), free_port()
+    with serve_replica(tiny_config(tmp_path, step_s=0.02), events_json(events)) as server:
+
+        async def scenario() -> tuple[list[bool], bool]:
+            proxy = await _slow_metrics_proxy(server.url, delay_s=1.0)
+            await web.TCPSite(proxy, "127.0.0.1", port).start()
+            config = _config(
+                [(f"http://127.0.0.1:{port}", events)],
+                load_timeout_s=0.3,
+                engine_load_poll_s=0.2,
+            )
+
+            async def serve(service: RouterService) -> tuple[list[bool], bool]:
+                suspect = lambda: service.core.replicas["engine-0"].suspect  # noqa: E731
+                seen = []
+                for i in range(6):  # 6 x 8 tokens x 20 ms: about 1 s of streaming
+                    async for _ in service.generate_stream(
+                        CompletionInput(
+                            text=f"busy engine {i}",
+                            max_tokens=8,
+                            stream=True,
+                            sampling=SamplingOptions(ignore_eos=True),
+                        )
+                    ):
+                        pass
+                    seen.append(suspect())
+                await _until(suspect, "suspected once idle")
+                return seen, suspect()
+
+            try:
+                return await _with_service(config, serve)
+            finally:
+                await proxy.cleanup()
+
+        assert asyncio.run(scenario()) == ([False] * 6, True)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
