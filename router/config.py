@@ -55,6 +55,10 @@ class RouterConfig(Struct):
     # sends and what finishes, so a scrape only corrects that (and each costs the
     # engine a Prometheus render).
     engine_load_poll_s: Positive = 1.0
+    # Once the router has been quiet this long (nothing in flight, nothing ended),
+    # it scrapes external engines' /metrics and checks their /health only this often
+    # (router/service/probes.py): idle, they have nothing new to say.
+    engine_quiet_probe_s: Positive = 10.0
     # A replica that does not report its load within this (a poll unanswered; for a
     # replica actor, neither push nor poll heard) is marked suspect and gets no new
     # requests until it does.

@@ -19,7 +19,7 @@ import functools
 import re
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -39,22 +39,38 @@ from kvroute.router.engines.kind import EngineAddress, RequestDialect
 
 def parse_load(text: str, load_metrics: Mapping[str, str]) -> ReplicaLoad:
     """A ReplicaLoad from a Prometheus exposition (sums over an engine's label sets);
-    `load_metrics` maps sample names to `ReplicaLoad` fields. Only the samples named
-    are read, by one compiled pattern: vLLM's exposition is tens of kilobytes of
-    histograms, and parsing all of it every scrape cost the router more CPU while
-    idle than everything else it does then."""
+    `load_metrics` maps sample names to `ReplicaLoad` fields. Only the lines that
+    start with a name asked for are read: vLLM's exposition is 50 KB of histograms,
+    which a parser (86 ms) and then one pattern over the whole text (0.5 ms) both
+    walked; finding the few lines costs microseconds."""
     values: dict[str, float] = {}
-    for name, value in _sample_pattern(tuple(load_metrics)).findall(text):
-        field = load_metrics[name]
-        try:
-            values[field] = values.get(field, 0.0) + float(value)
-        except ValueError:
-            raise ValueError(f"metric {name}: {value!r} is not a number") from None
+    pattern = _sample_pattern(tuple(load_metrics))
+    for name, field in load_metrics.items():
+        for start in _lines_starting(text, name):
+            sample = pattern.match(text, start)
+            if sample is None or sample.group(1) != name:
+                continue  # a longer name, or no sample line
+            try:
+                values[field] = values.get(field, 0.0) + float(sample.group(2))
+            except ValueError:
+                raise ValueError(f"metric {name}: {sample.group(2)!r} is not a number") from None
     return ReplicaLoad(
         running_seqs=int(values.get("running_seqs", 0)),
         waiting_seqs=int(values.get("waiting_seqs", 0)),
         kv_usage=float(values.get("kv_usage", 0.0)),
     )
+
+
+def _lines_starting(text: str, prefix: str) -> Iterator[int]:
+    """The offset of every line of `text` that starts with `prefix`."""
+    at = 0 if text.startswith(prefix) else _after_newline(text.find("\n" + prefix))
+    while at >= 0:
+        yield at
+        at = _after_newline(text.find("\n" + prefix, at))
+
+
+def _after_newline(found: int) -> int:
+    return found + 1 if found >= 0 else -1
 
 
 def metrics_url(base_url: str, names: Iterable[str]) -> str:

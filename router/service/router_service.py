@@ -76,6 +76,7 @@ from kvroute.router.service.decision_log import DecisionLog
 from kvroute.router.service.loop_lag import LoopLag
 from kvroute.router.service.metrics import RouterMetrics, ScrapeView
 from kvroute.router.service.peer_routers import PeerRouters
+from kvroute.router.service.probes import ProbeGate
 from kvroute.router.service.pushed_loads import Heard, LoadInbox, Working
 from kvroute.router.service.views import scrape_view, status_view
 from kvroute.router.tier.decisions import DecisionChannelConfig
@@ -210,6 +211,7 @@ class RouterService:
         self._pushed_loads = LoadInbox()
         self._heard = Heard(config.router.load_timeout_s)
         self._working = Working(config.router.load_timeout_s)
+        self._probes = ProbeGate(config.router.engine_quiet_probe_s)
         self.subscriber = ZmqEventSubscriber(
             self._on_batch_thread,
             self._on_resync_thread,
@@ -453,7 +455,7 @@ class RouterService:
             links = [
                 (rid, link) for rid, link in self.replicas.items() if link.external == external
             ]
-            if not links:
+            if not links or (external and not self._probes.due("load", started)):
                 continue
             late = await asyncio.gather(*(self._poll(rid, link) for rid, link in links))
             missed = [rid for (rid, _), was in zip(links, late, strict=True) if was]
@@ -547,7 +549,10 @@ class RouterService:
         follow the decisions of every peer router, new or restarted."""
         while True:
             await asyncio.sleep(self.config.router.supervise_s)
-            await self.external.check_health()
+            # A failing engine is checked at full rate, quiet or not: its recovery,
+            # or its removal after `engine_failure_window_s`, is what is awaited.
+            if self.external.failing or self._probes.due("health", self._loop.time()):
+                await self.external.check_health()
             self._check_event_streams()
             await self._discover_replicas()
             if self.peers is not None:
@@ -620,8 +625,12 @@ class RouterService:
     async def generate(self, body: CompletionInput) -> RoutedResult:
         """Route and dispatch; if the chosen replica dies, retry elsewhere."""
         routed = None
-        async for item in self._attempts(body, stream=False):
-            routed = item  # exactly one item; run the generator to its end
+        self._probes.begin(self._loop.time())
+        try:
+            async for item in self._attempts(body, stream=False):
+                routed = item  # exactly one item; run the generator to its end
+        finally:
+            self._probes.end(self._loop.time())
         assert isinstance(routed, RoutedResult)
         return routed
 
@@ -631,8 +640,12 @@ class RouterService:
         """Route and stream: a StreamChunk per engine step, then the RoutedResult.
         A replica that dies before the first chunk is retried elsewhere; one that
         dies mid-stream ends the stream with NoReplicaError."""
-        async for item in self._attempts(body, stream=True):
-            yield item
+        self._probes.begin(self._loop.time())
+        try:
+            async for item in self._attempts(body, stream=True):
+                yield item
+        finally:
+            self._probes.end(self._loop.time())
 
     async def _attempts(
         self, body: CompletionInput, stream: bool

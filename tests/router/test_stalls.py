@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aiohttp
 import pytest
 from aiohttp import web
 
@@ -25,6 +24,7 @@ from kvroute.router.service.loop_lag import LoopLag
 from kvroute.router.service.router_service import RouterService
 from tests.replicas.serve_helpers import ServerThread, events_json, serve_replica, tiny_config
 from tests.replicas.test_serve_replica import free_port
+from tests.router.engine_proxy import engine_proxy
 
 pytestmark = pytest.mark.timeout(180)
 DEADLINE_S = 30.0
@@ -145,33 +145,6 @@ def test_a_frozen_engine_is_suspected_when_the_router_is_on_time(tmp_path: Path)
         assert asyncio.run(_with_service(config, watch)) == (True, False)
 
 
-async def _slow_metrics_proxy(engine_url: str, delay_s: float) -> web.AppRunner:
-    """A reverse proxy to `engine_url` whose `/metrics` answers `delay_s` late: an
-    engine whose API server is busy while its engine streams on."""
-    session = aiohttp.ClientSession()
-
-    async def relay(request: web.Request) -> web.StreamResponse:
-        if request.path == "/metrics":
-            await asyncio.sleep(delay_s)
-        async with session.request(
-            request.method, engine_url + request.path_qs, data=await request.read()
-        ) as upstream:
-            response = web.StreamResponse(status=upstream.status)
-            response.content_type = upstream.content_type
-            await response.prepare(request)
-            async for piece in upstream.content.iter_any():
-                await response.write(piece)
-            await response.write_eof()
-            return response
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", relay)
-    app.on_cleanup.append(lambda _: session.close())
-    runner = web.AppRunner(app)
-    await runner.setup()
-    return runner
-
-
 def test_an_engine_streaming_tokens_is_not_suspected_for_a_late_load_report(
     tmp_path: Path,
 ) -> None:
@@ -181,7 +154,7 @@ def test_an_engine_streaming_tokens_is_not_suspected_for_a_late_load_report(
     with serve_replica(tiny_config(tmp_path, step_s=0.02), events_json(events)) as server:
 
         async def scenario() -> tuple[list[bool], bool]:
-            proxy = await _slow_metrics_proxy(server.url, delay_s=1.0)
+            proxy = await engine_proxy(server.url, metrics_delay_s=1.0)
             await web.TCPSite(proxy, "127.0.0.1", port).start()
             config = _config(
                 [(f"http://127.0.0.1:{port}", events)],
