@@ -453,11 +453,12 @@ class Router:
         open_rows = allowed & ~columns.closed
         if not open_rows.any():
             open_rows = allowed
-        open_count = int(np.count_nonzero(open_rows))
-        if not open_count:
-            raise NoReplicaError("no replica is available")
-        rows = np.flatnonzero(open_rows & self._admits(columns, prepared))
+        admits = self._admits(columns, prepared)
+        rows = np.flatnonzero(open_rows if admits is None else open_rows & admits)
         if not rows.size:
+            open_count = int(np.count_nonzero(open_rows))
+            if not open_count:
+                raise NoReplicaError("no replica is available")
             raise ReplicasBusyError(
                 f"all {open_count} replicas are at their admission limit; retry later",
                 self.settings.retry_after_s,
@@ -476,13 +477,16 @@ class Router:
             routing_s=time.perf_counter() - started,
         )
 
-    def _admits(self, columns: LoadColumns, prepared: PreparedPrompt) -> np.ndarray:
-        """Which replicas may take one more request: under both limits, or idle."""
-        admits = np.ones(len(columns.ids), bool)
+    def _admits(self, columns: LoadColumns, prepared: PreparedPrompt) -> np.ndarray | None:
+        """Which replicas may take one more request: under both limits, or idle
+        (None: every one, as there is no limit)."""
         max_requests = self.settings.max_requests_per_replica
+        max_prefill = self.settings.max_queued_prefill_tokens
+        if max_requests is None and max_prefill is None:
+            return None
+        admits = np.ones(len(columns.ids), bool)
         if max_requests is not None:
             admits &= columns.in_flight < max_requests
-        max_prefill = self.settings.max_queued_prefill_tokens
         if max_prefill is not None:
             admits &= columns.queued + prepared.num_tokens <= max_prefill
         return admits | (columns.in_flight == 0)
@@ -491,18 +495,19 @@ class Router:
         """The policy's choice among `rows` of the columns, and its predicted hit."""
         use_predictions = self.settings.use_predictions
         columns = self.columns
-        hits = self.index.predict_bits(prompt, include_predicted=use_predictions)[
-            columns.bits[rows]
-        ]
+        every = rows.size == len(columns.ids)
+        by_bit = self.index.predict_bits(prompt, include_predicted=use_predictions)
+        hits = by_bit[columns.bits if every else columns.bits[rows]]
         request = RouteRequest(prompt.num_tokens, prompt.block_hashes)
         choose_row = getattr(self.policy, "choose_row", None)
         if choose_row is not None:
-            picked = choose_row(
-                request,
-                CandidateColumns(
-                    hits, columns.queued[rows], columns.active[rows], columns.kv_usage[rows]
-                ),
+            # Every replica is a candidate most of the time: the columns as they are.
+            loads = (
+                (columns.queued, columns.active, columns.kv_usage)
+                if every
+                else (columns.queued[rows], columns.active[rows], columns.kv_usage[rows])
             )
+            picked = choose_row(request, CandidateColumns(hits, *loads))
             choice, hit = columns.ids[rows[picked]], int(hits[picked])
         else:
             ids = [columns.ids[row] for row in rows.tolist()]
