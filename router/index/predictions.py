@@ -97,12 +97,10 @@ class Predictions:
         while expiry and expiry[0][0] <= now:
             expires, _, bit, group, keys = heapq.heappop(expiry)
             deadline = self._deadline.get((bit, group), {})
-            due = []
-            for key in keys:
-                if deadline.get(key) != expires:
-                    continue  # refreshed by a later prediction, or already expired
-                del deadline[key]
-                due.append(key)
+            # Keys refreshed by a later prediction, or expired already, are not due.
+            due = [key for key in keys if deadline.get(key) == expires]
+            for key in due:
+                deadline.pop(key, None)
             if due:
                 expired = self.tables[group].discard(np.array(due, np.uint64), bit)
                 self.stats.predictions_expired += expired
