@@ -20,7 +20,8 @@ shared with other work, wall time measures the neighbours as much as the code.
 4. Routing CPU: `Router.prepare` (validate + hash) and `choose` (index lookup +
    kv_aware policy) for the trace's prompts, with 8 and 1,024 registered replicas
    (the captured cache of 8 engines, plus random blocks on the others).
-5. Hashing: a prompt's block hashes (`PromptKeys.hashed_prompt`), per 16-token block,
+5. Hashing: a prompt's block hashes (`hash_prompt`, from the uint32 tokens `prepare`
+   converts when it validates them; the conversion counts in `prepare`), per 16-token block,
    with the router's own function in `tokens` mode (--tokens-hash, default
    xxh64_tokens) and with the seeded functions an engine may share (the bench
    config's, and vLLM's default sha256).
@@ -60,7 +61,7 @@ from kvroute.replicas.clock import VirtualClock
 from kvroute.replicas.factory import build_engine
 from kvroute.replicas.kv_cache.prompt import PromptKeys
 from kvroute.replicas.kv_cache.utils import BlockHash, RequestBlockHasher
-from kvroute.router.core import Router, router_settings
+from kvroute.router.core import Router, hash_prompt, prompt_tokens, router_settings
 from kvroute.router.index.kv_index import KVIndex
 from kvroute.router.policy import make_policy
 
@@ -323,7 +324,9 @@ def request_cost(
 
 
 def hash_costs(prompts: list[list[int]], modes: list[tuple[str, str]]) -> list[HashCost]:
-    """Median thread CPU time per 16-token block to hash each prompt, per function."""
+    """Median thread CPU time per 16-token block to hash each prompt, per function,
+    as `Router.prepare` does: from the uint32 tokens its validation made (that
+    conversion is timed in `prepare`'s row, not here)."""
     costs = []
     for mode, algo in modes:
         fn = get_hash_fn_by_name(algo)
@@ -331,8 +334,9 @@ def hash_costs(prompts: list[list[int]], modes: list[tuple[str, str]]) -> list[H
         per_block = []
         for tokens in prompts:
             keys = PromptKeys(tuple(tokens))
+            packed = prompt_tokens(keys.token_ids)
             started = time.thread_time()
-            keys.hashed_prompt(hasher)
+            hash_prompt(hasher, keys, packed)
             per_block.append((time.thread_time() - started) / (len(tokens) // BLOCK))
         costs.append(HashCost(mode, algo, 1e6 * statistics.median(per_block)))
     return costs

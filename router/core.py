@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
+from array import array
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,8 +37,9 @@ import numpy as np
 from kvroute.events.kv_events import KVEventBatch
 from kvroute.replicas.api import InvalidRequestError, ModelLimits, ReplicaLoad, validate_generate
 from kvroute.replicas.config import HashingConfig, ModelConfig
-from kvroute.replicas.kv_cache.prompt import HashedPrompt, PromptKeys
+from kvroute.replicas.kv_cache.prompt import HashedPrompt, PromptKeys, has_extra_keys
 from kvroute.replicas.kv_cache.specs import KVCacheConfig
+from kvroute.replicas.kv_cache.utils import RequestBlockHasher
 from kvroute.router.config import RouterConfig
 from kvroute.router.index.dialect import HashDialect
 from kvroute.router.index.hit_rules import VLLM_HIT_RULE, HitRule
@@ -263,6 +265,31 @@ class Decision:
     routing_s: float
 
 
+def prompt_tokens(token_ids: tuple[int, ...]) -> np.ndarray | None:
+    """The prompt's token ids as a uint32 array, converted in one C pass
+    (`array("I")`, the cheapest conversion of Python ints, about 8 ns each);
+    None if one is not an int in [0, 2**32), or the prompt is empty."""
+    try:
+        packed = array("I", token_ids)
+    except (OverflowError, TypeError):
+        return None
+    if packed.itemsize != 4 or not packed:
+        return None
+    return np.frombuffer(packed, np.uint32)
+
+
+def hash_prompt(
+    hasher: RequestBlockHasher, keys: PromptKeys, tokens: np.ndarray | None
+) -> HashedPrompt:
+    """`keys.hashed_prompt(hasher)`, with a compiled chain (`xxh64_tokens`) reading
+    `tokens` (`prompt_tokens` of the keys) as they are. Seeded functions hash the
+    Python ints, as vLLM does."""
+    if tokens is None or has_extra_keys(keys) or not hasattr(hasher.hash_fn, "chain"):
+        return keys.hashed_prompt(hasher)
+    hashes = tuple(hasher.hash_new_blocks(keys, tokens, ()))
+    return HashedPrompt(keys, hasher, hashes, keys.num_tokens, keys.skip_prefix_cache)
+
+
 class Router:
     def __init__(
         self,
@@ -374,18 +401,26 @@ class Router:
         first = next(iter(self.replicas.values()), None)
         return first.registration.limits if first is not None else None
 
-    def validate(self, keys: PromptKeys, max_tokens: int) -> None:
-        """Raise InvalidRequestError naming what the model cannot serve."""
+    def validate(self, keys: PromptKeys, max_tokens: int, tokens: np.ndarray | None = None) -> None:
+        """Raise InvalidRequestError naming what the model cannot serve. `tokens`
+        (`prompt_tokens` of the keys) gives the token range without a pass over
+        the Python ints."""
         limits = self.limits
         if limits is not None:
-            validate_generate(keys.token_ids, max_tokens, keys.lora_name, limits)
+            bounds = None if tokens is None else (int(tokens.min()), int(tokens.max()))
+            validate_generate(
+                keys.token_ids, max_tokens, keys.lora_name, limits, token_bounds=bounds
+            )
 
     def prepare(
         self, keys: PromptKeys, max_tokens: int, request_id: str | None = None
     ) -> PreparedPrompt:
-        """Validate and hash a request; raises InvalidRequestError naming the problem."""
-        self.validate(keys, max_tokens)
-        hashed = keys.hashed_prompt(self.hasher)
+        """Validate and hash a request; raises InvalidRequestError naming the problem.
+        The tokens are converted to uint32 once, which both checks their range and
+        is what a compiled hash chain reads."""
+        tokens = prompt_tokens(keys.token_ids)
+        self.validate(keys, max_tokens, tokens)
+        hashed = hash_prompt(self.hasher, keys, tokens)
         hint = self.reuse.observe(hashed.block_hashes) if self.reuse is not None else 0
         return PreparedPrompt(
             request_id=request_id or f"cmpl-{uuid.uuid4().hex[:16]}",
@@ -418,11 +453,12 @@ class Router:
         open_rows = allowed & ~columns.closed
         if not open_rows.any():
             open_rows = allowed
-        open_count = int(np.count_nonzero(open_rows))
-        if not open_count:
-            raise NoReplicaError("no replica is available")
-        rows = np.flatnonzero(open_rows & self._admits(columns, prepared))
+        admits = self._admits(columns, prepared)
+        rows = np.flatnonzero(open_rows if admits is None else open_rows & admits)
         if not rows.size:
+            open_count = int(np.count_nonzero(open_rows))
+            if not open_count:
+                raise NoReplicaError("no replica is available")
             raise ReplicasBusyError(
                 f"all {open_count} replicas are at their admission limit; retry later",
                 self.settings.retry_after_s,
@@ -441,13 +477,16 @@ class Router:
             routing_s=time.perf_counter() - started,
         )
 
-    def _admits(self, columns: LoadColumns, prepared: PreparedPrompt) -> np.ndarray:
-        """Which replicas may take one more request: under both limits, or idle."""
-        admits = np.ones(len(columns.ids), bool)
+    def _admits(self, columns: LoadColumns, prepared: PreparedPrompt) -> np.ndarray | None:
+        """Which replicas may take one more request: under both limits, or idle
+        (None: every one, as there is no limit)."""
         max_requests = self.settings.max_requests_per_replica
+        max_prefill = self.settings.max_queued_prefill_tokens
+        if max_requests is None and max_prefill is None:
+            return None
+        admits = np.ones(len(columns.ids), bool)
         if max_requests is not None:
             admits &= columns.in_flight < max_requests
-        max_prefill = self.settings.max_queued_prefill_tokens
         if max_prefill is not None:
             admits &= columns.queued + prepared.num_tokens <= max_prefill
         return admits | (columns.in_flight == 0)
@@ -456,18 +495,19 @@ class Router:
         """The policy's choice among `rows` of the columns, and its predicted hit."""
         use_predictions = self.settings.use_predictions
         columns = self.columns
-        hits = self.index.predict_bits(prompt, include_predicted=use_predictions)[
-            columns.bits[rows]
-        ]
+        every = rows.size == len(columns.ids)
+        by_bit = self.index.predict_bits(prompt, include_predicted=use_predictions)
+        hits = by_bit[columns.bits if every else columns.bits[rows]]
         request = RouteRequest(prompt.num_tokens, prompt.block_hashes)
         choose_row = getattr(self.policy, "choose_row", None)
         if choose_row is not None:
-            picked = choose_row(
-                request,
-                CandidateColumns(
-                    hits, columns.queued[rows], columns.active[rows], columns.kv_usage[rows]
-                ),
+            # Every replica is a candidate most of the time: the columns as they are.
+            loads = (
+                (columns.queued, columns.active, columns.kv_usage)
+                if every
+                else (columns.queued[rows], columns.active[rows], columns.kv_usage[rows])
             )
+            picked = choose_row(request, CandidateColumns(hits, *loads))
             choice, hit = columns.ids[rows[picked]], int(hits[picked])
         else:
             ids = [columns.ids[row] for row in rows.tolist()]
@@ -534,4 +574,6 @@ __all__ = [
     "RequestTimeoutError",
     "Router",
     "RouterSettings",
+    "hash_prompt",
+    "prompt_tokens",
 ]

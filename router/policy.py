@@ -17,6 +17,7 @@ from typing import Annotated, Any, ClassVar, Protocol
 
 import msgspec
 import numpy as np
+from numba import njit
 
 from kvroute.replicas.api import ReplicaLoad
 from kvroute.replicas.kv_cache.utils import BlockHash
@@ -210,20 +211,58 @@ class KVAware(StatelessPolicy):
         a per-candidate loop makes, so a seed gives the same choices either way."""
         if not columns.hit_tokens.size:
             raise ValueError("no replica is available to route to")
-        costs = self.costs(request, columns)
         if self.temperature > 0:
-            listed = costs.tolist()
+            listed = self.costs(request, columns).tolist()
             best = min(listed)
             weights = [math.exp(-(c - best) / self.temperature) for c in listed]
             return self._rng.choices(range(len(listed)), weights=weights)[0]
-        tied = np.flatnonzero(costs <= costs.min() + 1e-12)
-        if tied.size > 1:
-            queued = columns.queued_prefill_tokens[tied]
-            tied = tied[queued == queued.min()]
-        if tied.size > 1:
-            active = columns.active_seqs[tied]
-            tied = tied[active == active.min()]
+        w = self.weights
+        tied = _least_cost_rows(
+            request.num_tokens,
+            columns.hit_tokens,
+            columns.queued_prefill_tokens,
+            columns.active_seqs,
+            columns.kv_usage,
+            w.prefill_s_per_token,
+            w.queue_weight,
+            w.decode_s_per_seq,
+            w.kv_usage_s,
+        )
         return int(tied[0]) if tied.size == 1 else self._rng.choice(tied.tolist())
+
+
+@njit(cache=True)
+def _least_cost_rows(
+    num_tokens: int,
+    hits: np.ndarray,
+    queued: np.ndarray,
+    active: np.ndarray,
+    usage: np.ndarray,
+    prefill_s_per_token: float,
+    queue_weight: float,
+    decode_s_per_seq: float,
+    kv_usage_s: float,
+) -> np.ndarray:
+    """The rows `KVAware.choose_row` draws from: cost within 1e-12 of the lowest,
+    then the lowest queued prefill, then the fewest active sequences. Each cost is
+    `KVAware.costs`' row, the same IEEE operations in the same order, in one
+    compiled pass instead of a dozen array calls."""
+    costs = np.empty(hits.size, np.float64)
+    for i in range(hits.size):
+        uncached = num_tokens - hits[i]
+        costs[i] = (
+            prefill_s_per_token * (uncached + queue_weight * np.float64(queued[i]))
+            + decode_s_per_seq * np.float64(active[i])
+            + kv_usage_s * usage[i]
+        )
+    tied = np.flatnonzero(costs <= costs.min() + 1e-12)
+    if tied.size > 1:
+        least = queued[tied].min()
+        tied = tied[queued[tied] == least]
+    if tied.size > 1:
+        fewest = active[tied].min()
+        tied = tied[active[tied] == fewest]
+    return tied
 
 
 class SGLangLike:

@@ -24,7 +24,7 @@ with its own function, seed and block size.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import msgspec
@@ -40,6 +40,7 @@ from kvroute.router.index.dialect import ROUTER_DIALECT, DialectCheck, HashDiale
 from kvroute.router.index.hit_rules import VLLM_HIT_RULE, HitRule
 from kvroute.router.index.ingest import EventIngest, event_hash, event_keys
 from kvroute.router.index.predictions import DEFAULT_PREDICTION_TTL_S, Predictions
+from kvroute.router.index.prefix_scan import warm_up as warm_up_scan
 from kvroute.router.index.registry import ReplicaEntry, ReplicaRegistry
 from kvroute.router.index.rekey import Rekeyer
 from kvroute.router.index.stats import IndexStats
@@ -71,6 +72,7 @@ class KVIndex:
         self.hash_fn = get_hash_fn_by_name(hash_algo)
         self.none_hash = BlockHash(self.hash_fn(hash_seed))
         warm_up()
+        warm_up_scan()
         self.prediction_ttl_s = prediction_ttl_s
         self.clock = clock
         self.stats = IndexStats()
@@ -86,6 +88,10 @@ class KVIndex:
         self._clearing: set[str] = set()
         # Seeded replicas whose hashes contradicted their dialect, and why.
         self.contradictions: dict[str, str] = {}
+        # The last prompt's hashes and their event keys: a choice reads them twice
+        # (predict, then record the prediction). Holding the hashes keeps the
+        # identity check sound.
+        self._last_keys: tuple[object, np.ndarray] | None = None
 
     # ---------------------------------------------------------------- replicas
 
@@ -261,7 +267,7 @@ class KVIndex:
             cached = hashed.get(first.hash_block_size)
             if cached is None:
                 prompt_hashes = self.hashed(prompt, first.hash_block_size)
-                keys = event_keys(prompt_hashes.block_hashes)
+                keys = self._event_keys(prompt_hashes.block_hashes)
                 cached = hashed[first.hash_block_size] = (prompt_hashes, keys)
             prompt_hashes, keys = cached
             max_length = first.hit_rule.max_hit_tokens(prompt_hashes.num_tokens)
@@ -289,7 +295,18 @@ class KVIndex:
         self, entry: ReplicaEntry, prompt: PromptSource
     ) -> list[tuple[int, np.ndarray]]:
         """(group, event keys of the prompt's blocks in that group) for each group."""
-        return _by_group(entry, event_keys(self.hashed(prompt, entry.hash_block_size).block_hashes))
+        hashes = self.hashed(prompt, entry.hash_block_size).block_hashes
+        return _by_group(entry, self._event_keys(hashes))
+
+    def _event_keys(self, block_hashes: Sequence[bytes]) -> np.ndarray:
+        """`event_keys` of a prompt's hashes, reused for the same hashes (an append-only
+        list that grew is converted anew). Callers only read the array."""
+        last = self._last_keys
+        if last is not None and last[0] is block_hashes and last[1].size == len(block_hashes):
+            return last[1]
+        keys = event_keys(block_hashes)
+        self._last_keys = (block_hashes, keys)
+        return keys
 
     def add_prediction(self, replica_id: str, prompt: PromptSource) -> int:
         """Record that `replica_id` will cache this prompt's blocks (they are

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterable
-from itertools import repeat
 
 import numpy as np
 
@@ -69,7 +68,7 @@ class Predictions:
             new_keys = fresh.tolist()
             self.tables[group].store(fresh, bit)
             deadlines = self._deadline.setdefault((bit, group), {})
-            deadlines.update(zip(new_keys, repeat(expires)))
+            deadlines.update(dict.fromkeys(new_keys, expires))  # faster than a zip
             self._expiry_order += 1
             heapq.heappush(self._expiry, (expires, self._expiry_order, bit, group, new_keys))
             added += len(new_keys)
@@ -97,12 +96,10 @@ class Predictions:
         while expiry and expiry[0][0] <= now:
             expires, _, bit, group, keys = heapq.heappop(expiry)
             deadline = self._deadline.get((bit, group), {})
-            due = []
-            for key in keys:
-                if deadline.get(key) != expires:
-                    continue  # refreshed by a later prediction, or already expired
-                del deadline[key]
-                due.append(key)
+            # Keys refreshed by a later prediction, or expired already, are not due.
+            due = [key for key in keys if deadline.get(key) == expires]
+            for key in due:
+                deadline.pop(key, None)
             if due:
                 expired = self.tables[group].discard(np.array(due, np.uint64), bit)
                 self.stats.predictions_expired += expired

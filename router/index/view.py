@@ -11,7 +11,6 @@ window and state groups - and keeps the results for the whole prediction.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,6 +18,7 @@ import numpy as np
 from kvroute.replicas.kv_cache.coordinator import PrefixHitFinder
 from kvroute.replicas.kv_cache.utils import BlockHash, KVCacheBlock
 from kvroute.router.index.block_table import BlockTable, mask_ints
+from kvroute.router.index.prefix_scan import run_ends
 
 # Stand-ins for physical blocks: the hit rules only count blocks.
 HIT = KVCacheBlock(block_id=-1)
@@ -28,15 +28,38 @@ EVERYONE = np.empty(0, np.uint64)
 
 
 class _Run:
-    """A prefix scan in progress: `runs[i]` is the mask of replicas holding
-    blocks 0..i in every group; `alive` is the last one as words, None once
-    nobody is left."""
+    """A prefix scan in progress over `length` blocks, all of them held by
+    someone: `first` is the mask of replicas holding block 0 in every group,
+    `ends[bit]` the run length of each replica of `first` whose run ended
+    within them (the others' runs reach `length` at least); `alive` is the last
+    row as words, None once nobody is left (then every run ended)."""
 
-    __slots__ = ("alive", "runs")
+    __slots__ = ("alive", "ends", "first", "length")
 
     def __init__(self) -> None:
-        self.runs: list[int] = []
+        self.length = 0
+        self.first = 0
+        self.ends: dict[int, int] = {}
         self.alive: np.ndarray | None = EVERYONE
+
+    def run_length(self, bit: int) -> int:
+        """Leading blocks `bit` holds in every group, up to `length`."""
+        if not self.first >> bit & 1:
+            return 0
+        return self.ends.get(bit, self.length)
+
+    def extend(self, rows: np.ndarray, live: int) -> None:
+        """Append the scan's next rows (`live` of them non-zero, then one zero row
+        unless the scan ran to the end of its keys), noting where each run ends."""
+        start = self.length
+        if start == 0 and live:
+            self.first = int.from_bytes(rows[0].astype("<u8", copy=False).tobytes(), "little")
+        previous = EVERYONE if start == 0 else self.alive
+        assert previous is not None  # a scan nobody is left in is not extended
+        bits, ends = run_ends(rows, live, previous, start)
+        self.ends.update(zip(bits.tolist(), ends.tolist(), strict=True))
+        self.length = start + live
+        self.alive = rows[live - 1].copy() if live == rows.shape[0] else None
 
 
 class PromptMasks:
@@ -114,21 +137,19 @@ class PromptMasks:
                 return 0
         return mask
 
-    def alive_runs(self, group_ids: Sequence[int], max_blocks: int) -> list[int]:
-        """`runs[i]`: replicas holding blocks 0..i in every group, for i up to at
-        least `max_blocks` - 1 unless nobody is left or the prompt ends (it may
-        run further). One compiled scan per group, which stops where nobody is
-        left; memoised per prompt and extended if a later call asks for more."""
+    def prefix_run(self, group_ids: Sequence[int], max_blocks: int) -> _Run:
+        """The scan of blocks held in every group of `group_ids`, over at least
+        `max_blocks` blocks unless nobody is left or the prompt ends (it may run
+        further). One compiled scan per group, which stops where nobody is left;
+        memoised per prompt and extended if a later call asks for more."""
         memo_key = tuple(group_ids)
         run = self._runs.get(memo_key)
         if run is None:
             run = self._runs[memo_key] = _Run()
-        runs = run.runs
         keys = self._group_keys(group_ids[0])
         limit = min(max_blocks, len(keys))
-        if len(runs) < limit and run.alive is not None:
-            start = len(runs)
-            keys = keys[start:limit]
+        if run.length < limit and run.alive is not None:
+            keys = keys[run.length : limit]
             out = np.empty((keys.size, self._width), np.uint64)
             live = keys.size
             extra = self._extra
@@ -136,18 +157,15 @@ class PromptMasks:
                 live = self._tables[group].prefix_and(
                     keys[:live], None if extra is None else extra[group], run.alive, out, i == 0
                 )
-            # Every row is a subset of the first: its words bound the span.
-            runs.extend(mask_ints(out[:live], span_row=out[0]))
-            run.alive = out[live - 1].copy() if live == keys.size else None
-        return runs
+            run.extend(out, live)
+        return run
 
     def candidates(self, finder: PrefixHitFinder, max_length: int) -> int:
         """Replicas whose hit can be non-zero: with a prefix-closed group, those
         holding the first block in it; otherwise any replica holding any block."""
         first = finder.spec_groups[0]
         if first.manager_cls.downward_closed:
-            runs = self.alive_runs(first.group_ids, max_length // first.spec.block_size)
-            return runs[0] if runs else 0
+            return self.prefix_run(first.group_ids, max_length // first.spec.block_size).first
         found = np.zeros((1, self._width), np.uint64)
         for group in finder.spec_groups:
             limit = max_length // group.spec.block_size
@@ -178,10 +196,6 @@ class ReplicaView:
         self, block_hashes: Sequence[BlockHash], max_blocks: int, kv_cache_group_ids: Sequence[int]
     ) -> tuple[list[KVCacheBlock], ...]:
         del block_hashes  # the masks are keyed by the prompt already
-        runs = self._masks.alive_runs(kv_cache_group_ids, max_blocks)
-        flag = 1 << self._bit
-        # Bits only ever drop out of `runs`, so the run length is a bisection.
-        length = bisect_left(
-            runs, True, hi=min(max_blocks, len(runs)), key=lambda alive: not alive & flag
-        )
+        run = self._masks.prefix_run(kv_cache_group_ids, max_blocks)
+        length = min(run.run_length(self._bit), max_blocks)
         return tuple([HIT] * length for _ in kv_cache_group_ids)

@@ -17,6 +17,7 @@ from kvroute.router.core import (
     ReplicasBusyError,
     Router,
     RouterSettings,
+    prompt_tokens,
     router_settings,
 )
 from kvroute.router.policy import ReplicaLoad, SGLangLike, make_policy
@@ -158,6 +159,9 @@ def test_without_predictions_a_burst_spreads_by_load() -> None:
         (PromptKeys(()), 4, "prompt is empty"),
         (PromptKeys(tuple(range(64))), 4, "prompt has 64 tokens; max_model_len is 64"),
         (PromptKeys((1, 100)), 4, r"token id 100 is outside the vocabulary \[0, 100\)"),
+        (PromptKeys((1, -3)), 4, r"token id -3 is outside the vocabulary \[0, 100\)"),
+        (PromptKeys((1, 1 << 40)), 4, r"token id 1099511627776 is outside the vocabulary"),
+        (PromptKeys((1, 100.5)), 4, r"token id 100.5 is outside the vocabulary"),  # type: ignore[arg-type]
         (PromptKeys(PROMPT, lora_name="nope"), 4, "unknown LoRA adapter 'nope'"),
         (PromptKeys(PROMPT), 0, "max_tokens must be at least 1"),
     ],
@@ -169,6 +173,23 @@ def test_prepare_refuses_what_the_model_cannot_serve(
     with pytest.raises(InvalidRequestError, match=message):
         core.prepare(keys, max_tokens)
     assert core.reuse is None or len(core.reuse) == 0
+
+
+@pytest.mark.parametrize("algo", ["xxh64_tokens", "sha256"])
+def test_prepare_hashes_as_the_prompt_keys_do(algo: str) -> None:
+    """prepare hashes the uint32 tokens its validation made (a compiled chain reads
+    them as they are); the hashes are those of `PromptKeys.hashed_prompt`."""
+    core = Router(settings(hash_algo=algo), make_policy("kv_aware"))
+    core.register(registration("a", hash_algo=algo))
+    keys = PromptKeys(PROMPT)
+    prepared = core.prepare(keys, 1)
+    expected = keys.hashed_prompt(core.hasher)
+    assert prepared.prompt.block_hashes == expected.block_hashes
+    assert len(prepared.prompt.block_hashes) == 4
+    assert prompt_tokens(PROMPT) is not None
+    assert prompt_tokens(PROMPT).tolist() == list(PROMPT)  # type: ignore[union-attr]
+    assert prompt_tokens(()) is None
+    assert prompt_tokens((1, -1)) is None
 
 
 def test_lora_and_salt_enter_the_prompt_hashes() -> None:
