@@ -8,6 +8,7 @@ benchmarks compare like with like.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections import OrderedDict
@@ -177,6 +178,7 @@ class KVAware(StatelessPolicy):
         if isinstance(weights, dict):
             weights = CostWeights(**weights)
         self.weights = weights or CostWeights()
+        _warm_up_least_cost_rows()
         self.temperature = temperature
         self._rng = random.Random(seed)
 
@@ -263,6 +265,14 @@ def _least_cost_rows(
         fewest = active[tied].min()
         tied = tied[active[tied] == fewest]
     return tied
+
+
+@functools.cache
+def _warm_up_least_cost_rows() -> None:
+    """Compile `_least_cost_rows` for the core's column types now (or load it from
+    numba's disk cache), not in the first request."""
+    ints = np.zeros(2, np.int64)
+    _least_cost_rows(1, ints, ints, ints, np.zeros(2, np.float64), 1e-4, 0.15, 2e-3, 0.0)
 
 
 class SGLangLike:
