@@ -147,6 +147,125 @@ def _delete(
     return last
 
 
+@njit(cache=True, inline="always")
+def store_key(
+    slots: np.ndarray,
+    keys: np.ndarray,
+    holders: np.ndarray,
+    masks: np.ndarray,
+    owners: np.ndarray,
+    counts: np.ndarray,
+    shift: np.uint64,
+    key: np.uint64,
+    bit: np.intp,
+) -> np.intp:
+    """Add `bit` to `key`, inserting it if absent: 0 if added, 1 if the key had it
+    already, 2 (nothing changed) if it needs a spill row and the pool is full.
+    Room for the entry must be reserved; `counts` is updated in place."""
+    slot, free = _find(slots, keys, key, shift)
+    if slot < 0:
+        size = counts[0]
+        if slots[free] == EMPTY:
+            counts[1] += 1
+        slots[free] = size
+        keys[size] = key
+        holders[size, :] = NOBODY
+        holders[size, 0] = bit
+        counts[0] = size + 1
+        return 0
+    entry = slots[slot]
+    if _has(holders, masks, entry, bit):
+        return 1
+    if holders[entry, 0] == SPILLED:
+        masks[_spill_row(holders, entry), bit >> 6] |= _ONE << np.uint64(bit & 63)
+        return 0
+    for k in range(INLINE):
+        if holders[entry, k] == NOBODY:
+            holders[entry, k] = bit
+            return 0
+    row = counts[2]
+    if row == masks.shape[0]:
+        return 2
+    counts[2] = row + 1
+    masks[row, :] = _ZERO
+    for k in range(INLINE):
+        other = np.intp(holders[entry, k])
+        masks[row, other >> 6] |= _ONE << np.uint64(other & 63)
+    masks[row, bit >> 6] |= _ONE << np.uint64(bit & 63)
+    owners[row] = entry
+    holders[entry, 0] = SPILLED
+    holders[entry, 1] = row & 0xFFFF
+    holders[entry, 2] = row >> 16
+    holders[entry, 3] = NOBODY
+    return 0
+
+
+@njit(cache=True, inline="always")
+def discard_key(
+    slots: np.ndarray,
+    keys: np.ndarray,
+    holders: np.ndarray,
+    masks: np.ndarray,
+    owners: np.ndarray,
+    counts: np.ndarray,
+    shift: np.uint64,
+    key: np.uint64,
+    bit: np.intp,
+) -> bool:
+    """Remove `bit` from `key` if it has it (the entry goes with its last holder);
+    whether it had it. `bit >> 6` must be below the masks' width."""
+    slot, _ = _find(slots, keys, key, shift)
+    if slot < 0:
+        return False
+    entry = slots[slot]
+    empty = False
+    if holders[entry, 0] == SPILLED:
+        word, flag = bit >> 6, _ONE << np.uint64(bit & 63)
+        row = _spill_row(holders, entry)
+        if not masks[row, word] & flag:
+            return False
+        masks[row, word] &= ~flag
+        if not masks[row].any():
+            counts[2] = _free_spill(holders, masks, owners, counts[2], row)
+            empty = True
+    else:
+        at = -1
+        filled_ids = 0
+        for k in range(INLINE):
+            if holders[entry, k] == NOBODY:
+                break
+            if holders[entry, k] == bit:
+                at = k
+            filled_ids += 1
+        if at < 0:
+            return False
+        holders[entry, at] = holders[entry, filled_ids - 1]
+        holders[entry, filled_ids - 1] = NOBODY
+        empty = filled_ids == 1
+    if empty:
+        counts[0] = _delete(slots, keys, holders, owners, counts[0], shift, slot)
+    return True
+
+
+@njit(cache=True, inline="always")
+def warm(
+    slots: np.ndarray, keys: np.ndarray, holders: np.ndarray, shift: np.uint64, batch: np.ndarray
+) -> np.uint64:
+    """Load the home slot of every key of `batch`, then the entry each names, and
+    return a value made of them (so the loads are not dropped). The loads of one
+    pass do not depend on each other, so the core keeps many cache misses in
+    flight, where a probe loop waits for them one by one (a key missing the cache
+    three to five times, on a table larger than the caches)."""
+    seen = _ZERO
+    for j in range(batch.size):
+        seen ^= np.uint64(slots[_home(batch[j], shift)])
+    for j in range(batch.size):
+        entry = slots[_home(batch[j], shift)]
+        if entry >= 0:
+            seen ^= keys[entry] ^ np.uint64(holders[entry, 0])
+    return seen
+
+
 @njit(cache=True)
 def _store(
     slots: np.ndarray,
@@ -165,55 +284,16 @@ def _store(
     `counts` = [size, filled, spill rows, held keys] is updated in place.
     Returns where it stopped: batch.size, or the key that needs a spill row
     when the pool is full."""
-    size, filled, spilled, held = counts[0], counts[1], counts[2], counts[3]
-    word, flag = bit >> 6, _ONE << np.uint64(bit & 63)
     j = start
     while j < batch.size:
         key = batch[j]
-        slot, free = _find(slots, keys, key, shift)
-        if slot < 0:
-            if slots[free] == EMPTY:
-                filled += 1
-            slots[free] = size
-            keys[size] = key
-            holders[size, :] = NOBODY
-            holders[size, 0] = bit
-            size += 1
-            j += 1
-            continue
-        entry = slots[slot]
-        if _has(holders, masks, entry, bit):
-            batch[held] = key
-            held += 1
-            j += 1
-            continue
-        if holders[entry, 0] == SPILLED:
-            masks[_spill_row(holders, entry), word] |= flag
-            j += 1
-            continue
-        placed = False
-        for k in range(INLINE):
-            if holders[entry, k] == NOBODY:
-                holders[entry, k] = bit
-                placed = True
-                break
-        if not placed:
-            if spilled == masks.shape[0]:
-                break
-            row = spilled
-            spilled += 1
-            masks[row, :] = _ZERO
-            for k in range(INLINE):
-                other = np.intp(holders[entry, k])
-                masks[row, other >> 6] |= _ONE << np.uint64(other & 63)
-            masks[row, word] |= flag
-            owners[row] = entry
-            holders[entry, 0] = SPILLED
-            holders[entry, 1] = row & 0xFFFF
-            holders[entry, 2] = row >> 16
-            holders[entry, 3] = NOBODY
+        done = store_key(slots, keys, holders, masks, owners, counts, shift, key, bit)
+        if done == 2:
+            break
+        if done == 1:
+            batch[counts[3]] = key
+            counts[3] += 1
         j += 1
-    counts[0], counts[1], counts[2], counts[3] = size, filled, spilled, held
     return j
 
 
@@ -231,41 +311,9 @@ def _discard(
 ) -> np.intp:
     """Remove `bit` from every key that has it; entries left with no holder go.
     Updates counts = [size, filled, spill rows, _] and returns how many keys had it."""
-    size, spilled = counts[0], counts[2]
-    word, flag = bit >> 6, _ONE << np.uint64(bit & 63)
     cleared = 0
     for j in range(batch.size):
-        slot, _ = _find(slots, keys, batch[j], shift)
-        if slot < 0:
-            continue
-        entry = slots[slot]
-        empty = False
-        if holders[entry, 0] == SPILLED:
-            row = _spill_row(holders, entry)
-            if not masks[row, word] & flag:
-                continue
-            masks[row, word] &= ~flag
-            if not masks[row].any():
-                spilled = _free_spill(holders, masks, owners, spilled, row)
-                empty = True
-        else:
-            at = -1
-            filled_ids = 0
-            for k in range(INLINE):
-                if holders[entry, k] == NOBODY:
-                    break
-                if holders[entry, k] == bit:
-                    at = k
-                filled_ids += 1
-            if at < 0:
-                continue
-            holders[entry, at] = holders[entry, filled_ids - 1]
-            holders[entry, filled_ids - 1] = NOBODY
-            empty = filled_ids == 1
-        cleared += 1
-        if empty:
-            size = _delete(slots, keys, holders, owners, size, shift, slot)
-    counts[0], counts[2] = size, spilled
+        cleared += discard_key(slots, keys, holders, masks, owners, counts, shift, batch[j], bit)
     return cleared
 
 
@@ -504,8 +552,40 @@ class BlockTable:
             )
             if start == keys.size:
                 break
-            self._resize_spill(max(16, self._masks.shape[0] + self._masks.shape[0] // 4))
+            self.grow_spill()
         return keys[: counts[3]]
+
+    def parts(self) -> tuple[np.ndarray, ...]:
+        """The arrays a fused kernel (`scanned_ingest.py`) reads and updates in place,
+        in the kernels' order: slots, keys, holders, masks, owners, counts, and the
+        shift as a 0-d array. Valid until the next Python-side call."""
+        return (
+            self._slots,
+            self._keys,
+            self._holders,
+            self._masks,
+            self._owners,
+            self._counts,
+            self._shift,
+        )
+
+    def reserve_stores(self, count: int, bit: int) -> None:
+        """Make room for `count` stores of `bit` (entries and slots; spill rows are
+        grown when a kernel storing through `store_key` runs out: `grow_spill`)."""
+        if not 0 <= bit < MAX_BITS:
+            raise ValueError(f"replica bit {bit} is out of range: at most {MAX_BITS} replicas")
+        self._width = max(self._width, (bit >> 6) + 1)
+        if self._width > self._masks.shape[1]:
+            self._widen_masks(self._width)
+        self._reserve(count)
+
+    def grow_spill(self) -> None:
+        """More spill rows, when a kernel storing through `store_key` ran out."""
+        self._resize_spill(max(16, self._masks.shape[0] + self._masks.shape[0] // 4))
+
+    def settle(self) -> None:
+        """After a kernel removed entries through `discard_key`: shrink what is unused."""
+        self._shrink()
 
     def discard(self, keys: np.ndarray, bit: int) -> int:
         """Clear `bit` for every key; returns how many keys had it."""

@@ -13,6 +13,10 @@ Invariants:
 - An event of a group the registration does not know, or whose kind or block
   size disagrees with it, is counted and dropped without touching the index.
 - A BlockStored or BlockRemoved settles any prediction of the same block.
+
+A batch the decoder scanned (`ScannedEvents`) is applied from its op arrays, one
+compiled call per group (`scanned_ingest.py`), to the same effect; one holding an
+event that ingest refuses goes the way of any other batch, event by event.
 """
 
 from __future__ import annotations
@@ -25,9 +29,21 @@ from typing import Any
 import numpy as np
 
 from kvroute.events.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+from kvroute.events.scan import CLEARED, OP_KEYS_END, OP_KEYS_START, OP_KIND, STORED, ScannedEvents
 from kvroute.router.index.block_table import BlockTable
 from kvroute.router.index.predictions import Predictions
 from kvroute.router.index.registry import ReplicaEntry
+from kvroute.router.index.scanned_ingest import (
+    CONFIRMED,
+    HELD,
+    REMOVED_BLOCKS,
+    REMOVED_UNKNOWN,
+    SETTLED,
+    STORED_BLOCKS,
+    TALLIES,
+    apply_group,
+    resolve_groups,
+)
 from kvroute.router.index.stats import IndexStats
 
 UINT64_MAX = (1 << 64) - 1
@@ -74,10 +90,15 @@ class EventIngest:
         self.stats = stats
         # (bit, group) -> key -> copies beyond the first
         self._extra_copies: dict[tuple[int, int], dict[int, int]] = {}
+        # replica id -> (its entry, its groups as `resolve_groups` reads them)
+        self._layouts: dict[str, tuple[ReplicaEntry, np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def apply(self, entry: ReplicaEntry, batch: KVEventBatch) -> None:
         """Apply one registered replica's batch, in order."""
         self.stats.batches += 1
+        events = batch.events
+        if type(events) is ScannedEvents and self._apply_scanned(entry, events):
+            return
         # Runs of different groups touch different tables, so they commute.
         runs: dict[int, _EventRun] = {}
         events = batch.events
@@ -91,6 +112,90 @@ class EventIngest:
                 self._other(entry, events[stop], runs)
             start = stop + 1
         self._flush_all(entry.bit, runs)
+
+    def _apply_scanned(self, entry: ReplicaEntry, scanned: ScannedEvents) -> bool:
+        """Apply a scanned batch from its op arrays; False (nothing applied) if it
+        holds an event ingest refuses, which the event-by-event path counts."""
+        layout = self._layouts.get(entry.replica_id)
+        if layout is None or layout[0] is not entry:
+            layout = self._layouts[entry.replica_id] = (entry, *_group_layout(entry))
+        _, block_sizes, kinds, kind_lengths = layout
+        ops = scanned.ops
+        per_group = np.empty((block_sizes.size + 1, 2), np.int64)
+        groups = resolve_groups(ops, scanned.buffer, block_sizes, kinds, kind_lengths, per_group)
+        if groups.size != len(ops):
+            return False
+        bit, end = entry.bit, len(ops)
+        tallies = np.zeros(TALLIES, np.int64)
+        stops = np.flatnonzero(ops[:, OP_KIND] == CLEARED).tolist() if per_group[-1, 0] else []
+        start = 0
+        for stop in (*stops, end):
+            for group in np.flatnonzero(per_group[:-1, 0]).tolist():
+                self._apply_group(
+                    bit, group, scanned, groups, start, stop, int(per_group[group, 1]), tallies
+                )
+            if stop < end:
+                self.stats.cleared += 1
+                self.clear(bit)
+            start = stop + 1
+        stats = self.stats
+        stats.stored_blocks += int(tallies[STORED_BLOCKS])
+        stats.removed_blocks += int(tallies[REMOVED_BLOCKS])
+        stats.removed_unknown += int(tallies[REMOVED_UNKNOWN])
+        stats.predictions_confirmed += int(tallies[CONFIRMED])
+        return True
+
+    def _apply_group(
+        self,
+        bit: int,
+        group: int,
+        scanned: ScannedEvents,
+        groups: np.ndarray,
+        start: int,
+        stop: int,
+        stores: int,
+        tallies: np.ndarray,
+    ) -> None:
+        """Events start..stop-1 of `group`: by the kernel while no second copy of a
+        key is in play, by the per-run steps from there on."""
+        if (bit, group) not in self._extra_copies:
+            confirmed, predicted = self.confirmed[group], self.predictions.tables[group]
+            if stores:
+                confirmed.reserve_stores(stores, bit)
+            held = np.empty(stores, np.uint64)
+            tallies[HELD] = tallies[SETTLED] = 0
+            first_key = -1
+            while True:
+                start, first_key = apply_group(
+                    scanned.ops,
+                    scanned.keys,
+                    groups,
+                    start,
+                    stop,
+                    first_key,
+                    group,
+                    bit,
+                    *confirmed.parts(),
+                    *predicted.parts(),
+                    held,
+                    tallies,
+                )
+                if first_key < 0:
+                    break
+                confirmed.grow_spill()
+            confirmed.settle()
+            if tallies[SETTLED]:
+                predicted.settle()
+            if tallies[HELD]:
+                self._count_copies(bit, group, held[: tallies[HELD]])
+        ops, keys = scanned.ops, scanned.keys
+        for i in range(start, stop):
+            if groups[i] == group:
+                event_keys = keys[ops[i, OP_KEYS_START] : ops[i, OP_KEYS_END]].copy()
+                if ops[i, OP_KIND] == STORED:
+                    self._store(bit, group, event_keys)
+                else:
+                    self._remove(bit, group, event_keys)
 
     def _removals(
         self, entry: ReplicaEntry, span: list[BlockRemoved], runs: dict[int, _EventRun]
@@ -233,10 +338,14 @@ class EventIngest:
         self.stats.predictions_confirmed += self.predictions.settle(group, batch, bit)
         held = self.confirmed[group].store(batch, bit)
         if held.size:
-            extra = self._extra_copies.setdefault((bit, group), {})
-            for key in held.tolist():
-                extra[key] = extra.get(key, 0) + 1
+            self._count_copies(bit, group, held)
         self.stats.stored_blocks += batch.size
+
+    def _count_copies(self, bit: int, group: int, held: np.ndarray) -> None:
+        """Stored keys the replica held already: one more copy each."""
+        extra = self._extra_copies.setdefault((bit, group), {})
+        for key in held.tolist():
+            extra[key] = extra.get(key, 0) + 1
 
     def _remove(self, bit: int, group: int, batch: np.ndarray) -> None:
         removed = batch.size
@@ -260,3 +369,14 @@ class EventIngest:
         cleared = self.confirmed[group].discard(batch, bit)
         self.stats.removed_unknown += batch.size - cleared
         self.stats.removed_blocks += removed
+
+
+def _group_layout(entry: ReplicaEntry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """An entry's groups as `resolve_groups` reads them: block sizes, and each spec
+    kind's bytes (zero-padded rows) with their lengths."""
+    encoded = [kind.encode() for kind in entry.group_kinds]
+    kinds = np.zeros((len(encoded), max(map(len, encoded))), np.uint8)
+    for row, kind in enumerate(encoded):
+        kinds[row, : len(kind)] = np.frombuffer(kind, np.uint8)
+    lengths = np.array(list(map(len, encoded)), np.int64)
+    return np.array(entry.group_block_sizes, np.int64), kinds, lengths
