@@ -249,21 +249,65 @@ def discard_key(
 
 @njit(cache=True, inline="always")
 def warm(
-    slots: np.ndarray, keys: np.ndarray, holders: np.ndarray, shift: np.uint64, batch: np.ndarray
+    slots: np.ndarray,
+    keys: np.ndarray,
+    holders: np.ndarray,
+    size: np.intp,
+    shift: np.uint64,
+    batch: np.ndarray,
+    tail: np.intp,
 ) -> np.uint64:
-    """Load the home slot of every key of `batch`, then the entry each names, and
-    return a value made of them (so the loads are not dropped). The loads of one
-    pass do not depend on each other, so the core keeps many cache misses in
-    flight, where a probe loop waits for them one by one (a key missing the cache
-    three to five times, on a table larger than the caches)."""
+    """Load what a pass of `batch` through `store_key` and `discard_key` will read,
+    and return a value made of it (so the loads are not dropped): the home slot of
+    every key and of the last `tail` entries (the ones deletions move), then the
+    keys and holders of the entries on each key's probe path. The loads of one
+    phase do not depend on each other, so the core keeps many cache misses in
+    flight, where a probe loop waits for each in turn (on a table larger than the
+    caches, a key misses three to five times)."""
     seen = _ZERO
     for j in range(batch.size):
         seen ^= np.uint64(slots[_home(batch[j], shift)])
+    for entry in range(max(0, size - tail), size):
+        seen ^= np.uint64(slots[_home(keys[entry], shift)])
+    last = slots.size - 1
     for j in range(batch.size):
-        entry = slots[_home(batch[j], shift)]
-        if entry >= 0:
-            seen ^= keys[entry] ^ np.uint64(holders[entry, 0])
+        i = _home(batch[j], shift)
+        while True:
+            entry = slots[i]
+            if entry == EMPTY:
+                break
+            if entry >= 0:
+                seen ^= keys[entry] ^ np.uint64(holders[entry, 0])
+            i = (i + 1) & last
     return seen
+
+
+@njit(cache=True, inline="always")
+def shrinkable(slots: np.ndarray, keys: np.ndarray, masks: np.ndarray, counts: np.ndarray) -> bool:
+    """Whether `BlockTable._shrink` would resize anything (its conditions, compiled)."""
+    size = counts[0]
+    return (
+        (size < keys.size // 4 and keys.size > SHRINK_ABOVE)
+        or (size * 8 < slots.size and slots.size > MIN_CAPACITY)
+        or (counts[2] < masks.shape[0] // 4 and masks.shape[0] > SHRINK_ABOVE // 16)
+    )
+
+
+@njit(cache=True, inline="always")
+def has_room(
+    slots: np.ndarray,
+    keys: np.ndarray,
+    masks: np.ndarray,
+    counts: np.ndarray,
+    stores: np.intp,
+    bit: np.intp,
+) -> bool:
+    """Whether `stores` stores of `bit` need no `reserve_stores` first."""
+    return (
+        counts[0] + stores <= keys.size
+        and (counts[1] + stores) * 3 <= slots.size * 2
+        and bit >> 6 < masks.shape[1]
+    )
 
 
 @njit(cache=True)
@@ -686,6 +730,7 @@ class BlockTable:
         self._counts[1] = self._size
 
     def _shrink(self) -> None:
+        """Resize what is mostly unused (`shrinkable` says whether anything is)."""
         size = self._size
         if size < self._keys.size // 4 and self._keys.size > SHRINK_ABOVE:
             self._resize_entries(max(size + size // 4, 16))

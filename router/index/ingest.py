@@ -29,20 +29,23 @@ from typing import Any
 import numpy as np
 
 from kvroute.events.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
-from kvroute.events.scan import CLEARED, OP_KEYS_END, OP_KEYS_START, OP_KIND, STORED, ScannedEvents
+from kvroute.events.scan import OP_KEYS_END, OP_KEYS_START, OP_KIND, STORED, ScannedEvents
 from kvroute.router.index.block_table import BlockTable
 from kvroute.router.index.predictions import Predictions
 from kvroute.router.index.registry import ReplicaEntry
 from kvroute.router.index.scanned_ingest import (
-    CONFIRMED,
+    AT_SECOND_COPY,
     HELD,
-    REMOVED_BLOCKS,
-    REMOVED_UNKNOWN,
-    SETTLED,
-    STORED_BLOCKS,
+    LAYOUT_KIND,
+    NEED,
+    NEED_ROOM,
+    NEED_SPILL,
+    NEXT,
+    NEXT_KEY,
+    REFUSED,
+    SHRINK,
     TALLIES,
     apply_group,
-    resolve_groups,
 )
 from kvroute.router.index.stats import IndexStats
 
@@ -90,8 +93,12 @@ class EventIngest:
         self.stats = stats
         # (bit, group) -> key -> copies beyond the first
         self._extra_copies: dict[tuple[int, int], dict[int, int]] = {}
-        # replica id -> (its entry, its groups as `resolve_groups` reads them)
-        self._layouts: dict[str, tuple[ReplicaEntry, np.ndarray, np.ndarray, np.ndarray]] = {}
+        # replica id -> (its entry, its groups as `apply_group` reads them); then the
+        # kernel's scratch arrays, reused by every batch.
+        self._layouts: dict[str, tuple[ReplicaEntry, np.ndarray]] = {}
+        self._groups = np.empty(64, np.int64)
+        self._held = np.empty(0, np.uint64)
+        self._tallies = np.zeros(TALLIES, np.int64)
 
     def apply(self, entry: ReplicaEntry, batch: KVEventBatch) -> None:
         """Apply one registered replica's batch, in order."""
@@ -118,31 +125,31 @@ class EventIngest:
         holds an event ingest refuses, which the event-by-event path counts."""
         layout = self._layouts.get(entry.replica_id)
         if layout is None or layout[0] is not entry:
-            layout = self._layouts[entry.replica_id] = (entry, *_group_layout(entry))
-        _, block_sizes, kinds, kind_lengths = layout
-        ops = scanned.ops
-        per_group = np.empty((block_sizes.size + 1, 2), np.int64)
-        groups = resolve_groups(ops, scanned.buffer, block_sizes, kinds, kind_lengths, per_group)
-        if groups.size != len(ops):
-            return False
-        bit, end = entry.bit, len(ops)
-        tallies = np.zeros(TALLIES, np.int64)
-        stops = np.flatnonzero(ops[:, OP_KIND] == CLEARED).tolist() if per_group[-1, 0] else []
-        start = 0
-        for stop in (*stops, end):
-            for group in np.flatnonzero(per_group[:-1, 0]).tolist():
-                self._apply_group(
-                    bit, group, scanned, groups, start, stop, int(per_group[group, 1]), tallies
-                )
-            if stop < end:
-                self.stats.cleared += 1
-                self.clear(bit)
+            layout = self._layouts[entry.replica_id] = (entry, _group_layout(entry))
+        rows = layout[1]
+        count = len(scanned.ops)
+        if self._groups.size < count:
+            self._groups = np.empty(max(count, 2 * self._groups.size), np.int64)
+        tallies = self._tallies
+        tallies[:] = 0
+        bit, start, validate = entry.bit, 0, True
+        while True:
+            for group in range(len(rows)):
+                if self._apply_group(bit, group, scanned, rows, start, validate) == REFUSED:
+                    return False
+                validate = False
+            stop = int(tallies[NEXT])
+            if stop == count:
+                break
+            self.stats.cleared += 1
+            self.clear(bit)
             start = stop + 1
+        stored, removed, unknown, confirmed = tallies[:HELD].tolist()
         stats = self.stats
-        stats.stored_blocks += int(tallies[STORED_BLOCKS])
-        stats.removed_blocks += int(tallies[REMOVED_BLOCKS])
-        stats.removed_unknown += int(tallies[REMOVED_UNKNOWN])
-        stats.predictions_confirmed += int(tallies[CONFIRMED])
+        stats.stored_blocks += stored
+        stats.removed_blocks += removed
+        stats.removed_unknown += unknown
+        stats.predictions_confirmed += confirmed
         return True
 
     def _apply_group(
@@ -150,52 +157,87 @@ class EventIngest:
         bit: int,
         group: int,
         scanned: ScannedEvents,
-        groups: np.ndarray,
+        layout: np.ndarray,
         start: int,
-        stop: int,
-        stores: int,
-        tallies: np.ndarray,
-    ) -> None:
-        """Events start..stop-1 of `group`: by the kernel while no second copy of a
-        key is in play, by the per-run steps from there on."""
-        if (bit, group) not in self._extra_copies:
-            confirmed, predicted = self.confirmed[group], self.predictions.tables[group]
-            if stores:
-                confirmed.reserve_stores(stores, bit)
-            held = np.empty(stores, np.uint64)
-            tallies[HELD] = tallies[SETTLED] = 0
-            first_key = -1
-            while True:
-                start, first_key = apply_group(
-                    scanned.ops,
-                    scanned.keys,
-                    groups,
-                    start,
-                    stop,
-                    first_key,
-                    group,
-                    bit,
-                    *confirmed.parts(),
-                    *predicted.parts(),
-                    held,
-                    tallies,
-                )
-                if first_key < 0:
-                    break
+        validate: bool,
+    ) -> int:
+        """Events of `group` from `start` to the next AllBlocksCleared: by the kernel
+        while no second copy of a key is in play, by the per-run steps from there
+        on. Returns the kernel's last status; tallies[NEXT] is where they end."""
+        confirmed, predicted = self.confirmed[group], self.predictions.tables[group]
+        tallies, ops, keys, groups = self._tallies, scanned.ops, scanned.keys, self._groups
+        kernel_group, first_key = group, -1
+        if (bit, group) in self._extra_copies:
+            kernel_group = -1  # only check the batch and find where the span ends
+        while True:
+            status = apply_group(
+                ops,
+                keys,
+                scanned.buffer,
+                layout,
+                groups,
+                validate,
+                start,
+                first_key,
+                kernel_group,
+                bit,
+                *confirmed.parts(),
+                *predicted.parts(),
+                self._held,
+                tallies,
+            )
+            validate = False
+            if status == NEED_ROOM:
+                need = int(tallies[NEED])
+                confirmed.reserve_stores(need, bit)
+                if self._held.size < tallies[HELD] + need:
+                    grown = np.empty(int(tallies[HELD]) + 2 * need, np.uint64)
+                    grown[: tallies[HELD]] = self._held[: tallies[HELD]]
+                    self._held = grown
+            elif status == NEED_SPILL:
                 confirmed.grow_spill()
-            confirmed.settle()
-            if tallies[SETTLED]:
+                start, first_key = int(tallies[NEXT]), int(tallies[NEXT_KEY])
+            else:
+                break
+        if status == REFUSED:
+            return status
+        shrink = int(tallies[SHRINK])
+        if shrink:
+            if shrink & 1:
+                confirmed.settle()
+            if shrink & 2:
                 predicted.settle()
-            if tallies[HELD]:
-                self._count_copies(bit, group, held[: tallies[HELD]])
-        ops, keys = scanned.ops, scanned.keys
-        for i in range(start, stop):
-            if groups[i] == group:
-                event_keys = keys[ops[i, OP_KEYS_START] : ops[i, OP_KEYS_END]].copy()
-                if ops[i, OP_KIND] == STORED:
-                    self._store(bit, group, event_keys)
-                else:
-                    self._remove(bit, group, event_keys)
+            tallies[SHRINK] = 0
+        if tallies[HELD]:
+            self._count_copies(bit, group, self._held[: tallies[HELD]])
+            tallies[HELD] = 0
+        if status == AT_SECOND_COPY or kernel_group < 0:
+            # The rest of the group's span, each event a run of its own.
+            start = int(tallies[NEXT]) if status == AT_SECOND_COPY else start
+            status = apply_group(
+                ops,
+                keys,
+                scanned.buffer,
+                layout,
+                groups,
+                False,
+                start,
+                -1,
+                -1,
+                bit,
+                *confirmed.parts(),
+                *predicted.parts(),
+                self._held,
+                tallies,
+            )
+            for i in range(start, int(tallies[NEXT])):
+                if groups[i] == group:
+                    event_keys = keys[ops[i, OP_KEYS_START] : ops[i, OP_KEYS_END]].copy()
+                    if ops[i, OP_KIND] == STORED:
+                        self._store(bit, group, event_keys)
+                    else:
+                        self._remove(bit, group, event_keys)
+        return status
 
     def _removals(
         self, entry: ReplicaEntry, span: list[BlockRemoved], runs: dict[int, _EventRun]
@@ -371,12 +413,12 @@ class EventIngest:
         self.stats.removed_blocks += removed
 
 
-def _group_layout(entry: ReplicaEntry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """An entry's groups as `resolve_groups` reads them: block sizes, and each spec
-    kind's bytes (zero-padded rows) with their lengths."""
+def _group_layout(entry: ReplicaEntry) -> np.ndarray:
+    """An entry's groups as `apply_group` reads them: per group a row of its block
+    size, its spec kind's length and the kind's bytes (zero-padded)."""
     encoded = [kind.encode() for kind in entry.group_kinds]
-    kinds = np.zeros((len(encoded), max(map(len, encoded))), np.uint8)
-    for row, kind in enumerate(encoded):
-        kinds[row, : len(kind)] = np.frombuffer(kind, np.uint8)
-    lengths = np.array(list(map(len, encoded)), np.int64)
-    return np.array(entry.group_block_sizes, np.int64), kinds, lengths
+    rows = np.zeros((len(encoded), LAYOUT_KIND + max(map(len, encoded))), np.int64)
+    for row, (kind, block_size) in enumerate(zip(encoded, entry.group_block_sizes, strict=True)):
+        rows[row, :LAYOUT_KIND] = block_size, len(kind)
+        rows[row, LAYOUT_KIND : LAYOUT_KIND + len(kind)] = np.frombuffer(kind, np.uint8)
+    return rows

@@ -7,10 +7,13 @@ discard it): a run's table call goes through its keys in order, and the tables o
 confirmed and predicted entries are apart, so the per-key order gives the same
 index, counters and returned keys as the per-run one.
 
-Python splits the batch at each AllBlocksCleared (which touches every group), and
-the kernel stops, leaving the rest of its group to Python, at a removal after a
-store found its key already held (the second copy is counted in a Python dict,
-which that removal must read).
+Before applying anything, the first call of a batch checks every event as
+`EventIngest` would (a known group; a BlockStored of its group's block size and
+spec kind) and refuses the batch if one fails, which the event-by-event path then
+counts. The kernel stops and says why (`Status`) where Python must act: at an
+AllBlocksCleared (which touches every group), when the table needs room, and at a
+removal after a store found its key already held (the second copy is counted in a
+Python dict, which that removal must read).
 """
 
 from __future__ import annotations
@@ -29,66 +32,70 @@ from kvroute.events.scan import (
     OP_SPEC_START,
     STORED,
 )
-from kvroute.router.index.block_table import discard_key, store_key, warm
+from kvroute.router.index.block_table import (
+    discard_key,
+    has_room,
+    shrinkable,
+    store_key,
+    warm,
+)
 
-# Slots of the kernel's tallies array.
-STORED_BLOCKS, REMOVED_BLOCKS, REMOVED_UNKNOWN, CONFIRMED, HELD, SETTLED, WARMED = range(7)
-TALLIES = 7
+# What `apply_group` returns.
+DONE, AT_CLEAR, NEED_SPILL, NEED_ROOM, AT_SECOND_COPY, REFUSED = range(6)
+# Slots of its tallies array: counters summed over a batch's calls, then where it
+# stopped (event, key), the stores to make room for, whether a table can shrink
+# (1: confirmed, 2: predicted).
+STORED_BLOCKS, REMOVED_BLOCKS, REMOVED_UNKNOWN, CONFIRMED, HELD = range(5)
+NEXT, NEXT_KEY, NEED, SHRINK, WARMED = range(5, 10)
+TALLIES = 10
+# Columns of a replica's layout row: block size, spec kind length, then its bytes.
+LAYOUT_BLOCK_SIZE, LAYOUT_KIND_LENGTH, LAYOUT_KIND = range(3)
+# `groups` entry of an AllBlocksCleared.
+_NO_GROUP = -2
 
 
 @njit(cache=True)
-def resolve_groups(
-    ops: np.ndarray,
-    buf: np.ndarray,
-    block_sizes: np.ndarray,
-    kinds: np.ndarray,
-    kind_lengths: np.ndarray,
-    per_group: np.ndarray,
-) -> np.ndarray:
-    """Each event's group as the registration knows it (an untagged event is group
-    0 of a single-group replica; -1 for AllBlocksCleared), or an empty array if any
-    event is one that ingest refuses: an unknown group, or a BlockStored whose
-    spec kind or block size differs from its group's. per_group[g] becomes
-    (events, stored keys) of group g; per_group[-1, 0] the AllBlocksCleared count."""
-    groups = np.empty(ops.shape[0], np.int64)
-    count = block_sizes.size
-    per_group[:] = 0
+def _resolve(ops: np.ndarray, buf: np.ndarray, layout: np.ndarray, groups: np.ndarray) -> bool:
+    """Each event's group as the registration knows it, into `groups` (an untagged
+    event is group 0 of a single-group replica); False if any event is one that
+    ingest refuses: an unknown group, or a BlockStored whose spec kind or block
+    size differs from its group's."""
+    count = layout.shape[0]
     for i in range(ops.shape[0]):
         if ops[i, OP_KIND] == CLEARED:
-            groups[i] = -1
-            per_group[count, 0] += 1
+            groups[i] = _NO_GROUP
             continue
         group = ops[i, OP_GROUP]
         if group < 0:
             if count != 1:
-                return groups[:0]
+                return False
             group = 0
         if group >= count:
-            return groups[:0]
+            return False
         if ops[i, OP_KIND] == STORED:
-            if ops[i, OP_BLOCK_SIZE] != block_sizes[group]:
-                return groups[:0]
+            if ops[i, OP_BLOCK_SIZE] != layout[group, LAYOUT_BLOCK_SIZE]:
+                return False
             start = ops[i, OP_SPEC_START]
             if start >= 0:
                 length = ops[i, OP_SPEC_END] - start
-                if length != kind_lengths[group]:
-                    return groups[:0]
+                if length != layout[group, LAYOUT_KIND_LENGTH]:
+                    return False
                 for k in range(length):
-                    if buf[start + k] != kinds[group, k]:
-                        return groups[:0]
-            per_group[group, 1] += ops[i, OP_KEYS_END] - ops[i, OP_KEYS_START]
-        per_group[group, 0] += 1
+                    if buf[start + k] != layout[group, LAYOUT_KIND + k]:
+                        return False
         groups[i] = group
-    return groups
+    return True
 
 
 @njit(cache=True)
 def apply_group(
     ops: np.ndarray,
     keys: np.ndarray,
+    buf: np.ndarray,
+    layout: np.ndarray,
     groups: np.ndarray,
+    validate: bool,
     start: int,
-    stop: int,
     first_key: int,
     group: int,
     bit: int,
@@ -108,29 +115,47 @@ def apply_group(
     p_shift: np.uint64,
     held: np.ndarray,
     tallies: np.ndarray,
-) -> tuple[int, int]:
-    """Apply the events of `group` in ops[start:stop] (no AllBlocksCleared among
-    them), from key `first_key` of the first if not -1, in order, to the group's
-    confirmed table (and settle its predicted one). Returns (stop, -1) when done;
-    (i, j) when key j of event i needs a spill row and the pool is full (grow it,
-    resume there); (i, -1) at a removal after a held key (see the module doc).
-    Entries for the stores must be reserved (`BlockTable.reserve_stores`). Keys
-    stored while held are appended to `held`, counted in tallies[HELD]."""
-    word = bit >> 6
-    removable = word < masks.shape[1]
-    predictable = word < p_masks.shape[1]
-    if start < stop:  # every key of the span (another group's too: it only costs time)
-        span = keys[ops[start, OP_KEYS_START] : ops[stop - 1, OP_KEYS_END]]
-        tallies[WARMED] = np.int64(warm(slots, table_keys, holders, shift, span) & np.uint64(1))
-    for i in range(start, stop):
-        kind = ops[i, OP_KIND]
+) -> int:
+    """Apply the events of `group` (-1: none, only find the next AllBlocksCleared)
+    from event `start` (from its key `first_key`, if not -1) to the next
+    AllBlocksCleared or the end, in order, to the group's confirmed table, settling
+    its predicted one. With `validate`, `groups` is filled first (REFUSED: nothing
+    applied). Returns a status; tallies[NEXT] (and [NEXT_KEY]) say where it stopped.
+    Keys stored while held are appended to `held`, counted in tallies[HELD]."""
+    if validate and not _resolve(ops, buf, layout, groups):
+        return REFUSED
+    end = ops.shape[0]
+    stores = 0
+    for i in range(start, ops.shape[0]):
+        if ops[i, OP_KIND] == CLEARED:
+            end = i
+            break
+        if groups[i] == group and ops[i, OP_KIND] == STORED:
+            stores += ops[i, OP_KEYS_END] - ops[i, OP_KEYS_START]
+    tallies[NEXT], tallies[NEXT_KEY] = end, -1
+    if group < 0 or start == end:
+        return AT_CLEAR if end < ops.shape[0] else DONE
+    if stores and not (
+        has_room(slots, table_keys, masks, counts, stores, bit)
+        and held.size >= tallies[HELD] + stores
+    ):
+        tallies[NEXT], tallies[NEED] = start, stores
+        return NEED_ROOM
+    # Every key of the span (another group's too: it only costs time).
+    span = keys[ops[start, OP_KEYS_START] : ops[end - 1, OP_KEYS_END]]
+    warmed = warm(slots, table_keys, holders, counts[0], shift, span, span.size)
+    tallies[WARMED] = np.int64(warmed & np.uint64(1))
+    removable = bit >> 6 < masks.shape[1]
+    predictable = bit >> 6 < p_masks.shape[1]
+    status = AT_CLEAR if end < ops.shape[0] else DONE
+    for i in range(start, end):
         if groups[i] != group:
             continue
-        first, end = ops[i, OP_KEYS_START], ops[i, OP_KEYS_END]
+        first, last = ops[i, OP_KEYS_START], ops[i, OP_KEYS_END]
         if i == start and first_key >= 0:
             first = first_key
-        if kind == STORED:
-            for j in range(first, end):
+        if ops[i, OP_KIND] == STORED:
+            for j in range(first, last):
                 key = keys[j]
                 if (
                     predictable
@@ -140,23 +165,30 @@ def apply_group(
                     )
                 ):
                     tallies[CONFIRMED] += 1
-                    tallies[SETTLED] += 1
+                    tallies[SHRINK] |= 2
                 done = store_key(slots, table_keys, holders, masks, owners, counts, shift, key, bit)
                 if done == 1:
                     held[tallies[HELD]] = key
                     tallies[HELD] += 1
                 elif done == 2:
-                    return i, j
-            tallies[STORED_BLOCKS] += end - ops[i, OP_KEYS_START]
+                    tallies[NEXT], tallies[NEXT_KEY] = i, j
+                    return NEED_SPILL
+            tallies[STORED_BLOCKS] += last - ops[i, OP_KEYS_START]
         else:
             if tallies[HELD]:
-                return i, -1
-            for j in range(first, end):
+                tallies[NEXT] = i
+                status = AT_SECOND_COPY
+                break
+            for j in range(first, last):
                 key = keys[j]
-                if predictable and p_counts[0] > 0:
-                    tallies[SETTLED] += discard_key(
+                if (
+                    predictable
+                    and p_counts[0] > 0
+                    and discard_key(
                         p_slots, p_keys, p_holders, p_masks, p_owners, p_counts, p_shift, key, bit
                     )
+                ):
+                    tallies[SHRINK] |= 2
                 if not (
                     removable
                     and discard_key(
@@ -164,5 +196,7 @@ def apply_group(
                     )
                 ):
                     tallies[REMOVED_UNKNOWN] += 1
-            tallies[REMOVED_BLOCKS] += end - first
-    return stop, -1
+            tallies[REMOVED_BLOCKS] += last - first
+    if shrinkable(slots, table_keys, masks, counts):
+        tallies[SHRINK] |= 1
+    return status
