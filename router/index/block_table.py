@@ -38,9 +38,13 @@ a per-key probe loop in Python ~250 ns per probe.
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 EMPTY = -1
 DELETED = -2
@@ -247,6 +251,37 @@ def discard_key(
     return True
 
 
+@intrinsic
+def _prefetch(typingctx: Any, array: Any, index: Any) -> Any:
+    """Ask the cache for row `index` of `array` without waiting for it (LLVM's
+    prefetch: a read, kept in every level)."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        array_type = signature.args[0]
+        view = context.make_array(array_type)(context, builder, args[0])
+        index = context.cast(builder, args[1], signature.args[1], types.intp)
+        zero = context.get_constant(types.intp, 0)
+        pointer = cgutils.get_item_pointer(
+            context,
+            builder,
+            array_type,
+            view,
+            [index] + [zero] * (array_type.ndim - 1),
+            wraparound=False,
+        )
+        byte_pointer = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        function = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]),
+            "llvm.prefetch.p0",
+        )
+        builder.call(function, [builder.bitcast(pointer, byte_pointer), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(array, index), codegen
+
+
 @njit(cache=True, inline="always")
 def warm(
     slots: np.ndarray,
@@ -256,19 +291,17 @@ def warm(
     shift: np.uint64,
     batch: np.ndarray,
     tail: np.intp,
-) -> np.uint64:
-    """Load what a pass of `batch` through `store_key` and `discard_key` will read,
-    and return a value made of it (so the loads are not dropped): the home slot of
-    every key and of the last `tail` entries (the ones deletions move), then the
-    keys and holders of the entries on each key's probe path. The loads of one
-    phase do not depend on each other, so the core keeps many cache misses in
-    flight, where a probe loop waits for each in turn (on a table larger than the
-    caches, a key misses three to five times)."""
-    seen = _ZERO
+) -> None:
+    """Prefetch what a pass of `batch` through `store_key` and `discard_key` will
+    read: the home slot of every key and of the last `tail` entries (the ones
+    deletions move), then the key and holders of each entry on each key's probe
+    path. A probe loop waits for each of its cache misses in turn (on a table
+    larger than the caches, a key misses three to five times); prefetches do not
+    wait, so the misses of a whole batch overlap."""
     for j in range(batch.size):
-        seen ^= np.uint64(slots[_home(batch[j], shift)])
+        _prefetch(slots, _home(batch[j], shift))
     for entry in range(max(0, size - tail), size):
-        seen ^= np.uint64(slots[_home(keys[entry], shift)])
+        _prefetch(slots, _home(keys[entry], shift))
     last = slots.size - 1
     for j in range(batch.size):
         i = _home(batch[j], shift)
@@ -277,9 +310,9 @@ def warm(
             if entry == EMPTY:
                 break
             if entry >= 0:
-                seen ^= keys[entry] ^ np.uint64(holders[entry, 0])
+                _prefetch(keys, entry)
+                _prefetch(holders, entry)
             i = (i + 1) & last
-    return seen
 
 
 @njit(cache=True, inline="always")

@@ -46,8 +46,8 @@ DONE, AT_CLEAR, NEED_SPILL, NEED_ROOM, AT_SECOND_COPY, REFUSED = range(6)
 # stopped (event, key), the stores to make room for, whether a table can shrink
 # (1: confirmed, 2: predicted).
 STORED_BLOCKS, REMOVED_BLOCKS, REMOVED_UNKNOWN, CONFIRMED, HELD = range(5)
-NEXT, NEXT_KEY, NEED, SHRINK, WARMED = range(5, 10)
-TALLIES = 10
+NEXT, NEXT_KEY, NEED, SHRINK = range(5, 9)
+TALLIES = 9
 # Columns of a replica's layout row: block size, spec kind length, then its bytes.
 LAYOUT_BLOCK_SIZE, LAYOUT_KIND_LENGTH, LAYOUT_KIND = range(3)
 # `groups` entry of an AllBlocksCleared.
@@ -143,8 +143,7 @@ def apply_group(
         return NEED_ROOM
     # Every key of the span (another group's too: it only costs time).
     span = keys[ops[start, OP_KEYS_START] : ops[end - 1, OP_KEYS_END]]
-    warmed = warm(slots, table_keys, holders, counts[0], shift, span, span.size)
-    tallies[WARMED] = np.int64(warmed & np.uint64(1))
+    warm(slots, table_keys, holders, counts[0], shift, span, span.size)
     removable = bit >> 6 < masks.shape[1]
     predictable = bit >> 6 < p_masks.shape[1]
     status = AT_CLEAR if end < ops.shape[0] else DONE
