@@ -93,9 +93,9 @@ class EventIngest:
         self.stats = stats
         # (bit, group) -> key -> copies beyond the first
         self._extra_copies: dict[tuple[int, int], dict[int, int]] = {}
-        # replica id -> (its entry, its groups as `apply_group` reads them); then the
+        # replica bit -> (its entry, its groups as `apply_group` reads them); then the
         # kernel's scratch arrays, reused by every batch.
-        self._layouts: dict[str, tuple[ReplicaEntry, np.ndarray]] = {}
+        self._layouts: dict[int, tuple[ReplicaEntry, np.ndarray]] = {}
         self._groups = np.empty(64, np.int64)
         self._held = np.empty(0, np.uint64)
         self._tallies = np.zeros(TALLIES, np.int64)
@@ -108,7 +108,6 @@ class EventIngest:
             return
         # Runs of different groups touch different tables, so they commute.
         runs: dict[int, _EventRun] = {}
-        events = batch.events
         end = len(events)
         others = compress(count(), map(is_not, map(type, events), repeat(BlockRemoved)))
         start = 0
@@ -123,9 +122,9 @@ class EventIngest:
     def _apply_scanned(self, entry: ReplicaEntry, scanned: ScannedEvents) -> bool:
         """Apply a scanned batch from its op arrays; False (nothing applied) if it
         holds an event ingest refuses, which the event-by-event path counts."""
-        layout = self._layouts.get(entry.replica_id)
+        layout = self._layouts.get(entry.bit)
         if layout is None or layout[0] is not entry:
-            layout = self._layouts[entry.replica_id] = (entry, _group_layout(entry))
+            layout = self._layouts[entry.bit] = (entry, _group_layout(entry))
         rows = layout[1]
         count = len(scanned.ops)
         if self._groups.size < count:

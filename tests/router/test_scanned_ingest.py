@@ -206,3 +206,19 @@ def test_malformed_and_mutated_frames_are_refused_or_applied_alike(seed: int) ->
         outcomes[decoded] += 1
         assert state(scanned) == state(reference)
     assert outcomes[True] > 10 and outcomes[False] > 100
+
+
+def test_a_replica_on_a_reused_bit_is_read_with_its_own_groups() -> None:
+    index = index_of(1)
+    payload = encode_batch(
+        KVEventBatch(ts=0.0, events=[BlockStored([9], None, [], 4, None, None, None, group_idx=1)])
+    )
+    index.apply("r0", DECODER.decode(payload))  # r0 has one group: refused
+    index.remove("r0")
+    index.register(
+        "h", config(64, *LAYOUTS["hybrid"]), hash_block_size=4, hash_algo=ALGO, hash_seed=SEED
+    )
+    assert index.replica("h").bit == 0
+    index.apply("h", DECODER.decode(payload))
+    assert table_state(index._groups[1]) == {9: 1}
+    assert index.stats.unknown_group == 1 and index.stats.stored_blocks == 1
