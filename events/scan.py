@@ -258,9 +258,7 @@ def _scan(buf: np.ndarray, limits: np.ndarray) -> tuple[bool, float, int, np.nda
     pos, fields = _array(buf, 0)
     if pos < 0 or not 2 <= fields <= 3 or pos + 9 > size or buf[pos] != 0xCB:
         return False, 0.0, -1, empty_ops, empty_keys
-    ts = np.float64(0.0)
-    raw = _be(buf, pos + 1, 8)
-    ts = np.array([raw], np.uint64).view(np.float64)[0]
+    ts = np.array([_be_fixed(buf, pos + 1, 8)], np.uint64).view(np.float64)[0]
     if not 0.0 <= ts <= _FLOAT_MAX:
         return False, 0.0, -1, empty_ops, empty_keys
     pos, count = _array(buf, pos + 9)
