@@ -23,6 +23,7 @@ from msgspec.structs import astuple
 from numba import njit
 
 from kvroute.events.errors import MalformedInputError, MalformedKind
+from kvroute.events.scan import ScannedEvents, limit_array, scan_frame
 
 MEDIUM_GPU = "GPU"
 
@@ -477,11 +478,16 @@ class KVEventDecoder:
     all lie within `limits`, or raises `MalformedInputError`; nothing else escapes.
     BlockStored's token ids come as a `TokenIds` (as a list when the payload took
     the checked path).
+
+    An array-encoded payload that `scan_frame` accepts (what our replicas and vLLM
+    up to 0.23 publish) decodes to a batch whose `events` is a `ScannedEvents`: its
+    op arrays now, the events themselves when first read, from `decode_events`.
     """
 
     def __init__(self, limits: DecodeLimits = DEFAULT_LIMITS) -> None:
         self.limits = limits
         self._schema = _schema(limits)
+        self._scan_limits = limit_array(limits)
 
     def decode(self, payload: bytes | memoryview) -> KVEventBatch:
         if len(payload) > self.limits.max_payload_bytes:
@@ -489,6 +495,16 @@ class KVEventDecoder:
                 MalformedKind.OVERSIZED_PAYLOAD,
                 f"{len(payload)} bytes > {self.limits.max_payload_bytes}",
             )
+        # Held for a later decode of the events: a view could change under it.
+        payload = payload if type(payload) is bytes else bytes(payload)
+        scanned = scan_frame(payload, self._scan_limits, self.decode_events)
+        if scanned is None:
+            return self.decode_events(payload)
+        return KVEventBatch(*scanned)  # type: ignore[arg-type]
+
+    def decode_events(self, payload: bytes | memoryview) -> KVEventBatch:
+        """The payload decoded into event structs (no scan): the fast path, or the
+        checked one where the fast path refuses."""
         batch = self._schema.fast(payload)
         return batch if batch is not None else self.decode_checked(payload)
 
@@ -508,6 +524,8 @@ class KVEventDecoder:
 def _encode_token_ids(value: Any) -> Any:
     if isinstance(value, TokenIds):
         return value.tolist()
+    if isinstance(value, ScannedEvents):
+        return value.events
     raise NotImplementedError(f"cannot encode {type(value).__name__}")
 
 

@@ -38,9 +38,13 @@ a per-key probe loop in Python ~250 ns per probe.
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 EMPTY = -1
 DELETED = -2
@@ -147,6 +151,198 @@ def _delete(
     return last
 
 
+@njit(cache=True, inline="always")
+def store_key(
+    slots: np.ndarray,
+    keys: np.ndarray,
+    holders: np.ndarray,
+    masks: np.ndarray,
+    owners: np.ndarray,
+    counts: np.ndarray,
+    shift: np.uint64,
+    key: np.uint64,
+    bit: np.intp,
+) -> np.intp:
+    """Add `bit` to `key`, inserting it if absent: 0 if added, 1 if the key had it
+    already, 2 (nothing changed) if it needs a spill row and the pool is full.
+    Room for the entry must be reserved; `counts` is updated in place."""
+    slot, free = _find(slots, keys, key, shift)
+    if slot < 0:
+        size = counts[0]
+        if slots[free] == EMPTY:
+            counts[1] += 1
+        slots[free] = size
+        keys[size] = key
+        holders[size, :] = NOBODY
+        holders[size, 0] = bit
+        counts[0] = size + 1
+        return 0
+    entry = slots[slot]
+    if _has(holders, masks, entry, bit):
+        return 1
+    if holders[entry, 0] == SPILLED:
+        masks[_spill_row(holders, entry), bit >> 6] |= _ONE << np.uint64(bit & 63)
+        return 0
+    for k in range(INLINE):
+        if holders[entry, k] == NOBODY:
+            holders[entry, k] = bit
+            return 0
+    row = counts[2]
+    if row == masks.shape[0]:
+        return 2
+    counts[2] = row + 1
+    masks[row, :] = _ZERO
+    for k in range(INLINE):
+        other = np.intp(holders[entry, k])
+        masks[row, other >> 6] |= _ONE << np.uint64(other & 63)
+    masks[row, bit >> 6] |= _ONE << np.uint64(bit & 63)
+    owners[row] = entry
+    holders[entry, 0] = SPILLED
+    holders[entry, 1] = row & 0xFFFF
+    holders[entry, 2] = row >> 16
+    holders[entry, 3] = NOBODY
+    return 0
+
+
+@njit(cache=True, inline="always")
+def discard_key(
+    slots: np.ndarray,
+    keys: np.ndarray,
+    holders: np.ndarray,
+    masks: np.ndarray,
+    owners: np.ndarray,
+    counts: np.ndarray,
+    shift: np.uint64,
+    key: np.uint64,
+    bit: np.intp,
+) -> bool:
+    """Remove `bit` from `key` if it has it (the entry goes with its last holder);
+    whether it had it. `bit >> 6` must be below the masks' width."""
+    slot, _ = _find(slots, keys, key, shift)
+    if slot < 0:
+        return False
+    entry = slots[slot]
+    empty = False
+    if holders[entry, 0] == SPILLED:
+        word, flag = bit >> 6, _ONE << np.uint64(bit & 63)
+        row = _spill_row(holders, entry)
+        if not masks[row, word] & flag:
+            return False
+        masks[row, word] &= ~flag
+        if not masks[row].any():
+            counts[2] = _free_spill(holders, masks, owners, counts[2], row)
+            empty = True
+    else:
+        at = -1
+        filled_ids = 0
+        for k in range(INLINE):
+            if holders[entry, k] == NOBODY:
+                break
+            if holders[entry, k] == bit:
+                at = k
+            filled_ids += 1
+        if at < 0:
+            return False
+        holders[entry, at] = holders[entry, filled_ids - 1]
+        holders[entry, filled_ids - 1] = NOBODY
+        empty = filled_ids == 1
+    if empty:
+        counts[0] = _delete(slots, keys, holders, owners, counts[0], shift, slot)
+    return True
+
+
+@intrinsic
+def _prefetch(typingctx: Any, array: Any, index: Any) -> Any:
+    """Ask the cache for row `index` of `array` without waiting for it (LLVM's
+    prefetch: a read, kept in every level)."""
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        array_type = signature.args[0]
+        view = context.make_array(array_type)(context, builder, args[0])
+        index = context.cast(builder, args[1], signature.args[1], types.intp)
+        zero = context.get_constant(types.intp, 0)
+        pointer = cgutils.get_item_pointer(
+            context,
+            builder,
+            array_type,
+            view,
+            [index] + [zero] * (array_type.ndim - 1),
+            wraparound=False,
+        )
+        byte_pointer = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        function = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]),
+            "llvm.prefetch.p0",
+        )
+        builder.call(function, [builder.bitcast(pointer, byte_pointer), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(array, index), codegen
+
+
+@njit(cache=True, inline="always")
+def warm(
+    slots: np.ndarray,
+    keys: np.ndarray,
+    holders: np.ndarray,
+    size: np.intp,
+    shift: np.uint64,
+    batch: np.ndarray,
+    tail: np.intp,
+) -> None:
+    """Prefetch what a pass of `batch` through `store_key` and `discard_key` will
+    read: the home slot of every key and of the last `tail` entries (the ones
+    deletions move), then the key and holders of each entry on each key's probe
+    path. A probe loop waits for each of its cache misses in turn (on a table
+    larger than the caches, a key misses three to five times); prefetches do not
+    wait, so the misses of a whole batch overlap."""
+    for j in range(batch.size):
+        _prefetch(slots, _home(batch[j], shift))
+    for entry in range(max(0, size - tail), size):
+        _prefetch(slots, _home(keys[entry], shift))
+    last = slots.size - 1
+    for j in range(batch.size):
+        i = _home(batch[j], shift)
+        while True:
+            entry = slots[i]
+            if entry == EMPTY:
+                break
+            if entry >= 0:
+                _prefetch(keys, entry)
+                _prefetch(holders, entry)
+            i = (i + 1) & last
+
+
+@njit(cache=True, inline="always")
+def shrinkable(slots: np.ndarray, keys: np.ndarray, masks: np.ndarray, counts: np.ndarray) -> bool:
+    """Whether `BlockTable._shrink` would resize anything (its conditions, compiled)."""
+    size = counts[0]
+    return (
+        (size < keys.size // 4 and keys.size > SHRINK_ABOVE)
+        or (size * 8 < slots.size and slots.size > MIN_CAPACITY)
+        or (counts[2] < masks.shape[0] // 4 and masks.shape[0] > SHRINK_ABOVE // 16)
+    )
+
+
+@njit(cache=True, inline="always")
+def has_room(
+    slots: np.ndarray,
+    keys: np.ndarray,
+    masks: np.ndarray,
+    counts: np.ndarray,
+    stores: np.intp,
+    bit: np.intp,
+) -> bool:
+    """Whether `stores` stores of `bit` need no `reserve_stores` first."""
+    return (
+        counts[0] + stores <= keys.size
+        and (counts[1] + stores) * 3 <= slots.size * 2
+        and bit >> 6 < masks.shape[1]
+    )
+
+
 @njit(cache=True)
 def _store(
     slots: np.ndarray,
@@ -165,55 +361,16 @@ def _store(
     `counts` = [size, filled, spill rows, held keys] is updated in place.
     Returns where it stopped: batch.size, or the key that needs a spill row
     when the pool is full."""
-    size, filled, spilled, held = counts[0], counts[1], counts[2], counts[3]
-    word, flag = bit >> 6, _ONE << np.uint64(bit & 63)
     j = start
     while j < batch.size:
         key = batch[j]
-        slot, free = _find(slots, keys, key, shift)
-        if slot < 0:
-            if slots[free] == EMPTY:
-                filled += 1
-            slots[free] = size
-            keys[size] = key
-            holders[size, :] = NOBODY
-            holders[size, 0] = bit
-            size += 1
-            j += 1
-            continue
-        entry = slots[slot]
-        if _has(holders, masks, entry, bit):
-            batch[held] = key
-            held += 1
-            j += 1
-            continue
-        if holders[entry, 0] == SPILLED:
-            masks[_spill_row(holders, entry), word] |= flag
-            j += 1
-            continue
-        placed = False
-        for k in range(INLINE):
-            if holders[entry, k] == NOBODY:
-                holders[entry, k] = bit
-                placed = True
-                break
-        if not placed:
-            if spilled == masks.shape[0]:
-                break
-            row = spilled
-            spilled += 1
-            masks[row, :] = _ZERO
-            for k in range(INLINE):
-                other = np.intp(holders[entry, k])
-                masks[row, other >> 6] |= _ONE << np.uint64(other & 63)
-            masks[row, word] |= flag
-            owners[row] = entry
-            holders[entry, 0] = SPILLED
-            holders[entry, 1] = row & 0xFFFF
-            holders[entry, 2] = row >> 16
-            holders[entry, 3] = NOBODY
+        done = store_key(slots, keys, holders, masks, owners, counts, shift, key, bit)
+        if done == 2:
+            break
+        if done == 1:
+            batch[counts[3]] = key
+            counts[3] += 1
         j += 1
-    counts[0], counts[1], counts[2], counts[3] = size, filled, spilled, held
     return j
 
 
@@ -231,41 +388,9 @@ def _discard(
 ) -> np.intp:
     """Remove `bit` from every key that has it; entries left with no holder go.
     Updates counts = [size, filled, spill rows, _] and returns how many keys had it."""
-    size, spilled = counts[0], counts[2]
-    word, flag = bit >> 6, _ONE << np.uint64(bit & 63)
     cleared = 0
     for j in range(batch.size):
-        slot, _ = _find(slots, keys, batch[j], shift)
-        if slot < 0:
-            continue
-        entry = slots[slot]
-        empty = False
-        if holders[entry, 0] == SPILLED:
-            row = _spill_row(holders, entry)
-            if not masks[row, word] & flag:
-                continue
-            masks[row, word] &= ~flag
-            if not masks[row].any():
-                spilled = _free_spill(holders, masks, owners, spilled, row)
-                empty = True
-        else:
-            at = -1
-            filled_ids = 0
-            for k in range(INLINE):
-                if holders[entry, k] == NOBODY:
-                    break
-                if holders[entry, k] == bit:
-                    at = k
-                filled_ids += 1
-            if at < 0:
-                continue
-            holders[entry, at] = holders[entry, filled_ids - 1]
-            holders[entry, filled_ids - 1] = NOBODY
-            empty = filled_ids == 1
-        cleared += 1
-        if empty:
-            size = _delete(slots, keys, holders, owners, size, shift, slot)
-    counts[0], counts[2] = size, spilled
+        cleared += discard_key(slots, keys, holders, masks, owners, counts, shift, batch[j], bit)
     return cleared
 
 
@@ -504,8 +629,40 @@ class BlockTable:
             )
             if start == keys.size:
                 break
-            self._resize_spill(max(16, self._masks.shape[0] + self._masks.shape[0] // 4))
+            self.grow_spill()
         return keys[: counts[3]]
+
+    def parts(self) -> tuple[np.ndarray, ...]:
+        """The arrays a fused kernel (`scanned_ingest.py`) reads and updates in place,
+        in the kernels' order: slots, keys, holders, masks, owners, counts, and the
+        shift as a 0-d array. Valid until the next Python-side call."""
+        return (
+            self._slots,
+            self._keys,
+            self._holders,
+            self._masks,
+            self._owners,
+            self._counts,
+            self._shift,
+        )
+
+    def reserve_stores(self, count: int, bit: int) -> None:
+        """Make room for `count` stores of `bit` (entries and slots; spill rows are
+        grown when a kernel storing through `store_key` runs out: `grow_spill`)."""
+        if not 0 <= bit < MAX_BITS:
+            raise ValueError(f"replica bit {bit} is out of range: at most {MAX_BITS} replicas")
+        self._width = max(self._width, (bit >> 6) + 1)
+        if self._width > self._masks.shape[1]:
+            self._widen_masks(self._width)
+        self._reserve(count)
+
+    def grow_spill(self) -> None:
+        """More spill rows, when a kernel storing through `store_key` ran out."""
+        self._resize_spill(max(16, self._masks.shape[0] + self._masks.shape[0] // 4))
+
+    def settle(self) -> None:
+        """After a kernel removed entries through `discard_key`: shrink what is unused."""
+        self._shrink()
 
     def discard(self, keys: np.ndarray, bit: int) -> int:
         """Clear `bit` for every key; returns how many keys had it."""
@@ -606,6 +763,7 @@ class BlockTable:
         self._counts[1] = self._size
 
     def _shrink(self) -> None:
+        """Resize what is mostly unused (`shrinkable` says whether anything is)."""
         size = self._size
         if size < self._keys.size // 4 and self._keys.size > SHRINK_ABOVE:
             self._resize_entries(max(size + size // 4, 16))

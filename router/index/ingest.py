@@ -13,6 +13,10 @@ Invariants:
 - An event of a group the registration does not know, or whose kind or block
   size disagrees with it, is counted and dropped without touching the index.
 - A BlockStored or BlockRemoved settles any prediction of the same block.
+
+A batch the decoder scanned (`ScannedEvents`) is applied from its op arrays, one
+compiled call per group (`scanned_ingest.py`), to the same effect; one holding an
+event that ingest refuses goes the way of any other batch, event by event.
 """
 
 from __future__ import annotations
@@ -25,9 +29,24 @@ from typing import Any
 import numpy as np
 
 from kvroute.events.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+from kvroute.events.scan import OP_KEYS_END, OP_KEYS_START, OP_KIND, STORED, ScannedEvents
 from kvroute.router.index.block_table import BlockTable
 from kvroute.router.index.predictions import Predictions
 from kvroute.router.index.registry import ReplicaEntry
+from kvroute.router.index.scanned_ingest import (
+    AT_SECOND_COPY,
+    HELD,
+    LAYOUT_KIND,
+    NEED,
+    NEED_ROOM,
+    NEED_SPILL,
+    NEXT,
+    NEXT_KEY,
+    REFUSED,
+    SHRINK,
+    TALLIES,
+    apply_group,
+)
 from kvroute.router.index.stats import IndexStats
 
 UINT64_MAX = (1 << 64) - 1
@@ -74,13 +93,21 @@ class EventIngest:
         self.stats = stats
         # (bit, group) -> key -> copies beyond the first
         self._extra_copies: dict[tuple[int, int], dict[int, int]] = {}
+        # replica bit -> (its entry, its groups as `apply_group` reads them); then the
+        # kernel's scratch arrays, reused by every batch.
+        self._layouts: dict[int, tuple[ReplicaEntry, np.ndarray]] = {}
+        self._groups = np.empty(64, np.int64)
+        self._held = np.empty(0, np.uint64)
+        self._tallies = np.zeros(TALLIES, np.int64)
 
     def apply(self, entry: ReplicaEntry, batch: KVEventBatch) -> None:
         """Apply one registered replica's batch, in order."""
         self.stats.batches += 1
+        events = batch.events
+        if type(events) is ScannedEvents and self._apply_scanned(entry, events):
+            return
         # Runs of different groups touch different tables, so they commute.
         runs: dict[int, _EventRun] = {}
-        events = batch.events
         end = len(events)
         others = compress(count(), map(is_not, map(type, events), repeat(BlockRemoved)))
         start = 0
@@ -91,6 +118,125 @@ class EventIngest:
                 self._other(entry, events[stop], runs)
             start = stop + 1
         self._flush_all(entry.bit, runs)
+
+    def _apply_scanned(self, entry: ReplicaEntry, scanned: ScannedEvents) -> bool:
+        """Apply a scanned batch from its op arrays; False (nothing applied) if it
+        holds an event ingest refuses, which the event-by-event path counts."""
+        layout = self._layouts.get(entry.bit)
+        if layout is None or layout[0] is not entry:
+            layout = self._layouts[entry.bit] = (entry, _group_layout(entry))
+        rows = layout[1]
+        count = len(scanned.ops)
+        if self._groups.size < count:
+            self._groups = np.empty(max(count, 2 * self._groups.size), np.int64)
+        tallies = self._tallies
+        tallies[:] = 0
+        bit, start, validate = entry.bit, 0, True
+        while True:
+            for group in range(len(rows)):
+                if self._apply_group(bit, group, scanned, rows, start, validate) == REFUSED:
+                    return False
+                validate = False
+            stop = int(tallies[NEXT])
+            if stop == count:
+                break
+            self.stats.cleared += 1
+            self.clear(bit)
+            start = stop + 1
+        stored, removed, unknown, confirmed = tallies[:HELD].tolist()
+        stats = self.stats
+        stats.stored_blocks += stored
+        stats.removed_blocks += removed
+        stats.removed_unknown += unknown
+        stats.predictions_confirmed += confirmed
+        return True
+
+    def _apply_group(
+        self,
+        bit: int,
+        group: int,
+        scanned: ScannedEvents,
+        layout: np.ndarray,
+        start: int,
+        validate: bool,
+    ) -> int:
+        """Events of `group` from `start` to the next AllBlocksCleared: by the kernel
+        while no second copy of a key is in play, by the per-run steps from there
+        on. Returns the kernel's last status; tallies[NEXT] is where they end."""
+        confirmed, predicted = self.confirmed[group], self.predictions.tables[group]
+        tallies, ops, keys, groups = self._tallies, scanned.ops, scanned.keys, self._groups
+        kernel_group, first_key = group, -1
+        if (bit, group) in self._extra_copies:
+            kernel_group = -1  # only check the batch and find where the span ends
+        while True:
+            status = apply_group(
+                ops,
+                keys,
+                scanned.buffer,
+                layout,
+                groups,
+                validate,
+                start,
+                first_key,
+                kernel_group,
+                bit,
+                *confirmed.parts(),
+                *predicted.parts(),
+                self._held,
+                tallies,
+            )
+            validate = False
+            if status == NEED_ROOM:
+                need = int(tallies[NEED])
+                confirmed.reserve_stores(need, bit)
+                if self._held.size < tallies[HELD] + need:
+                    grown = np.empty(int(tallies[HELD]) + 2 * need, np.uint64)
+                    grown[: tallies[HELD]] = self._held[: tallies[HELD]]
+                    self._held = grown
+            elif status == NEED_SPILL:
+                confirmed.grow_spill()
+                start, first_key = int(tallies[NEXT]), int(tallies[NEXT_KEY])
+            else:
+                break
+        if status == REFUSED:
+            return status
+        shrink = int(tallies[SHRINK])
+        if shrink:
+            if shrink & 1:
+                confirmed.settle()
+            if shrink & 2:
+                predicted.settle()
+            tallies[SHRINK] = 0
+        if tallies[HELD]:
+            self._count_copies(bit, group, self._held[: tallies[HELD]])
+            tallies[HELD] = 0
+        if status == AT_SECOND_COPY or kernel_group < 0:
+            # The rest of the group's span, each event a run of its own.
+            start = int(tallies[NEXT]) if status == AT_SECOND_COPY else start
+            status = apply_group(
+                ops,
+                keys,
+                scanned.buffer,
+                layout,
+                groups,
+                False,
+                start,
+                -1,
+                -1,
+                bit,
+                *confirmed.parts(),
+                *predicted.parts(),
+                self._held,
+                tallies,
+            )
+            for i in range(start, int(tallies[NEXT])):
+                if groups[i] == group:
+                    event_keys = keys[ops[i, OP_KEYS_START] : ops[i, OP_KEYS_END]].copy()
+                    if ops[i, OP_KIND] == STORED:
+                        self._store(bit, group, event_keys)
+                    else:
+                        self._remove(bit, group, event_keys)
+        return status
 
     def _removals(
         self, entry: ReplicaEntry, span: list[BlockRemoved], runs: dict[int, _EventRun]
@@ -233,10 +379,14 @@ class EventIngest:
         self.stats.predictions_confirmed += self.predictions.settle(group, batch, bit)
         held = self.confirmed[group].store(batch, bit)
         if held.size:
-            extra = self._extra_copies.setdefault((bit, group), {})
-            for key in held.tolist():
-                extra[key] = extra.get(key, 0) + 1
+            self._count_copies(bit, group, held)
         self.stats.stored_blocks += batch.size
+
+    def _count_copies(self, bit: int, group: int, held: np.ndarray) -> None:
+        """Stored keys the replica held already: one more copy each."""
+        extra = self._extra_copies.setdefault((bit, group), {})
+        for key in held.tolist():
+            extra[key] = extra.get(key, 0) + 1
 
     def _remove(self, bit: int, group: int, batch: np.ndarray) -> None:
         removed = batch.size
@@ -260,3 +410,14 @@ class EventIngest:
         cleared = self.confirmed[group].discard(batch, bit)
         self.stats.removed_unknown += batch.size - cleared
         self.stats.removed_blocks += removed
+
+
+def _group_layout(entry: ReplicaEntry) -> np.ndarray:
+    """An entry's groups as `apply_group` reads them: per group a row of its block
+    size, its spec kind's length and the kind's bytes (zero-padded)."""
+    encoded = [kind.encode() for kind in entry.group_kinds]
+    rows = np.zeros((len(encoded), LAYOUT_KIND + max(map(len, encoded))), np.int64)
+    for row, (kind, block_size) in enumerate(zip(encoded, entry.group_block_sizes, strict=True)):
+        rows[row, :LAYOUT_KIND] = block_size, len(kind)
+        rows[row, LAYOUT_KIND : LAYOUT_KIND + len(kind)] = np.frombuffer(kind, np.uint8)
+    return rows
