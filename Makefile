@@ -10,6 +10,7 @@ $(STAMP): pyproject.toml setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m kvroute.router.app.precompile
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -43,7 +43,7 @@ from kvroute.replicas.kv_cache.utils import RequestBlockHasher
 from kvroute.router.config import RouterConfig
 from kvroute.router.index.dialect import HashDialect
 from kvroute.router.index.hit_rules import VLLM_HIT_RULE, HitRule
-from kvroute.router.index.kv_index import HashMode, KVIndex
+from kvroute.router.index.kv_index import HashMode, KVIndex, warm_up_ingest
 from kvroute.router.policy import Candidate, CandidateColumns, RouteRequest, RoutingPolicy
 from kvroute.router.reuse import ReuseTracker
 from kvroute.router.tier.peer import PeerDecision
@@ -310,6 +310,7 @@ class Router:
         # on first use, about half a second that the first request would wait.
         keys = PromptKeys((0,) * (2 * settings.hash_block_size))
         keys.hashed_prompt(self.hasher)
+        warm_up_ingest()
         self.reuse = ReuseTracker.for_cluster(
             settings.reuse_memory, settings.cluster_blocks, settings.hash_block_size
         )

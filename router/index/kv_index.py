@@ -23,6 +23,7 @@ with its own function, seed and block size.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -358,3 +359,30 @@ def _by_group(entry: ReplicaEntry, small_keys: np.ndarray) -> list[tuple[int, np
         (group, np.ascontiguousarray(small_keys[scale - 1 :: scale]))
         for group, scale in enumerate(entry.group_scales)
     ]
+
+
+@functools.cache
+def warm_up_ingest() -> None:
+    """Compile the event scan and the batch-apply kernel now, or load them from
+    numba's disk cache: compiled cold they take seconds, which the first event batch
+    would otherwise spend on the subscriber thread and the router's loop. One stored
+    and one removed block through a throwaway index of one replica."""
+    import torch
+
+    from kvroute.events.kv_events import BlockRemoved, KVEventDecoder, encode_batch
+    from kvroute.replicas.kv_cache.specs import FullAttentionSpec, KVCacheGroupSpec
+
+    spec = FullAttentionSpec(block_size=4, num_kv_heads=1, head_size=1, dtype=torch.float32)
+    index = KVIndex("sha256", "warm-up")
+    index.register(
+        "warm-up",
+        KVCacheConfig(num_blocks=4, kv_cache_groups=[KVCacheGroupSpec(["layer"], spec)]),
+        hash_block_size=4,
+        hash_algo="sha256",
+        hash_seed="warm-up",
+    )
+    batch = KVEventBatch(
+        ts=0.0,
+        events=[BlockStored([1, 2], None, [], 4, None, None, None), BlockRemoved([1], None)],
+    )
+    index.apply("warm-up", KVEventDecoder().decode(encode_batch(batch)))
