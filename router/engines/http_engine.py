@@ -167,15 +167,23 @@ class HttpEngine:
         )
 
     async def _post(self, request: GenerateRequest) -> aiohttp.ClientResponse:
+        """The engine's 200 response to `request`. A pooled connection that the engine
+        closes just as it is taken (its keep-alive timer and the pool's age check run
+        on two clocks; seen against vLLM under load: "Can not write request body")
+        fails on its first write or read: the request is sent once more, on another
+        connection, before the engine counts as failing, which would route its
+        traffic away from its cache."""
         url = f"{self.base_url}{self.dialect.completion_path}"
-        try:
-            response = await self.session.post(
-                url,
-                data=_encode_body(self.dialect.completion_body(request, self.model)),
-                headers={"X-Request-Id": request.request_id, "Content-Type": "application/json"},
-            )
-        except (aiohttp.ClientError, OSError) as exc:
-            raise ReplicaUnavailableError(f"engine {self.name} unreachable: {exc}") from None
+        body = _encode_body(self.dialect.completion_body(request, self.model))
+        headers = {"X-Request-Id": request.request_id, "Content-Type": "application/json"}
+        for attempt in (1, 2):
+            try:
+                response = await self.session.post(url, data=body, headers=headers)
+                break
+            except (aiohttp.ClientError, OSError) as exc:
+                if attempt == 1 and _stale_connection(exc):
+                    continue
+                raise ReplicaUnavailableError(f"engine {self.name} unreachable: {exc}") from None
         if response.status == 200:
             return response
         detail = await _error_message(response)
@@ -260,6 +268,13 @@ class HttpEngine:
         for drain in list(self._draining):
             drain.cancel()
         await asyncio.gather(*self._draining, return_exceptions=True)
+
+
+def _stale_connection(exc: BaseException) -> bool:
+    """A failure on a connection that was open (the engine closed it, or reset it),
+    not one to connect: a new connection may well succeed."""
+    established = isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError)
+    return established and not isinstance(exc, aiohttp.ClientConnectorError)
 
 
 async def _drain(response: aiohttp.ClientResponse) -> None:

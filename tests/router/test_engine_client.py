@@ -346,3 +346,60 @@ def test_a_stream_ends_at_done_without_waiting_for_the_bodys_end_and_still_reuse
             )
 
     assert asyncio.run(run()) == ([0], [0, 1], 1, 1)
+
+
+def test_a_pooled_connection_the_engine_closed_is_retried_once_on_a_new_one() -> None:
+    """The engine answers the first request of each connection and closes the
+    connection when a second arrives on it (a keep-alive that ran out as the router
+    reused it): every request still succeeds, each on a connection of its own."""
+    served: dict[int, int] = {}
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        transport = request.transport
+        assert transport is not None
+        served[id(transport)] = served.get(id(transport), 0) + 1
+        if served[id(transport)] > 1:
+            transport.close()
+            return web.Response(status=500)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        chunk = b'{"choices":[{"index":0,"token_ids":[7],"finish_reason":"length"}]}'
+        await response.write(b"data: " + chunk + b"\n\ndata: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def scenario(url: str) -> tuple[list[list[int]], int, int]:
+        connections = Connections()
+        async with aiohttp.ClientSession(trace_configs=[connections.trace]) as session:
+            engine = vllm_engine(EngineAddress("engine-a", url, "tiny", session))
+            outputs = []
+            for rid in ("a", "b", "c"):
+                outputs.append((await engine.generate(_request(rid, [1, 2, 3]))).output_token_ids)
+                await drained(engine)
+            return outputs, connections.created, connections.reused
+
+    async def run() -> tuple[list[list[int]], int, int]:
+        app = web.Application()
+        app.router.add_post("/v1/completions", completions)
+        async with serving(app) as url:
+            return await scenario(url)
+
+    # b and c each reused the connection before (refused there), then opened a new one.
+    assert asyncio.run(run()) == ([[7], [7], [7]], 3, 2)
+
+
+def test_an_engine_that_drops_every_request_is_unavailable_after_one_retry() -> None:
+    async def completions(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        request.transport.close()
+        return web.Response(status=500)
+
+    async def run() -> None:
+        app = web.Application()
+        app.router.add_post("/v1/completions", completions)
+        async with serving(app) as url, aiohttp.ClientSession() as session:
+            engine = vllm_engine(EngineAddress("engine-a", url, "tiny", session))
+            await engine.generate(_request("a", [1, 2, 3]))
+
+    with pytest.raises(ReplicaUnavailableError, match="engine engine-a unreachable"):
+        asyncio.run(run())
