@@ -220,6 +220,26 @@ def _grown(keys: np.ndarray, filled: int, need: int) -> np.ndarray:
 
 
 @njit(cache=True, inline="always")
+def _event_hashes(
+    buf: np.ndarray, pos: int, limits: np.ndarray, keys: np.ndarray, filled: int, op: np.ndarray
+) -> tuple[int, np.ndarray, int]:
+    """An event's `block_hashes` array from `pos`, appended to `keys` after its first
+    `filled` (grown if need be), its range noted in `op`: (position after it, keys,
+    filled), the position -1 if it is not within the limits."""
+    pos, count = _array(buf, pos)
+    if pos < 0 or count > limits[_MAX_HASHES] or count > buf.size:
+        return -1, keys, filled
+    if filled + count > keys.size:
+        keys = _grown(keys, filled, count)
+    pos = _hashes(buf, pos, count, limits[_MAX_HASH_BYTES], keys[filled:])
+    if pos < 0:
+        return -1, keys, filled
+    op[OP_KEYS_START] = filled
+    op[OP_KEYS_END] = filled + count
+    return pos, keys, filled + count
+
+
+@njit(cache=True, inline="always")
 def _tokens(buf: np.ndarray, pos: int, max_count: int, max_token: int) -> int:
     """An array of unsigned token ids within the limits: the position after it, or -1."""
     pos, count = _array(buf, pos)
@@ -280,17 +300,11 @@ def _scan(buf: np.ndarray, limits: np.ndarray) -> tuple[bool, float, int, np.nda
             if not 3 <= items <= 4:
                 return False, 0.0, -1, empty_ops, empty_keys
             ops[e, OP_KIND] = REMOVED
-            pos, hashes = _array(buf, pos + 1 + _TAG_REMOVED.size)
-            if pos < 0 or hashes > limits[_MAX_HASHES] or hashes > size:
-                return False, 0.0, -1, empty_ops, empty_keys
-            if filled + hashes > keys.size:
-                keys = _grown(keys, filled, hashes)
-            pos = _hashes(buf, pos, hashes, limits[_MAX_HASH_BYTES], keys[filled:])
+            pos, keys, filled = _event_hashes(
+                buf, pos + 1 + _TAG_REMOVED.size, limits, keys, filled, ops[e]
+            )
             if pos < 0:
                 return False, 0.0, -1, empty_ops, empty_keys
-            ops[e, OP_KEYS_START] = filled
-            filled += hashes
-            ops[e, OP_KEYS_END] = filled
             pos, _ = _text(buf, pos, max_str)  # medium
             if pos >= 0 and items == 4:
                 pos, group = _bounded(buf, pos, limits[_MAX_GROUP], True)
@@ -299,17 +313,11 @@ def _scan(buf: np.ndarray, limits: np.ndarray) -> tuple[bool, float, int, np.nda
             if not 8 <= items <= 12:
                 return False, 0.0, -1, empty_ops, empty_keys
             ops[e, OP_KIND] = STORED
-            pos, hashes = _array(buf, pos + 1 + _TAG_STORED.size)
-            if pos < 0 or hashes > limits[_MAX_HASHES] or hashes > size:
-                return False, 0.0, -1, empty_ops, empty_keys
-            if filled + hashes > keys.size:
-                keys = _grown(keys, filled, hashes)
-            pos = _hashes(buf, pos, hashes, limits[_MAX_HASH_BYTES], keys[filled:])
+            pos, keys, filled = _event_hashes(
+                buf, pos + 1 + _TAG_STORED.size, limits, keys, filled, ops[e]
+            )
             if pos < 0:
                 return False, 0.0, -1, empty_ops, empty_keys
-            ops[e, OP_KEYS_START] = filled
-            filled += hashes
-            ops[e, OP_KEYS_END] = filled
             if pos < size and buf[pos] == _NIL:  # parent_block_hash
                 pos += 1
             else:

@@ -166,25 +166,32 @@ class EventIngest:
         confirmed, predicted = self.confirmed[group], self.predictions.tables[group]
         tallies, ops, keys, groups = self._tallies, scanned.ops, scanned.keys, self._groups
         kernel_group, first_key = group, -1
+
+        def kernel(validate: bool, start: int, first_key: int, kernel_group: int) -> int:
+            """`apply_group` over this batch and this group's tables."""
+            return int(
+                apply_group(
+                    ops,
+                    keys,
+                    scanned.buffer,
+                    layout,
+                    groups,
+                    validate,
+                    start,
+                    first_key,
+                    kernel_group,
+                    bit,
+                    *confirmed.parts(),
+                    *predicted.parts(),
+                    self._held,
+                    tallies,
+                )
+            )
+
         if (bit, group) in self._extra_copies:
             kernel_group = -1  # only check the batch and find where the span ends
         while True:
-            status = apply_group(
-                ops,
-                keys,
-                scanned.buffer,
-                layout,
-                groups,
-                validate,
-                start,
-                first_key,
-                kernel_group,
-                bit,
-                *confirmed.parts(),
-                *predicted.parts(),
-                self._held,
-                tallies,
-            )
+            status = kernel(validate, start, first_key, kernel_group)
             validate = False
             if status == NEED_ROOM:
                 need = int(tallies[NEED])
@@ -213,22 +220,7 @@ class EventIngest:
         if status == AT_SECOND_COPY or kernel_group < 0:
             # The rest of the group's span, each event a run of its own.
             start = int(tallies[NEXT]) if status == AT_SECOND_COPY else start
-            status = apply_group(
-                ops,
-                keys,
-                scanned.buffer,
-                layout,
-                groups,
-                False,
-                start,
-                -1,
-                -1,
-                bit,
-                *confirmed.parts(),
-                *predicted.parts(),
-                self._held,
-                tallies,
-            )
+            status = kernel(False, start, -1, -1)
             for i in range(start, int(tallies[NEXT])):
                 if groups[i] == group:
                     event_keys = keys[ops[i, OP_KEYS_START] : ops[i, OP_KEYS_END]].copy()

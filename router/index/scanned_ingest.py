@@ -87,6 +87,28 @@ def _resolve(ops: np.ndarray, buf: np.ndarray, layout: np.ndarray, groups: np.nd
     return True
 
 
+@njit(cache=True, inline="always")
+def _settle(
+    predictable: bool,
+    p_slots: np.ndarray,
+    p_keys: np.ndarray,
+    p_holders: np.ndarray,
+    p_masks: np.ndarray,
+    p_owners: np.ndarray,
+    p_counts: np.ndarray,
+    p_shift: np.uint64,
+    key: np.uint64,
+    bit: int,
+) -> bool:
+    """Drop `bit`'s prediction of `key` from the predicted table, if it has one:
+    whether it had (a stored block confirms it, a removed one ends it)."""
+    return (
+        predictable
+        and p_counts[0] > 0
+        and discard_key(p_slots, p_keys, p_holders, p_masks, p_owners, p_counts, p_shift, key, bit)
+    )
+
+
 @njit(cache=True)
 def apply_group(
     ops: np.ndarray,
@@ -156,12 +178,17 @@ def apply_group(
         if ops[i, OP_KIND] == STORED:
             for j in range(first, last):
                 key = keys[j]
-                if (
-                    predictable
-                    and p_counts[0] > 0
-                    and discard_key(
-                        p_slots, p_keys, p_holders, p_masks, p_owners, p_counts, p_shift, key, bit
-                    )
+                if _settle(
+                    predictable,
+                    p_slots,
+                    p_keys,
+                    p_holders,
+                    p_masks,
+                    p_owners,
+                    p_counts,
+                    p_shift,
+                    key,
+                    bit,
                 ):
                     tallies[CONFIRMED] += 1
                     tallies[SHRINK] |= 2
@@ -180,12 +207,17 @@ def apply_group(
                 break
             for j in range(first, last):
                 key = keys[j]
-                if (
-                    predictable
-                    and p_counts[0] > 0
-                    and discard_key(
-                        p_slots, p_keys, p_holders, p_masks, p_owners, p_counts, p_shift, key, bit
-                    )
+                if _settle(
+                    predictable,
+                    p_slots,
+                    p_keys,
+                    p_holders,
+                    p_masks,
+                    p_owners,
+                    p_counts,
+                    p_shift,
+                    key,
+                    bit,
                 ):
                     tallies[SHRINK] |= 2
                 if not (

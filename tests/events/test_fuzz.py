@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 
 import msgspec
 import pytest
@@ -117,6 +118,23 @@ def mutate(payload: bytes, rng: random.Random) -> bytes:
     return bytes(data)
 
 
+def for_generated_payloads(
+    check: Callable[[bytes], object], examples: int, derived: int = 4
+) -> None:
+    """`check` each of `examples` generated payloads and `derived` mutations of each."""
+
+    @settings(
+        max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
+    @given(PAYLOADS, st.integers(0, 2**32))
+    def run(payload: bytes, seed: int) -> None:
+        rng = random.Random(seed)
+        for candidate in [payload] + [mutate(payload, rng) for _ in range(derived)]:
+            check(candidate)
+
+    run()
+
+
 def assert_within_limits(batch: KVEventBatch) -> None:
     limits = DEFAULT_LIMITS
     assert math.isfinite(batch.ts) and batch.ts >= 0
@@ -149,18 +167,9 @@ def check(payload: bytes) -> bool:
 def test_the_decoder_survives_a_hundred_thousand_generated_payloads() -> None:
     outcomes = {True: 0, False: 0}
 
-    @settings(
-        max_examples=EXAMPLES,
-        deadline=None,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
-    @given(PAYLOADS, st.integers(0, 2**32))
-    def fuzz(payload: bytes, seed: int) -> None:
-        rng = random.Random(seed)
-        for candidate in [payload] + [mutate(payload, rng) for _ in range(DERIVED)]:
-            outcomes[check(candidate)] += 1
+    def count(candidate: bytes) -> None:
+        outcomes[check(candidate)] += 1
 
-    fuzz()
+    for_generated_payloads(count, EXAMPLES, DERIVED)
     assert sum(outcomes.values()) >= INPUTS >= 100_000
     assert outcomes[True] > 0 and outcomes[False] > 0, outcomes

@@ -10,14 +10,12 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from kvroute.replicas.api import SamplingOptions
-from kvroute.router.openai.protocol import CompletionInput
 from kvroute.router.service.probes import ProbeGate
 from kvroute.router.service.router_service import RouterService
 from tests.replicas.serve_helpers import events_json, serve_replica, tiny_config
 from tests.replicas.test_serve_replica import free_port
 from tests.router.engine_proxy import engine_proxy
-from tests.router.test_stalls import _config, _with_service
+from tests.router.test_stalls import _config, _with_service, stream_through
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -69,15 +67,7 @@ def test_an_idle_router_scrapes_and_checks_its_engine_rarely_and_a_busy_one_ofte
                 idle = Counter(seen)
                 seen.clear()
                 for i in range(4):  # about 1 s of streaming at 20 ms a token
-                    async for _ in service.generate_stream(
-                        CompletionInput(
-                            text=f"busy {i}",
-                            max_tokens=12,
-                            stream=True,
-                            sampling=SamplingOptions(ignore_eos=True),
-                        )
-                    ):
-                        pass
+                    await stream_through(service, f"busy {i}", max_tokens=12)
                 return idle, Counter(seen)
 
             try:

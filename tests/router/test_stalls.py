@@ -74,6 +74,15 @@ async def _until(condition: Callable[[], bool], what: str) -> None:
         await asyncio.sleep(0.05)
 
 
+async def stream_through(service: RouterService, text: str, max_tokens: int) -> None:
+    """Stream one request of exactly `max_tokens` tokens through `service` to its end."""
+    unit = CompletionInput(
+        text=text, max_tokens=max_tokens, stream=True, sampling=SamplingOptions(ignore_eos=True)
+    )
+    async for _ in service.generate_stream(unit):
+        pass
+
+
 def _freeze(server: ServerThread) -> threading.Event:
     """Block the engine's whole event loop (HTTP and engine) until the event is set:
     a frozen process, as SIGSTOP makes it."""
@@ -166,15 +175,7 @@ def test_an_engine_streaming_tokens_is_not_suspected_for_a_late_load_report(
                 suspect = lambda: service.core.replicas["engine-0"].suspect  # noqa: E731
                 seen = []
                 for i in range(6):  # 6 x 8 tokens x 20 ms: about 1 s of streaming
-                    async for _ in service.generate_stream(
-                        CompletionInput(
-                            text=f"busy engine {i}",
-                            max_tokens=8,
-                            stream=True,
-                            sampling=SamplingOptions(ignore_eos=True),
-                        )
-                    ):
-                        pass
+                    await stream_through(service, f"busy engine {i}", max_tokens=8)
                     seen.append(suspect())
                 await _until(suspect, "suspected once idle")
                 return seen, suspect()
