@@ -155,12 +155,18 @@ class ExternalEngines:
                 continue
             logger.info("routing to external engine %s at %s", engine.name, engine.url)
 
-    async def check_health(self) -> None:
+    async def check_health(self, working: Callable[[str], bool] = lambda _: False) -> None:
         """An external engine whose `/health` answers other than 200 (vLLM answers 503
         once its engine core died), or refuses the connection, is failing (see
         `failed`); one that answers 200 has recovered. A slow answer is neither:
-        the load poll routes around a slow engine."""
-        engines = [(rid, link.backend) for rid, link in self.routed.items() if link.external]
+        the load poll routes around a slow engine. An engine not failing that
+        `working` says is streaming is not asked: its tokens prove more than a 200
+        does, and each probe costs both ends a request."""
+        engines = [
+            (rid, link.backend)
+            for rid, link in self.routed.items()
+            if link.external and (rid in self.failing or not working(rid))
+        ]
         timeout = self.config.router.load_timeout_s
         for rid, engine in engines:
             try:

@@ -366,10 +366,12 @@ def warm_up_ingest() -> None:
     """Compile the event scan and the batch-apply kernel now, or load them from
     numba's disk cache: compiled cold they take seconds, which the first event batch
     would otherwise spend on the subscriber thread and the router's loop. One stored
-    and one removed block through a throwaway index of one replica."""
+    and one removed block through a throwaway index of one replica, in both wire
+    encodings: the map encoding (vLLM 0.24+) takes the struct decoder's compiled
+    token unpacking instead of the scan."""
     import torch
 
-    from kvroute.events.kv_events import BlockRemoved, KVEventDecoder, encode_batch
+    from kvroute.events.kv_events import BlockRemoved, KVEventDecoder, WireEncoding, encode_batch
     from kvroute.replicas.kv_cache.specs import FullAttentionSpec, KVCacheGroupSpec
 
     spec = FullAttentionSpec(block_size=4, num_kv_heads=1, head_size=1, dtype=torch.float32)
@@ -385,4 +387,6 @@ def warm_up_ingest() -> None:
         ts=0.0,
         events=[BlockStored([1, 2], None, [], 4, None, None, None), BlockRemoved([1], None)],
     )
-    index.apply("warm-up", KVEventDecoder().decode(encode_batch(batch)))
+    decoder = KVEventDecoder()
+    for encoding in WireEncoding:
+        index.apply("warm-up", decoder.decode(encode_batch(batch, encoding)))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -551,8 +552,9 @@ class RouterService:
             await asyncio.sleep(self.config.router.supervise_s)
             # A failing engine is checked at full rate, quiet or not: its recovery,
             # or its removal after `engine_failure_window_s`, is what is awaited.
-            if self.external.failing or self._probes.due("health", self._loop.time()):
-                await self.external.check_health()
+            now = self._loop.time()
+            if self.external.failing or self._probes.due("health", now):
+                await self.external.check_health(functools.partial(self._working.lately, now=now))
             self._check_event_streams()
             await self._discover_replicas()
             if self.peers is not None:
