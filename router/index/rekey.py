@@ -188,6 +188,8 @@ class Rekeyer:
         extras = event.extra_keys
         if extras is not None and len(extras) != len(keys):
             return self._drop(event, "bad_extra_keys", "extra_keys of the wrong length")
+        if extras is not None and all(block_extras is None for block_extras in extras):
+            extras = None  # vLLM lists a None for each block that has no extra keys
         if event.parent_block_hash is None:
             parent, first_block = self.none_hash, 0
         else:

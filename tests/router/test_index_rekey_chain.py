@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import random
 
+import msgspec
+import pytest
+
 from kvroute.events.hashing import get_hash_fn_by_name, xxh64_tokens
-from kvroute.events.kv_events import KVEventBatch
+from kvroute.events.kv_events import BlockStored, KVEventBatch
 from kvroute.replicas.kv_cache.manager import KVCacheManager
 from kvroute.replicas.kv_cache.prompt import PromptKeys
 from kvroute.replicas.kv_cache.utils import BlockHash, RequestBlockHasher
@@ -76,3 +79,27 @@ def test_rekeying_in_one_call_predicts_the_engines_own_hits() -> None:
     assert chained.stats.unkeyable == single.stats.unkeyable == 0
     assert len(chained) == len(single) > 0
     assert chained._rekeyers["engine"]._own == single._rekeyers["engine"]._own
+
+
+def test_vllms_events_listing_no_extra_keys_per_block_are_rekeyed_in_one_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """vLLM sends `extra_keys` as a None for each block that has none: the same
+    blocks as an event without the field, re-keyed by the compiled chain."""
+    manager = KVCacheManager(
+        config(16, full(4)), max_model_len=1024, hash_block_size=4, enable_kv_cache_events=True
+    )
+    tokens = list(range(100, 113))
+    plain = BlockStored([11, 12, 13], None, tokens[:12], 4, None, None, None)
+    as_vllm = msgspec.structs.replace(plain, extra_keys=[None, None, None])
+    expected = _index(manager)
+    expected.apply("engine", KVEventBatch(ts=0.0, events=[plain]))
+
+    def per_block(*_: object) -> bytes:
+        raise AssertionError("hashed block by block")
+
+    monkeypatch.setattr("kvroute.router.index.rekey.hash_block_tokens", per_block)
+    index = _index(manager)
+    index.apply("engine", KVEventBatch(ts=0.0, events=[as_vllm]))
+    assert index.predict(PromptKeys(tuple(tokens))) == {"engine": 12}
+    assert index._rekeyers["engine"]._own == expected._rekeyers["engine"]._own
