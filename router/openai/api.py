@@ -119,8 +119,9 @@ class FrontDoor:
         request on its replica."""
         out = UnitOutput(index, prompt_index)
         if not stream and not unit.stop:
-            self._finish(out, await self.backend.generate(unit))
-            out.delta = out.text
+            routed = await self.backend.generate(unit)
+            self._finish(out, routed)
+            out.text = out.delta = self.backend.decode(routed.result.output_token_ids)
             yield out
             return
         assembler = TextAssembler(self.backend.decode, unit.stop)
@@ -152,7 +153,6 @@ class FrontDoor:
     def _finish(out: UnitOutput, routed: RoutedResult) -> None:
         result = routed.result
         out.routed, out.finished = routed, True
-        out.text = routed.text
         out.finish_reason = result.finish_reason
         out.completion_tokens = len(result.output_token_ids)
         out.prompt_tokens = result.num_prompt_tokens

@@ -237,8 +237,7 @@ async def _sse(request: web.Request, chunks: AsyncIterator[dict[str, Any]]) -> w
                 error = _encode_event(_stream_error(request, exc))
                 await response.write(b"data: " + error + b"\n\n")
                 break
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
+        await response.write_eof(b"data: [DONE]\n\n")  # with the body's end: one send
     return response
 
 

@@ -147,7 +147,6 @@ class RoutedResult:
     """A finished completion with what routing decided for it."""
 
     result: GenerateResult
-    text: str
     predicted_hit_tokens: int
     reuse_hint_tokens: int
     routing_s: float

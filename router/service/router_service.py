@@ -827,7 +827,6 @@ class RouterService:
         self.metrics.ttft_seconds.observe(result.ttft_s)
         return RoutedResult(
             result=result,
-            text=self.tokenizer.decode(result.output_token_ids),
             predicted_hit_tokens=decision.predicted_hit_tokens,
             reuse_hint_tokens=prepared.reuse_hint_tokens,
             routing_s=decision.routing_s,
