@@ -116,16 +116,26 @@ class Rekeyer:
         self._refs.clear()
 
     def rekey(self, batch: KVEventBatch) -> KVEventBatch:
-        """The batch with every block hash replaced by the router's own key."""
+        """The batch with every block hash replaced by the router's own key. A run of
+        removals from one group and medium (an engine evicts block by block, one
+        event each) becomes one event: the index applies them alike."""
         events: list[Any] = []
-        for event in batch.events:
+        source = batch.events
+        at, end = 0, len(source)
+        while at < end:
+            event = source[at]
             kind = type(event)
-            if kind is BlockStored:
+            at += 1
+            if kind is BlockRemoved:
+                run_end = at
+                while run_end < end and _same_removal_run(source[run_end], event):
+                    run_end += 1
+                events.extend(self._removed(event, source[at - 1 : run_end]))
+                at = run_end
+            elif kind is BlockStored:
                 stored = self._stored(event)
                 if stored is not None:
                     events.append(stored)
-            elif kind is BlockRemoved:
-                events.append(self._removed(event))
             else:
                 if kind is AllBlocksCleared:
                     self.clear()
@@ -260,24 +270,30 @@ class Rekeyer:
             parent_block_hash=event_hash(parent_own) if parent_own is not None else None,
         )
 
-    def _removed(self, event: BlockRemoved) -> BlockRemoved:
-        if self._scale(event) is None:
-            return event
+    def _removed(self, first: BlockRemoved, run: Sequence[BlockRemoved]) -> list[BlockRemoved]:
+        """One event for a run of removals of `first`'s group and medium (a group
+        the registration does not know passes unchanged, for ingest to count)."""
+        if self._scale(first) is None:
+            return list(run)
         own_keys: list[int] = []
-        for block_hash in event.block_hashes:
-            key = engine_event_key(block_hash)
-            own = self._own.get(key) if key is not None else None
-            if key is None or own is None:
-                self.stats.removed_unknown += 1
-                continue
-            own_keys.append(event_hash(own))
-            refs = self._refs[key] - 1
-            if refs:
-                self._refs[key] = refs
-            else:
-                del self._refs[key], self._own[key], self._ends[key]
-                self._inner.pop(key, None)
-        return msgspec.structs.replace(event, block_hashes=own_keys)
+        own, refs, ends, inner = self._own, self._refs, self._ends, self._inner
+        unknown = 0
+        for event in run:
+            for block_hash in event.block_hashes:
+                key = block_hash if type(block_hash) is int else engine_event_key(block_hash)
+                mine = own.get(key) if key is not None else None
+                if mine is None:
+                    unknown += 1
+                    continue
+                own_keys.append(event_hash(mine))
+                left = refs[key] - 1
+                if left:
+                    refs[key] = left
+                else:
+                    del refs[key], own[key], ends[key]
+                    inner.pop(key, None)
+        self.stats.removed_unknown += unknown
+        return [msgspec.structs.replace(first, block_hashes=own_keys)]
 
     def _drop(self, event: BlockStored, kind: str, why: str) -> None:
         """Count and log (once per kind) a BlockStored that cannot be re-keyed."""
@@ -289,6 +305,14 @@ class Rekeyer:
             why,
         )
         return None
+
+
+def _same_removal_run(event: Any, first: BlockRemoved) -> bool:
+    return (
+        type(event) is BlockRemoved
+        and event.group_idx == first.group_idx
+        and event.medium == first.medium
+    )
 
 
 def _reachable(

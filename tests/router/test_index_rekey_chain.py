@@ -14,11 +14,12 @@ import msgspec
 import pytest
 
 from kvroute.events.hashing import get_hash_fn_by_name, xxh64_tokens
-from kvroute.events.kv_events import BlockStored, KVEventBatch
+from kvroute.events.kv_events import BlockRemoved, BlockStored, KVEventBatch
 from kvroute.replicas.kv_cache.manager import KVCacheManager
 from kvroute.replicas.kv_cache.prompt import PromptKeys
 from kvroute.replicas.kv_cache.utils import BlockHash, RequestBlockHasher
 from kvroute.replicas.request import LoRARequest, Request, SamplingParams
+from kvroute.router.index.ingest import event_hash
 from kvroute.router.index.kv_index import KVIndex
 from tests.replicas.conftest import config, full, swa
 
@@ -103,3 +104,27 @@ def test_vllms_events_listing_no_extra_keys_per_block_are_rekeyed_in_one_call(
     index.apply("engine", KVEventBatch(ts=0.0, events=[as_vllm]))
     assert index.predict(PromptKeys(tuple(tokens))) == {"engine": 12}
     assert index._rekeyers["engine"]._own == expected._rekeyers["engine"]._own
+
+
+def test_a_run_of_single_block_removals_is_rekeyed_as_one_event() -> None:
+    """Engines evict block by block, one BlockRemoved each: a run of them from one
+    group becomes one event in the router's keys; a hash never stored is counted."""
+    manager = KVCacheManager(
+        config(16, full(4)), max_model_len=1024, hash_block_size=4, enable_kv_cache_events=True
+    )
+    tokens = list(range(100, 113))
+    index = _index(manager)
+    index.apply(
+        "engine",
+        KVEventBatch(0.0, [BlockStored([11, 12, 13], None, tokens[:12], 4, None, None, None)]),
+    )
+    rekeyer = index._rekeyers["engine"]
+    own = dict(rekeyer._own)
+    removals = [BlockRemoved([13], None), BlockRemoved([12], None), BlockRemoved([99], None)]
+    rekeyed = rekeyer.rekey(KVEventBatch(0.0, [*removals, BlockRemoved([11], "cpu")]))
+    assert [type(e) for e in rekeyed.events] == [BlockRemoved, BlockRemoved]
+    assert rekeyed.events[0].block_hashes == [event_hash(own[13]), event_hash(own[12])]
+    assert rekeyed.events[1].block_hashes == [event_hash(own[11])]
+    assert rekeyed.events[1].medium == "cpu"
+    assert index.stats.removed_unknown == 1
+    assert sorted(rekeyer._own) == []
