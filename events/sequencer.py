@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -228,6 +229,25 @@ class SourceSequencer:
         ):
             self._stats.probes += 1
             self._send_replay(now)
+
+    def next_tick_at(self, now: float) -> float:
+        """When `tick` next has work: the replay's deadline, at once while catching
+        up, or the idle probe's time; inf if never. Mirrors `tick`'s conditions, so a
+        caller may sleep until then (or until a message for this source) instead of
+        ticking on a fixed period."""
+        if self._replay_active:
+            return self._replay_deadline
+        if self._catching_up:
+            return now
+        probe_s = self._config.idle_probe_s
+        if (
+            probe_s is not None
+            and self.state is SourceState.EXACT
+            and self._has_replay
+            and self._next is not None
+        ):
+            return self._last_activity + probe_s
+        return math.inf
 
     def resynced(self, next_seq: int | None, now: float) -> None:
         """The consumer rebuilt this source's state up to `next_seq` (exclusive).

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -44,6 +45,8 @@ from kvroute.events.waker import Waker
 logger = logging.getLogger(__name__)
 
 _MAX_COMMANDS_PER_WAKE = 1_024
+# The longest the subscriber sleeps with nothing due (it recomputes what is due then).
+MAX_WAIT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -200,9 +203,10 @@ class ZmqEventSubscriber:
     def _run(self) -> None:
         tick_s = self.config.tick_s
         next_tick = 0.0
+        wait_s = tick_s
         try:
             while not self._stopping:
-                ready = self._poller.poll(int(tick_s * 1000))
+                ready = self._poller.poll(math.ceil(wait_s * 1000))
                 now = time.monotonic()
                 for sock, _ in ready:
                     handler = self._handlers.get(sock)
@@ -213,8 +217,17 @@ class ZmqEventSubscriber:
                     next_tick = now + tick_s
                     for link in list(self._open):
                         self._guarded(link.sequencer.tick, now)
+                wait_s = self._wait_s(now)
         finally:
             self._shutdown()
+
+    def _wait_s(self, now: float) -> float:
+        """How long the next poll may sleep: until the first source's sequencer has
+        work (`next_tick_at`), at the tick's resolution, and at most `MAX_WAIT_S`.
+        Messages and commands (the waker) end it sooner. Waking every `tick_s` while
+        nothing is due cost an idle router about half a point of a core."""
+        due = min((link.sequencer.next_tick_at(now) for link in self._open), default=math.inf)
+        return min(MAX_WAIT_S, max(self.config.tick_s, due - now))
 
     def _guarded(self, step: Callable[..., None], *args: float) -> None:
         """Run one step of the loop; an unexpected error is counted, never fatal."""

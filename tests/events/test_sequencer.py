@@ -443,3 +443,17 @@ def test_a_restart_during_a_catch_up_ends_it_at_the_resync() -> None:
     live(sequencer, 3)
     assert port.delivered == [2, 3]
     assert sequencer.state is SourceState.EXACT
+
+
+def test_next_tick_at_is_when_tick_has_work_so_a_subscriber_can_sleep_until_then() -> None:
+    sequencer, port = make()
+    sequencer.on_live(0, b"p0", now=0.5)
+    assert sequencer.next_tick_at(0.7) == 1.5  # the idle probe, idle_probe_s after activity
+    sequencer.tick(1.4)
+    assert port.requests == []  # nothing due before then
+    sequencer.tick(1.5)
+    assert port.requests == [1]  # the probe is a replay request
+    assert sequencer.next_tick_at(1.6) == 1.5 + CONFIG.replay_timeout_s  # its deadline
+    quiet, _ = make(RecoveryConfig(idle_probe_s=None))
+    quiet.on_live(0, b"p0", now=0.0)
+    assert quiet.next_tick_at(0.0) == float("inf")
