@@ -219,14 +219,7 @@ class SourceSequencer:
                 self._stats.replays += 1
                 self._request(0, now)
             return
-        probe_s = self._config.idle_probe_s
-        if (
-            probe_s is not None
-            and self.state is SourceState.EXACT
-            and self._has_replay
-            and self._next is not None
-            and now - self._last_activity >= probe_s
-        ):
+        if now >= self._probe_at():
             self._stats.probes += 1
             self._send_replay(now)
 
@@ -239,15 +232,21 @@ class SourceSequencer:
             return self._replay_deadline
         if self._catching_up:
             return now
+        return self._probe_at()
+
+    def _probe_at(self) -> float:
+        """When an idle source is probed (a replay of what follows its last batch,
+        which finds a lost tail): `idle_probe_s` after its last activity, while it is
+        exact and has a replay socket; inf otherwise."""
         probe_s = self._config.idle_probe_s
         if (
-            probe_s is not None
-            and self.state is SourceState.EXACT
-            and self._has_replay
-            and self._next is not None
+            probe_s is None
+            or self.state is not SourceState.EXACT
+            or not self._has_replay
+            or self._next is None
         ):
-            return self._last_activity + probe_s
-        return math.inf
+            return math.inf
+        return self._last_activity + probe_s
 
     def resynced(self, next_seq: int | None, now: float) -> None:
         """The consumer rebuilt this source's state up to `next_seq` (exclusive).
