@@ -562,6 +562,7 @@ def warm_up() -> None:
     table.prefix_and(keys, extra, np.empty(0, np.uint64), out, True)
     table.discard(keys[:1], 0)
     table.clear_bit(0)
+    table.store(np.arange(1, MIN_CAPACITY, dtype=np.uint64), 0)  # grows: rehashes
 
 
 class BlockTable:

@@ -10,7 +10,15 @@ import sys
 from numba.core.registry import CPUDispatcher
 
 from kvroute.events.hashing import get_hash_fn_by_name
-from kvroute.events.kv_events import KVEventBatch, KVEventDecoder, WireEncoding, encode_batch
+from kvroute.events.kv_events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEventBatch,
+    KVEventDecoder,
+    WireEncoding,
+    encode_batch,
+)
 from kvroute.replicas.kv_cache.manager import KVCacheManager
 from kvroute.replicas.kv_cache.prompt import PromptKeys
 from kvroute.replicas.kv_cache.utils import BlockHash, RequestBlockHasher
@@ -58,5 +66,45 @@ def test_ingest_and_lookup_compile_nothing_after_a_routers_start_up() -> None:
         index.apply(replica, decoder.decode(encode_batch(batch, encoding)))
     predicted = index.predict(PromptKeys(tuple(range(1, 70))))
     assert predicted == {"engine-0": 64, "engine-1": 64}
+    after = _compiled_signatures()
+    assert {name: count for name, count in after.items() if before.get(name, 0) != count} == {}
+
+
+ARRAY = WireEncoding.ARRAY
+
+
+def _stored(first: int, count: int) -> KVEventBatch:
+    """`count` blocks of one prompt, hashed as kvroute's seeded replicas hash them."""
+    hashes = list(range(first, first + count))
+    tokens = [t % 32_000 for t in range(first * 16, (first + count) * 16)]
+    return KVEventBatch(ts=0.0, events=[BlockStored(hashes, None, tokens, 16, None, None, None)])
+
+
+def test_a_replicas_life_in_the_index_compiles_nothing_after_a_routers_start_up() -> None:
+    """Growth past the table's first capacity, removals that shrink it, a cleared
+    cache, a reset, and a replica removed (it died): the paths a chaos test takes,
+    each of which once compiled a kernel on the router's loop."""
+    precompile()
+    before = _compiled_signatures()
+    index = KVIndex("sha256", "kvroute")
+    decoder = KVEventDecoder()
+    for replica in ("replica-0", "replica-1"):
+        index.register(
+            replica,
+            config(8_192, full(16)),
+            hash_block_size=16,
+            hash_algo="sha256",
+            hash_seed="kvroute",
+        )
+    for first in range(1, 6_000, 500):
+        index.apply("replica-0", decoder.decode(encode_batch(_stored(first, 500), ARRAY)))
+    index.apply("replica-1", decoder.decode(encode_batch(_stored(1, 100), ARRAY)))
+    removed = KVEventBatch(ts=0.0, events=[BlockRemoved(list(range(1, 5_500)), None)])
+    index.apply("replica-0", decoder.decode(encode_batch(removed, ARRAY)))
+    index.reset("replica-1")
+    index.apply("replica-1", decoder.decode(encode_batch(_stored(1, 100), ARRAY)))
+    cleared = KVEventBatch(ts=0.0, events=[AllBlocksCleared()])
+    index.apply("replica-1", decoder.decode(encode_batch(cleared, ARRAY)))
+    index.remove("replica-0")
     after = _compiled_signatures()
     assert {name: count for name, count in after.items() if before.get(name, 0) != count} == {}
