@@ -100,9 +100,18 @@ def test_window_reads_start_at_the_first_in_window_block() -> None:
 
 
 # Stated tolerance of 16-bit K/V against float32 dense attention (max |logit
-# difference|; measured here: float16 1.0e-3, bfloat16 6.2e-3). The attention
-# itself stays exact: against dense attention over K/V rounded the same way, 1e-4.
+# difference|; measured here: float16 1.0e-3, bfloat16 6.2e-3).
 KV_TOLERANCE = {"float16": 2e-3, "bfloat16": 2e-2}
+# The attention itself stays exact up to rounding: against dense attention over K/V
+# rounded the same way. Not bit-exact: a K/V value computed in a prefill chunk and in
+# the dense pass's one long GEMM may differ in float32's last bit (the blocking
+# follows the shape and the CPU's kernels), and near a rounding boundary that flips
+# its 16-bit value by one unit. So the bound scales with the dtype's unit: 1e-4 for
+# float16, 8x that for bfloat16's 8x coarser one (seen on an AVX512-BF16 CPU: 2.6e-4).
+ROUNDED_TOLERANCE = {
+    dtype: 1e-4 * torch.finfo(getattr(torch, dtype)).eps / torch.finfo(torch.float16).eps
+    for dtype in KV_TOLERANCE
+}
 
 
 @pytest.mark.parametrize("hybrid", [False, True], ids=["full", "hybrid"])
@@ -128,7 +137,7 @@ def test_16_bit_kv_is_exact_up_to_its_rounding_and_within_its_tolerance_of_float
     for request_id, position, row in rec.rows:
         sequence = prompts[request_id] + outputs[request_id]
         rounded = dense_logits(e, sequence, getattr(torch, dtype))[position]
-        torch.testing.assert_close(row, rounded, rtol=0, atol=1e-4)
+        torch.testing.assert_close(row, rounded, rtol=0, atol=ROUNDED_TOLERANCE[dtype])
         full = dense_logits(e, sequence)[position]
         torch.testing.assert_close(row, full, rtol=0, atol=KV_TOLERANCE[dtype])
 
