@@ -19,11 +19,11 @@ multimodal items, cache salt, prompt-embedding digest):
   between its hash blocks); other such events are dropped and counted.
 
 Invariants:
-- `_own[k]` is the router's hash of the last hash block of the engine block
-  whose event key is `k`, and `_ends[k]` the number of hash blocks from the
-  prompt's start through that block, and `_inner[k]` its hash blocks' hashes
-  when it has several; all are held while any group caches the block:
-  `_refs[k]` counts its stores minus its removals over all groups.
+- `_blocks[k]` describes the engine block whose event key is `k`: `own`, the
+  router's hash of its last hash block, and `key`, that hash's event key; `end`,
+  the number of hash blocks from the prompt's start through it; `inner`, its hash
+  blocks' hashes when it has several. It is held while any group caches the
+  block: `refs` counts its stores minus its removals over all groups.
 - Re-keying takes what is known over what it computes: a hash block whose hash
   an earlier event gave (another group's copy of the block, which also saw the
   extra keys of blocks this event skips) is not recomputed.
@@ -48,7 +48,7 @@ from kvroute.events.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 from kvroute.replicas.kv_cache.single_type import SingleTypeKVCacheManager
 from kvroute.replicas.kv_cache.specs import KVCacheSpec
 from kvroute.replicas.kv_cache.utils import BlockHash, hash_block_tokens
-from kvroute.router.index.ingest import UINT64_MAX, event_hash
+from kvroute.router.index.ingest import UINT64_MAX, event_hash, event_keys
 from kvroute.router.index.registry import ReplicaEntry
 from kvroute.router.index.stats import IndexStats
 
@@ -58,12 +58,31 @@ BlockMask = Callable[[int, int], list[bool] | None]
 
 
 class _Rekeyed(NamedTuple):
-    """One block in the router's keys: its hash, its end in hash blocks from the
-    prompt's start, and its hash blocks' hashes when it has several."""
+    """One block in the router's keys: its hash and that hash's event key, its end
+    in hash blocks from the prompt's start, and its hash blocks' hashes when it has
+    several."""
 
     own: BlockHash
+    key: int
     end: int
     inner: tuple[BlockHash, ...] | None
+
+
+class _Block:
+    """What is known of one engine block while a group caches it (see the module's
+    invariants). One record per block: a removal, nearly every event, is one lookup."""
+
+    __slots__ = ("end", "inner", "key", "own", "refs")
+
+    def __init__(self, mine: _Rekeyed) -> None:
+        self.own = mine.own
+        self.key = mine.key
+        self.end = mine.end
+        self.inner = mine.inner
+        self.refs = 1
+
+    def rekeyed(self) -> _Rekeyed:
+        return _Rekeyed(self.own, self.key, self.end, self.inner)
 
 
 def engine_event_key(block_hash: int | bytes) -> int | None:
@@ -89,10 +108,7 @@ class Rekeyer:
         self.hash_fn = hash_fn
         self.none_hash = none_hash
         self.stats = stats
-        self._own: dict[int, BlockHash] = {}
-        self._ends: dict[int, int] = {}
-        self._inner: dict[int, tuple[BlockHash, ...]] = {}
-        self._refs: dict[int, int] = {}
+        self._blocks: dict[int, _Block] = {}
         finder = entry.finder
         self._masks: dict[int, BlockMask] = {
             group: functools.partial(
@@ -107,13 +123,14 @@ class Rekeyer:
         }
 
     def __len__(self) -> int:
-        return len(self._own)
+        return len(self._blocks)
+
+    def own_hashes(self) -> dict[int, BlockHash]:
+        """Engine event key -> the router's hash of that block, for every block held."""
+        return {key: block.own for key, block in self._blocks.items()}
 
     def clear(self) -> None:
-        self._own.clear()
-        self._ends.clear()
-        self._inner.clear()
-        self._refs.clear()
+        self._blocks.clear()
 
     def rekey(self, batch: KVEventBatch) -> KVEventBatch:
         """The batch with every block hash replaced by the router's own key. A run of
@@ -161,33 +178,36 @@ class Rekeyer:
         if None in maybe_keys:
             return self._drop(event, "bad_hash", "a malformed block hash")
         keys: list[int] = maybe_keys  # type: ignore[assignment]
-        own = self._own
-        if all(key in own for key in keys):
+        blocks = self._blocks
+        held = [blocks.get(key) for key in keys]
+        if None not in held:
             # Known from another group's event: the same block has the same hash.
-            known = [_Rekeyed(own[key], self._ends[key], self._inner.get(key)) for key in keys]
-            return self._emit(event, keys, known)
-        rekeyed = self._rehash(event, keys, scale)
+            return self._emit(event, keys, [block.rekeyed() for block in held])  # type: ignore[union-attr]
+        rekeyed = self._rehash(event, keys, held, scale)
         if rekeyed is None:
             return None
-        if any(own.get(key, mine.own) != mine.own for key, mine in zip(keys, rekeyed, strict=True)):
-            return self._drop(event, "inconsistent", "blocks that re-key differently")
+        for block, mine in zip(held, rekeyed, strict=True):
+            if block is not None and block.own != mine.own:
+                return self._drop(event, "inconsistent", "blocks that re-key differently")
         return self._emit(event, keys, rekeyed)
 
-    def _known_hash_blocks(self, keys: list[int]) -> dict[int, BlockHash]:
+    @staticmethod
+    def _known_hash_blocks(held: list[_Block | None]) -> dict[int, BlockHash]:
         """Hash-block end -> the router's hash, for every hash block of the event's
         blocks that an earlier event already keyed."""
         known: dict[int, BlockHash] = {}
-        for key in keys:
-            mine = self._own.get(key)
-            if mine is None:
+        for block in held:
+            if block is None:
                 continue
-            hashes = self._inner.get(key, (mine,))
-            first = self._ends[key] - len(hashes) + 1
+            hashes = block.inner or (block.own,)
+            first = block.end - len(hashes) + 1
             for offset, block_hash in enumerate(hashes):
                 known[first + offset] = block_hash
         return known
 
-    def _rehash(self, event: BlockStored, keys: list[int], scale: int) -> list[_Rekeyed] | None:
+    def _rehash(
+        self, event: BlockStored, keys: list[int], held: list[_Block | None], scale: int
+    ) -> list[_Rekeyed] | None:
         """The router's hash of each stored block, with its end and hash blocks."""
         hash_size = self.entry.hash_block_size
         span = scale * hash_size
@@ -204,21 +224,24 @@ class Rekeyer:
             parent, first_block = self.none_hash, 0
         else:
             parent_key = engine_event_key(event.parent_block_hash)
-            found = self._own.get(parent_key) if parent_key is not None else None
-            if found is None or self._ends[parent_key] % scale:  # type: ignore[index]
+            found = self._blocks.get(parent_key) if parent_key is not None else None
+            if found is None or found.end % scale:
                 return self._drop(event, "unknown_parent", "a parent block it never stored")
-            parent, first_block = found, self._ends[parent_key] // scale  # type: ignore[index]
+            parent, first_block = found.own, found.end // scale
         mask = self._masks[event.group_idx or 0](first_block, first_block + blocks)
         reachable = [p for p in range(blocks) if mask is None or mask[p]]
         if len(reachable) < len(keys):
             return self._drop(event, "no_tokens", "more blocks than its group can cache")
         stored_at = {p: i for i, p in enumerate(reachable[len(reachable) - len(keys) :])}
-        known = self._known_hash_blocks(keys)
+        known = self._known_hash_blocks(held)
         lora = _lora_only(event.lora_name)
         if scale == 1 and extras is None and lora is None and not known:
             chained = self._chain(parent, tokens, hash_size)
             if chained is not None:
-                return [_Rekeyed(chained[p], first_block + p + 1, None) for p in stored_at]
+                own_keys = event_keys(chained).tolist()
+                return [
+                    _Rekeyed(chained[p], own_keys[p], first_block + p + 1, None) for p in stored_at
+                ]
         rekeyed: list[_Rekeyed] = []
         for position in range(blocks):
             stored = stored_at.get(position)
@@ -240,7 +263,8 @@ class Rekeyer:
                 )
                 hashes.append(parent)
             if stored is not None:
-                rekeyed.append(_Rekeyed(parent, end, tuple(hashes) if scale > 1 else None))
+                inner = tuple(hashes) if scale > 1 else None
+                rekeyed.append(_Rekeyed(parent, event_hash(parent), end, inner))
         return rekeyed
 
     def _chain(
@@ -254,20 +278,20 @@ class Rekeyer:
 
     def _emit(self, event: BlockStored, keys: list[int], rekeyed: list[_Rekeyed]) -> BlockStored:
         """Remember each block's keying, and rewrite the event in the router's keys."""
-        own, ends, inner, refs = self._own, self._ends, self._inner, self._refs
+        blocks = self._blocks
         for key, mine in zip(keys, rekeyed, strict=True):
-            own[key] = mine.own
-            ends[key] = mine.end
-            if mine.inner is not None:
-                inner[key] = mine.inner
-            refs[key] = refs.get(key, 0) + 1
+            block = blocks.get(key)
+            if block is None:
+                blocks[key] = _Block(mine)
+            else:
+                block.refs += 1
         parent = event.parent_block_hash
         parent_key = engine_event_key(parent) if parent is not None else None
-        parent_own = own.get(parent_key) if parent_key is not None else None
+        parent_block = blocks.get(parent_key) if parent_key is not None else None
         return msgspec.structs.replace(
             event,
-            block_hashes=[event_hash(mine.own) for mine in rekeyed],
-            parent_block_hash=event_hash(parent_own) if parent_own is not None else None,
+            block_hashes=[mine.key for mine in rekeyed],
+            parent_block_hash=parent_block.key if parent_block is not None else None,
         )
 
     def _removed(self, first: BlockRemoved, run: Sequence[BlockRemoved]) -> list[BlockRemoved]:
@@ -276,22 +300,19 @@ class Rekeyer:
         if self._scale(first) is None:
             return list(run)
         own_keys: list[int] = []
-        own, refs, ends, inner = self._own, self._refs, self._ends, self._inner
+        blocks = self._blocks
         unknown = 0
         for event in run:
             for block_hash in event.block_hashes:
                 key = block_hash if type(block_hash) is int else engine_event_key(block_hash)
-                mine = own.get(key) if key is not None else None
-                if mine is None:
+                block = blocks.get(key) if key is not None else None
+                if block is None:
                     unknown += 1
                     continue
-                own_keys.append(event_hash(mine))
-                left = refs[key] - 1
-                if left:
-                    refs[key] = left
-                else:
-                    del refs[key], own[key], ends[key]
-                    inner.pop(key, None)
+                own_keys.append(block.key)
+                block.refs -= 1
+                if not block.refs:
+                    del blocks[key]
         self.stats.removed_unknown += unknown
         return [msgspec.structs.replace(first, block_hashes=own_keys)]
 

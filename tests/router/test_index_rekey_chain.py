@@ -79,7 +79,7 @@ def test_rekeying_in_one_call_predicts_the_engines_own_hits() -> None:
         single.apply("engine", batch)
     assert chained.stats.unkeyable == single.stats.unkeyable == 0
     assert len(chained) == len(single) > 0
-    assert chained._rekeyers["engine"]._own == single._rekeyers["engine"]._own
+    assert chained._rekeyers["engine"].own_hashes() == single._rekeyers["engine"].own_hashes()
 
 
 def test_vllms_events_listing_no_extra_keys_per_block_are_rekeyed_in_one_call(
@@ -103,7 +103,7 @@ def test_vllms_events_listing_no_extra_keys_per_block_are_rekeyed_in_one_call(
     index = _index(manager)
     index.apply("engine", KVEventBatch(ts=0.0, events=[as_vllm]))
     assert index.predict(PromptKeys(tuple(tokens))) == {"engine": 12}
-    assert index._rekeyers["engine"]._own == expected._rekeyers["engine"]._own
+    assert index._rekeyers["engine"].own_hashes() == expected._rekeyers["engine"].own_hashes()
 
 
 def test_a_run_of_single_block_removals_is_rekeyed_as_one_event() -> None:
@@ -119,7 +119,7 @@ def test_a_run_of_single_block_removals_is_rekeyed_as_one_event() -> None:
         KVEventBatch(0.0, [BlockStored([11, 12, 13], None, tokens[:12], 4, None, None, None)]),
     )
     rekeyer = index._rekeyers["engine"]
-    own = dict(rekeyer._own)
+    own = rekeyer.own_hashes()
     removals = [BlockRemoved([13], None), BlockRemoved([12], None), BlockRemoved([99], None)]
     rekeyed = rekeyer.rekey(KVEventBatch(0.0, [*removals, BlockRemoved([11], "cpu")]))
     assert [type(e) for e in rekeyed.events] == [BlockRemoved, BlockRemoved]
@@ -127,4 +127,4 @@ def test_a_run_of_single_block_removals_is_rekeyed_as_one_event() -> None:
     assert rekeyed.events[1].block_hashes == [event_hash(own[11])]
     assert rekeyed.events[1].medium == "cpu"
     assert index.stats.removed_unknown == 1
-    assert sorted(rekeyer._own) == []
+    assert rekeyer.own_hashes() == {}
